@@ -1,0 +1,63 @@
+"""Streaming detokenization with stop strings.
+
+Each step's tokens are turned into a text delta. Text is held back while it ends in an
+incomplete UTF-8 sequence (U+FFFD) or while its tail could still become a stop string, so
+the deltas of a stream concatenate to exactly the text a unary call returns, and nothing after
+a stop string ever reaches the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._ids: list[int] = []
+        self._text = ""  # decoded text of every id so far, cut at a stop string
+        self._emitted = 0  # characters of _text already returned
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    def add(self, token_id: int) -> bool:
+        """Add one token; return True when it completes a stop string (text is cut before it)."""
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(
+            self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        for stop in self._stop:
+            # Only a match that ends in the new text can be new; search from where it could start.
+            at = text.find(stop, max(0, len(self._text) - len(stop) + 1))
+            if at != -1:
+                # A later-listed stop could start earlier in the same new text: take the earliest.
+                text, self.stopped = text[:at], True
+        self._text = text
+        return self.stopped
+
+    def delta(self, final: bool = False) -> str:
+        """Text not yet returned that is safe to show now (everything, when ``final``)."""
+        end = len(self._text)
+        if not final:
+            while end > self._emitted and self._text[end - 1] == REPLACEMENT:
+                end -= 1
+            end -= self._stop_prefix_length(self._text[self._emitted : end])
+        out = self._text[self._emitted : end]
+        self._emitted = max(self._emitted, end)
+        return out
+
+    def _stop_prefix_length(self, pending: str) -> int:
+        """Length of the longest tail of ``pending`` that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self._stop:
+            for n in range(min(len(stop) - 1, len(pending)), longest, -1):
+                if pending.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest

@@ -1,0 +1,447 @@
+"""The engine: admission, a worker thread that owns the device, and per-request streams.
+
+``Engine.submit(request)`` validates and admits a request at once (or raises), and returns a
+:class:`RequestHandle`, an async iterator of :class:`~decoding.params.Chunk`. One worker thread
+runs every forward pass, interleaving one speculative step per running request per round, so
+the asyncio loop is never blocked by the device. Cancelling a handle (``aclose``) frees the
+request's caches before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from decoding.adaptive import AdaptiveGamma, CostModel, measure_costs
+from decoding.detokenize import IncrementalDetokenizer
+from decoding.errors import (
+    DeadlineExceededError,
+    DeviceOutOfMemoryError,
+    EngineFailedError,
+    InvalidRequestError,
+    OverloadedError,
+    ShuttingDownError,
+)
+from decoding.models import ModelPair
+from decoding.params import Chunk, FinishReason, GenerationRequest, Usage
+from decoding.runner import ModelRunner
+from decoding.speculative import SequenceState, StepResult, speculative_step
+from decoding.validation import Limits, PreparedRequest, prepare
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_speculative_tokens: int | None = None  # the default γ; None adapts it per request
+    max_speculative_tokens: int = 8  # the largest γ a request may ask for or adapt to
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 2048
+    max_stop_strings: int = 8
+    max_concurrent_requests: int = 8  # requests decoding at once; the rest wait in the queue
+    max_queue: int = 64  # waiting requests beyond which submit raises OverloadedError
+    kv_token_budget: int = 0  # cache positions all running requests may reserve; 0 = no limit
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    target_model: str
+    draft_model: str
+    vocab_size: int
+    context_window: int
+    device: str
+    dtype: str
+    draft_dtype: str
+    config: EngineConfig
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # requests admitted and not finished
+    waiting: int  # requests in the queue
+    live_target_sequences: int  # KV caches alive on the target
+    live_draft_sequences: int
+    reserved_tokens: int  # KV positions reserved by running requests
+    last_gamma: int  # γ of the most recent step
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    start_ns: int  # wall clock, time.time_ns()
+    gamma: int
+    accepted: int
+    emitted: int
+    draft_s: float
+    verify_s: float
+
+
+@dataclass
+class Timeline:
+    """When things happened to one request (time.time_ns()), for spans and metrics."""
+
+    submitted_ns: int = 0
+    admitted_ns: int = 0
+    target_prefill_ns: tuple[int, int] = (0, 0)
+    draft_prefill_ns: tuple[int, int] = (0, 0)
+    finished_ns: int = 0
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+_END = object()
+
+
+class RequestHandle:
+    """The caller's side of one request: ``async for chunk in handle``; ``aclose()`` cancels."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, wake: Callable[[], None]) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.timeline = Timeline(submitted_ns=time.time_ns())
+        self.usage = Usage(prompt_tokens=prompt_tokens)
+        self.cancelled = False
+        self._wake = wake
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._done = False
+
+    def __aiter__(self) -> RequestHandle:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _END:
+            self._done = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Cancel: the worker frees this request's caches before its next step."""
+        if not self._done:
+            self._done = True
+            self.cancelled = True
+            self._wake()
+
+    def _put(self, item: Any) -> None:  # called from the worker thread
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    prepared: PreparedRequest
+    handle: RequestHandle
+    reservation: int
+    detokenizer: IncrementalDetokenizer
+    adaptive: AdaptiveGamma | None
+    state: SequenceState | None = None
+    output: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, pair: ModelPair, config: EngineConfig, costs: CostModel | None = None):
+        self.pair = pair
+        self.config = config
+        self.target = ModelRunner(pair.target.model)
+        self.draft = ModelRunner(pair.draft.model)
+        self.costs = costs or measure_costs(self.target, self.draft, config.max_speculative_tokens)
+        self.limits = Limits(
+            vocab_size=pair.target.vocab_size,
+            context_window=min(pair.target.context_window, pair.draft.context_window),
+            max_speculative_tokens=config.max_speculative_tokens,
+            default_max_new_tokens=config.default_max_new_tokens,
+            max_new_tokens_limit=config.max_new_tokens_limit,
+            max_stop_strings=config.max_stop_strings,
+        )
+        self.info = EngineInfo(
+            target_model=pair.target.name,
+            draft_model=pair.draft.name,
+            vocab_size=pair.target.vocab_size,
+            context_window=self.limits.context_window,
+            device=str(pair.device),
+            dtype=str(pair.dtype).removeprefix("torch."),
+            draft_dtype=str(pair.draft_dtype).removeprefix("torch."),
+            config=config,
+        )
+        self.on_fatal: list[Callable[[BaseException], None]] = []
+        self._cond = threading.Condition()
+        self._running: list[_Running] = []
+        self._waiting: collections.deque[_Running] = collections.deque()
+        self._reserved = 0
+        self._last_gamma = 0
+        self._stopping = False
+        self.failed: BaseException | None = None
+        self._worker = threading.Thread(target=self._run, name="tandem-device-worker", daemon=True)
+        self._worker.start()
+
+    # ---- the caller's side (asyncio loop thread) -------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate and admit ``request``; raise InvalidRequestError, OverloadedError,
+        ShuttingDownError or EngineFailedError at once instead of queueing without bound."""
+        if self.failed is not None:
+            raise EngineFailedError("the device worker has stopped")
+        if self._stopping:
+            raise ShuttingDownError("the server is shutting down")
+        prepared = prepare(request, self.pair.tokenizer, self.limits)
+        reservation = len(prepared.prompt_ids) + prepared.max_new_tokens + self._max_gamma(request) + 1
+        budget = self.config.kv_token_budget
+        if budget and reservation > budget:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"the request needs {reservation} KV cache positions (prompt + max_new_tokens"
+                f" + γ + 1) but the server's budget is {budget}",
+            )
+        handle = RequestHandle(request.request_id, len(prepared.prompt_ids), self._wake)
+        running = _Running(
+            request=request,
+            prepared=prepared,
+            handle=handle,
+            reservation=reservation,
+            detokenizer=IncrementalDetokenizer(self.pair.tokenizer, request.stop),
+            adaptive=self._adaptive(request),
+        )
+        with self._cond:
+            self._admit_locked()  # earlier waiters first
+            if not self._waiting and self._fits_locked(running):
+                self._start_locked(running)
+            elif len(self._waiting) < self.config.max_queue:
+                self._waiting.append(running)
+            else:
+                raise OverloadedError(
+                    f"{len(self._running)} requests running and {len(self._waiting)} waiting",
+                    retry_after_s=1.0,
+                )
+            self._cond.notify()
+        return handle
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(
+                running=len(self._running),
+                waiting=len(self._waiting),
+                live_target_sequences=self.target.live_sequences,
+                live_draft_sequences=self.draft.live_sequences,
+                reserved_tokens=self._reserved,
+                last_gamma=self._last_gamma,
+            )
+
+    def stop_accepting(self) -> None:
+        self._stopping = True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel everything and stop the worker."""
+        with self._cond:
+            self._stopping = True
+            for running in [*self._running, *self._waiting]:
+                running.handle.cancelled = True
+            self._cond.notify_all()
+        self._worker.join(timeout)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _max_gamma(self, request: GenerationRequest) -> int:
+        gamma = request.speculation.num_speculative_tokens
+        if gamma is None:
+            gamma = self.config.num_speculative_tokens
+        return self.config.max_speculative_tokens if gamma is None else gamma
+
+    def _adaptive(self, request: GenerationRequest) -> AdaptiveGamma | None:
+        fixed = request.speculation.num_speculative_tokens
+        if fixed is None:
+            fixed = self.config.num_speculative_tokens
+        if fixed is not None:
+            return None
+        return AdaptiveGamma(self.costs, self.config.max_speculative_tokens)
+
+    def _fits_locked(self, running: _Running) -> bool:
+        budget = self.config.kv_token_budget
+        return len(self._running) < self.config.max_concurrent_requests and (
+            not budget or self._reserved + running.reservation <= budget
+        )
+
+    # ---- the worker thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        self._admit_locked()
+                        if self._running or (self._stopping and not self._waiting):
+                            break
+                        self._cond.wait()
+                    if self._stopping and not self._running and not self._waiting:
+                        return
+                    batch = list(self._running)
+                for running in batch:
+                    self._advance(running)
+        except BaseException as err:  # the worker itself broke: nothing can be served any more
+            log.critical("device worker died", exc_info=True)
+            self._die(err)
+
+    def _admit_locked(self) -> None:
+        while self._waiting and (
+            self._waiting[0].handle.cancelled or self._fits_locked(self._waiting[0])
+        ):
+            running = self._waiting.popleft()
+            if running.handle.cancelled:
+                running.handle._put(_END)
+                continue
+            self._start_locked(running)
+
+    def _start_locked(self, running: _Running) -> None:
+        running.handle.timeline.admitted_ns = time.time_ns()
+        self._running.append(running)
+        self._reserved += running.reservation
+
+    def _advance(self, running: _Running) -> None:
+        request = running.request
+        if running.handle.cancelled:
+            return self._finish(running, _END)
+        if request.deadline is not None and time.monotonic() > request.deadline:
+            return self._finish(running, DeadlineExceededError("the deadline passed"))
+        try:
+            if running.state is None:
+                self._prefill(running)
+            else:
+                self._step(running)
+        except torch.OutOfMemoryError:
+            log.warning("out of device memory", extra={"request_id": request.request_id})
+            self._finish(running, DeviceOutOfMemoryError("out of device memory"))
+        except Exception as err:
+            log.error("request failed", exc_info=True, extra={"request_id": request.request_id})
+            self._finish(running, err)
+
+    def _prefill(self, running: _Running) -> None:
+        """Cache every prompt token but the last, which the first step feeds."""
+        prompt = list(running.prepared.prompt_ids)
+        seed = running.request.sampling.seed
+        generator = torch.Generator(device=self.pair.device)
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        state = SequenceState(
+            tokens=prompt,
+            target=self.target.new_sequence(),
+            draft=self.draft.new_sequence(),
+            sampling=running.request.sampling,
+            generator=generator,
+        )
+        running.state = state
+        timeline = running.handle.timeline
+        start = time.time_ns()
+        if len(prompt) > 1:
+            state.target.forward(prompt[:-1])
+        middle = time.time_ns()
+        if len(prompt) > 1 and self._max_gamma(running.request) > 0:
+            state.draft.forward(prompt[:-1])
+        timeline.target_prefill_ns = (start, middle)
+        timeline.draft_prefill_ns = (middle, time.time_ns())
+
+    def _gamma(self, running: _Running) -> int:
+        assert running.state is not None
+        if running.adaptive is not None:
+            gamma = running.adaptive.next_gamma()
+        else:
+            gamma = self._max_gamma(running.request)
+        # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
+        # prompt + max_new_tokens <= context window, so this also keeps the caches inside it.
+        remaining = running.prepared.max_new_tokens - len(running.output)
+        return max(0, min(gamma, remaining - 1))
+
+    def _step(self, running: _Running) -> None:
+        assert running.state is not None
+        gamma = self._gamma(running)
+        self._last_gamma = gamma
+        start_ns = time.time_ns()
+        result = speculative_step(running.state, gamma)
+        self._record(running, result, start_ns)
+
+        finish: FinishReason | None = None
+        emitted: list[int] = []
+        for token in result.emitted:
+            emitted.append(token)
+            running.output.append(token)
+            if token in self.pair.eos_token_ids:
+                finish = FinishReason.EOS
+            elif running.detokenizer.add(token):
+                finish = FinishReason.STOP
+            elif len(running.output) >= running.prepared.max_new_tokens:
+                finish = FinishReason.LENGTH
+            if finish is not None:
+                break
+        usage = running.handle.usage
+        usage.completion_tokens = len(running.output)
+        text = running.detokenizer.delta(final=finish is not None)
+        if finish is None:
+            running.handle._put(Chunk(tuple(emitted), text))
+        else:
+            running.handle._put(Chunk(tuple(emitted), text, finish, usage))
+            self._finish(running, _END)
+
+    def _record(self, running: _Running, result: StepResult, start_ns: int) -> None:
+        usage = running.handle.usage
+        usage.target_forward_passes += 1
+        usage.draft_tokens += result.num_drafted
+        usage.accepted_draft_tokens += result.num_accepted
+        for position in range(result.num_drafted):
+            if position >= len(usage.drafted_by_position):
+                usage.drafted_by_position.append(0)
+                usage.accepted_by_position.append(0)
+            usage.drafted_by_position[position] += 1
+            usage.accepted_by_position[position] += position < result.num_accepted
+        if running.adaptive is not None:
+            running.adaptive.observe(result.num_drafted, result.num_accepted)
+        running.handle.timeline.steps.append(
+            StepRecord(
+                start_ns=start_ns,
+                gamma=result.num_drafted,
+                accepted=result.num_accepted,
+                emitted=len(result.emitted),
+                draft_s=result.draft_seconds,
+                verify_s=result.verify_seconds,
+            )
+        )
+
+    def _finish(self, running: _Running, item: Any) -> None:
+        if running.state is not None:
+            running.state.target.release()
+            running.state.draft.release()
+        running.handle.timeline.finished_ns = time.time_ns()
+        running.handle._put(item)
+        if item is not _END:
+            running.handle._put(_END)
+        with self._cond:
+            if running in self._running:
+                self._running.remove(running)
+                self._reserved -= running.reservation
+
+    def _die(self, err: BaseException) -> None:
+        self.failed = err
+        with self._cond:
+            everyone = [*self._running, *self._waiting]
+            self._running.clear()
+            self._waiting.clear()
+            self._reserved = 0
+        for running in everyone:
+            running.handle._put(EngineFailedError("the device worker has stopped"))
+            running.handle._put(_END)
+        for callback in self.on_fatal:
+            callback(err)

@@ -1,0 +1,112 @@
+"""Plain request and result objects shared by the engine and the service layer.
+
+Field names follow the public API (``sampling.temperature``, ``max_new_tokens``...) so that a
+validation error can name the field the caller wrote.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from decoding.errors import InvalidRequestError
+
+MAX_TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. ``temperature == 0`` means greedy; the rest is then unused."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # 0 keeps the whole vocabulary
+    seed: int | None = None  # None: the engine draws one, so the request is still self-contained
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature):
+            raise InvalidRequestError("sampling.temperature", "must be a number, got NaN")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequestError(
+                "sampling.temperature", f"must be in [0, {MAX_TEMPERATURE}], got {self.temperature}"
+            )
+        if math.isnan(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequestError("sampling.top_k", f"must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidRequestError("sampling.seed", "must fit in an unsigned 64-bit integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SpeculationParams:
+    """``num_speculative_tokens`` is γ: None lets the engine adapt it, 0 turns speculation off."""
+
+    num_speculative_tokens: int | None = None
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_new_tokens or the context window
+    STOP = "stop"  # a stop string
+    EOS = "eos"  # an end-of-sequence token
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation. Exactly one of ``prompt``, ``messages``, ``prompt_token_ids`` is set."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int | None = None  # None: the engine's default
+    stop: tuple[str, ...] = ()
+    speculation: SpeculationParams = field(default_factory=SpeculationParams)
+    deadline: float | None = None  # time.monotonic() after which the request is abandoned
+
+
+@dataclass
+class Usage:
+    """Token and speculation counts of one request (see decoding.speculative for the terms)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    target_forward_passes: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)
+    drafted_by_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        passes = self.target_forward_passes
+        return self.completion_tokens / passes if passes else 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one speculative step emitted: its token ids and text delta.
+
+    The last chunk of a request carries ``finish_reason`` and ``usage``; it may hold no tokens.
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None

@@ -1,0 +1,83 @@
+"""A model and its KV caches: forward a few tokens at the end of a sequence, roll back.
+
+The speculative step sees only :class:`KVSequence`: ``forward(tokens) -> logits`` and
+``rollback(length)``. This implementation keeps one transformers ``DynamicCache`` per sequence
+(rollback crops it); a static, preallocated cache where rollback only moves a length can
+replace it without touching the step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+class ModelRunner:
+    """Owns one model and counts the KV sequences alive on it (tests check they return to 0)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.device = model.device
+        # transformers 5.x renamed the cache argument; accept both spellings.
+        params = inspect.signature(model.forward).parameters
+        self.cache_argument = "cache" if "cache" in params else "past_key_values"
+        self._lock = threading.Lock()
+        self._live = 0
+
+    @property
+    def live_sequences(self) -> int:
+        return self._live
+
+    def new_sequence(self) -> KVSequence:
+        with self._lock:
+            self._live += 1
+        return KVSequence(self)
+
+    def _released(self) -> None:
+        with self._lock:
+            self._live -= 1
+
+
+class KVSequence:
+    """One request's cache on one model. ``length`` tokens are cached."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self._runner = runner
+        self._cache: DynamicCache | None = DynamicCache(config=runner.model.config)
+        self.length = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._runner.device
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[int]) -> torch.Tensor:
+        """Append ``tokens`` at positions [length, length+n); return their logits [n, vocab]."""
+        if self._cache is None:
+            raise RuntimeError("forward on a released KV sequence")
+        input_ids = torch.tensor([tokens], dtype=torch.long, device=self._runner.device)
+        cache = {self._runner.cache_argument: self._cache}
+        out = self._runner.model(input_ids=input_ids, use_cache=True, **cache)
+        self.length += len(tokens)
+        return out.logits[0].float()
+
+    def rollback(self, length: int) -> None:
+        """Forget every cached token at position ``length`` and beyond."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: {self.length} tokens cached")
+        if length < self.length and self._cache is not None:
+            self._cache.crop(length - self.length)  # negative: tokens to drop
+        self.length = length
+
+    def release(self) -> None:
+        """Free the cache's memory. Idempotent."""
+        if self._cache is not None:
+            self._cache = None
+            self._runner._released()

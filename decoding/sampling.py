@@ -1,0 +1,110 @@
+"""Logits processing and the acceptance rule of speculative decoding.
+
+The rejection sampler follows Leviathan et al. 2023, "Fast Inference from Transformers via
+Speculative Decoding" (arXiv 2211.17192, Algorithm 1), and Chen et al. 2023, "Accelerating Large
+Language Model Decoding with Speculative Sampling" (arXiv 2302.01318). Temperature, top-k and
+top-p are applied to the draft's and the target's logits alike *before* the rule, so the output
+follows the target's processed distribution exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from decoding.params import SamplingParams
+
+
+def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Turn logits [n, vocab] into probabilities [n, vocab] (float32) under ``params``.
+
+    Order as in Hugging Face's processors: temperature, then top-k, then top-p. With
+    temperature 0 the result is one-hot on the argmax, which makes greedy a special case of
+    the rejection rule (used only by tests; the engine takes the cheaper greedy path).
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep a token while the mass *before* it is below top_p: the smallest set whose mass
+        # reaches top_p, and never an empty one.
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token id per row of ``probs`` [n, vocab] -> [n], drawn from the request's generator."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    num_accepted: int  # accepted tokens: the prefix of the draft tokens the target agreed with
+    bonus_token: int  # the token the target chose itself after that prefix
+
+
+def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Acceptance:
+    """Greedy acceptance; see :func:`accept_sampled` for the terms.
+
+    draft_tokens: [γ] ids the draft proposed. target_logits: [γ+1, vocab], row i scores the
+    token after the prefix extended by the first i draft tokens. A draft token is accepted while
+    it equals the target's argmax; the bonus token is the target's argmax after the accepted
+    prefix, so the result is exactly the target's own greedy continuation.
+    """
+    target_tokens = target_logits.argmax(-1)  # [γ+1]
+    gamma = draft_tokens.shape[0]
+    mismatch = (draft_tokens != target_tokens[:gamma]).nonzero()
+    num_accepted = int(mismatch[0, 0]) if mismatch.numel() else gamma
+    return Acceptance(num_accepted, int(target_tokens[num_accepted]))
+
+
+def accept_sampled(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator,
+) -> Acceptance:
+    """The rejection rule. Terms used throughout Tandem:
+
+    - γ (``num_speculative_tokens``): how many tokens the draft proposes in one step.
+    - draft tokens: the γ tokens the draft proposed, each sampled from ``draft_probs``.
+    - accepted tokens: the longest prefix of the draft tokens that survives the rule below.
+    - bonus token: the one token the target chooses itself after the accepted prefix: the
+      correction after a rejection, or one extra token when all γ were accepted. A step thus
+      emits between 1 and γ+1 tokens.
+    - acceptance rate α = accepted / drafted; mean accepted length = tokens emitted per target
+      forward pass.
+
+    draft_tokens: [γ]; draft_probs: [γ, vocab], the draft's processed distribution at each
+    draft position; target_probs: [γ+1, vocab], the target's processed distribution at the same
+    positions plus one. Draft token x at position i is accepted with probability
+    min(1, target_probs[i, x] / draft_probs[i, x]). On the first rejection the bonus token is
+    drawn from norm(max(0, target_probs[i] - draft_probs[i])); if all are accepted it is drawn
+    from target_probs[γ]. The emitted tokens then follow the target's distribution exactly.
+    """
+    gamma = draft_tokens.shape[0]
+    positions = torch.arange(gamma, device=draft_tokens.device)
+    target_p = target_probs[positions, draft_tokens]  # [γ]
+    draft_p = draft_probs[positions, draft_tokens]  # [γ]
+    uniform = torch.rand(gamma, generator=generator, device=draft_tokens.device)
+    # u < p/q written as u*q < p: no division, and q == 0 (impossible for a sampled token) rejects.
+    rejected = (uniform * draft_p >= target_p).nonzero()
+    if not rejected.numel():
+        return Acceptance(gamma, int(sample(target_probs[gamma : gamma + 1], generator)[0]))
+    num_accepted = int(rejected[0, 0])
+    residual = (target_probs[num_accepted] - draft_probs[num_accepted]).clamp_min(0.0)
+    total = residual.sum()
+    # The residual is zero only if the two distributions are equal, where nothing is rejected;
+    # guard against float round-off anyway by falling back to the target's distribution.
+    recovered = residual / total if total > 0 else target_probs[num_accepted]
+    return Acceptance(num_accepted, int(sample(recovered[None], generator)[0]))

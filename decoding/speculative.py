@@ -1,0 +1,102 @@
+"""One speculative step: propose -> verify -> accept -> roll back.
+
+The loop is gpt-fast's ``speculative_decode`` and Leviathan et al.'s Algorithm 1 (arXiv
+2211.17192); the terms (γ, draft/accepted/bonus tokens) are defined in
+:func:`decoding.sampling.accept_sampled`.
+
+Invariant between steps, for a sequence ``tokens`` (prompt plus everything emitted):
+the target's cache holds exactly ``tokens[:-1]``; the draft's holds a prefix of it (it lags by
+one more token after a step that accepted all γ, and by more after steps with γ = 0). The last
+token is always fed at the start of the next step, so no logits are ever recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from decoding.params import SamplingParams
+from decoding.runner import KVSequence
+from decoding.sampling import Acceptance, accept_greedy, accept_sampled, processed_probs, sample
+
+
+@dataclass
+class SequenceState:
+    tokens: list[int]  # prompt + emitted tokens
+    target: KVSequence
+    draft: KVSequence
+    sampling: SamplingParams
+    generator: torch.Generator
+
+
+@dataclass(frozen=True)
+class StepResult:
+    emitted: list[int]  # accepted draft tokens + the bonus token (1 to γ+1 ids)
+    num_drafted: int  # γ used in this step
+    num_accepted: int
+    draft_seconds: float
+    verify_seconds: float
+
+
+def propose(state: SequenceState, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draft γ tokens one at a time. Returns draft_tokens [γ] and, when sampling,
+    draft_probs [γ, vocab] (None when greedy)."""
+    pending = state.tokens[state.draft.length :]  # the draft's catch-up: 1 token or more
+    draft_tokens: list[torch.Tensor] = []
+    draft_probs: list[torch.Tensor] = []
+    for _ in range(gamma):
+        logits = state.draft.forward(pending)[-1:]  # [1, vocab]
+        if state.sampling.greedy:
+            token = logits.argmax(-1)  # [1]
+        else:
+            probs = processed_probs(logits, state.sampling)  # [1, vocab]
+            token = sample(probs, state.generator)
+            draft_probs.append(probs)
+        draft_tokens.append(token)
+        pending = [int(token)]
+    return torch.cat(draft_tokens), (torch.cat(draft_probs) if draft_probs else None)
+
+
+def verify(state: SequenceState, draft_tokens: torch.Tensor) -> torch.Tensor:
+    """Score the last sequence token and every draft token in one target forward pass.
+    Returns target_logits [γ+1, vocab]."""
+    fed = state.tokens[state.target.length :] + draft_tokens.tolist()
+    return state.target.forward(fed)[-(draft_tokens.shape[0] + 1) :]
+
+
+def accept(
+    state: SequenceState,
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_logits: torch.Tensor,
+) -> Acceptance:
+    if state.sampling.greedy:
+        return accept_greedy(draft_tokens, target_logits)
+    target_probs = processed_probs(target_logits, state.sampling)  # [γ+1, vocab]
+    if draft_probs is None:  # γ = 0: plain sampling from the target
+        return Acceptance(0, int(sample(target_probs, state.generator)[0]))
+    return accept_sampled(draft_tokens, draft_probs, target_probs, state.generator)
+
+
+def speculative_step(state: SequenceState, gamma: int) -> StepResult:
+    """Advance ``state`` by 1..γ+1 tokens; both caches end holding a prefix of the sequence."""
+    start = time.perf_counter()
+    if gamma > 0:
+        draft_tokens, draft_probs = propose(state, gamma)
+    else:
+        draft_tokens = torch.empty(0, dtype=torch.long, device=state.target.device)
+        draft_probs = None
+    drafted = time.perf_counter()
+    target_logits = verify(state, draft_tokens)
+    result = accept(state, draft_tokens, draft_probs, target_logits)
+    verified = time.perf_counter()
+
+    emitted = [*draft_tokens[: result.num_accepted].tolist(), result.bonus_token]
+    prior_length = len(state.tokens)
+    state.tokens.extend(emitted)
+    # Roll back past the rejected draft tokens. The bonus token is fed at the next step.
+    state.target.rollback(prior_length + result.num_accepted)
+    state.draft.rollback(min(state.draft.length, prior_length + result.num_accepted))
+    return StepResult(emitted, gamma, result.num_accepted, drafted - start, verified - drafted)

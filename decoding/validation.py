@@ -1,0 +1,127 @@
+"""Every check a request passes before the engine takes it, in one place.
+
+Sampling values are checked when :class:`decoding.params.SamplingParams` is built; the rest
+needs the model pair's limits and is checked here. Each error names the API field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from decoding.errors import InvalidRequestError
+from decoding.params import GenerationRequest
+
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    context_window: int
+    max_speculative_tokens: int
+    default_max_new_tokens: int
+    max_new_tokens_limit: int
+    max_stop_strings: int
+    max_stop_string_length: int = 256
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+
+
+def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> PreparedRequest:
+    """Validate ``request`` and turn its input into token ids. Raises InvalidRequestError."""
+    given = [
+        name
+        for name in ("prompt", "messages", "prompt_token_ids")
+        if getattr(request, name) is not None
+    ]
+    if len(given) != 1:
+        raise InvalidRequestError(
+            "input", f"exactly one of prompt, messages, prompt_token_ids must be set, got {given}"
+        )
+    prompt_ids = _prompt_ids(request, tokenizer, limits)
+
+    _check_stop(request.stop, limits)
+    gamma = request.speculation.num_speculative_tokens
+    if gamma is not None and not 0 <= gamma <= limits.max_speculative_tokens:
+        raise InvalidRequestError(
+            "speculation.num_speculative_tokens",
+            f"must be in [0, {limits.max_speculative_tokens}], got {gamma}",
+        )
+
+    room = limits.context_window - len(prompt_ids)
+    if room < 1:
+        raise InvalidRequestError(
+            given[0],
+            f"prompt has {len(prompt_ids)} tokens; the context window is "
+            f"{limits.context_window}, leaving no room to generate",
+        )
+    max_new = request.max_new_tokens
+    if max_new is None:
+        return PreparedRequest(prompt_ids, min(limits.default_max_new_tokens, room))
+    if not 1 <= max_new <= limits.max_new_tokens_limit:
+        raise InvalidRequestError(
+            "max_new_tokens", f"must be in [1, {limits.max_new_tokens_limit}], got {max_new}"
+        )
+    if max_new > room:
+        raise InvalidRequestError(
+            "max_new_tokens",
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) exceeds the "
+            f"context window of {limits.context_window}",
+        )
+    return PreparedRequest(prompt_ids, max_new)
+
+
+def _prompt_ids(request: GenerationRequest, tokenizer: Any, limits: Limits) -> tuple[int, ...]:
+    if request.prompt is not None:
+        if not request.prompt:
+            raise InvalidRequestError("prompt", "must not be empty")
+        ids = tokenizer.encode(request.prompt, add_special_tokens=False)
+        if not ids:
+            raise InvalidRequestError("prompt", "encodes to no tokens")
+        return tuple(ids)
+    if request.messages is not None:
+        if not request.messages:
+            raise InvalidRequestError("messages", "must hold at least one message")
+        for i, message in enumerate(request.messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidRequestError(
+                    f"messages[{i}].role",
+                    f"must be one of {sorted(CHAT_ROLES)}, got {message.role!r}",
+                )
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in request.messages],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except Exception as err:  # a template may reject an order of roles
+            raise InvalidRequestError("messages", "the chat template rejected them") from err
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+    ids = request.prompt_token_ids or ()
+    if not ids:
+        raise InvalidRequestError("prompt_token_ids", "must not be empty")
+    for i, token in enumerate(ids):
+        if not 0 <= token < limits.vocab_size:
+            raise InvalidRequestError(
+                f"prompt_token_ids[{i}]", f"{token} is outside the vocabulary [0, {limits.vocab_size})"
+            )
+    return tuple(ids)
+
+
+def _check_stop(stop: tuple[str, ...], limits: Limits) -> None:
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidRequestError(
+            "stop", f"at most {limits.max_stop_strings} stop strings, got {len(stop)}"
+        )
+    for i, text in enumerate(stop):
+        if not text:
+            raise InvalidRequestError(f"stop[{i}]", "must not be empty")
+        if len(text) > limits.max_stop_string_length:
+            raise InvalidRequestError(
+                f"stop[{i}]", f"longer than {limits.max_stop_string_length} characters"
+            )

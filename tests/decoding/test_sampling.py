@@ -1,0 +1,121 @@
+"""The logits processors and the acceptance rule on tiny hand-made distributions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from decoding.errors import InvalidRequestError
+from decoding.params import SamplingParams
+from decoding.sampling import Acceptance, accept_greedy, accept_sampled, processed_probs, sample
+
+VOCAB = 6
+
+
+def _emitted_first_token_counts(draft_probs, target_probs, n: int, seed: int) -> torch.Tensor:
+    """Run the acceptance rule with γ = 1 many times; count the first emitted token."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(VOCAB)
+    for _ in range(n):
+        draft_token = sample(draft_probs[:1], generator)
+        result = accept_sampled(draft_token, draft_probs[:1], target_probs, generator)
+        first = int(draft_token[0]) if result.num_accepted == 1 else result.bonus_token
+        counts[first] += 1
+    return counts
+
+
+TARGET = torch.tensor([[0.05, 0.40, 0.10, 0.30, 0.15, 0.00], [1 / 6] * 6])
+DRAFT = torch.tensor([[0.30, 0.10, 0.30, 0.05, 0.05, 0.20]])
+
+
+def test_rejection_rule_reproduces_the_target_distribution() -> None:
+    n = 20_000
+    counts = _emitted_first_token_counts(DRAFT, TARGET, n, seed=0)
+    expected = TARGET[0] * n
+    assert counts[5] == 0  # the target gives token 5 no mass: it must never come out
+    support = expected > 0
+    _, p_value = chisquare(counts[support].numpy(), expected[support].numpy())
+    assert p_value > 0.01, (counts, expected)
+
+
+def test_a_wrong_rule_fails_the_same_check() -> None:
+    """Accepting every draft token (a broken sampler) yields the draft's distribution; the
+    statistical check above must reject that, or it proves nothing."""
+    generator = torch.Generator().manual_seed(0)
+    n = 20_000
+    counts = torch.bincount(sample(DRAFT.expand(n, -1), generator), minlength=VOCAB).float()
+    expected = TARGET[0] * n
+    support = expected > 0
+    scaled = counts[support] * expected[support].sum() / counts[support].sum()
+    _, p_value = chisquare(scaled.numpy(), expected[support].numpy())
+    assert p_value < 1e-6
+
+
+def test_full_acceptance_samples_the_bonus_from_the_target() -> None:
+    generator = torch.Generator().manual_seed(1)
+    same = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5, 0.5, 0.0]])
+    bonuses = []
+    for _ in range(200):
+        result = accept_sampled(torch.tensor([1]), same[:1], same, generator)
+        assert result.num_accepted == 1
+        bonuses.append(result.bonus_token)
+    assert set(bonuses) == {3, 4}
+
+
+def test_greedy_acceptance_takes_the_longest_agreeing_prefix() -> None:
+    target_logits = torch.full((4, VOCAB), -1.0)
+    for row, token in enumerate([2, 4, 1, 5]):
+        target_logits[row, token] = 1.0
+    assert accept_greedy(torch.tensor([2, 4, 1]), target_logits) == Acceptance(3, 5)
+    assert accept_greedy(torch.tensor([2, 3, 1]), target_logits).num_accepted == 1
+    assert accept_greedy(torch.tensor([2, 3, 1]), target_logits).bonus_token == 4
+    assert accept_greedy(torch.tensor([0, 4, 1]), target_logits) == Acceptance(0, 2)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_top_k_keeps_only_the_k_most_likely(top_k: int) -> None:
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.5, 0.3, 1.9]])
+    probs = processed_probs(logits, SamplingParams(temperature=1.0, top_k=top_k))
+    kept = set(torch.nonzero(probs[0]).flatten().tolist())
+    assert kept == set(torch.topk(logits[0], top_k).indices.tolist())
+    generator = torch.Generator().manual_seed(0)
+    assert set(sample(probs.expand(500, -1), generator).tolist()) <= kept
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.8, 1.0])
+def test_top_p_keeps_the_smallest_set_reaching_the_mass(top_p: float) -> None:
+    logits = torch.log(torch.tensor([[0.35, 0.25, 0.2, 0.1, 0.06, 0.04]]))
+    probs = processed_probs(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    kept = torch.nonzero(probs[0]).flatten().tolist()
+    sorted_mass = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04]).cumsum(0)
+    expected = int((sorted_mass < top_p - 1e-6).sum()) + 1
+    assert kept == list(range(min(expected, VOCAB)))
+    assert torch.isclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_temperature_sharpens_and_flattens() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    cold = processed_probs(logits, SamplingParams(temperature=0.5))
+    hot = processed_probs(logits, SamplingParams(temperature=2.0))
+    assert cold[0, 2] > torch.softmax(logits, -1)[0, 2] > hot[0, 2]
+    greedy = processed_probs(logits, SamplingParams(temperature=0.0))
+    assert greedy.tolist() == [[0.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": float("nan")}, "sampling.temperature"),
+        ({"temperature": -0.1}, "sampling.temperature"),
+        ({"temperature": 2.5}, "sampling.temperature"),
+        ({"top_p": 0.0}, "sampling.top_p"),
+        ({"top_p": 1.5}, "sampling.top_p"),
+        ({"top_p": float("nan")}, "sampling.top_p"),
+        ({"top_k": -1}, "sampling.top_k"),
+    ],
+)
+def test_invalid_sampling_values_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.field == field
