@@ -32,9 +32,11 @@ class IncrementalDetokenizer:
         text = self._tokenizer.decode(
             self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
+        # Only a match ending in the new text is new. The previous text's trailing U+FFFD were
+        # incomplete bytes that this token may have completed, so they do not count as seen.
+        seen = len(self._text.rstrip(REPLACEMENT))
         for stop in self._stop:
-            # Only a match that ends in the new text can be new; search from where it could start.
-            at = text.find(stop, max(0, len(self._text) - len(stop) + 1))
+            at = text.find(stop, max(0, seen - len(stop) + 1))
             if at != -1:
                 # A later-listed stop could start earlier in the same new text: take the earliest.
                 text, self.stopped = text[:at], True

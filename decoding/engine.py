@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -445,3 +446,24 @@ class Engine:
             running.handle._put(_END)
         for callback in self.on_fatal:
             callback(err)
+
+
+def load_engine(
+    target: str,
+    draft: str,
+    config: EngineConfig,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    draft_dtype: str | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> Engine:
+    """Load the pair, measure its costs (which also warms both models up), start the worker."""
+    from decoding.models import load_pair
+
+    pair = load_pair(
+        target, draft, device=device, dtype=dtype, draft_dtype=draft_dtype,
+        cache_dir=cache_dir, progress=progress,
+    )
+    return Engine(pair, config)

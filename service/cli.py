@@ -1,0 +1,49 @@
+"""The ``tandem`` command: serve, generate, models fetch, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from service import client, settings as settings_module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # bench has its own parser
+        from bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="tandem", description="Lossless speculative decoding.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="load the model pair and serve gRPC")
+    settings_module.add_arguments(serve)
+    generate = commands.add_parser("generate", help="send one request to a running server")
+    client.add_arguments(generate)
+    models = commands.add_parser("models", help="manage model weights")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_commands.add_parser("fetch", help="prepare the default pair in the cache")
+    fetch.add_argument("--cache-dir", default=None, help="default: $TANDEM_CACHE or ~/.cache/tandem")
+    commands.add_parser("bench", help="run benchmarks (see `tandem bench --help`)")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from service.app import serve
+
+        return serve(settings_module.from_namespace(args))
+    if args.command == "generate":
+        return client.run(args)
+    if args.command == "models":
+        from pathlib import Path
+
+        from decoding.models import fetch_default_pair
+
+        target, draft = fetch_default_pair(Path(args.cache_dir) if args.cache_dir else None)
+        print(f"target: {target}\ndraft: {draft}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""``tandem generate``: a small client that streams tokens to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from service._proto.tandem.v1 import generation_pb2 as pb
+from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
+
+FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt text (sent as a user chat message with --chat)")
+    parser.add_argument("--address", default="127.0.0.1:50051", help="server host:port")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    parser.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument(
+        "--num-speculative-tokens", type=int, default=None, help="γ (default: adaptive; 0 = off)"
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+    parser.add_argument("--token", default=None, help="bearer token, if the server wants one")
+    parser.add_argument("--ca", default=None, help="CA certificate (PEM): use TLS")
+    parser.add_argument("--cert", default=None, help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--key", default=None, help="client key (PEM) for mutual TLS")
+
+
+def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
+    request = pb.GenerateStreamRequest(stop=args.stop)
+    if args.chat:
+        request.messages.messages.add(role="user", content=args.prompt)
+    else:
+        request.prompt = args.prompt
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            setattr(request.sampling, name, getattr(args, name))
+    if args.max_new_tokens is not None:
+        request.max_new_tokens = args.max_new_tokens
+    if args.num_speculative_tokens is not None:
+        request.speculation.num_speculative_tokens = args.num_speculative_tokens
+    return request
+
+
+def channel_for(args: argparse.Namespace) -> grpc.Channel:
+    if args.ca is None:
+        return grpc.insecure_channel(args.address)
+    def read(path: str | None) -> bytes | None:
+        return None if path is None else open(path, "rb").read()
+
+    credentials = grpc.ssl_channel_credentials(read(args.ca), read(args.key), read(args.cert))
+    return grpc.secure_channel(args.address, credentials)
+
+
+def run(args: argparse.Namespace) -> int:
+    request = build_request(args)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    with channel_for(args) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        try:
+            if args.stream:
+                usage, finish = pb.Usage(), 0
+                for message in stub.GenerateStream(request, timeout=args.timeout, metadata=metadata):
+                    sys.stdout.write(message.text)
+                    sys.stdout.flush()
+                    if message.HasField("usage"):
+                        usage, finish = message.usage, message.finish_reason
+                sys.stdout.write("\n")
+            else:
+                unary = pb.GenerateRequest()
+                unary.ParseFromString(request.SerializeToString())  # same fields, same numbers
+                response = stub.Generate(unary, timeout=args.timeout, metadata=metadata)
+                print(response.text)
+                usage, finish = response.usage, response.finish_reason
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    print(
+        f"[finish={FINISH_NAMES.get(finish, '?')} prompt_tokens={usage.prompt_tokens} "
+        f"completion_tokens={usage.completion_tokens} draft_tokens={usage.draft_tokens} "
+        f"accepted={usage.accepted_draft_tokens} acceptance={usage.acceptance_rate:.2f} "
+        f"mean_accepted_length={usage.mean_accepted_length:.2f}]",
+        file=sys.stderr,
+    )
+    return 0

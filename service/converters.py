@@ -1,0 +1,104 @@
+"""Protobuf <-> decoding-layer objects. No validation beyond what building them implies."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from decoding.params import (
+    ChatMessage,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    SpeculationParams,
+    Usage,
+)
+from service._proto.tandem.v1 import generation_pb2 as pb
+
+AnyGenerateRequest = pb.GenerateRequest | pb.GenerateStreamRequest
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+}
+
+
+def request_id_of(message: AnyGenerateRequest) -> str:
+    return message.request_id or uuid.uuid4().hex
+
+
+def to_request(
+    message: AnyGenerateRequest, request_id: str, time_remaining: float | None
+) -> GenerationRequest:
+    """Build the engine's request. Raises InvalidRequestError for values out of range."""
+    which = message.WhichOneof("input")
+    sampling = message.sampling
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=message.prompt if which == "prompt" else None,
+        messages=(
+            tuple(ChatMessage(m.role, m.content) for m in message.messages.messages)
+            if which == "messages"
+            else None
+        ),
+        prompt_token_ids=(
+            tuple(message.prompt_token_ids.ids) if which == "prompt_token_ids" else None
+        ),
+        sampling=SamplingParams(
+            temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,
+            top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
+            top_k=sampling.top_k if sampling.HasField("top_k") else 0,
+            seed=sampling.seed if sampling.HasField("seed") else None,
+        ),
+        max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else None,
+        stop=tuple(message.stop),
+        speculation=SpeculationParams(
+            num_speculative_tokens=(
+                message.speculation.num_speculative_tokens
+                if message.speculation.HasField("num_speculative_tokens")
+                else None
+            )
+        ),
+        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+    )
+
+
+def to_usage(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        draft_tokens=usage.draft_tokens,
+        accepted_draft_tokens=usage.accepted_draft_tokens,
+        target_forward_passes=usage.target_forward_passes,
+        acceptance_rate=usage.acceptance_rate,
+        mean_accepted_length=usage.mean_accepted_length,
+        accepted_by_position=usage.accepted_by_position,
+        drafted_by_position=usage.drafted_by_position,
+    )
+
+
+def to_stream_response(request_id: str, chunk: Chunk) -> pb.GenerateStreamResponse:
+    response = pb.GenerateStreamResponse(
+        request_id=request_id, text=chunk.text, token_ids=chunk.token_ids
+    )
+    if chunk.finish_reason is not None:
+        response.finish_reason = FINISH_REASONS[chunk.finish_reason]
+    if chunk.usage is not None:
+        response.usage.CopyFrom(to_usage(chunk.usage))
+    return response
+
+
+def to_response(request_id: str, chunks: list[Chunk]) -> pb.GenerateResponse:
+    last = chunks[-1]
+    response = pb.GenerateResponse(
+        request_id=request_id,
+        text="".join(c.text for c in chunks),
+        token_ids=[t for c in chunks for t in c.token_ids],
+    )
+    if last.finish_reason is not None:
+        response.finish_reason = FINISH_REASONS[last.finish_reason]
+    if last.usage is not None:
+        response.usage.CopyFrom(to_usage(last.usage))
+    return response

@@ -1,0 +1,110 @@
+"""Build, start and drain the grpc.aio server: GenerationService, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from decoding.engine import Engine
+from service._proto.tandem.v1 import generation_pb2 as pb
+from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
+from service.servicer import CallObserver, GenerationServicer
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    engine: Engine
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain: NOT_SERVING first, refuse new calls, give calls in flight ``grace`` seconds,
+        then cancel what is left and stop the engine."""
+        await self.health.enter_graceful_shutdown()
+        self.engine.stop_accepting()
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.engine.close)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def start_server(
+    settings: Settings,
+    engine: Engine,
+    *,
+    observer: CallObserver | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    server = grpc.aio.server(
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(engine, observer), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    await server.start()
+    # The engine measured its costs on both models before we got here: it is warmed up.
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"port": port, "tls": credentials is not None})
+    return RunningServer(server, port, health_servicer, engine)
+
+
+async def serve_until_signalled(running: RunningServer, settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT (exit 0 after draining) or the device worker dies (exit 1)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    fatal: list[BaseException] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def on_fatal(err: BaseException) -> None:
+        fatal.append(err)
+        loop.call_soon_threadsafe(stop.set)
+
+    running.engine.on_fatal.append(on_fatal)
+    await stop.wait()
+    if fatal:
+        log.critical("device worker died; exiting so that the orchestrator restarts us")
+        await running.health.enter_graceful_shutdown()
+        await running.server.stop(0)
+        return 1
+    log.info("draining", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    await running.shutdown(settings.shutdown_grace_seconds)
+    return 0

@@ -1,0 +1,128 @@
+"""GenerationService: convert the request, call the engine, convert the chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+
+from decoding.engine import Engine, RequestHandle
+from decoding.params import Chunk, FinishReason, GenerationRequest
+from service import converters
+from service._proto.tandem.v1 import generation_pb2 as pb
+from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
+from service.errors import status_for
+
+
+@dataclass
+class CallRecord:
+    """What one Generate/GenerateStream call did, for telemetry (times: time.time_ns())."""
+
+    method: str
+    request_id: str
+    start_ns: int
+    request: GenerationRequest | None = None
+    handle: RequestHandle | None = None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    first_token_ns: int = 0
+    end_ns: int = 0
+    finish_reason: FinishReason | None = None
+    error: BaseException | None = field(default=None, repr=False)
+
+
+class CallObserver(Protocol):
+    def call_started(self, record: CallRecord) -> None: ...
+    def call_finished(self, record: CallRecord) -> None: ...
+
+
+class _NoObserver:
+    def call_started(self, record: CallRecord) -> None:
+        pass
+
+    def call_finished(self, record: CallRecord) -> None:
+        pass
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(self, engine: Engine, observer: CallObserver | None = None) -> None:
+        self._engine = engine
+        self._observer = observer or _NoObserver()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        record = CallRecord("Generate", converters.request_id_of(request), time.time_ns())
+        async with aclosing(self._chunks(request, context, record)) as stream:
+            chunks = [chunk async for chunk in stream]
+        return converters.to_response(record.request_id, chunks)
+
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        record = CallRecord("GenerateStream", converters.request_id_of(request), time.time_ns())
+        # aclosing: a cancelled stream must close the engine's side at once, not at GC time.
+        async with aclosing(self._chunks(request, context, record)) as stream:
+            async for chunk in stream:
+                yield converters.to_stream_response(record.request_id, chunk)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        info, config = self._engine.info, self._engine.info.config
+        return pb.GetModelInfoResponse(
+            target_model=info.target_model,
+            draft_model=info.draft_model,
+            vocab_size=info.vocab_size,
+            context_window=info.context_window,
+            device=info.device,
+            dtype=info.dtype,
+            draft_dtype=info.draft_dtype,
+            default_num_speculative_tokens=config.num_speculative_tokens or 0,
+            adaptive_speculation=config.num_speculative_tokens is None,
+            max_num_speculative_tokens=config.max_speculative_tokens,
+            max_new_tokens_limit=config.max_new_tokens_limit,
+            max_stop_strings=config.max_stop_strings,
+            max_concurrent_requests=config.max_concurrent_requests,
+            max_queue=config.max_queue,
+        )
+
+    async def _chunks(
+        self,
+        message: converters.AnyGenerateRequest,
+        context: grpc.aio.ServicerContext,
+        record: CallRecord,
+    ) -> AsyncIterator[Chunk]:
+        """The engine's chunks for one call; errors become the mapped status, and the
+        request's caches are freed however the call ends."""
+        self._observer.call_started(record)
+        request_id_metadata = (("x-request-id", record.request_id),)
+        context.set_trailing_metadata(request_id_metadata)
+        try:
+            record.request = converters.to_request(
+                message, record.request_id, context.time_remaining()
+            )
+            record.handle = self._engine.submit(record.request)
+            async for chunk in record.handle:
+                if not record.first_token_ns and chunk.token_ids:
+                    record.first_token_ns = time.time_ns()
+                record.finish_reason = chunk.finish_reason or record.finish_reason
+                yield chunk
+        except asyncio.CancelledError:
+            record.code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as err:
+            record.error = err
+            status = status_for(err, record.request_id)
+            record.code = status.code
+            metadata = (*status.trailing_metadata, *request_id_metadata)
+            await context.abort(status.code, status.details, metadata)
+        finally:
+            if record.handle is not None:
+                await record.handle.aclose()
+            record.end_ns = time.time_ns()
+            self._observer.call_finished(record)

@@ -1,0 +1,154 @@
+"""The one settings object, built at start-up from flags with ``TANDEM_*`` equivalents.
+
+Every flag ``--some-flag`` can also be set as ``TANDEM_SOME_FLAG`` (the Helm chart does so);
+a flag on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    # models
+    target: str = "default"  # "default", a local HF folder, a .gguf file, or a hub id
+    draft: str = "default"
+    device: str = "auto"  # cpu, cuda, cuda:N, auto
+    dtype: str = "auto"  # float32, bfloat16, float16, auto (bf16 on GPU, float32 on CPU)
+    draft_dtype: str = ""  # empty: same as dtype; the draft only proposes, so lower is safe
+    cache_dir: str = ""  # empty: $TANDEM_CACHE or ~/.cache/tandem
+    # serving
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # speculation: "auto" adapts γ per request from measured costs and acceptance
+    num_speculative_tokens: str = "auto"
+    max_speculative_tokens: int = 8
+    # limits
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 2048
+    max_stop_strings: int = 8
+    max_concurrent_requests: int = 8
+    max_queue: int = 64
+    kv_token_budget: int = 0  # 0: no budget beyond the concurrency limit
+    max_message_bytes: int = 4 * 1024 * 1024
+    shutdown_grace_seconds: float = 30.0
+    # telemetry
+    metrics_port: int = 9464  # Prometheus /metrics; 0 turns it off
+    tracing: str = "otlp"  # otlp, console, none
+    step_spans: bool = True  # one child span per speculative step; False: span events
+    log_format: str = "text"  # text or json
+    log_level: str = "INFO"
+    log_content: bool = False  # prompts and outputs in DEBUG logs; never in spans or metrics
+    # security
+    auth_token_file: str = ""  # a file holding the bearer token; TANDEM_AUTH_TOKEN also works
+    auth_exempt_health: bool = True
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set: clients must present a certificate signed by this CA
+
+    @property
+    def fixed_speculative_tokens(self) -> int | None:
+        return None if self.num_speculative_tokens == "auto" else int(self.num_speculative_tokens)
+
+    @property
+    def resolved_cache_dir(self) -> Path | None:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else None
+
+
+HELP = {
+    "target": "target model: 'default', a Hugging Face folder, a .gguf file or a hub id",
+    "draft": "draft model, same forms; must share the target's vocabulary",
+    "device": "cpu, cuda, cuda:N or auto",
+    "dtype": "float32, bfloat16, float16 or auto",
+    "draft_dtype": "the draft's dtype (default: --dtype); lower precision never changes output",
+    "cache_dir": "model cache folder (default $TANDEM_CACHE or ~/.cache/tandem)",
+    "host": "address to listen on",
+    "port": "gRPC port (0 picks a free one)",
+    "num_speculative_tokens": "default γ: 'auto' (adaptive) or an integer (0 = off)",
+    "max_speculative_tokens": "largest γ a request may ask for or adapt to",
+    "default_max_new_tokens": "max_new_tokens when a request leaves it unset",
+    "max_new_tokens_limit": "largest max_new_tokens a request may ask for",
+    "max_stop_strings": "most stop strings per request",
+    "max_concurrent_requests": "requests decoding at once",
+    "max_queue": "requests waiting beyond which calls get RESOURCE_EXHAUSTED",
+    "kv_token_budget": "KV positions all running requests may reserve (0 = no budget)",
+    "max_message_bytes": "largest request message accepted",
+    "shutdown_grace_seconds": "time calls in flight get after SIGTERM",
+    "metrics_port": "Prometheus /metrics port (0 = off)",
+    "tracing": "span export: otlp (OTEL_EXPORTER_OTLP_* variables), console or none",
+    "step_spans": "record each speculative step as a child span (else as a span event)",
+    "log_format": "text or json",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_content": "allow prompts and outputs in DEBUG logs",
+    "auth_token_file": "file holding the bearer token clients must send (or TANDEM_AUTH_TOKEN)",
+    "auth_exempt_health": "let health checks through without a token",
+    "tls_cert": "server certificate (PEM) for TLS",
+    "tls_key": "server private key (PEM) for TLS",
+    "tls_client_ca": "CA (PEM) that client certificates must chain to: mutual TLS",
+}
+CHOICES = {
+    "tracing": ["otlp", "console", "none"],
+    "log_format": ["text", "json"],
+    "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "draft_dtype": ["", "auto", "float32", "bfloat16", "float16"],
+    "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"],
+}
+
+
+def env_name(field_name: str) -> str:
+    return "TANDEM_" + field_name.upper()
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def _speculative(text: str) -> str:
+    if text == "auto" or (text.isdigit() and int(text) >= 0):
+        return text
+    raise argparse.ArgumentTypeError("must be 'auto' or a non-negative integer")
+
+
+def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """Add one flag per Settings field; defaults come from ``TANDEM_*`` in ``env``."""
+    env = os.environ if env is None else env
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "bool": _bool, "str": str}[str(f.type)]
+        if f.name == "num_speculative_tokens":
+            kind = _speculative
+        default = f.default
+        if env_name(f.name) in env:
+            default = kind(env[env_name(f.name)])
+        help_text = f"{HELP[f.name]} [env {env_name(f.name)}; default {f.default!r}]"
+        if kind is _bool:
+            parser.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=kind, default=default, choices=CHOICES.get(f.name), help=help_text
+            )
+
+
+def from_namespace(args: argparse.Namespace) -> Settings:
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    if (settings.tls_cert == "") != (settings.tls_key == ""):
+        raise SystemExit("--tls-cert and --tls-key must be given together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+    return settings
+
+
+def parse(argv: list[str], env: Mapping[str, str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="tandem serve")
+    add_arguments(parser, env)
+    return from_namespace(parser.parse_args(argv))

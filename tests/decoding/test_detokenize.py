@@ -1,0 +1,72 @@
+"""Streaming detokenization: multi-byte characters and stop strings across tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from decoding.detokenize import REPLACEMENT, IncrementalDetokenizer
+from tests.tiny_models import make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tiny_tokenizer()
+
+
+TEXT = "naïve café → 世界 🙂🚀 done"
+
+
+def stream(tokenizer, ids, stop=()):
+    detokenizer = IncrementalDetokenizer(tokenizer, stop)
+    deltas = []
+    for token in ids:
+        stopped = detokenizer.add(token)
+        deltas.append(detokenizer.delta(final=stopped))
+        if stopped:
+            break
+    deltas.append(detokenizer.delta(final=True))
+    return deltas
+
+
+def test_multibyte_characters_never_surface_half_decoded(tokenizer) -> None:
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    # the byte-level tokenizer never saw these characters: they are split into byte tokens
+    assert len(ids) > len(TEXT.encode()) // 2
+    deltas = stream(tokenizer, ids)
+    assert all(REPLACEMENT not in d for d in deltas)
+    assert "".join(deltas) == tokenizer.decode(ids) == TEXT
+
+
+def test_a_split_emoji_is_held_back_until_complete(tokenizer) -> None:
+    ids = tokenizer.encode("🙂", add_special_tokens=False)
+    assert len(ids) == 4  # one token per byte
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    for token in ids[:-1]:
+        detokenizer.add(token)
+        assert detokenizer.delta() == ""
+    detokenizer.add(ids[-1])
+    assert detokenizer.delta() == "🙂"
+
+
+@pytest.mark.parametrize("stop", ["世界", "é →", "e", "🚀 d"])
+def test_stop_string_spanning_tokens_cuts_everything_after(tokenizer, stop) -> None:
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    deltas = stream(tokenizer, ids, stop=(stop,))
+    assert "".join(deltas) == TEXT[: TEXT.find(stop)]
+
+
+def test_earliest_of_several_stop_strings_wins(tokenizer) -> None:
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    deltas = stream(tokenizer, ids, stop=("done", "café"))
+    assert "".join(deltas) == "naïve "
+
+
+def test_text_that_could_start_a_stop_string_is_held_back(tokenizer) -> None:
+    ids = tokenizer.encode("abc abd", add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, ("abd!",))
+    shown = ""
+    for token in ids:
+        detokenizer.add(token)
+        shown += detokenizer.delta()
+    assert shown == "abc "  # "abd" might still become "abd!"
+    assert shown + detokenizer.delta(final=True) == "abc abd"

@@ -1,0 +1,234 @@
+"""The engine end to end on tiny models: exactness, stopping, seeds, cancellation, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from decoding.engine import Engine
+from decoding.errors import DeadlineExceededError, InvalidRequestError, OverloadedError
+from decoding.params import (
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    SpeculationParams,
+)
+from tests.conftest import make_engine
+
+PROMPT_IDS = (10, 57, 203, 99, 14, 250, 31)
+
+
+def reference_greedy(pair, prompt: tuple[int, ...], n: int) -> list[int]:
+    """The target's own greedy continuation, through transformers' generate."""
+    with torch.inference_mode():
+        out = pair.target.model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt):].tolist()
+
+
+async def collect(engine: Engine, **fields):
+    fields.setdefault("request_id", "test")
+    handle = engine.submit(GenerationRequest(**fields))
+    chunks = [chunk async for chunk in handle]
+    return chunks
+
+
+def ids_of(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+async def wait_until_idle(engine: Engine, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if not (stats.running or stats.waiting or stats.live_target_sequences
+                or stats.live_draft_sequences):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+@pytest.mark.parametrize("gamma", [None, 1, 3, 5])
+@pytest.mark.parametrize("pair_name", ["same_pair", "different_pair"])
+async def test_greedy_output_is_the_targets_own(request, pair_name: str, gamma) -> None:
+    pair = request.getfixturevalue(pair_name)
+    pair = dataclasses.replace(pair, eos_token_ids=())  # compare full-length runs
+    engine = make_engine(pair)
+    try:
+        chunks = await collect(
+            engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=40,
+            speculation=SpeculationParams(gamma),
+        )
+    finally:
+        engine.close()
+    assert ids_of(chunks) == reference_greedy(pair, PROMPT_IDS, 40)
+    usage = chunks[-1].usage
+    assert chunks[-1].finish_reason == FinishReason.LENGTH
+    assert usage.completion_tokens == 40
+    if pair_name == "same_pair" and gamma:
+        assert usage.acceptance_rate == 1.0
+        assert max(len(c.token_ids) for c in chunks) == gamma + 1
+    if pair_name == "different_pair" and gamma:
+        assert usage.acceptance_rate < 0.5
+
+
+async def test_eos_inside_an_accepted_run_stops_there(same_pair) -> None:
+    free_run = reference_greedy(same_pair, PROMPT_IDS, 30)
+    eos = free_run[7]  # pretend this token is the end of sequence
+    first = free_run.index(eos)
+    engine = make_engine(dataclasses.replace(same_pair, eos_token_ids=(eos,)))
+    try:
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=30,
+                               speculation=SpeculationParams(5))
+    finally:
+        engine.close()
+    assert ids_of(chunks) == free_run[: first + 1]
+    assert chunks[-1].finish_reason == FinishReason.EOS
+
+
+async def test_stop_string_inside_an_accepted_run_cuts_the_text(same_pair) -> None:
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    free_run = reference_greedy(pair, PROMPT_IDS, 40)
+    text = pair.tokenizer.decode(free_run, skip_special_tokens=True)
+    stop = text[12:15]
+    assert stop and text.find(stop) >= 0
+    engine = make_engine(pair)
+    try:
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=40,
+                               stop=(stop,), speculation=SpeculationParams(5))
+    finally:
+        engine.close()
+    streamed = "".join(c.text for c in chunks)
+    assert streamed == text[: text.find(stop)]
+    assert chunks[-1].finish_reason == FinishReason.STOP
+    # the token ids end with the token that completed the stop string
+    emitted = ids_of(chunks)
+    assert stop in pair.tokenizer.decode(emitted, skip_special_tokens=True)
+    assert stop not in pair.tokenizer.decode(emitted[:-1], skip_special_tokens=True)
+
+
+async def test_prompt_plus_max_new_tokens_equal_to_the_context_window(engine) -> None:
+    context = engine.info.context_window
+    prompt = tuple(range(3, 3 + context - 9))
+    chunks = await collect(engine, prompt_token_ids=prompt, max_new_tokens=9,
+                           speculation=SpeculationParams(5))
+    assert chunks[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+    assert len(prompt) + len(ids_of(chunks)) <= context
+    if chunks[-1].finish_reason == FinishReason.LENGTH:
+        assert len(ids_of(chunks)) == 9
+
+
+async def test_seeded_request_is_the_same_alone_and_beside_others(different_pair) -> None:
+    engine = make_engine(different_pair)
+    sampled = dict(prompt_token_ids=PROMPT_IDS, max_new_tokens=24,
+                   sampling=SamplingParams(temperature=0.8, top_k=50, seed=1234),
+                   speculation=SpeculationParams(3))
+    try:
+        alone = ids_of(await collect(engine, **sampled))
+        others = [
+            collect(engine, prompt_token_ids=(5, 6, 7), max_new_tokens=24,
+                    sampling=SamplingParams(temperature=1.0, seed=s))
+            for s in range(3)
+        ]
+        results = await asyncio.gather(collect(engine, **sampled), *others)
+    finally:
+        engine.close()
+    assert ids_of(results[0]) == alone
+
+
+async def test_chat_messages_use_the_chat_template(engine, same_pair) -> None:
+    chunks = await collect(engine, messages=(ChatMessage("user", "def add(a, b):"),),
+                           max_new_tokens=5)
+    expected_prompt = same_pair.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "def add(a, b):"}], add_generation_prompt=True,
+        tokenize=False)
+    assert chunks[-1].usage.prompt_tokens == len(same_pair.tokenizer.encode(expected_prompt))
+
+
+async def test_cancelling_frees_the_caches(engine) -> None:
+    handle = engine.submit(GenerationRequest(request_id="c", prompt_token_ids=PROMPT_IDS,
+                                             max_new_tokens=100))
+    await handle.__anext__()
+    assert engine.stats().live_target_sequences == 1
+    await handle.aclose()
+    await wait_until_idle(engine)
+    chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=4)
+    assert chunks[-1].finish_reason is not None
+
+
+async def test_deadline_stops_the_request(engine) -> None:
+    handle = engine.submit(GenerationRequest(request_id="d", prompt_token_ids=PROMPT_IDS,
+                                             max_new_tokens=100, deadline=time.monotonic()))
+    with pytest.raises(DeadlineExceededError):
+        async for _ in handle:
+            pass
+    await wait_until_idle(engine)
+
+
+async def test_overload_is_refused_at_once(same_pair) -> None:
+    engine = make_engine(same_pair, max_concurrent_requests=1, max_queue=1)
+    try:
+        request = GenerationRequest(request_id="o", prompt_token_ids=PROMPT_IDS,
+                                    max_new_tokens=100)
+        first, second = engine.submit(request), engine.submit(request)
+        with pytest.raises(OverloadedError):
+            engine.submit(request)
+        await first.aclose()
+        await second.aclose()
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({}, "input"),
+        ({"prompt": "x", "prompt_token_ids": (1,)}, "input"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt_token_ids": ()}, "prompt_token_ids"),
+        ({"prompt_token_ids": (1, 99999)}, "prompt_token_ids[1]"),
+        ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "x", "max_new_tokens": 100000}, "max_new_tokens"),
+        ({"prompt_token_ids": (1,) * 120, "max_new_tokens": 20}, "max_new_tokens"),
+        ({"prompt_token_ids": (1,) * 200}, "prompt_token_ids"),
+        ({"prompt": "x", "stop": ("",)}, "stop[0]"),
+        ({"prompt": "x", "stop": ("a",) * 9}, "stop"),
+        ({"prompt": "x", "speculation": SpeculationParams(99)}, "speculation.num_speculative_tokens"),
+        ({"messages": (ChatMessage("wizard", "hi"),)}, "messages[0].role"),
+        ({"messages": ()}, "messages"),
+    ],
+)
+async def test_invalid_requests_name_the_field_and_the_engine_goes_on(engine, fields, field):
+    with pytest.raises(InvalidRequestError) as err:
+        engine.submit(GenerationRequest(request_id="bad", **fields))
+    assert err.value.field == field
+    assert engine.stats().running == 0
+    chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=3)
+    assert chunks[-1].finish_reason is not None
+
+
+async def test_a_failing_request_fails_alone(engine, monkeypatch) -> None:
+    import decoding.engine as engine_module
+
+    real_step = engine_module.speculative_step
+
+    def faulty(state, gamma):
+        if state.tokens[0] == 66:
+            raise RuntimeError("injected fault /secret/path")
+        return real_step(state, gamma)
+
+    monkeypatch.setattr(engine_module, "speculative_step", faulty)
+    bad = collect(engine, prompt_token_ids=(66, 1, 2), max_new_tokens=10)
+    good = collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=10)
+    results = await asyncio.gather(bad, good, return_exceptions=True)
+    assert isinstance(results[0], RuntimeError)
+    assert results[1][-1].finish_reason is not None
+    await wait_until_idle(engine)
