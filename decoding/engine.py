@@ -109,6 +109,7 @@ class RequestHandle:
         self.timeline = Timeline(submitted_ns=time.time_ns())
         self.usage = Usage(prompt_tokens=prompt_tokens)
         self.cancelled = False
+        self.abort_error: BaseException | None = None  # set by Engine.abort_all
         self._wake = wake
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -201,7 +202,8 @@ class Engine:
         if self._stopping:
             raise ShuttingDownError("the server is shutting down")
         prepared = prepare(request, self.pair.tokenizer, self.limits)
-        reservation = len(prepared.prompt_ids) + prepared.max_new_tokens + self._max_gamma(request) + 1
+        gamma = self._max_gamma(request)
+        reservation = len(prepared.prompt_ids) + prepared.max_new_tokens + gamma + 1
         budget = self.config.kv_token_budget
         if budget and reservation > budget:
             raise InvalidRequestError(
@@ -245,6 +247,13 @@ class Engine:
 
     def stop_accepting(self) -> None:
         self._stopping = True
+
+    def abort_all(self, err: BaseException) -> None:
+        """End every request with ``err`` at its next step (shutdown after the grace period)."""
+        with self._cond:
+            for running in [*self._running, *self._waiting]:
+                running.handle.abort_error = err
+            self._cond.notify_all()
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything and stop the worker."""
@@ -301,10 +310,16 @@ class Engine:
 
     def _admit_locked(self) -> None:
         while self._waiting and (
-            self._waiting[0].handle.cancelled or self._fits_locked(self._waiting[0])
+            self._waiting[0].handle.cancelled
+            or self._waiting[0].handle.abort_error is not None
+            or self._fits_locked(self._waiting[0])
         ):
             running = self._waiting.popleft()
             if running.handle.cancelled:
+                running.handle._put(_END)
+                continue
+            if running.handle.abort_error is not None:
+                running.handle._put(running.handle.abort_error)
                 running.handle._put(_END)
                 continue
             self._start_locked(running)
@@ -318,6 +333,8 @@ class Engine:
         request = running.request
         if running.handle.cancelled:
             return self._finish(running, _END)
+        if running.handle.abort_error is not None:
+            return self._finish(running, running.handle.abort_error)
         if request.deadline is not None and time.monotonic() > request.deadline:
             return self._finish(running, DeadlineExceededError("the deadline passed"))
         try:

@@ -108,7 +108,8 @@ def _prompt_ids(request: GenerationRequest, tokenizer: Any, limits: Limits) -> t
     for i, token in enumerate(ids):
         if not 0 <= token < limits.vocab_size:
             raise InvalidRequestError(
-                f"prompt_token_ids[{i}]", f"{token} is outside the vocabulary [0, {limits.vocab_size})"
+                f"prompt_token_ids[{i}]",
+                f"{token} is outside the vocabulary [0, {limits.vocab_size})",
             )
     return tuple(ids)
 

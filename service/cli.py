@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from service import client, settings as settings_module
+from service import client
+from service import settings as settings_module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,14 +17,16 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tandem", description="Lossless speculative decoding.")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="load the model pair and serve gRPC")
-    settings_module.add_arguments(serve)
+    serve_parser = commands.add_parser("serve", help="load the model pair and serve gRPC")
+    settings_module.add_arguments(serve_parser)
     generate = commands.add_parser("generate", help="send one request to a running server")
     client.add_arguments(generate)
     models = commands.add_parser("models", help="manage model weights")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     fetch = models_commands.add_parser("fetch", help="prepare the default pair in the cache")
-    fetch.add_argument("--cache-dir", default=None, help="default: $TANDEM_CACHE or ~/.cache/tandem")
+    fetch.add_argument(
+        "--cache-dir", default=None, help="default: $TANDEM_CACHE or ~/.cache/tandem"
+    )
     commands.add_parser("bench", help="run benchmarks (see `tandem bench --help`)")
 
     args = parser.parse_args(argv)

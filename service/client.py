@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
     request = pb.GenerateStreamRequest(stop=args.stop)
     if args.chat:
-        request.messages.messages.add(role="user", content=args.prompt)
+        request.messages.add(role="user", content=args.prompt)
     else:
         request.prompt = args.prompt
     for name in ("temperature", "top_p", "top_k", "seed"):
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.stream:
                 usage, finish = pb.Usage(), 0
-                for message in stub.GenerateStream(request, timeout=args.timeout, metadata=metadata):
+                stream = stub.GenerateStream(request, timeout=args.timeout, metadata=metadata)
+                for message in stream:
                     sys.stdout.write(message.text)
                     sys.stdout.flush()
                     if message.HasField("usage"):

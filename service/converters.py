@@ -33,19 +33,13 @@ def to_request(
     message: AnyGenerateRequest, request_id: str, time_remaining: float | None
 ) -> GenerationRequest:
     """Build the engine's request. Raises InvalidRequestError for values out of range."""
-    which = message.WhichOneof("input")
     sampling = message.sampling
+    # An empty repeated field is indistinguishable from an unset one on the wire.
     return GenerationRequest(
         request_id=request_id,
-        prompt=message.prompt if which == "prompt" else None,
-        messages=(
-            tuple(ChatMessage(m.role, m.content) for m in message.messages.messages)
-            if which == "messages"
-            else None
-        ),
-        prompt_token_ids=(
-            tuple(message.prompt_token_ids.ids) if which == "prompt_token_ids" else None
-        ),
+        prompt=message.prompt if message.HasField("prompt") else None,
+        messages=tuple(ChatMessage(m.role, m.content) for m in message.messages) or None,
+        prompt_token_ids=tuple(message.prompt_token_ids) or None,
         sampling=SamplingParams(
             temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,
             top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,

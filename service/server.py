@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from decoding.engine import Engine
+from decoding.errors import ShuttingDownError
 from service._proto.tandem.v1 import generation_pb2 as pb
 from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
 from service.servicer import CallObserver, GenerationServicer
@@ -22,6 +23,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+FLUSH_SECONDS = 1.0  # after the grace period: time for the final statuses to reach clients
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -33,11 +35,20 @@ class RunningServer:
     engine: Engine
 
     async def shutdown(self, grace: float) -> None:
-        """Drain: NOT_SERVING first, refuse new calls, give calls in flight ``grace`` seconds,
-        then cancel what is left and stop the engine."""
+        """Drain: NOT_SERVING first (health keeps answering it), refuse new calls with
+        UNAVAILABLE, give calls in flight ``grace`` seconds, end what is left with UNAVAILABLE,
+        then stop the server and the engine."""
         await self.health.enter_graceful_shutdown()
         self.engine.stop_accepting()
-        await self.server.stop(grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline:
+            stats = self.engine.stats()
+            if not (stats.running or stats.waiting):
+                break
+            await asyncio.sleep(0.05)
+        self.engine.abort_all(ShuttingDownError("the server shut down before this call finished"))
+        await self.server.stop(FLUSH_SECONDS)
         await asyncio.to_thread(self.engine.close)
 
 

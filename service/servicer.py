@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -96,7 +96,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         message: converters.AnyGenerateRequest,
         context: grpc.aio.ServicerContext,
         record: CallRecord,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """The engine's chunks for one call; errors become the mapped status, and the
         request's caches are freed however the call ends."""
         self._observer.call_started(record)

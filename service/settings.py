@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
     env = os.environ if env is None else env
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "bool": _bool, "str": str}[str(f.type)]
+        kinds: dict[str, Callable[[str], Any]] = {
+            "int": int, "float": float, "bool": _bool, "str": str
+        }
+        kind = kinds[str(f.type)]
         if f.name == "num_speculative_tokens":
             kind = _speculative
         default = f.default

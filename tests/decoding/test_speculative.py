@@ -37,7 +37,10 @@ def reference_greedy(model: Qwen2ForCausalLM, prompt: list[int], n: int) -> list
     return tokens[len(prompt):]
 
 
-def run(target, draft, prompt, n, gamma, sampling=SamplingParams(), seed=0):
+GREEDY = SamplingParams()
+
+
+def run(target, draft, prompt, n, gamma, sampling=GREEDY, seed=0):
     target_runner, draft_runner = ModelRunner(target), ModelRunner(draft)
     state = SequenceState(
         tokens=list(prompt),

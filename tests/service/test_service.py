@@ -1,0 +1,162 @@
+"""GenerationService over a real server on port 0: tokens, streaming, health, reflection,
+cancellation and every invalid input the API promises to refuse."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from service._proto.tandem.v1 import generation_pb2 as pb
+from tests.decoding.test_engine import wait_until_idle
+
+PROMPT_IDS = [10, 57, 203, 99, 14, 250, 31]
+
+
+def greedy(gamma: int | None = 3, n: int = 24, cls=pb.GenerateRequest):
+    request = cls(prompt_token_ids=PROMPT_IDS, max_new_tokens=n)
+    if gamma is not None:
+        request.speculation.num_speculative_tokens = gamma
+    return request
+
+
+async def test_unary_and_stream_agree(served) -> None:
+    unary = await served.stub.Generate(greedy())
+    messages = [m async for m in served.stub.GenerateStream(greedy(cls=pb.GenerateStreamRequest))]
+    assert [t for m in messages for t in m.token_ids] == list(unary.token_ids)
+    assert "".join(m.text for m in messages) == unary.text
+    assert messages[-1].finish_reason == unary.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    assert messages[-1].usage.completion_tokens == len(unary.token_ids)
+    assert not any(m.HasField("usage") for m in messages[:-1])
+    # draft == target: every draft token is accepted, so steps carry several tokens
+    assert max(len(m.token_ids) for m in messages) == 4
+    assert unary.usage.acceptance_rate == pytest.approx(1.0)
+    assert unary.usage.draft_tokens == unary.usage.accepted_draft_tokens > 0
+
+
+async def test_request_id_is_echoed_or_generated(served) -> None:
+    request = greedy(n=2)
+    request.request_id = "caller-42"
+    assert (await served.stub.Generate(request)).request_id == "caller-42"
+    generated = (await served.stub.Generate(greedy(n=2))).request_id
+    assert len(generated) == 32
+
+
+async def test_model_info(served) -> None:
+    info = await served.stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.vocab_size == served.engine.info.vocab_size
+    assert info.context_window == 128
+    assert info.device == "cpu" and info.dtype == "float32"
+    assert info.max_num_speculative_tokens == 8 and info.adaptive_speculation
+
+
+async def test_health_and_reflection(served) -> None:
+    health = health_pb2_grpc.HealthStub(served.channel)
+    for service in ("", "tandem.v1.GenerationService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(served.channel)
+    replies = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = [s.name async for r in replies for s in r.list_services_response.service]
+    assert "tandem.v1.GenerationService" in names
+    assert "grpc.health.v1.Health" in names
+
+
+async def test_health_turns_not_serving_during_shutdown(same_pair) -> None:
+    from tests.conftest import make_engine
+    from tests.service.conftest import serve
+
+    s = await serve(make_engine(same_pair))
+    health = health_pb2_grpc.HealthStub(s.channel)
+    stream = s.stub.GenerateStream(greedy(n=100, cls=pb.GenerateStreamRequest))
+    await stream.read()  # a call in flight keeps the server draining
+    shutdown = asyncio.create_task(s.running.shutdown(grace=2.0))
+    await asyncio.sleep(0.2)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await shutdown
+    await s.channel.close()
+
+
+async def test_cancelled_stream_frees_its_caches(served) -> None:
+    call = served.stub.GenerateStream(greedy(gamma=1, n=100, cls=pb.GenerateStreamRequest))
+    await call.read()
+    call.cancel()
+    await wait_until_idle(served.engine)
+    reply = await served.stub.Generate(greedy(n=4))
+    assert len(reply.token_ids) == 4
+
+
+async def test_deadline_stops_generation(served) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Generate(greedy(gamma=0, n=100), timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await wait_until_idle(served.engine)
+
+
+def _invalid_cases():
+    def make(**kw):
+        request = pb.GenerateRequest(**{k: v for k, v in kw.items() if k != "build"})
+        if "build" in kw:
+            kw["build"](request)
+        return request
+
+    ids = PROMPT_IDS
+    return {
+        "no input": (make(), "input"),
+        "empty prompt": (make(prompt=""), "prompt"),
+        "two inputs": (make(prompt="x", prompt_token_ids=[1, 2]), "input"),
+        "temperature NaN": (make(prompt="x", sampling=pb.SamplingParams(temperature=math.nan)),
+                            "sampling.temperature"),
+        "temperature negative": (make(prompt="x", sampling=pb.SamplingParams(temperature=-1)),
+                                 "sampling.temperature"),
+        "temperature above 2": (make(prompt="x", sampling=pb.SamplingParams(temperature=2.5)),
+                                "sampling.temperature"),
+        "top_p zero": (make(prompt="x", sampling=pb.SamplingParams(top_p=0.0)), "sampling.top_p"),
+        "top_p above 1": (make(prompt="x", sampling=pb.SamplingParams(top_p=1.01)),
+                          "sampling.top_p"),
+        "negative top_k": (make(prompt="x", sampling=pb.SamplingParams(top_k=-3)),
+                           "sampling.top_k"),
+        "max_new_tokens 0": (make(prompt="x", max_new_tokens=0), "max_new_tokens"),
+        "max_new_tokens above limit": (make(prompt="x", max_new_tokens=101), "max_new_tokens"),
+        "beyond the context window": (
+            make(prompt_token_ids=[1] * 100, max_new_tokens=50),
+            "max_new_tokens"),
+        "token id outside the vocabulary": (
+            make(prompt_token_ids=[1, 10**6]), "prompt_token_ids[1]"),
+        "empty stop string": (make(prompt="x", stop=["ok", ""]), "stop[1]"),
+        "too many stop strings": (make(prompt="x", stop=["a"] * 9), "stop"),
+        "γ above the maximum": (
+            make(prompt_token_ids=ids, speculation=pb.SpeculationParams(num_speculative_tokens=9)),
+            "speculation.num_speculative_tokens"),
+        "unknown chat role": (
+            make(messages=[pb.ChatMessage(role="wizard", content="hi")]),
+            "messages[0].role"),
+    }
+
+
+INVALID = _invalid_cases()
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+async def test_invalid_input_is_invalid_argument_naming_the_field(served, case: str) -> None:
+    request, field = INVALID[case]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Generate(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":")
+    status = rpc_status.from_call(err.value)
+    violation = error_details_pb2.BadRequest()
+    status.details[0].Unpack(violation)
+    assert violation.field_violations[0].field == field
+    assert served.engine.stats().running == 0
+    # and the server keeps serving
+    assert len((await served.stub.Generate(greedy(n=2))).token_ids) == 2
