@@ -136,10 +136,12 @@ def speedup_figure(
     figure = Figure(figsize=(7, 4.5))
     axes = figure.add_subplot()
     off = {r["concurrency"]: r for r in runs if r["num_speculative_tokens"] == 0}
+    plotted = False
     for concurrency, reference in sorted(off.items()):
         base = reference["metrics"]["output_throughput"]
         if base <= 0:
             continue
+        plotted = True
         fixed = sorted(
             (r["num_speculative_tokens"], r["metrics"]["output_throughput"] / base)
             for r in runs
@@ -164,10 +166,10 @@ def speedup_figure(
     axes.set_xlabel("γ (num_speculative_tokens; 0 = off)")
     axes.set_ylabel("speedup over speculation off")
     axes.set_title("Speedup vs γ")
-    if off:
+    if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=8)
-    else:
-        axes.text(0.5, 0.5, "no run with speculation off", ha="center", transform=axes.transAxes)
+    if not plotted:
+        axes.text(0.5, 0.5, "no output with speculation off", ha="center", transform=axes.transAxes)
     return figure
 
 
