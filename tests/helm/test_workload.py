@@ -1,0 +1,277 @@
+"""What the chart deploys: GPU scheduling, probes, shutdown, security, volumes, Services,
+autoscaling, disruption budget and dashboard."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import helm_python as helm
+import pytest
+
+from tests.helm.rendering import NAMESPACE, RELEASE, VALUE_SETS, Rendered, merged
+
+# --------------------------------------------------------------------------- the Deployment
+
+
+@pytest.mark.parametrize("values_name", list(VALUE_SETS))
+def test_gpu_limit(render, values_name: str) -> None:
+    limits = render(VALUE_SETS[values_name]).server["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 1
+    assert "memory" in limits
+
+
+def test_gpu_limit_from_values(render) -> None:
+    rendered = render({"gpu": {"count": 2, "resourceName": "nvidia.com/mig-3g.40gb"}})
+    limits = rendered.server["resources"]["limits"]
+    assert limits["nvidia.com/mig-3g.40gb"] == 2
+    assert "nvidia.com/gpu" not in limits
+    cpu_only = render({"gpu": {"count": 0}, "model": {"device": "cpu"}})
+    assert not any("gpu" in k for k in cpu_only.server["resources"]["limits"])
+
+
+def test_gpu_scheduling_defaults(default: Rendered) -> None:
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in (
+        default.pod["tolerations"]
+    )
+
+
+def test_scheduling_values(all_on: Rendered) -> None:
+    pod = all_on.pod
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert pod["priorityClassName"] == "inference-critical"
+    assert pod["runtimeClassName"] == "nvidia"
+    assert "nodeAffinity" in pod["affinity"]
+    (spread,) = pod["topologySpreadConstraints"]
+    # The chart adds the selector the values left out.
+    assert spread["labelSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "tandem",
+        "app.kubernetes.io/instance": RELEASE,
+    }
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["serviceAccountName"] == RELEASE
+    assert all_on.one("ServiceAccount")["metadata"]["name"] == RELEASE
+
+
+def test_rollout_strategy(default: Rendered, render) -> None:
+    assert default.deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    # Helm layers {type: Recreate} over the default rollingUpdate; the API would refuse both.
+    recreate = render({"strategy": {"type": "Recreate"}})
+    assert recreate.deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.parametrize("values_name", list(VALUE_SETS))
+def test_probes(render, values_name: str) -> None:
+    values = VALUE_SETS[values_name]
+    rendered = render(values)
+    server = rendered.server
+    port = next(p["containerPort"] for p in server["ports"] if p["name"] == "grpc")
+    assert port == 50051
+    probes = [server["startupProbe"], server["readinessProbe"], server["livenessProbe"]]
+    if values_name == "default":
+        for probe in probes:
+            assert probe["grpc"]["port"] == port
+            assert set(probe) - {"grpc"} <= {
+                "initialDelaySeconds",
+                "periodSeconds",
+                "timeoutSeconds",
+                "failureThreshold",
+                "successThreshold",
+            }
+        assert server["readinessProbe"]["grpc"]["service"] == "tandem.v1.GenerationService"
+        assert "service" not in server["livenessProbe"]["grpc"]
+    else:
+        # TLS is on in all-on: the kubelet's gRPC probe cannot speak TLS.
+        assert all(probe["tcpSocket"] == {"port": "grpc"} for probe in probes)
+    startup = server["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    service = rendered.one("Service", RELEASE)
+    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port["targetPort"] == "grpc"
+    assert service["spec"]["type"] == "ClusterIP"
+
+
+def test_probes_follow_server_port(render) -> None:
+    rendered = render({"server": {"port": 6000}, "service": {"port": 443}})
+    server = rendered.server
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == 6000
+    assert rendered.env()["TANDEM_PORT"] == "6000"
+    assert rendered.one("Service", RELEASE)["spec"]["ports"][0]["port"] == 443
+
+
+def test_exec_probes(render) -> None:
+    command = ["python", "-m", "some_health_check"]
+    rendered = render(
+        {"probes": {"type": "exec", "exec": {"command": command}, "liveness": {"enabled": False}}}
+    )
+    assert rendered.server["startupProbe"]["exec"]["command"] == command
+    assert rendered.server["readinessProbe"]["exec"]["command"] == command
+    assert "livenessProbe" not in rendered.server
+
+
+@pytest.mark.parametrize("values_name", list(VALUE_SETS))
+def test_termination_grace_covers_drain(render, chart: helm.Chart, values_name: str) -> None:
+    values = merged(chart.values, VALUE_SETS[values_name])
+    rendered = render(VALUE_SETS[values_name])
+    grace = int(rendered.env()["TANDEM_SHUTDOWN_GRACE_SECONDS"])
+    assert grace == values["server"]["shutdownGraceSeconds"]
+    pre_stop = rendered.server["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert rendered.pod["terminationGracePeriodSeconds"] > grace + int(pre_stop[1])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"terminationGracePeriodSeconds": 40},  # 30 + 10: equal is not enough
+        {"server": {"shutdownGraceSeconds": 120}},
+        {"lifecycle": {"preStopSleepSeconds": 55}},
+    ],
+)
+def test_termination_grace_guard(chart: helm.Chart, values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def effective(container: dict[str, Any], pod: dict[str, Any], key: str) -> Any:
+    return container.get("securityContext", {}).get(key, pod.get("securityContext", {}).get(key))
+
+
+@pytest.mark.parametrize("values_name", list(VALUE_SETS))
+def test_nothing_runs_as_root(render, values_name: str) -> None:
+    rendered = render(VALUE_SETS[values_name])
+    pod = rendered.pod
+    containers = pod["containers"] + pod.get("initContainers", [])
+    assert len(containers) == 2  # the server and the fetch init container
+    for container in containers:
+        name = container["name"]
+        user = effective(container, pod, "runAsUser")
+        assert user == 10001, name
+        assert effective(container, pod, "runAsGroup") == 10001, name
+        assert effective(container, pod, "runAsNonRoot") is True, name
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, name
+        assert context["readOnlyRootFilesystem"] is True, name
+        assert context["capabilities"]["drop"] == ["ALL"], name
+        assert context.get("privileged") is False, name
+        assert effective(container, pod, "seccompProfile") == {"type": "RuntimeDefault"}, name
+        # Writable places on a read-only root: /tmp and the model cache.
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts["/tmp"] == "tmp" and mounts["/var/cache/tandem"] == "model-cache", name
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+
+
+def test_model_cache_volumes(render, default: Rendered, all_on: Rendered) -> None:
+    volumes = {v["name"]: v for v in default.pod["volumes"]}
+    assert volumes["model-cache"] == {"name": "model-cache", "emptyDir": {"sizeLimit": "64Gi"}}
+    assert not default.of_kind("PersistentVolumeClaim")
+    (init,) = default.pod["initContainers"]
+    assert init["command"] == ["tandem", "models", "fetch"]
+    assert default.env(init)["TANDEM_CACHE"] == "/var/cache/tandem"
+    assert init["image"] == default.server["image"] == "tandem:0.1.0"
+
+    pvc = all_on.one("PersistentVolumeClaim")
+    volumes = {v["name"]: v for v in all_on.pod["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    assert pvc["spec"]["storageClassName"] == "premium-rwx"
+
+    existing = render(
+        {"modelCache": {"persistence": {"enabled": True, "existingClaim": "weights"}}}
+    )
+    assert not existing.of_kind("PersistentVolumeClaim")
+    volumes = {v["name"]: v for v in existing.pod["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"] == {"claimName": "weights"}
+
+    no_class = render({"modelCache": {"persistence": {"enabled": True, "storageClassName": "-"}}})
+    assert no_class.one("PersistentVolumeClaim")["spec"]["storageClassName"] == ""
+
+    baked = render({"modelCache": {"enabled": False}, "modelFetch": {"enabled": False}})
+    assert "initContainers" not in baked.pod
+    assert "TANDEM_CACHE" not in baked.env()
+    assert "model-cache" not in {v["name"] for v in baked.pod["volumes"]}
+
+
+# --------------------------------------------------------------------------- services, HPA, PDB
+
+
+def test_headless_service(default: Rendered, all_on: Rendered) -> None:
+    assert [s["metadata"]["name"] for s in default.of_kind("Service")] == [RELEASE]
+    headless = all_on.one("Service", f"{RELEASE}-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is False
+    assert headless["spec"]["ports"] == [
+        {
+            "name": "grpc",
+            "port": 50051,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "grpc",
+        }
+    ]
+    assert headless["spec"]["selector"] == all_on.deployment["spec"]["selector"]["matchLabels"]
+    assert "round_robin" in all_on.notes
+
+
+def test_hpa(default: Rendered, all_on: Rendered, render) -> None:
+    assert not default.of_kind("HorizontalPodAutoscaler")
+    assert default.deployment["spec"]["replicas"] == 1
+    hpa = all_on.one("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": RELEASE,
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "tandem_queue_depth"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "4"}
+    # The HPA owns the replica count.
+    assert "replicas" not in all_on.deployment["spec"]
+
+    in_flight = render({"autoscaling": {"enabled": True}}).one("HorizontalPodAutoscaler")
+    (metric,) = in_flight["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "tandem_requests_in_flight"
+    assert metric["pods"]["target"]["averageValue"] == "6"
+
+
+def test_pdb(default: Rendered, all_on: Rendered) -> None:
+    spec = default.one("PodDisruptionBudget")["spec"]
+    assert spec["maxUnavailable"] == 1 and "minAvailable" not in spec
+    assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    spec = all_on.one("PodDisruptionBudget")["spec"]
+    assert spec["minAvailable"] == 1 and "maxUnavailable" not in spec
+
+
+def test_dashboard(default: Rendered, all_on: Rendered) -> None:
+    assert not default.of_kind("ConfigMap")
+    config_map = all_on.one("ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["tandem-dashboard.json"])
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in (
+        "tandem_requests_in_flight",
+        "tandem_queue_depth",
+        "tandem_spec_decode_num_drafts_total",
+        "tandem_spec_decode_num_draft_tokens_total",
+        "tandem_spec_decode_num_accepted_tokens_total",
+        "gen_ai_server_request_duration_seconds_bucket",
+        "gen_ai_server_time_to_first_token_seconds_bucket",
+        "gen_ai_server_time_per_output_token_seconds_bucket",
+        "tandem_requests_total",
+    ):
+        assert metric in exprs, metric
+
+
+def test_image_digest_wins(render) -> None:
+    digest = "sha256:" + "a" * 64
+    rendered = render({"image": {"repository": "r.example/tandem", "tag": "x", "digest": digest}})
+    assert rendered.server["image"] == f"r.example/tandem@{digest}"
