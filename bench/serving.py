@@ -101,7 +101,7 @@ def build_request(
         request.prompt = prompt.text
     else:
         assert prompt.messages is not None
-        chat_messages(request).extend(
+        request.messages.extend(
             pb.ChatMessage(role=turn.role, content=turn.content) for turn in prompt.messages
         )
     request.sampling.temperature = workload.temperature
@@ -111,14 +111,6 @@ def build_request(
     if speculation is not None:
         request.speculation.num_speculative_tokens = speculation
     return request
-
-
-def chat_messages(request: Any) -> Any:
-    """The repeated ``ChatMessage`` field of a request. tandem.v1 first wrapped it in a
-    ``ChatMessages`` message (to sit in a oneof), then made ``messages`` itself repeated; both
-    shapes are accepted so the client works against either generated module."""
-    field = request.messages
-    return field if hasattr(field, "add") else field.messages
 
 
 def usage_record(usage: Any) -> UsageRecord:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.serving import SpeculationSetting, build_request, chat_messages
+from bench.serving import SpeculationSetting, build_request
 from bench.workloads import (
     Arrival,
     arrival_offsets,
@@ -53,7 +53,7 @@ def test_poisson_arrivals_are_seeded_and_at_the_rate() -> None:
 def test_requests_carry_the_workload_and_speculation_setting() -> None:
     workload = build_workload("chat", num_prompts=2, max_new_tokens=9)
     request = build_request(pb.GenerateStreamRequest, workload.prompts[1], workload, 1, 4)
-    assert [m.role for m in chat_messages(request)] == ["system", "user"]
+    assert [m.role for m in request.messages] == ["system", "user"]
     assert not request.HasField("prompt")
     assert request.max_new_tokens == 9
     assert request.speculation.num_speculative_tokens == 4
@@ -62,7 +62,7 @@ def test_requests_carry_the_workload_and_speculation_setting() -> None:
     assert not adaptive.speculation.HasField("num_speculative_tokens")
     sampled = build_workload("humaneval", num_prompts=1, temperature=0.7, seed=5)
     request = build_request(pb.GenerateRequest, sampled.prompts[0], sampled, 0, 0)
-    assert request.HasField("prompt") and len(chat_messages(request)) == 0
+    assert request.HasField("prompt") and len(request.messages) == 0
     assert request.sampling.seed == 5
     assert request.speculation.HasField("num_speculative_tokens")
 
