@@ -17,6 +17,7 @@ from decoding.engine import Engine
 from decoding.errors import ShuttingDownError
 from service._proto.tandem.v1 import generation_pb2 as pb
 from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
+from service.auth import auth_interceptor
 from service.servicer import CallObserver, GenerationServicer
 from service.settings import Settings
 
@@ -70,8 +71,10 @@ async def start_server(
     observer: CallObserver | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
+    # Authentication runs first, so nothing (tracing included) sees an unauthenticated call.
+    auth = auth_interceptor(settings)
     server = grpc.aio.server(
-        interceptors=list(interceptors),
+        interceptors=[*([auth] if auth else []), *interceptors],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),

@@ -70,16 +70,26 @@ async def test_health_and_reflection(served) -> None:
     assert "grpc.health.v1.Health" in names
 
 
-async def test_health_turns_not_serving_during_shutdown(same_pair) -> None:
+async def test_health_turns_not_serving_during_shutdown(same_pair, monkeypatch) -> None:
+    import time
+
+    import decoding.engine as engine_module
     from tests.conftest import make_engine
     from tests.service.conftest import serve
 
+    real_step = engine_module.speculative_step
+
+    def slow_step(state, gamma):  # keep the call in flight while we look at health
+        time.sleep(0.02)
+        return real_step(state, gamma)
+
+    monkeypatch.setattr(engine_module, "speculative_step", slow_step)
     s = await serve(make_engine(same_pair))
     health = health_pb2_grpc.HealthStub(s.channel)
     stream = s.stub.GenerateStream(greedy(n=100, cls=pb.GenerateStreamRequest))
     await stream.read()  # a call in flight keeps the server draining
-    shutdown = asyncio.create_task(s.running.shutdown(grace=2.0))
-    await asyncio.sleep(0.2)
+    shutdown = asyncio.create_task(s.running.shutdown(grace=5.0))
+    await asyncio.sleep(0.1)
     reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await shutdown
