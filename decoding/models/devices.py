@@ -1,0 +1,60 @@
+"""Turn the device and dtype names of the settings into torch objects."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from decoding.errors import ModelLoadError
+
+_CUDA_INDEX = re.compile(r"cuda:(\d+)")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available, else the CPU).
+
+    A CUDA device is refused when CUDA is not available or the index is out of range, so a
+    misconfigured deployment fails at start-up and not on its first request.
+    """
+    key = name.strip().lower()
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if key == "cpu":
+        return torch.device("cpu")
+    if key == "cuda" or _CUDA_INDEX.fullmatch(key):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {name!r} was asked for but CUDA is not available")
+        device = torch.device(key)
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ModelLoadError(
+                f"device {name!r} does not exist: this machine has {count} CUDA device(s)"
+            )
+        return device
+    raise ModelLoadError(f"device {name!r} is not one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (bfloat16 on CUDA, else float32).
+
+    The short spellings ``fp32``, ``bf16`` and ``fp16`` are accepted too.
+    """
+    key = name.strip().lower()
+    if key == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[key]
+    except KeyError:
+        raise ModelLoadError(
+            f"dtype {name!r} is not one of 'auto', 'float32', 'bfloat16' or 'float16'"
+        ) from None
