@@ -8,6 +8,7 @@ import logging
 from decoding.engine import EngineConfig, load_engine
 from service.server import serve_until_signalled, start_server
 from service.settings import Settings
+from service.telemetry import configure_logging, setup_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,17 @@ async def _serve(settings: Settings) -> int:
         draft_dtype=settings.draft_dtype or None,
         cache_dir=settings.resolved_cache_dir,
     )
-    running = await start_server(settings, engine)
+    telemetry = setup_telemetry(settings, engine.info, engine.stats)
+    running = await start_server(
+        settings, engine, observer=telemetry, interceptors=telemetry.interceptors
+    )
     print(f"tandem: serving on {settings.host}:{running.port}", flush=True)
-    return await serve_until_signalled(running, settings)
+    try:
+        return await serve_until_signalled(running, settings)
+    finally:
+        telemetry.shutdown()
 
 
 def serve(settings: Settings) -> int:
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings)
     return asyncio.run(_serve(settings))

@@ -101,8 +101,11 @@ CHOICES = {
 }
 
 
+ENV_OVERRIDES = {"cache_dir": "TANDEM_CACHE"}  # the name decoding.models reads too
+
+
 def env_name(field_name: str) -> str:
-    return "TANDEM_" + field_name.upper()
+    return ENV_OVERRIDES.get(field_name, "TANDEM_" + field_name.upper())
 
 
 def _bool(text: str) -> bool:

@@ -12,6 +12,7 @@ from decoding.engine import Engine
 from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
 from service.server import RunningServer, start_server
 from service.settings import Settings
+from service.telemetry import Telemetry
 from tests.conftest import make_engine
 
 
@@ -27,9 +28,12 @@ class Served:
         return f"127.0.0.1:{self.running.port}"
 
 
-async def serve(engine: Engine, **settings: object) -> Served:
-    config = Settings(port=0, metrics_port=0, tracing="none", **settings)  # type: ignore[arg-type]
-    running = await start_server(config, engine)
+async def serve(
+    engine: Engine, *, telemetry: Telemetry | None = None, **settings: object
+) -> Served:
+    config = Settings(**{"port": 0, "metrics_port": 0, "tracing": "none", **settings})  # type: ignore[arg-type]
+    interceptors = telemetry.interceptors if telemetry else ()
+    running = await start_server(config, engine, observer=telemetry, interceptors=interceptors)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     return Served(running, channel, pb_grpc.GenerationServiceStub(channel), engine)
 

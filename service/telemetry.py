@@ -1,0 +1,176 @@
+"""OpenTelemetry for Tandem: providers, exporters, the gRPC server interceptor, request logs.
+
+Configured the standard way: ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
+``OTEL_TRACES_SAMPLER``/``_ARG`` and ``OTEL_EXPORTER_OTLP_*`` are read by the SDK itself;
+``OTEL_METRICS_EXPORTER=otlp`` adds OTLP metric export beside the Prometheus endpoint.
+Prompts and generated text are never recorded: only counts, times and ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from pythonjsonlogger.json import JsonFormatter
+
+from decoding.engine import EngineInfo, EngineStats
+from service.metrics import Metrics, metric_views
+from service.servicer import CallRecord
+from service.settings import Settings
+from service.spans import record_call_spans
+
+REQUEST_LOG = logging.getLogger("tandem.requests")
+
+# Health checks and reflection are probes and tooling, not traffic: no spans for them.
+UNTRACED = filters.negate(
+    filters.any_of(
+        filters.service_name("grpc.health.v1.Health"),
+        filters.service_prefix("grpc.reflection."),
+    )
+)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(
+            JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", timestamp=False)
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+
+
+@dataclass
+class Telemetry:
+    """The call observer the servicer reports to, plus what it needs to shut down."""
+
+    info: EngineInfo
+    tracer_provider: TracerProvider | None
+    meter_provider: MeterProvider
+    metrics: Metrics
+    step_spans: bool = True
+    interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+    _closers: list[Callable[[], object]] = field(default_factory=list)
+
+    def call_started(self, record: CallRecord) -> None:
+        self.metrics.call_started(record)
+
+    def call_finished(self, record: CallRecord) -> None:
+        self.metrics.call_finished(record, self.info)
+        if self.tracer_provider is not None:
+            record_call_spans(
+                self.tracer_provider.get_tracer("tandem"), record, self.info, self.step_spans
+            )
+        log_request(record)
+
+    def shutdown(self) -> None:
+        for close in self._closers:
+            close()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def log_request(record: CallRecord) -> None:
+    """One structured line per finished call; counts and times only, never text."""
+    usage = record.handle.usage if record.handle is not None else None
+    span_context = trace.get_current_span().get_span_context()
+    REQUEST_LOG.info(
+        "request finished",
+        extra={
+            "request_id": record.request_id,
+            "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid else "",
+            "method": record.method,
+            "status": record.code.name,
+            "finish_reason": record.finish_reason.value if record.finish_reason else "",
+            "prompt_tokens": usage.prompt_tokens if usage else 0,
+            "completion_tokens": usage.completion_tokens if usage else 0,
+            "draft_tokens": usage.draft_tokens if usage else 0,
+            "accepted_draft_tokens": usage.accepted_draft_tokens if usage else 0,
+            "acceptance_rate": round(usage.acceptance_rate, 4) if usage else 0.0,
+            "mean_accepted_length": round(usage.mean_accepted_length, 4) if usage else 0.0,
+            "duration_s": round((record.end_ns - record.start_ns) / 1e9, 6),
+            "ttft_s": round((record.first_token_ns - record.start_ns) / 1e9, 6)
+            if record.first_token_ns
+            else None,
+        },
+    )
+
+
+def setup_telemetry(
+    settings: Settings,
+    info: EngineInfo,
+    stats: Callable[[], EngineStats],
+    *,
+    span_processors: list[SpanProcessor] | None = None,
+    metric_readers: list[MetricReader] | None = None,
+) -> Telemetry:
+    """Build providers and exporters from ``settings`` and the OTEL_* environment.
+
+    Tests pass in-memory ``span_processors``/``metric_readers``; they are used in addition to
+    whatever the settings ask for.
+    """
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "tandem")})
+    closers: list[Callable[[], object]] = []
+
+    tracer_provider: TracerProvider | None = None
+    processors = list(span_processors or [])
+    if settings.tracing == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        processors.append(BatchSpanProcessor(OTLPSpanExporter()))
+    elif settings.tracing == "console":
+        processors.append(BatchSpanProcessor(ConsoleSpanExporter()))
+    if processors:
+        tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+        for processor in processors:
+            tracer_provider.add_span_processor(processor)
+
+    readers = list(metric_readers or [])
+    if settings.metrics_port:
+        import prometheus_client
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        registry = prometheus_client.CollectorRegistry()
+        readers.append(PrometheusMetricReader(registry=registry))
+        httpd, _ = prometheus_client.start_http_server(
+            settings.metrics_port, addr=settings.host, registry=registry
+        )
+        closers.append(httpd.shutdown)
+    if "otlp" in os.environ.get("OTEL_METRICS_EXPORTER", ""):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    meter_provider = MeterProvider(
+        resource=resource, metric_readers=readers, views=metric_views()
+    )
+    metrics = Metrics(meter_provider.get_meter("tandem"), stats)
+
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if tracer_provider is not None:
+        interceptors.append(
+            aio_server_interceptor(tracer_provider=tracer_provider, filter_=UNTRACED)
+        )
+    return Telemetry(
+        info=info,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        metrics=metrics,
+        step_spans=settings.step_spans,
+        interceptors=interceptors,
+        _closers=closers,
+    )

@@ -1,0 +1,245 @@
+"""Traces, metrics and request logs of real calls, read back from in-memory exporters, a real
+OTLP/gRPC receiver and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import urllib.request
+import uuid
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from service._proto.tandem.v1 import generation_pb2 as pb
+from service.settings import Settings
+from service.telemetry import setup_telemetry
+from tests.conftest import make_engine
+from tests.decoding.test_engine import wait_until_idle
+from tests.service.conftest import serve
+
+PROMPT_IDS = [10, 57, 203, 99, 14, 250, 31]
+SERVER_SPAN = "/tandem.v1.GenerationService/Generate"
+
+
+def greedy(n: int = 12, gamma: int = 3, cls=pb.GenerateRequest):
+    return cls(prompt_token_ids=PROMPT_IDS, max_new_tokens=n,
+               speculation=pb.SpeculationParams(num_speculative_tokens=gamma))
+
+
+class Observed:
+    def __init__(self, pair, **settings):
+        self.spans = InMemorySpanExporter()
+        self.metrics = InMemoryMetricReader()
+        self.engine = make_engine(pair)
+        self.settings = Settings(**{"tracing": "none", "metrics_port": 0, **settings})
+        self.telemetry = setup_telemetry(
+            self.settings, self.engine.info, self.engine.stats,
+            span_processors=[SimpleSpanProcessor(self.spans)], metric_readers=[self.metrics],
+        )
+
+    async def __aenter__(self):
+        self.served = await serve(self.engine, telemetry=self.telemetry,
+                                  **{k: v for k, v in self.settings.__dict__.items()
+                                     if k in ("metrics_port", "step_spans")})
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.served.channel.close()
+        await self.served.running.shutdown(grace=0)
+        self.telemetry.shutdown()
+
+    def by_name(self, name):
+        return [s for s in self.spans.get_finished_spans() if s.name == name]
+
+    def counter(self, name, **attributes) -> float:
+        total = 0.0
+        data = self.metrics.get_metrics_data()
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name != name:
+                        continue
+                    for point in metric.data.data_points:
+                        if all(point.attributes.get(k) == v for k, v in attributes.items()):
+                            total += point.value if hasattr(point, "value") else point.sum
+        return total
+
+
+@pytest.mark.parametrize("pair_name", ["same_pair", "different_pair"])
+async def test_span_tree_attributes_and_counters(request, pair_name) -> None:
+    async with Observed(request.getfixturevalue(pair_name)) as o:
+        reply = await o.served.stub.Generate(greedy())
+    (server,) = o.by_name(SERVER_SPAN)
+    (root,) = o.by_name("tandem.generate")
+    assert root.parent.span_id == server.context.span_id
+    children = {s.name for s in o.spans.get_finished_spans()
+                if s.parent and s.parent.span_id == root.context.span_id}
+    assert children == {"tandem.queue", "tandem.prefill.target", "tandem.prefill.draft",
+                        "tandem.decode"}
+    (decode,) = o.by_name("tandem.decode")
+    steps = o.by_name("tandem.step")
+    assert len(steps) == reply.usage.target_forward_passes
+    assert all(s.parent.span_id == decode.context.span_id for s in steps)
+    assert sum(s.attributes["tandem.step.emitted_tokens"] for s in steps) == 12
+    attrs = root.attributes
+    assert attrs["gen_ai.operation.name"] == "text_completion"
+    assert attrs["gen_ai.usage.input_tokens"] == len(PROMPT_IDS)
+    assert attrs["gen_ai.usage.output_tokens"] == 12
+    assert attrs["gen_ai.request.max_tokens"] == 12
+    assert attrs["gen_ai.request.temperature"] == 0.0
+    assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("length",)
+    assert attrs["tandem.request_id"] == reply.request_id
+    drafted = o.counter("tandem.spec_decode.num_draft_tokens")
+    accepted = o.counter("tandem.spec_decode.num_accepted_tokens")
+    assert drafted == reply.usage.draft_tokens > 0
+    assert accepted == reply.usage.accepted_draft_tokens
+    if pair_name == "same_pair":
+        assert attrs["tandem.acceptance_rate"] == 1.0 and accepted == drafted
+        assert o.counter("tandem.spec_decode.num_accepted_tokens_per_pos", position=2) > 0
+    else:
+        assert attrs["tandem.acceptance_rate"] < 0.3
+    assert o.counter("tandem.requests", grpc_code="OK") == 1
+    assert o.counter("gen_ai.server.request.duration") > 0
+
+
+async def test_step_events_when_step_spans_are_off(same_pair) -> None:
+    async with Observed(same_pair, step_spans=False) as o:
+        await o.served.stub.Generate(greedy())
+    assert o.by_name("tandem.step") == []
+    (decode,) = o.by_name("tandem.decode")
+    assert {e.name for e in decode.events} == {"tandem.step"}
+
+
+async def test_failed_call_records_its_status(same_pair) -> None:
+    async with Observed(same_pair) as o:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await o.served.stub.Generate(pb.GenerateRequest(prompt="x", max_new_tokens=0))
+    (server,) = o.by_name(SERVER_SPAN)
+    # The gRPC semantic conventions leave client errors UNSET on server spans; the code is there.
+    assert server.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    (root,) = o.by_name("tandem.generate")
+    assert root.status.description == "INVALID_ARGUMENT"
+    assert o.counter("tandem.requests", grpc_code="INVALID_ARGUMENT") == 1
+
+
+async def test_internal_error_marks_the_server_span(same_pair, monkeypatch) -> None:
+    import decoding.engine as engine_module
+
+    def broken(state, gamma):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine_module, "speculative_step", broken)
+    async with Observed(same_pair) as o:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await o.served.stub.Generate(greedy())
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    (server,) = o.by_name(SERVER_SPAN)
+    assert server.status.status_code.name == "ERROR"
+    assert "boom" not in server.status.description
+    (root,) = o.by_name("tandem.generate")
+    assert root.status.description == "INTERNAL"
+
+
+async def test_cancelled_stream_is_recorded(same_pair) -> None:
+    async with Observed(same_pair) as o:
+        call = o.served.stub.GenerateStream(greedy(n=100, gamma=1, cls=pb.GenerateStreamRequest))
+        await call.read()
+        call.cancel()
+        await wait_until_idle(o.engine)
+        for _ in range(100):
+            if o.by_name("tandem.generate"):
+                break
+            await asyncio.sleep(0.02)
+    (root,) = o.by_name("tandem.generate")
+    assert root.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert o.counter("tandem.requests", grpc_code="CANCELLED") == 1
+
+
+async def test_health_checks_make_no_spans(same_pair) -> None:
+    async with Observed(same_pair) as o:
+        health = health_pb2_grpc.HealthStub(o.served.channel)
+        await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert o.spans.get_finished_spans() == ()
+
+
+async def test_canary_never_reaches_spans_metrics_or_logs(same_pair, caplog) -> None:
+    canary = f"canary-{uuid.uuid4().hex}"
+    caplog.set_level(logging.INFO)
+    async with Observed(same_pair) as o:
+        await o.served.stub.Generate(pb.GenerateRequest(prompt=f"def {canary}():",
+                                                        max_new_tokens=8))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await o.served.stub.Generate(pb.GenerateRequest(prompt=canary, stop=[""]))
+    dumped = [s.to_json() for s in o.spans.get_finished_spans()]
+    dumped.append(o.metrics.get_metrics_data().to_json())
+    dumped += [r.getMessage() + str(r.__dict__) for r in caplog.records]
+    assert any("request finished" in d for d in dumped)  # the log line is there...
+    assert all(canary not in d for d in dumped)  # ...and the canary is not
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_prometheus_endpoint_serves_speculation_counters(same_pair) -> None:
+    port = free_port()
+    async with Observed(same_pair, metrics_port=port) as o:
+        reply = await o.served.stub.Generate(greedy())
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            .read().decode())
+    values = {line.split(" ")[0].split("{")[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line and not line.startswith("#")}
+    assert values["tandem_spec_decode_num_draft_tokens_total"] == reply.usage.draft_tokens
+    assert values["tandem_spec_decode_num_accepted_tokens_total"] == reply.usage.draft_tokens
+    assert "tandem_requests_in_flight" in values and "tandem_queue_depth" in values
+    assert "gen_ai_server_time_to_first_token_seconds_bucket" in text
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self):
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request, context):
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def test_otlp_export_keeps_parent_links(same_pair, monkeypatch) -> None:
+    receiver = Receiver()
+    collector = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "tandem-test")
+    trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    try:
+        async with Observed(same_pair, tracing="otlp") as o:
+            await o.served.stub.Generate(
+                greedy(), metadata=[("traceparent", f"00-{trace_id}-{parent_id}-01")])
+            o.telemetry.tracer_provider.force_flush()
+    finally:
+        collector.stop(0)
+    spans = {s.name: s for r in receiver.requests for rs in r.resource_spans
+             for ss in rs.scope_spans for s in ss.spans}
+    assert {SERVER_SPAN, "tandem.generate", "tandem.decode", "tandem.step"} <= set(spans)
+    server, root = spans[SERVER_SPAN], spans["tandem.generate"]
+    assert server.trace_id.hex() == trace_id  # the caller's trace continues
+    assert server.parent_span_id.hex() == parent_id
+    assert root.parent_span_id == server.span_id
+    assert spans["tandem.decode"].parent_span_id == root.span_id
+    resource = receiver.requests[0].resource_spans[0].resource
+    assert any(a.key == "service.name" and a.value.string_value == "tandem-test"
+               for a in resource.attributes)
