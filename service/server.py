@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,8 +96,26 @@ async def start_server(
     # The engine measured its costs on both models before we got here: it is warmed up.
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    engine.on_fatal.append(_not_serving_on_fatal(health_servicer))
     log.info("serving", extra={"port": port, "tls": credentials is not None})
     return RunningServer(server, port, health_servicer, engine)
+
+
+def _not_serving_on_fatal(
+    health_servicer: health.aio.HealthServicer,
+) -> Callable[[BaseException], None]:
+    """An Engine.on_fatal callback (run on the worker thread): health turns NOT_SERVING at
+    once when the device worker dies, whoever runs the server."""
+    loop = asyncio.get_running_loop()
+
+    def on_fatal(err: BaseException) -> None:
+        coroutine = health_servicer.enter_graceful_shutdown()
+        try:
+            asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError:  # the loop is closed: nothing is served any more anyway
+            coroutine.close()
+
+    return on_fatal
 
 
 async def serve_until_signalled(running: RunningServer, settings: Settings) -> int:
@@ -113,6 +131,8 @@ async def serve_until_signalled(running: RunningServer, settings: Settings) -> i
         loop.call_soon_threadsafe(stop.set)
 
     running.engine.on_fatal.append(on_fatal)
+    if running.engine.failed is not None:  # it died before we were listening
+        on_fatal(running.engine.failed)
     await stop.wait()
     if fatal:
         log.critical("device worker died; exiting so that the orchestrator restarts us")
