@@ -366,13 +366,13 @@ class Engine:
         timeline = running.handle.timeline
         start = time.time_ns()
         if len(prompt) > 1:
-            state.target.forward(prompt[:-1])
+            state.target.forward(prompt[:-1], num_logits=1)  # the logits are not needed
         middle = time.time_ns()
         timeline.target_prefill_ns = (start, middle)
         # With γ fixed at 0 the draft is never used; otherwise prefill it now (it would catch
         # up in its first proposal anyway, but this keeps the first step's cost even).
         if len(prompt) > 1 and self._max_gamma(running.request) > 0:
-            state.draft.forward(prompt[:-1])
+            state.draft.forward(prompt[:-1], num_logits=1)
             timeline.draft_prefill_ns = (middle, time.time_ns())
 
     def _gamma(self, running: _Running) -> int:

@@ -58,15 +58,23 @@ class KVSequence:
         return self._runner.device
 
     @torch.inference_mode()
-    def forward(self, tokens: list[int]) -> torch.Tensor:
-        """Append ``tokens`` at positions [length, length+n); return their logits [n, vocab]."""
+    def forward(self, tokens: list[int], num_logits: int | None = None) -> torch.Tensor:
+        """Append ``tokens`` at positions [length, length+n); return the logits of the last
+        ``num_logits`` of them (all when None): [num_logits, vocab].
+
+        Asking only for the logits needed skips most of the output head, which for these
+        vocabularies (~152k ids) is a large share of a small model's weights.
+        """
         if self._cache is None:
             raise RuntimeError("forward on a released KV sequence")
         input_ids = torch.tensor([tokens], dtype=torch.long, device=self._runner.device)
         cache = {self._runner.cache_argument: self._cache}
-        out = self._runner.model(input_ids=input_ids, use_cache=True, **cache)
+        keep = len(tokens) if num_logits is None else num_logits
+        out = self._runner.model(
+            input_ids=input_ids, use_cache=True, logits_to_keep=keep, **cache
+        )
         self.length += len(tokens)
-        return out.logits[0].float()
+        return out.logits[0, -keep:].float()
 
     def rollback(self, length: int) -> None:
         """Forget every cached token at position ``length`` and beyond."""

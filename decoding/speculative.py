@@ -47,7 +47,7 @@ def propose(state: SequenceState, gamma: int) -> tuple[torch.Tensor, torch.Tenso
     draft_tokens: list[torch.Tensor] = []
     draft_probs: list[torch.Tensor] = []
     for _ in range(gamma):
-        logits = state.draft.forward(pending)[-1:]  # [1, vocab]
+        logits = state.draft.forward(pending, num_logits=1)  # [1, vocab]
         if state.sampling.greedy:
             token = logits.argmax(-1)  # [1]
         else:
@@ -63,7 +63,7 @@ def verify(state: SequenceState, draft_tokens: torch.Tensor) -> torch.Tensor:
     """Score the last sequence token and every draft token in one target forward pass.
     Returns target_logits [γ+1, vocab]."""
     fed = state.tokens[state.target.length :] + draft_tokens.tolist()
-    return state.target.forward(fed)[-(draft_tokens.shape[0] + 1) :]
+    return state.target.forward(fed, num_logits=draft_tokens.shape[0] + 1)
 
 
 def accept(
