@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from decoding.errors import InvalidRequestError
 from decoding.params import (
     ChatMessage,
     Chunk,
@@ -25,14 +26,29 @@ FINISH_REASONS = {
 }
 
 
+MAX_REQUEST_ID_LENGTH = 128
+
+
 def request_id_of(message: AnyGenerateRequest) -> str:
     return message.request_id or uuid.uuid4().hex
+
+
+def valid_request_id(request_id: str) -> bool:
+    """Whether ``request_id`` may travel as gRPC metadata (printable ASCII) and in logs."""
+    return 0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and all(
+        " " <= c <= "~" for c in request_id
+    )
 
 
 def to_request(
     message: AnyGenerateRequest, request_id: str, time_remaining: float | None
 ) -> GenerationRequest:
     """Build the engine's request. Raises InvalidRequestError for values out of range."""
+    if not valid_request_id(request_id):
+        raise InvalidRequestError(
+            "request_id",
+            f"must be 1 to {MAX_REQUEST_ID_LENGTH} printable ASCII characters",
+        )
     sampling = message.sampling
     # An empty repeated field is indistinguishable from an unset one on the wire.
     return GenerationRequest(

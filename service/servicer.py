@@ -100,7 +100,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         """The engine's chunks for one call; errors become the mapped status, and the
         request's caches are freed however the call ends."""
         self._observer.call_started(record)
-        request_id_metadata = (("x-request-id", record.request_id),)
+        # An id that cannot travel as metadata is refused below (to_request); not echoed.
+        request_id_metadata = (
+            (("x-request-id", record.request_id),)
+            if converters.valid_request_id(record.request_id)
+            else ()
+        )
         context.set_trailing_metadata(request_id_metadata)
         try:
             record.request = converters.to_request(
