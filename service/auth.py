@@ -1,11 +1,109 @@
-"""Bearer-token authentication (placeholder until the hardening work lands: no auth)."""
+"""Bearer-token authentication: one interceptor that runs ahead of every other.
+
+The token comes from ``settings.auth_token_file`` (the file's contents, stripped) or, when no
+file is set, from the ``TANDEM_AUTH_TOKEN`` environment variable. With neither there is no
+interceptor and no authentication (put the server behind mTLS or a private network then).
+
+Clients send ``authorization: Bearer <token>`` metadata. A call without it, or with another
+token, gets UNAUTHENTICATED before any handler (or any later interceptor) sees it, for unary
+and streaming methods alike. Health checks may be exempted (``auth_exempt_health``, so that
+kubelet probes need no secret); reflection is not. The token is never logged or echoed.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import grpc
 
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
 
-def auth_interceptor(settings: Settings) -> grpc.aio.ServerInterceptor | None:
-    return None
+TOKEN_ENV = "TANDEM_AUTH_TOKEN"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_SCHEME = "bearer"
+
+
+def load_token(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """The configured token, or None when authentication is off. An empty token file is a
+    configuration error (it must not silently turn authentication off)."""
+    env = os.environ if env is None else env
+    if settings.auth_token_file:
+        token = Path(settings.auth_token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError("the auth token file is empty")
+        return token
+    token = env.get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+def auth_interceptor(
+    settings: Settings, env: Mapping[str, str] | None = None
+) -> grpc.aio.ServerInterceptor | None:
+    token = load_token(settings, env)
+    if token is None:
+        return None
+    return BearerTokenInterceptor(token, exempt_health=settings.auth_exempt_health)
+
+
+def _digest(value: str) -> bytes:
+    # Hashing first makes the comparison independent of the presented token's length too.
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+async def _deny_missing(request_iterator: AsyncIterator[Any], context: Any) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+
+
+async def _deny_invalid(request_iterator: AsyncIterator[Any], context: Any) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+
+
+# A stream-stream handler fits every kind of call: on the wire the server cannot tell them
+# apart, and it aborts before reading a message, so the request is never even deserialized.
+_MISSING = grpc.stream_stream_rpc_method_handler(_deny_missing)
+_INVALID = grpc.stream_stream_rpc_method_handler(_deny_invalid)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str, *, exempt_health: bool) -> None:
+        self._expected = _digest(token)
+        self._exempt_health = exempt_health
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if self._exempt_health and method.startswith(HEALTH_PREFIX):
+            return await continuation(handler_call_details)
+        presented = self._presented(handler_call_details.invocation_metadata or ())
+        if presented is None:
+            log.info("unauthenticated call refused: no bearer token", extra={"method": method})
+            return _MISSING
+        if not hmac.compare_digest(_digest(presented), self._expected):
+            log.warning("unauthenticated call refused: wrong token", extra={"method": method})
+            return _INVALID
+        return await continuation(handler_call_details)
+
+    @staticmethod
+    def _presented(metadata: Any) -> str | None:
+        """The token of the first ``authorization`` entry, if it is a Bearer one."""
+        for key, value in metadata:
+            if key != "authorization":
+                continue
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            scheme, _, credentials = value.strip().partition(" ")
+            if scheme.lower() != _SCHEME or not credentials.strip():
+                return None
+            return credentials.strip()
+        return None
