@@ -9,7 +9,6 @@ speedup; γ = 0 (plain decoding) is chosen whenever no γ beats 1.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -43,43 +42,18 @@ class CostModel:
         return best
 
 
-class AdaptiveGamma:
-    """Per-request γ from a decayed estimate of α.
+class AcceptanceEstimate:
+    """α as a decayed ratio of accepted to drafted tokens, starting from a prior worth
+    ``prior_weight`` drafted tokens; old steps fade geometrically, so it follows the text."""
 
-    α starts from a prior worth a few drafted tokens and forgets old steps geometrically, so
-    it follows the text as it changes. While γ is 0 nothing is learned, so every
-    ``probe_every`` plain steps one step drafts a single token to look again.
-    """
-
-    def __init__(
-        self,
-        costs: CostModel,
-        max_gamma: int,
-        prior_alpha: float = 0.6,
-        prior_weight: float = 4.0,
-        decay: float = 0.9,
-        probe_every: int = 16,
-    ) -> None:
-        self._costs = costs
-        self._max_gamma = max_gamma
+    def __init__(self, prior_alpha: float, prior_weight: float = 4.0, decay: float = 0.9):
         self._accepted = prior_alpha * prior_weight
         self._drafted = prior_weight
         self._decay = decay
-        self._probe_every = probe_every
-        self._plain_steps = 0
 
     @property
     def alpha(self) -> float:
         return self._accepted / self._drafted
-
-    def next_gamma(self) -> int:
-        gamma = self._costs.best_gamma(self.alpha, self._max_gamma)
-        if gamma == 0 and self._max_gamma > 0:
-            self._plain_steps += 1
-            if self._plain_steps >= self._probe_every:
-                self._plain_steps = 0
-                return 1
-        return gamma
 
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted:
@@ -87,11 +61,53 @@ class AdaptiveGamma:
             self._drafted = self._drafted * self._decay + drafted
 
 
+class AdaptiveGamma:
+    """Per-request γ: the γ of best expected speedup at the request's estimated α.
+
+    The estimate starts from the server's recent acceptance (``prior_alpha``). While γ is 0
+    nothing is learned, so every ``probe_every`` plain steps one step drafts the γ that would
+    pay at a high acceptance (``probe_alpha``); if even that γ is 0, speculation can never pay
+    with these costs and no probe is made.
+    """
+
+    def __init__(
+        self,
+        costs: CostModel,
+        max_gamma: int,
+        prior_alpha: float = 0.7,
+        probe_every: int = 8,
+        probe_alpha: float = 0.9,
+    ) -> None:
+        self._costs = costs
+        self._max_gamma = max_gamma
+        self.estimate = AcceptanceEstimate(prior_alpha)
+        self._probe_every = probe_every
+        self._probe_gamma = costs.best_gamma(probe_alpha, max_gamma)
+        self._plain_steps = 0
+
+    @property
+    def alpha(self) -> float:
+        return self.estimate.alpha
+
+    def next_gamma(self) -> int:
+        gamma = self._costs.best_gamma(self.alpha, self._max_gamma)
+        if gamma == 0 and self._probe_gamma > 0:
+            self._plain_steps += 1
+            if self._plain_steps >= self._probe_every:
+                self._plain_steps = 0
+                return self._probe_gamma
+        return gamma
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.estimate.observe(drafted, accepted)
+
+
 def measure_costs(
     target: ModelRunner, draft: ModelRunner, max_gamma: int, context: int = 32, repeats: int = 3
 ) -> CostModel:
     """Time the draft's one-token step and the target's forward over 1..max_gamma+1 positions
-    on the running models, after ``context`` tokens of cache (median of ``repeats``)."""
+    on the running models, after ``context`` tokens of cache. The minimum of ``repeats`` runs:
+    other work on the machine only ever adds time, and a spike must not rule a width out."""
     prefix = [0] * context
 
     def timed(runner: ModelRunner, width: int) -> float:
@@ -105,7 +121,7 @@ def measure_costs(
                 float(seq.forward([0] * width, num_logits=1 if runner is draft else width)[0, 0])
                 samples.append(time.perf_counter() - start)
                 seq.rollback(context)
-            return statistics.median(samples[1:])
+            return min(samples[1:])
         finally:
             seq.release()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from decoding.adaptive import AdaptiveGamma, CostModel, measure_costs
+from decoding.adaptive import AcceptanceEstimate, AdaptiveGamma, CostModel, measure_costs
 from decoding.detokenize import IncrementalDetokenizer
 from decoding.errors import (
     DeadlineExceededError,
@@ -182,6 +182,8 @@ class Engine:
             config=config,
         )
         self.on_fatal: list[Callable[[BaseException], None]] = []
+        # The server's recent acceptance: the prior of each new request's adaptive γ.
+        self.acceptance = AcceptanceEstimate(prior_alpha=0.7, prior_weight=4.0, decay=0.99)
         self._cond = threading.Condition()
         self._running: list[_Running] = []
         self._waiting: collections.deque[_Running] = collections.deque()
@@ -280,7 +282,9 @@ class Engine:
             fixed = self.config.num_speculative_tokens
         if fixed is not None:
             return None
-        return AdaptiveGamma(self.costs, self.config.max_speculative_tokens)
+        return AdaptiveGamma(
+            self.costs, self.config.max_speculative_tokens, prior_alpha=self.acceptance.alpha
+        )
 
     def _fits_locked(self, running: _Running) -> bool:
         budget = self.config.kv_token_budget
@@ -429,6 +433,7 @@ class Engine:
             usage.accepted_by_position[position] += position < result.num_accepted
         if running.adaptive is not None:
             running.adaptive.observe(result.num_drafted, result.num_accepted)
+        self.acceptance.observe(result.num_drafted, result.num_accepted)
         running.handle.timeline.steps.append(
             StepRecord(
                 start_ns=start_ns,

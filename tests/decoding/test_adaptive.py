@@ -1,0 +1,42 @@
+"""Adaptive γ: the expected-speedup model and how γ follows acceptance."""
+
+from __future__ import annotations
+
+import pytest
+
+from decoding.adaptive import AdaptiveGamma, CostModel
+
+GPU_LIKE = CostModel(draft_step_s=0.2, target_forward_s=tuple(1.0 + 0.02 * k for k in range(9)))
+CPU_LIKE = CostModel(draft_step_s=0.4, target_forward_s=(1.0, *[2.0] * 8))  # verify = 2x decode
+
+
+def test_expected_tokens_follow_leviathan() -> None:
+    assert GPU_LIKE.expected_tokens(0.0, 4) == 1.0
+    assert GPU_LIKE.expected_tokens(1.0, 4) == 5.0
+    assert GPU_LIKE.expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_gamma_grows_with_acceptance_and_falls_to_zero() -> None:
+    gammas = [GPU_LIKE.best_gamma(alpha, 8) for alpha in (0.0, 0.3, 0.6, 0.8, 0.95)]
+    assert gammas[0] == 0
+    assert gammas == sorted(gammas) and gammas[-1] > gammas[1]
+    # When verifying costs double a decode step, low acceptance never pays.
+    assert CPU_LIKE.best_gamma(0.5, 8) == 0
+    assert CPU_LIKE.best_gamma(0.95, 8) > 0
+
+
+def test_request_learns_from_what_it_sees() -> None:
+    adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.7)
+    start = adaptive.next_gamma()
+    for _ in range(20):
+        adaptive.observe(drafted=4, accepted=0)
+    assert adaptive.next_gamma() == 0 < start
+
+
+def test_probes_while_plain_and_only_when_it_could_pay() -> None:
+    adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0, probe_every=4)
+    gammas = [adaptive.next_gamma() for _ in range(8)]
+    assert gammas.count(0) == 6 and max(gammas) > 0
+    never = CostModel(draft_step_s=5.0, target_forward_s=(1.0, *[3.0] * 8))
+    hopeless = AdaptiveGamma(never, max_gamma=8, prior_alpha=0.0, probe_every=2)
+    assert [hopeless.next_gamma() for _ in range(10)] == [0] * 10
