@@ -38,9 +38,14 @@ def generate(out: Path) -> None:
         (folder / "__init__.py").touch()
 
 
+def _files(root: Path) -> list[Path]:
+    return sorted(
+        p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
+
+
 def same_tree(a: Path, b: Path) -> bool:
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files_a, files_b = _files(a), _files(b)
     return files_a == files_b and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
 
 

@@ -61,8 +61,8 @@ async def test_greedy_64_tokens_equal_the_targets_own(pair, engine, capsys) -> N
     target_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    handle = engine.submit(GenerationRequest(request_id="e2e", messages=(ChatMessage("user", PROMPT),),
-                                             max_new_tokens=64))
+    handle = engine.submit(GenerationRequest(
+        request_id="e2e", messages=(ChatMessage("user", PROMPT),), max_new_tokens=64))
     chunks = [c async for c in handle]
     tandem_seconds = time.perf_counter() - start
     emitted = [t for c in chunks for t in c.token_ids]
@@ -75,7 +75,8 @@ async def test_greedy_64_tokens_equal_the_targets_own(pair, engine, capsys) -> N
         "mean_accepted_length": round(usage.mean_accepted_length, 4),
         "draft_tokens": usage.draft_tokens, "accepted_draft_tokens": usage.accepted_draft_tokens,
         "target_forward_passes": usage.target_forward_passes,
-        "target_alone_seconds": round(target_seconds, 2), "tandem_seconds": round(tandem_seconds, 2),
+        "target_alone_seconds": round(target_seconds, 2),
+        "tandem_seconds": round(tandem_seconds, 2),
         "note": "adaptive γ, float32, CPU; timings are from a shared CI machine",
     }
     REPORT.parent.mkdir(parents=True, exist_ok=True)
