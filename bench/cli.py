@@ -6,6 +6,8 @@ Subcommands:
 - ``baselines``: HF ``generate`` (target alone) and HF assisted generation, outside the server;
 - ``all``: both on the same prompts, and a check that the server's greedy outputs equal the
   target's own;
+- ``compare``: Tandem's engine in-process against HF ``generate`` and HF assisted generation,
+  on one model load (batch 1; the issue-2 CPU comparison);
 - ``plot RESULTS``: redraw the PNGs of a results file.
 
 Each writes ``results.json`` and its PNGs into ``--out`` (default ``bench/out/``).
@@ -69,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     _baseline_flags(both)
     _out_flag(both)
     both.set_defaults(handler=_all_command)
+
+    compare = commands.add_parser(
+        "compare", help="Tandem's engine vs HF target alone and HF assisted, one model load"
+    )
+    _workload_flags(compare)
+    _baseline_flags(compare)
+    compare.add_argument(
+        "--speculation", default="adaptive,off,3,5",
+        help="comma list of adaptive, off or γ values (default %(default)s)",
+    )
+    _out_flag(compare)
+    compare.set_defaults(handler=_compare_command)
 
     plot = commands.add_parser("plot", help="redraw the PNGs of a results file")
     plot.add_argument("results", type=Path, help="a results.json written by bench")
@@ -167,6 +181,23 @@ def _all_command(args: argparse.Namespace) -> int:
         results["comparison"] = compare_with_target(serving, baselines)
     _finish(args.out, results)
     return 0 if any(run["metrics"]["completed"] for run in serving["runs"]) else 1
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from bench.engine_compare import format_compare, run_compare
+
+    gammas: list[int | None] = [
+        None if s == "adaptive" else 0 if s == "off" else int(s)
+        for s in args.speculation.split(",")
+    ]
+    result = run_compare(
+        workload_from_args(args), target=args.target, draft=args.draft, device=args.device,
+        dtype=args.dtype, draft_dtype=args.draft_dtype, gammas=gammas,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compare.json").write_text(json.dumps(result, indent=2))
+    print(format_compare(result))
+    return 0
 
 
 def _plot_command(args: argparse.Namespace) -> int:
