@@ -282,6 +282,12 @@ class Engine:
             fixed = self.config.num_speculative_tokens
         if fixed is not None:
             return None
+        sampling = request.sampling
+        if not sampling.greedy and sampling.seed is not None:
+            # A seeded sample depends on its γ sequence (γ decides which random draws are
+            # made), so its prior must not depend on what the server ran before it. Greedy
+            # output is the same at any γ.
+            return AdaptiveGamma(self.costs, self.config.max_speculative_tokens)
         return AdaptiveGamma(
             self.costs, self.config.max_speculative_tokens, prior_alpha=self.acceptance.alpha
         )
