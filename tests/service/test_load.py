@@ -185,14 +185,15 @@ def templates(rng: random.Random, vocab: int) -> tuple[list[Template], list[Temp
     def prompt() -> tuple[int, ...]:
         return tuple(rng.randrange(3, vocab) for _ in range(rng.randint(2, 12)))
 
-    gammas = [None, 0, 1, 2, 3, 5]
-    greedy_ones = [Template(prompt(), rng.randint(6, 24), rng.choice(gammas)) for _ in range(12)]
+    gammas = [None, 0, 1, 2, 3, 5]  # None: adaptive; each γ twice in each list
+    greedy_ones = [Template(prompt(), rng.randint(6, 24), gammas[i % len(gammas)])
+                   for i in range(12)]
     seeded = [
-        Template(prompt(), rng.randint(6, 24), rng.choice(gammas),
+        Template(prompt(), rng.randint(6, 24), gammas[i % len(gammas)],
                  temperature=rng.choice([0.5, 0.8, 1.0, 1.3]),
                  top_p=rng.choice([1.0, 0.9, 0.7]), top_k=rng.choice([0, 0, 20, 50]),
                  seed=rng.randrange(2**63))
-        for _ in range(12)
+        for i in range(12)
     ]
     return greedy_ones, seeded
 
