@@ -1,0 +1,252 @@
+"""The fast path (static KV cache, FastDecoder, StaticRunner) against transformers, CPU float32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from decoding.errors import OverloadedError
+from decoding.fast import CacheFullError, FastDecoder, StaticKVCache, StaticRunner, supports
+from decoding.fast.model import rope_theta
+from decoding.params import SamplingParams
+from decoding.speculative import SequenceState, speculative_step
+from tests.tiny_models import make_tiny_model
+
+VOCAB = 96
+ATOL = 1e-5
+
+
+def qwen2(seed: int, *, tied: bool = False) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def llama(seed: int) -> LlamaForCausalLM:
+    # One KV head for four query heads, and head_dim * heads (64) != hidden (48).
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def saved_qwen2(folder: Path) -> Qwen2ForCausalLM:
+    """The tests' tiny model as the engine loads it, from disk."""
+    make_tiny_model(folder, vocab=320)
+    return Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen2-tied", "llama-tied", "saved-qwen2"])
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    name = request.param
+    if name == "saved-qwen2":
+        return saved_qwen2(tmp_path_factory.mktemp("saved"))
+    return {"qwen2": lambda: qwen2(0), "qwen2-tied": lambda: qwen2(0, tied=True),
+            "llama-tied": lambda: llama(0)}[name]()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small gain nothing from threads, and on a shared 2-core machine OpenMP
+    threads waiting for each other made every forward ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_logits(model: PreTrainedModel, tokens: list[int]) -> torch.Tensor:
+    """Cache-free transformers logits of every position: [len(tokens), vocab]."""
+    with torch.inference_mode():
+        return model(torch.tensor([tokens])).logits[0].float()
+
+
+def random_tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_weights_are_referenced_not_copied(model) -> None:
+    decoder = FastDecoder(model)
+    assert decoder.embed is model.model.embed_tokens.weight
+    assert decoder.lm_head[0] is model.lm_head.weight
+    assert decoder.layers[0].q[0] is model.model.layers[0].self_attn.q_proj.weight
+    if model.config.tie_word_embeddings:
+        assert decoder.lm_head[0].data_ptr() == decoder.embed.data_ptr()
+
+
+def test_prefill(model) -> None:
+    tokens = random_tokens(17, seed=1)
+    sequence = StaticRunner(model, num_slots=2, max_len=64).new_sequence()
+    logits = sequence.forward(tokens)
+    assert logits.shape == (17, model.config.vocab_size) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference_logits(model, tokens), rtol=0, atol=ATOL)
+    assert sequence.length == 17
+
+
+def test_decode_token_by_token(model) -> None:
+    tokens = random_tokens(20, seed=2)
+    runner = StaticRunner(model, num_slots=3, max_len=32)
+    runner.new_sequence()  # another slot in use: the sequence under test is not slot 0
+    sequence = runner.new_sequence()
+    steps = [sequence.forward(tokens[:3], num_logits=1)]
+    steps += [sequence.forward([token]) for token in tokens[3:]]
+    torch.testing.assert_close(
+        torch.cat(steps), reference_logits(model, tokens)[2:], rtol=0, atol=ATOL
+    )
+
+
+def test_rollbacks_equal_a_cache_free_forward(model) -> None:
+    runner = StaticRunner(model, num_slots=1, max_len=32)
+    sequence = runner.new_sequence()
+    tokens = random_tokens(10, seed=3)
+    sequence.forward(tokens)
+    sequence.rollback(4)  # positions 4..9 now hold stale K/V that must never be read
+    tokens = tokens[:4] + random_tokens(1, seed=4)
+    torch.testing.assert_close(
+        sequence.forward(tokens[4:]), reference_logits(model, tokens)[4:], rtol=0, atol=ATOL
+    )
+    tokens += random_tokens(6, seed=5)
+    sequence.forward(tokens[5:], num_logits=2)
+    sequence.rollback(8)
+    tokens = tokens[:8] + random_tokens(3, seed=6)
+    last = sequence.forward(tokens[8:], num_logits=2)
+    torch.testing.assert_close(last, reference_logits(model, tokens)[-2:], rtol=0, atol=ATOL)
+    assert sequence.length == len(tokens) == 11
+    with pytest.raises(ValueError, match="roll back"):
+        sequence.rollback(12)
+
+
+def test_ragged_batch_equals_each_sequence_alone(model) -> None:
+    runner = StaticRunner(model, num_slots=4, max_len=48)
+    prompts = [random_tokens(n, seed=10 + n) for n in (3, 9, 14)]
+    sequences = [runner.new_sequence() for _ in prompts]
+    # A ragged prefill (rows padded to 14), then a ragged step from different lengths.
+    prefill = runner.forward_batch(sequences, prompts, [1, 2, 3])
+    steps = [random_tokens(n, seed=20 + n) for n in (1, 5, 2)]
+    logits = runner.forward_batch(sequences, steps, [1, 5, 2])
+    # And a step of one token each: the padding written past each length must not be read.
+    singles = [random_tokens(1, seed=30 + b) for b in range(3)]
+    last = runner.forward_batch(sequences, singles, [1, 1, 1])
+    for b in range(3):
+        full = prompts[b] + steps[b] + singles[b]
+        expected = reference_logits(model, full)
+        n, k = len(prompts[b]), len(steps[b])
+        torch.testing.assert_close(prefill[b], expected[n - 1 - b : n], rtol=0, atol=ATOL)
+        torch.testing.assert_close(logits[b], expected[n : n + k], rtol=0, atol=ATOL)
+        torch.testing.assert_close(last[b], expected[-1:], rtol=0, atol=ATOL)
+        assert sequences[b].length == len(full)
+        alone = StaticRunner(model, num_slots=1, max_len=48).new_sequence()
+        alone.forward(prompts[b] + steps[b])
+        torch.testing.assert_close(last[b], alone.forward(singles[b]), rtol=0, atol=ATOL)
+
+
+def reference_greedy(model: PreTrainedModel, prompt: list[int], n: int) -> list[int]:
+    """The target's own greedy tokens, by full forward passes with no cache at all."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(reference_logits(model, tokens)[-1].argmax()))
+    return tokens[len(prompt) :]
+
+
+PROMPT = [5, 17, 42, 8, 77, 3]
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+@pytest.mark.parametrize("same_draft", [True, False])
+def test_speculative_step_on_static_runners_is_the_targets_greedy(
+    gamma: int, same_draft: bool
+) -> None:
+    target = qwen2(0)
+    draft = qwen2(0) if same_draft else qwen2(1)
+    target_runner = StaticRunner(target, num_slots=1, max_len=64)
+    draft_runner = StaticRunner(draft, num_slots=1, max_len=64)
+    state = SequenceState(
+        tokens=list(PROMPT),
+        target=target_runner.new_sequence(),  # type: ignore[arg-type]
+        draft=draft_runner.new_sequence(),  # type: ignore[arg-type]
+        sampling=SamplingParams(),
+        generator=torch.Generator().manual_seed(0),
+    )
+    state.target.forward(PROMPT[:-1])
+    state.draft.forward(PROMPT[:-1])
+    drafted = accepted = 0
+    while len(state.tokens) - len(PROMPT) < 30:
+        result = speculative_step(state, gamma)
+        drafted, accepted = drafted + result.num_drafted, accepted + result.num_accepted
+        assert state.target.length == len(state.tokens) - 1
+    assert state.tokens[len(PROMPT) :][:30] == reference_greedy(target, PROMPT, 30)
+    if same_draft:
+        assert accepted == drafted
+    else:
+        assert accepted < drafted
+    state.target.release()
+    state.draft.release()
+    assert target_runner.live_sequences == draft_runner.live_sequences == 0
+
+
+def test_slots_are_allocated_freed_and_reused() -> None:
+    runner = StaticRunner(qwen2(0), num_slots=2, max_len=8)
+    first, second = runner.new_sequence(), runner.new_sequence()
+    assert {first.slot, second.slot} == {0, 1} and runner.live_sequences == 2
+    with pytest.raises(CacheFullError, match="2 KV cache slots"):
+        runner.new_sequence()
+    assert issubclass(CacheFullError, OverloadedError)
+    slot = first.slot
+    first.release()
+    first.release()  # idempotent
+    assert runner.live_sequences == 1 and first.slot is None
+    with pytest.raises(RuntimeError, match="released"):
+        first.forward([1])
+    third = runner.new_sequence()
+    assert third.slot == slot
+    with pytest.raises(ValueError, match="no room"):
+        third.forward(list(range(9)))
+    third.forward(list(range(8)))
+    with pytest.raises(ValueError, match="appears twice"):
+        runner.forward_batch([second, second], [[1], [2]], [1, 1])
+    with pytest.raises(ValueError, match="num_logits"):
+        runner.forward_batch([second], [[1, 2]], [3])
+    with pytest.raises(ValueError, match="another runner"):
+        StaticRunner(qwen2(0), num_slots=1, max_len=8).forward_batch([second], [[1]], [1])
+    for sequence in (second, third):
+        sequence.release()
+    assert runner.live_sequences == 0 and runner.cache.free_slots == 2
+
+
+def test_the_cache_refuses_unknown_slots_and_has_the_models_shape() -> None:
+    model = qwen2(0)
+    cache = FastDecoder(model).new_cache(num_slots=3, max_len=16)
+    assert isinstance(cache, StaticKVCache)
+    assert cache.keys.shape == (2, 3, 2, 16, 8) and cache.keys.dtype == model.dtype
+    with pytest.raises(ValueError, match="not allocated"):
+        cache.free(0)
+
+
+def test_unsupported_models_are_refused_clearly() -> None:
+    assert supports(qwen2(0)) and supports(llama(0))
+    sliding = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+        max_window_layers=1,
+    ))
+    assert not supports(sliding)
+    with pytest.raises(NotImplementedError, match="sliding"):
+        FastDecoder(sliding)
+    scaled = LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(NotImplementedError, match="'linear'"):
+        rope_theta(scaled)
