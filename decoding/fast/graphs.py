@@ -1,0 +1,93 @@
+"""CUDA graphs of :meth:`FastDecoder.forward` for fixed decode shapes.
+
+A small model's decode step is bound by kernel launches, not by reading weights (see
+ARCHITECTURE.md); replaying one captured graph per step removes the launches. Each graph is
+captured for one (batch size, width) and attends over the whole cache (``kv_len`` = max_len),
+so its shapes never change; its inputs are static buffers refilled before each replay. A batch
+smaller than a captured size is padded with rows that write into a reserved scratch slot.
+
+Only for CUDA. The CPU test suite cannot exercise this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from decoding.fast.cache import StaticKVCache
+from decoding.fast.model import FastDecoder
+
+
+@dataclass(frozen=True)
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # [B, T] long, static input
+    slots: torch.Tensor  # [B] long, static input
+    starts: torch.Tensor  # [B] long, static input
+    logits: torch.Tensor  # [B, T, vocab] float32, static output (overwritten by each replay)
+
+
+class DecodeGraphs:
+    """One CUDA graph per (batch size, width); :meth:`run` replays the smallest that fits."""
+
+    def __init__(
+        self,
+        decoder: FastDecoder,
+        cache: StaticKVCache,
+        batch_sizes: Sequence[int],
+        widths: Sequence[int],
+    ) -> None:
+        if cache.keys.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model and its cache on a CUDA device")
+        self.decoder = decoder
+        self.cache = cache
+        self.scratch_slot = cache.allocate()  # padding rows write here, never a sequence's slot
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        with torch.inference_mode():
+            for width in sorted(set(widths)):
+                for batch in sorted(set(batch_sizes)):
+                    self._graphs[batch, width] = self._capture(batch, width)
+
+    def _capture(self, batch: int, width: int) -> _Captured:
+        device = self.cache.keys.device
+        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        slots = torch.full((batch,), self.scratch_slot, dtype=torch.long, device=device)
+        starts = torch.zeros(batch, dtype=torch.long, device=device)
+
+        def step() -> torch.Tensor:
+            return self.decoder.forward(tokens, slots, starts, self.cache, num_logits=width)
+
+        # Warm up on a side stream (lazy initialisation must not be captured), as the PyTorch
+        # CUDA graphs documentation does.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+        return _Captured(graph, tokens, slots, starts, logits)
+
+    def run(
+        self, tokens: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int]
+    ) -> torch.Tensor | None:
+        """Replay the graph for this batch (rows of equal width): logits [B, T, vocab], or
+        None when no captured shape fits (the caller runs eagerly)."""
+        batch, width = len(tokens), len(tokens[0])
+        sizes = [size for size, captured_width in self._graphs if captured_width == width]
+        fitting = [size for size in sizes if size >= batch]
+        if not fitting:
+            return None
+        captured = self._graphs[min(fitting), width]
+        padding = min(fitting) - batch
+        rows = [list(row) for row in tokens] + [[0] * width] * padding
+        captured.tokens.copy_(torch.tensor(rows, dtype=torch.long))
+        captured.slots.copy_(torch.tensor([*slots, *[self.scratch_slot] * padding]))
+        captured.starts.copy_(torch.tensor([*starts, *[0] * padding]))
+        captured.graph.replay()
+        # A copy: the static output is overwritten by the next replay.
+        return captured.logits[:batch].clone()
