@@ -29,7 +29,7 @@ from tests.decoding.test_engine import reference_greedy
 
 ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 2.0
-EXIT_MARGIN_S = 3.0  # after the grace: flushing final statuses (1 s), stopping, exiting
+EXIT_MARGIN_S = 4.0  # after the grace: final statuses flushed (1 s), engine stopped, exit
 STEP_DELAY_S = 0.015
 SHORT, LONG = 8, 100  # tokens: ~0.1 s of steps vs. several seconds, beside 5 other streams
 STARTUP_TIMEOUT_S = 120.0
