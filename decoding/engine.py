@@ -35,7 +35,7 @@ from decoding.errors import (
 from decoding.models import ModelPair
 from decoding.params import Chunk, FinishReason, GenerationRequest, Usage
 from decoding.runner import ModelRunner
-from decoding.speculative import SequenceState, StepResult, speculative_step
+from decoding.speculative import Proposer, SequenceState, StepResult, propose, speculative_step
 from decoding.validation import Limits, PreparedRequest, prepare
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,16 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, pair: ModelPair, config: EngineConfig, costs: CostModel | None = None):
+    def __init__(
+        self,
+        pair: ModelPair,
+        config: EngineConfig,
+        costs: CostModel | None = None,
+        proposer: Proposer = propose,
+    ):
         self.pair = pair
         self.config = config
+        self.proposer = proposer  # the draft model; benchmarks may swap in another proposer
         self.target = ModelRunner(pair.target.model)
         self.draft = ModelRunner(pair.draft.model)
         self.costs = costs or measure_costs(self.target, self.draft, config.max_speculative_tokens)
@@ -371,6 +378,7 @@ class Engine:
             draft=self.draft.new_sequence(),
             sampling=running.request.sampling,
             generator=generator,
+            proposer=self.proposer,
         )
         running.state = state
         timeline = running.handle.timeline

@@ -13,7 +13,8 @@ token is always fed at the start of the next step, so no logits are ever recompu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +30,12 @@ class SequenceState:
     draft: KVSequence
     sampling: SamplingParams
     generator: torch.Generator
+    # Who drafts: the draft model by default. Any proposer keeps the output exact, since the
+    # target decides every token; it must return draft probabilities when sampling.
+    proposer: Proposer = field(default_factory=lambda: propose)
+
+
+Proposer = Callable[[SequenceState, int], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ def speculative_step(state: SequenceState, gamma: int) -> StepResult:
     """Advance ``state`` by 1..γ+1 tokens; both caches end holding a prefix of the sequence."""
     start = time.perf_counter()
     if gamma > 0:
-        draft_tokens, draft_probs = propose(state, gamma)
+        draft_tokens, draft_probs = state.proposer(state, gamma)
     else:
         draft_tokens = torch.empty(0, dtype=torch.long, device=state.target.device)
         draft_probs = None
