@@ -35,21 +35,26 @@ class RunningServer:
     health: health.aio.HealthServicer
     engine: Engine
 
+    async def _wait_idle(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            stats = self.engine.stats()
+            if not (stats.running or stats.waiting):
+                return
+            await asyncio.sleep(0.02)
+
     async def shutdown(self, grace: float) -> None:
         """Drain: NOT_SERVING first (health keeps answering it), refuse new calls with
         UNAVAILABLE, give calls in flight ``grace`` seconds, end what is left with UNAVAILABLE,
         then stop the server and the engine."""
         await self.health.enter_graceful_shutdown()
         self.engine.stop_accepting()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while loop.time() < deadline:
-            stats = self.engine.stats()
-            if not (stats.running or stats.waiting):
-                break
-            await asyncio.sleep(0.05)
+        await self._wait_idle(grace)
         self.engine.abort_all(ShuttingDownError("the server shut down before this call finished"))
-        await self.server.stop(FLUSH_SECONDS)
+        # The aborted calls end at their next step; then their statuses need a moment to go out.
+        await self._wait_idle(FLUSH_SECONDS)
+        await self.server.stop(FLUSH_SECONDS / 4)
         await asyncio.to_thread(self.engine.close)
 
 
