@@ -106,6 +106,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where a batch's K/V go in the cache."""
+
+    slots: torch.Tensor  # [B] long
+    positions: torch.Tensor  # [B, T] long
+    host_row: tuple[int, int] | None  # (slot, start) of a one-row batch, known on the host
+
+    def store(self, buffer: torch.Tensor, new: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Write ``new`` [B, T, Hkv, D] into ``buffer`` [slots, Hkv, max_len, D]; return each
+        row's first ``kv_len`` positions, [B, Hkv, kv_len, D]."""
+        if self.host_row is not None:  # views of the one slot: no index kernels, no gather
+            slot, start = self.host_row
+            buffer[slot, :, start : start + new.shape[1]] = new[0].transpose(0, 1)
+            return buffer[slot : slot + 1, :, :kv_len]
+        buffer[self.slots[:, None], :, self.positions] = new  # indexed by (slot b, position b, t)
+        return buffer[self.slots, :, :kv_len]  # a gathered copy
+
+
 class FastDecoder:
     """``forward(tokens, slots, starts, cache, num_logits)`` over a loaded HF model's weights."""
 
@@ -167,14 +186,20 @@ class FastDecoder:
         cache: StaticKVCache,
         num_logits: int = 1,
         kv_len: int | None = None,
+        *,
+        host_row: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Logits of the last ``num_logits`` of the T positions: [B, num_logits, vocab] float32.
 
         ``kv_len`` (at least max(starts) + T) bounds how much of the cache attention reads;
         None reads all ``max_len`` positions (fixed shapes, for CUDA graphs). Every row needs
         starts[b] + T <= max_len, padding included; the caller checks it (no device sync here).
+
+        ``host_row`` = (slot, start) of a one-row batch, when the caller knows them on the host:
+        that row's K/V are then written and read through views of its slot, with no index
+        kernels and no gathered copy of its cache (not for CUDA graphs: they fix the slot).
         """
-        hidden = self.hidden_states(tokens, slots, starts, cache, kv_len)
+        hidden = self.hidden_states(tokens, slots, starts, cache, kv_len, host_row=host_row)
         return self.logits(hidden[:, -num_logits:])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -188,6 +213,8 @@ class FastDecoder:
         starts: torch.Tensor,
         cache: StaticKVCache,
         kv_len: int | None = None,
+        *,
+        host_row: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The final-normed hidden states of every position: [B, T, hidden]."""
         width = tokens.shape[1]
@@ -205,10 +232,11 @@ class FastDecoder:
         key_positions = torch.arange(kv_len, device=tokens.device)
         mask = key_positions <= query_positions[:, None, :, None]  # [B, 1, G*T, kv_len]
 
+        place = _Placement(slots, positions, host_row)
         x = F.embedding(tokens, self.embed)  # [B, T, hidden]
         for index, layer in enumerate(self.layers):
             normed = _rms_norm(x, layer.input_norm, self.eps)
-            x = x + self._attention(index, layer, normed, rotary, slots, positions, mask, cache)
+            x = x + self._attention(index, layer, normed, rotary, place, mask, cache)
             normed = _rms_norm(x, layer.post_norm, self.eps)
             gated = F.silu(_linear_apply(normed, layer.gate)) * _linear_apply(normed, layer.up)
             x = x + _linear_apply(gated, layer.down)
@@ -220,8 +248,7 @@ class FastDecoder:
         layer: _Layer,
         x: torch.Tensor,  # [B, T, hidden], normed
         rotary: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [B, 1, T, D]
-        slots: torch.Tensor,  # [B]
-        positions: torch.Tensor,  # [B, T]
+        place: _Placement,
         mask: torch.Tensor,  # [B, 1, G*T, kv_len] bool, True = attend
         cache: StaticKVCache,
     ) -> torch.Tensor:
@@ -234,13 +261,8 @@ class FastDecoder:
         value = _linear_apply(x, layer.v).view(batch, width, kv_heads, dim)
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)  # [B, H(kv), T, D]
 
-        # Write row b's K/V at (slot b, positions b): indexed [B, T, Hkv, D] by the pair.
-        keys, values = cache.keys[index], cache.values[index]  # [slots, Hkv, max_len, D]
-        rows = slots[:, None]
-        keys[rows, :, positions] = key.transpose(1, 2)
-        values[rows, :, positions] = value
-        # Gather each row's first kv_len positions: [B, Hkv, kv_len, D].
-        row_keys, row_values = keys[slots, :, :kv_len], values[slots, :, :kv_len]
+        row_keys = place.store(cache.keys[index], key.transpose(1, 2), kv_len)
+        row_values = place.store(cache.values[index], value, kv_len)
 
         # Head h = kv * G + g (transformers' repeat_kv order), so [B, H, T, D] regroups to
         # [B, Hkv, G*T, D] and back without moving any head to another KV head.

@@ -127,7 +127,10 @@ class StaticRunner:
         slot_ids = torch.tensor(slots, dtype=torch.long, device=device)  # [B]
         start_ids = torch.tensor(starts, dtype=torch.long, device=device)  # [B]
         kv_len = max(starts) + width
-        hidden = self.decoder.hidden_states(token_ids, slot_ids, start_ids, self.cache, kv_len)
+        host_row = (slots[0], starts[0]) if len(slots) == 1 else None
+        hidden = self.decoder.hidden_states(
+            token_ids, slot_ids, start_ids, self.cache, kv_len, host_row=host_row
+        )
         if uniform:  # one slice for all rows: the last max(num_logits) positions
             most = max(num_logits)
             logits = self.decoder.logits(hidden[:, width - most :])  # [B, most, vocab]
