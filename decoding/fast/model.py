@@ -1,11 +1,11 @@
 """A Llama/Qwen2 decoder forward written for :class:`StaticKVCache`, on a loaded HF model's weights.
 
 The model's own parameter tensors are referenced, never copied, so the fast path costs no extra
-memory and follows the model if it is moved (build it after ``from_pretrained``, the weights
-are read at each call). The structure follows gpt-fast's ``model.py``: K/V written into a
-preallocated buffer by position, one ``scaled_dot_product_attention`` call with a mask built
-from positions. Every operation mirrors transformers' Qwen2/Llama modules in the same order
-and dtypes, so float32 logits agree with theirs to rounding.
+memory. Build it once the model is on its device and in its dtype: the device, the dtype and
+the rotary frequencies are fixed then. The structure follows gpt-fast's ``model.py``: K/V
+written into a preallocated buffer by position, one ``scaled_dot_product_attention`` call with
+a mask built from positions. Every operation mirrors transformers' Qwen2/Llama modules in the
+same order and dtypes, so float32 logits agree with theirs to rounding.
 
 Rows of one batch may start at different positions (ragged). Rows with fewer real tokens than
 the batch width are padded at the end by the caller: their padding writes K/V at positions
