@@ -9,37 +9,74 @@ speedup; γ = 0 (plain decoding) is chosen whenever no γ beats 1.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
-
-from decoding.runner import ModelRunner
+from typing import Any
 
 
 @dataclass(frozen=True)
 class CostModel:
-    draft_step_s: float  # one draft forward over one position
-    target_forward_s: tuple[float, ...]  # [k-1]: one target forward over k positions, k >= 1
+    """Measured forward times by the number of tokens in one forward pass.
+
+    A batch of b requests verifying γ+1 positions each is costed as one forward over b(γ+1)
+    tokens, and b requests drafting as a forward over b tokens: both passes read the weights
+    once and do b times the arithmetic, which is what makes speculation stop paying as the
+    batch grows. Between measured sizes the time is interpolated linearly; beyond the largest
+    it is extrapolated from the last two.
+    """
+
+    draft_s: dict[int, float]  # tokens in one draft forward -> seconds
+    target_s: dict[int, float]  # tokens in one target forward -> seconds
+
+    @classmethod
+    def from_widths(cls, draft_step_s: float, target_forward_s: tuple[float, ...]) -> CostModel:
+        """Batch-1 costs: one draft step, and the target over 1, 2, ... positions."""
+        return cls({1: draft_step_s}, {k + 1: s for k, s in enumerate(target_forward_s)})
 
     @property
-    def max_gamma(self) -> int:
-        return len(self.target_forward_s) - 1
+    def draft_step_s(self) -> float:
+        return self.draft(1)
+
+    @property
+    def target_forward_s(self) -> tuple[float, ...]:
+        return tuple(self.target(k) for k in range(1, max(self.target_s) + 1))
+
+    def draft(self, tokens: int) -> float:
+        return _interpolate(self.draft_s, tokens)
+
+    def target(self, tokens: int) -> float:
+        return _interpolate(self.target_s, tokens)
 
     def expected_tokens(self, alpha: float, gamma: int) -> float:
         if alpha >= 1.0:
             return gamma + 1.0
         return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
-    def expected_speedup(self, alpha: float, gamma: int) -> float:
-        step_s = gamma * self.draft_step_s + self.target_forward_s[gamma]
-        return self.expected_tokens(alpha, gamma) * self.target_forward_s[0] / step_s
+    def expected_speedup(self, alpha: float, gamma: int, batch: int = 1) -> float:
+        step_s = gamma * self.draft(batch) + self.target(batch * (gamma + 1))
+        return self.expected_tokens(alpha, gamma) * self.target(batch) / step_s
 
-    def best_gamma(self, alpha: float, max_gamma: int) -> int:
+    def best_gamma(self, alpha: float, max_gamma: int, batch: int = 1) -> int:
         best, best_speedup = 0, 1.0
-        for gamma in range(1, min(max_gamma, self.max_gamma) + 1):
-            speedup = self.expected_speedup(alpha, gamma)
+        for gamma in range(1, max_gamma + 1):
+            speedup = self.expected_speedup(alpha, gamma, batch)
             if speedup > best_speedup:
                 best, best_speedup = gamma, speedup
         return best
+
+
+def _interpolate(points: dict[int, float], tokens: int) -> float:
+    sizes = sorted(points)
+    if tokens <= sizes[0] or len(sizes) == 1:
+        return points[sizes[0]] * (max(tokens, 1) / sizes[0] if tokens > sizes[0] else 1.0)
+    for low, high in itertools.pairwise(sizes):
+        if tokens <= high:
+            share = (tokens - low) / (high - low)
+            return points[low] + share * (points[high] - points[low])
+    low, high = sizes[-2], sizes[-1]
+    slope = max(0.0, (points[high] - points[low]) / (high - low))
+    return points[high] + slope * (tokens - high)
 
 
 class AcceptanceEstimate:
@@ -89,8 +126,8 @@ class AdaptiveGamma:
     def alpha(self) -> float:
         return self.estimate.alpha
 
-    def next_gamma(self) -> int:
-        gamma = self._costs.best_gamma(self.alpha, self._max_gamma)
+    def next_gamma(self, batch: int = 1) -> int:
+        gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch)
         if gamma == 0 and self._probe_gamma > 0:
             self._plain_steps += 1
             if self._plain_steps >= self._probe_every:
@@ -103,29 +140,45 @@ class AdaptiveGamma:
 
 
 def measure_costs(
-    target: ModelRunner, draft: ModelRunner, max_gamma: int, context: int = 32, repeats: int = 3
+    target: Any,
+    draft: Any,
+    max_gamma: int,
+    max_batch: int = 1,
+    context: int = 32,
+    repeats: int = 3,
 ) -> CostModel:
-    """Time the draft's one-token step and the target's forward over 1..max_gamma+1 positions
-    on the running models, after ``context`` tokens of cache. The minimum of ``repeats`` runs:
-    other work on the machine only ever adds time, and a spike must not rule a width out."""
-    prefix = [0] * context
+    """Time the runners as the steps use them, after ``context`` tokens of cache: the draft's
+    one-token step and the target's forward over 1..max_gamma+1 positions, and, for runners
+    that batch (``forward_batch``), both at batch sizes 2, 4, 8 up to ``max_batch``. Each
+    figure is the minimum of ``repeats`` runs: other work on the machine only ever adds time,
+    and a spike must not rule a width out."""
+    batched = hasattr(target, "forward_batch") and hasattr(draft, "forward_batch")
+    batches = [b for b in (2, 4, 8) if b <= max_batch] if batched else []
 
-    def timed(runner: ModelRunner, width: int) -> float:
-        seq = runner.new_sequence()
+    def timed(runner: Any, batch: int, width: int, logits: int) -> float:
+        sequences = [runner.new_sequence() for _ in range(batch)]
         try:
-            seq.forward(prefix, num_logits=1)
+            for sequence in sequences:
+                sequence.forward([0] * context, num_logits=1)
             samples = []
             for _ in range(repeats + 1):  # the first run warms up
                 start = time.perf_counter()
-                # as the step uses it; reading a value waits for the device
-                float(seq.forward([0] * width, num_logits=1 if runner is draft else width)[0, 0])
+                if batch == 1:
+                    out = [sequences[0].forward([0] * width, num_logits=logits)]
+                else:
+                    out = runner.forward_batch(sequences, [[0] * width] * batch, [logits] * batch)
+                float(out[-1][0, 0])  # reading a value waits for the device
                 samples.append(time.perf_counter() - start)
-                seq.rollback(context)
+                for sequence in sequences:
+                    sequence.rollback(context)
             return min(samples[1:])
         finally:
-            seq.release()
+            for sequence in sequences:
+                sequence.release()
 
-    return CostModel(
-        draft_step_s=timed(draft, 1),
-        target_forward_s=tuple(timed(target, k) for k in range(1, max_gamma + 2)),
-    )
+    draft_s = {b: timed(draft, b, 1, 1) for b in [1, *batches]}
+    target_s = {k: timed(target, 1, k, k) for k in range(1, max_gamma + 2)}
+    for b in batches:
+        for width in sorted({1, max_gamma + 1}):
+            target_s[b * width] = timed(target, b, width, width)
+    return CostModel(draft_s, target_s)

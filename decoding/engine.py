@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from decoding.adaptive import AcceptanceEstimate, AdaptiveGamma, CostModel, measure_costs
+from decoding.batched import speculative_step_batch
 from decoding.detokenize import IncrementalDetokenizer
 from decoding.errors import (
     DeadlineExceededError,
@@ -51,6 +53,11 @@ class EngineConfig:
     max_concurrent_requests: int = 8  # requests decoding at once; the rest wait in the queue
     max_queue: int = 64  # waiting requests beyond which submit raises OverloadedError
     kv_token_budget: int = 0  # cache positions all running requests may reserve; 0 = no limit
+    # "auto": the static-cache runners with batched steps when the model family is supported
+    # (Llama/Qwen2), else transformers' DynamicCache one request at a time; "on" / "off" force.
+    fast_path: str = "auto"
+    # Longest sequence (prompt + output) on the fast path; sizes the preallocated cache slots.
+    max_context: int = 4096
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,8 @@ class _Running:
     adaptive: AdaptiveGamma | None
     state: SequenceState | None = None
     output: list[int] = field(default_factory=list)
+    ready: bool = False  # batched mode: prefilled and due a step in this round
+    finished: bool = False
 
 
 class Engine:
@@ -167,12 +176,31 @@ class Engine:
         self.pair = pair
         self.config = config
         self.proposer = proposer  # the draft model; benchmarks may swap in another proposer
-        self.target = ModelRunner(pair.target.model)
-        self.draft = ModelRunner(pair.draft.model)
-        self.costs = costs or measure_costs(self.target, self.draft, config.max_speculative_tokens)
+        context_window = min(pair.target.context_window, pair.draft.context_window)
+        self.batched = self._use_fast_path(pair, config)
+        self.target: Any
+        self.draft: Any
+        if self.batched:
+            from decoding.fast import StaticRunner
+
+            context_window = min(context_window, config.max_context)
+            # Room for a verify step (γ+1) and the padding of a batched draft catch-up.
+            slot_len = context_window + config.max_speculative_tokens + 2
+            graphs = pair.device.type == "cuda"
+            self.target = StaticRunner(pair.target.model, config.max_concurrent_requests,
+                                       slot_len, cuda_graphs=graphs)
+            self.draft = StaticRunner(pair.draft.model, config.max_concurrent_requests,
+                                      slot_len, cuda_graphs=graphs)
+        else:
+            self.target = ModelRunner(pair.target.model)
+            self.draft = ModelRunner(pair.draft.model)
+        self.costs = costs or measure_costs(
+            self.target, self.draft, config.max_speculative_tokens,
+            max_batch=config.max_concurrent_requests if self.batched else 1,
+        )
         self.limits = Limits(
             vocab_size=pair.target.vocab_size,
-            context_window=min(pair.target.context_window, pair.draft.context_window),
+            context_window=context_window,
             max_speculative_tokens=config.max_speculative_tokens,
             default_max_new_tokens=config.default_max_new_tokens,
             max_new_tokens_limit=config.max_new_tokens_limit,
@@ -200,6 +228,17 @@ class Engine:
         self.failed: BaseException | None = None
         self._worker = threading.Thread(target=self._run, name="tandem-device-worker", daemon=True)
         self._worker.start()
+
+    @staticmethod
+    def _use_fast_path(pair: ModelPair, config: EngineConfig) -> bool:
+        if config.fast_path == "off":
+            return False
+        from decoding.fast import supports
+
+        supported = supports(pair.target.model) and supports(pair.draft.model)
+        if config.fast_path == "on" and not supported:
+            raise ValueError("fast_path='on' but the model family is not supported")
+        return supported
 
     # ---- the caller's side (asyncio loop thread) -------------------------------------------
 
@@ -321,6 +360,8 @@ class Engine:
                     batch = list(self._running)
                 for running in batch:
                     self._advance(running)
+                if self.batched:
+                    self._step_batch([r for r in batch if r.ready])
         except BaseException as err:  # the worker itself broke: nothing can be served any more
             log.critical("device worker died", exc_info=True)
             self._die(err)
@@ -354,17 +395,56 @@ class Engine:
             return self._finish(running, running.handle.abort_error)
         if request.deadline is not None and time.monotonic() > request.deadline:
             return self._finish(running, DeadlineExceededError("the deadline passed"))
+        if running.state is None:
+            self._guarded(running, self._prefill)
+        if self.batched:
+            # Stepped together with the others, after every request had its turn here.
+            running.ready = running.state is not None and not running.finished
+        elif running.state is not None and not running.finished:
+            self._guarded(running, self._step)
+
+    def _guarded(self, running: _Running, work: Callable[[_Running], None]) -> None:
+        """Run ``work`` for one request; a failure ends that request alone."""
         try:
-            if running.state is None:
-                self._prefill(running)
-            else:
-                self._step(running)
+            work(running)
         except torch.OutOfMemoryError:
-            log.warning("out of device memory", extra={"request_id": request.request_id})
+            log.warning("out of device memory", extra={"request_id": running.request.request_id})
             self._finish(running, DeviceOutOfMemoryError("out of device memory"))
         except Exception as err:
-            log.error("request failed", exc_info=True, extra={"request_id": request.request_id})
+            log.error(
+                "request failed", exc_info=True, extra={"request_id": running.request.request_id}
+            )
             self._finish(running, err)
+
+    def _step_batch(self, ready: list[_Running]) -> None:
+        """One batched speculative step for every ready request. If it fails, each request
+        is put back as it was and stepped alone, so a failure stays with its own request."""
+        if len(ready) <= 1:
+            for running in ready:
+                self._guarded(running, self._step)
+            return
+        states = [r.state for r in ready if r.state is not None]
+        gammas = [self._gamma(r, batch=len(ready)) for r in ready]
+        saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
+                 for s in states]
+        start_ns = time.time_ns()
+        try:
+            results = speculative_step_batch(states, gammas, self.draft, self.target)
+        except Exception:
+            log.warning("batched step failed; stepping its requests one by one", exc_info=True)
+            for state, (tokens, target_length, draft_length, rng) in zip(states, saved,
+                                                                          strict=True):
+                del state.tokens[tokens:]
+                state.target.rollback(min(target_length, state.target.length))
+                state.draft.rollback(min(draft_length, state.draft.length))
+                state.generator.set_state(rng)
+            for running, gamma in zip(ready, gammas, strict=True):
+                self._guarded(running, functools.partial(self._step, gamma=gamma))
+            return
+        self._last_gamma = max(gammas)
+        for running, result in zip(ready, results, strict=True):
+            self._record(running, result, start_ns)
+            self._guarded(running, functools.partial(self._emit, result=result))
 
     def _prefill(self, running: _Running) -> None:
         """Cache every prompt token but the last, which the first step feeds."""
@@ -393,10 +473,15 @@ class Engine:
             state.draft.forward(prompt[:-1], num_logits=1)
             timeline.draft_prefill_ns = (middle, time.time_ns())
 
-    def _gamma(self, running: _Running) -> int:
+    def _gamma(self, running: _Running, batch: int = 1) -> int:
         assert running.state is not None
         if running.adaptive is not None:
-            gamma = running.adaptive.next_gamma()
+            sampling = running.request.sampling
+            if not sampling.greedy and sampling.seed is not None:
+                # γ decides which random draws a seeded sample makes: it must not depend on
+                # what else is running, so such requests plan as if alone.
+                batch = 1
+            gamma = running.adaptive.next_gamma(batch)
         else:
             gamma = self._max_gamma(running.request)
         # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
@@ -404,14 +489,17 @@ class Engine:
         remaining = running.prepared.max_new_tokens - len(running.output)
         return max(0, min(gamma, remaining - 1))
 
-    def _step(self, running: _Running) -> None:
+    def _step(self, running: _Running, gamma: int | None = None) -> None:
         assert running.state is not None
-        gamma = self._gamma(running)
+        gamma = self._gamma(running) if gamma is None else gamma
         self._last_gamma = gamma
         start_ns = time.time_ns()
         result = speculative_step(running.state, gamma)
         self._record(running, result, start_ns)
+        self._emit(running, result)
 
+    def _emit(self, running: _Running, result: StepResult) -> None:
+        """Hand the step's tokens to the caller, stopping at EOS, a stop string or the length."""
         finish: FinishReason | None = None
         emitted: list[int] = []
         for token in result.emitted:
@@ -460,6 +548,8 @@ class Engine:
         )
 
     def _finish(self, running: _Running, item: Any) -> None:
+        running.finished = True
+        running.ready = False
         if running.state is not None:
             running.state.target.release()
             running.state.draft.release()

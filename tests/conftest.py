@@ -14,7 +14,7 @@ from tests.tiny_models import make_tiny_pair
 
 # Fixed costs keep adaptive γ deterministic in tests: a draft step at a tenth of a target
 # pass and a verify that grows slowly with width, as on a GPU.
-TEST_COSTS = CostModel(draft_step_s=0.1, target_forward_s=tuple(1.0 + 0.05 * k for k in range(9)))
+TEST_COSTS = CostModel.from_widths(0.1, tuple(1.0 + 0.05 * k for k in range(9)))
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import pytest
 
 from decoding.adaptive import AdaptiveGamma, CostModel
 
-GPU_LIKE = CostModel(draft_step_s=0.2, target_forward_s=tuple(1.0 + 0.02 * k for k in range(9)))
-CPU_LIKE = CostModel(draft_step_s=0.4, target_forward_s=(1.0, *[2.0] * 8))  # verify = 2x decode
+GPU_LIKE = CostModel.from_widths(0.2, tuple(1.0 + 0.02 * k for k in range(9)))
+CPU_LIKE = CostModel.from_widths(0.4, (1.0, *[2.0] * 8))  # verify = 2x decode
 
 
 def test_expected_tokens_follow_leviathan() -> None:
@@ -37,6 +37,6 @@ def test_probes_while_plain_and_only_when_it_could_pay() -> None:
     adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0, probe_every=4)
     gammas = [adaptive.next_gamma() for _ in range(8)]
     assert gammas.count(0) == 6 and max(gammas) > 0
-    never = CostModel(draft_step_s=5.0, target_forward_s=(1.0, *[3.0] * 8))
+    never = CostModel.from_widths(5.0, (1.0, *[3.0] * 8))
     hopeless = AdaptiveGamma(never, max_gamma=8, prior_alpha=0.0, probe_every=2)
     assert [hopeless.next_gamma() for _ in range(10)] == [0] * 10

@@ -55,12 +55,13 @@ async def wait_until_idle(engine: Engine, timeout: float = 5.0) -> None:
     raise AssertionError(f"engine not idle: {engine.stats()}")
 
 
+@pytest.mark.parametrize("fast_path", ["on", "off"])
 @pytest.mark.parametrize("gamma", [None, 1, 3, 5])
 @pytest.mark.parametrize("pair_name", ["same_pair", "different_pair"])
-async def test_greedy_output_is_the_targets_own(request, pair_name: str, gamma) -> None:
+async def test_greedy_output_is_the_targets_own(request, pair_name: str, gamma, fast_path) -> None:
     pair = request.getfixturevalue(pair_name)
     pair = dataclasses.replace(pair, eos_token_ids=())  # compare full-length runs
-    engine = make_engine(pair)
+    engine = make_engine(pair, fast_path=fast_path)
     try:
         chunks = await collect(
             engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=40,
@@ -77,6 +78,45 @@ async def test_greedy_output_is_the_targets_own(request, pair_name: str, gamma) 
         assert max(len(c.token_ids) for c in chunks) == gamma + 1
     if pair_name == "different_pair" and gamma:
         assert usage.acceptance_rate < 0.5
+
+
+@pytest.mark.parametrize("pair_name", ["same_pair", "different_pair"])
+async def test_a_mixed_batch_is_exact_for_every_request(request, pair_name: str) -> None:
+    """Requests of different lengths, γ and start times share batched steps (joining and
+    leaving between steps); each gets exactly the target's own greedy tokens."""
+    pair = dataclasses.replace(request.getfixturevalue(pair_name), eos_token_ids=())
+    engine = make_engine(pair, fast_path="on", max_concurrent_requests=4)
+    assert engine.batched
+    prompts = [PROMPT_IDS, (7, 8, 9), tuple(range(20, 61)), (300, 12, 5, 77, 41)]
+    lengths = [30, 12, 25, 40]
+    gammas = [None, 0, 2, 5]
+
+    async def one(i: int):
+        await asyncio.sleep(0.01 * i)  # staggered joins
+        return ids_of(await collect(engine, prompt_token_ids=prompts[i],
+                                    max_new_tokens=lengths[i],
+                                    speculation=SpeculationParams(gammas[i])))
+
+    try:
+        outputs = await asyncio.gather(*(one(i) for i in range(4)))
+    finally:
+        engine.close()
+    for prompt, n, output in zip(prompts, lengths, outputs, strict=True):
+        assert output == reference_greedy(pair, prompt, n)
+
+
+async def test_batched_steps_are_taken_together(same_pair, monkeypatch) -> None:
+    from tests.steps import before_steps
+
+    sizes: list[int] = []
+    before_steps(monkeypatch, lambda states: sizes.append(len(states)))
+    engine = make_engine(same_pair, fast_path="on", max_concurrent_requests=4)
+    try:
+        await asyncio.gather(*(collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=16,
+                                       speculation=SpeculationParams(1)) for _ in range(4)))
+    finally:
+        engine.close()
+    assert max(sizes) == 4
 
 
 async def test_eos_inside_an_accepted_run_stops_there(same_pair) -> None:
@@ -217,16 +257,13 @@ async def test_invalid_requests_name_the_field_and_the_engine_goes_on(engine, fi
 
 
 async def test_a_failing_request_fails_alone(engine, monkeypatch) -> None:
-    import decoding.engine as engine_module
+    from tests.steps import before_steps
 
-    real_step = engine_module.speculative_step
-
-    def faulty(state, gamma):
-        if state.tokens[0] == 66:
+    def faulty(states):
+        if any(state.tokens[0] == 66 for state in states):
             raise RuntimeError("injected fault /secret/path")
-        return real_step(state, gamma)
 
-    monkeypatch.setattr(engine_module, "speculative_step", faulty)
+    before_steps(monkeypatch, faulty)
     bad = collect(engine, prompt_token_ids=(66, 1, 2), max_new_tokens=10)
     good = collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=10)
     results = await asyncio.gather(bad, good, return_exceptions=True)

@@ -20,6 +20,7 @@ from service.settings import Settings
 from tests.conftest import make_engine
 from tests.decoding.test_engine import wait_until_idle
 from tests.service.conftest import Served, serve
+from tests.steps import before_steps
 
 PROMPT_IDS = [10, 57, 203, 99, 14, 250, 31]
 SECRET_PROMPT = "zebra secret prompt"  # must never show up in a status message
@@ -40,15 +41,12 @@ def greedy(n: int = 12, cls=pb.GenerateRequest, ids=PROMPT_IDS):
 
 def patch_step(monkeypatch, marker: list[int], exc: BaseException) -> None:
     """Slow every step a little; raise ``exc`` in requests whose prompt starts with ``marker``."""
-    real_step = engine_module.speculative_step
-
-    def step(state, gamma):
+    def hook(states):
         time.sleep(STEP_DELAY)
-        if state.tokens[: len(marker)] == marker:
+        if any(state.tokens[: len(marker)] == marker for state in states):
             raise exc
-        return real_step(state, gamma)
 
-    monkeypatch.setattr(engine_module, "speculative_step", step)
+    before_steps(monkeypatch, hook)
 
 
 async def started(served: Served, running: int, timeout: float = 10.0) -> None:

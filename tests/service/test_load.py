@@ -25,12 +25,12 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-import decoding.engine as engine_module
 from service._proto.tandem.v1 import generation_pb2 as pb
 from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import make_engine
 from tests.decoding.test_engine import reference_greedy, wait_until_idle
 from tests.service.conftest import Served, serve
+from tests.steps import before_steps
 
 PROMPT_IDS = [10, 57, 203, 99, 14, 250, 31]
 TIMEOUT = 30.0
@@ -43,13 +43,7 @@ def greedy(n: int, gamma: int = 0, cls=pb.GenerateRequest, ids=PROMPT_IDS):
 
 
 def slow_steps(monkeypatch, delay: float = 0.01) -> None:
-    real_step = engine_module.speculative_step
-
-    def step(state, gamma):
-        time.sleep(delay)
-        return real_step(state, gamma)
-
-    monkeypatch.setattr(engine_module, "speculative_step", step)
+    before_steps(monkeypatch, lambda states: time.sleep(delay))
 
 
 async def until(predicate, timeout: float = 10.0) -> None:

@@ -73,17 +73,12 @@ async def test_health_and_reflection(served) -> None:
 async def test_health_turns_not_serving_during_shutdown(same_pair, monkeypatch) -> None:
     import time
 
-    import decoding.engine as engine_module
     from tests.conftest import make_engine
     from tests.service.conftest import serve
+    from tests.steps import before_steps
 
-    real_step = engine_module.speculative_step
-
-    def slow_step(state, gamma):  # keep the call in flight while we look at health
-        time.sleep(0.02)
-        return real_step(state, gamma)
-
-    monkeypatch.setattr(engine_module, "speculative_step", slow_step)
+    # keep the call in flight while we look at health
+    before_steps(monkeypatch, lambda states: time.sleep(0.02))
     s = await serve(make_engine(same_pair))
     health = health_pb2_grpc.HealthStub(s.channel)
     stream = s.stub.GenerateStream(greedy(n=100, cls=pb.GenerateStreamRequest))

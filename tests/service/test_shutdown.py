@@ -30,19 +30,22 @@ from tests.decoding.test_engine import reference_greedy
 ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 2.0
 EXIT_MARGIN_S = 4.0  # after the grace: final statuses flushed (1 s), engine stopped, exit
-STEP_DELAY_S = 0.015
-SHORT, LONG = 8, 100  # tokens: ~0.1 s of steps vs. several seconds, beside 5 other streams
+STEP_DELAY_S = 0.05  # per engine step; running streams share a step when batched
+SHORT, LONG = 8, 100  # tokens at one per step: ~0.4 s vs. ~5 s, well past the grace
 STARTUP_TIMEOUT_S = 120.0
 
 WRAPPER = """
 import os, sys, time
 import decoding.engine as engine
 delay = float(os.environ["TEST_STEP_DELAY_S"])
-real_step = engine.speculative_step
+real_step, real_batch = engine.speculative_step, engine.speculative_step_batch
 def slow_step(state, gamma):
     time.sleep(delay)
     return real_step(state, gamma)
-engine.speculative_step = slow_step
+def slow_batch(states, gammas, draft, target):
+    time.sleep(delay)
+    return real_batch(states, gammas, draft, target)
+engine.speculative_step, engine.speculative_step_batch = slow_step, slow_batch
 from service.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -131,12 +131,12 @@ async def test_failed_call_records_its_status(same_pair) -> None:
 
 
 async def test_internal_error_marks_the_server_span(same_pair, monkeypatch) -> None:
-    import decoding.engine as engine_module
+    from tests.steps import before_steps
 
-    def broken(state, gamma):
+    def broken(states):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(engine_module, "speculative_step", broken)
+    before_steps(monkeypatch, broken)
     async with Observed(same_pair) as o:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await o.served.stub.Generate(greedy())

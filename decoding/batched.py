@@ -1,0 +1,92 @@
+"""One speculative step for many requests at once, on runners that batch (``forward_batch``).
+
+The same propose -> verify -> accept -> roll back as :func:`decoding.speculative.speculative_step`,
+but every draft position is one batched draft forward over the requests still drafting, and the
+verification is one batched target forward over all of them, each request at its own position
+with its own γ, sampling parameters and random generator. Acceptance is per request, so each
+request's tokens are exactly what it would get alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+
+from decoding.sampling import processed_probs, sample
+from decoding.speculative import SequenceState, StepResult, accept
+
+CATCH_UP_IN_BATCH = 2
+"""A draft that lags by more tokens than this catches up alone first, so one long catch-up
+does not pad every row of the batched draft forward."""
+
+
+class BatchRunner(Protocol):
+    def forward_batch(
+        self, sequences: list, tokens: list[list[int]], num_logits: list[int]
+    ) -> list[torch.Tensor]: ...
+
+
+def speculative_step_batch(
+    states: list[SequenceState],
+    gammas: list[int],
+    draft: BatchRunner,
+    target: BatchRunner,
+) -> list[StepResult]:
+    """Advance every state by 1..γ_i+1 tokens; both caches of each end holding a prefix of it."""
+    start = time.perf_counter()
+    drafts, probs = _propose(states, gammas, draft)
+    drafted = time.perf_counter()
+    fed = [s.tokens[s.target.length :] + d for s, d in zip(states, drafts, strict=True)]
+    target_logits = target.forward_batch(
+        [s.target for s in states], fed, [g + 1 for g in gammas]
+    )  # each [γ_i+1, vocab]
+    results = []
+    for state, gamma, tokens, draft_probs, logits in zip(
+        states, gammas, drafts, probs, target_logits, strict=True
+    ):
+        draft_tokens = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+        stacked = torch.cat(draft_probs) if draft_probs else None  # [γ, vocab]
+        result = accept(state, draft_tokens, stacked, logits)
+        emitted = [*tokens[: result.num_accepted], result.bonus_token]
+        prior_length = len(state.tokens)
+        state.tokens.extend(emitted)
+        state.target.rollback(prior_length + result.num_accepted)
+        state.draft.rollback(min(state.draft.length, prior_length + result.num_accepted))
+        results.append((emitted, gamma, result.num_accepted))
+    verified = time.perf_counter()
+    return [
+        StepResult(emitted, gamma, accepted, drafted - start, verified - drafted)
+        for emitted, gamma, accepted in results
+    ]
+
+
+def _propose(
+    states: list[SequenceState], gammas: list[int], draft: BatchRunner
+) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Draft position by position; at position j, one forward over the requests with γ > j.
+    Returns each request's draft tokens and, when sampling, its per-position probabilities."""
+    drafts: list[list[int]] = [[] for _ in states]
+    probs: list[list[torch.Tensor]] = [[] for _ in states]
+    for state, gamma in zip(states, gammas, strict=True):
+        lag = len(state.tokens) - state.draft.length
+        if gamma and lag > CATCH_UP_IN_BATCH:
+            state.draft.forward(state.tokens[state.draft.length : -1], num_logits=1)
+    for position in range(max(gammas, default=0)):
+        rows = [i for i, gamma in enumerate(gammas) if gamma > position]
+        pending = [
+            states[i].tokens[states[i].draft.length :] if position == 0 else [drafts[i][-1]]
+            for i in rows
+        ]
+        logits = draft.forward_batch([states[i].draft for i in rows], pending, [1] * len(rows))
+        for i, row_logits in zip(rows, logits, strict=True):  # row_logits: [1, vocab]
+            state = states[i]
+            if state.sampling.greedy:
+                token = int(row_logits.argmax(-1))
+            else:
+                row_probs = processed_probs(row_logits, state.sampling)  # [1, vocab]
+                token = int(sample(row_probs, state.generator)[0])
+                probs[i].append(row_probs)
+            drafts[i].append(token)
+    return drafts, probs

@@ -1,0 +1,31 @@
+"""Hooks into the engine's speculative steps (single and batched) for fault and timing tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+import decoding.engine as engine_module
+from decoding.speculative import SequenceState
+
+
+def before_steps(monkeypatch: pytest.MonkeyPatch, hook: Callable[[list[SequenceState]], None]):
+    """Call ``hook(states)`` ahead of every step the engine takes, one request or a batch.
+
+    A hook that raises for one request fails a batched step; the engine then steps that batch's
+    requests one by one, where the hook fails only that request.
+    """
+    real_single = engine_module.speculative_step
+    real_batch = engine_module.speculative_step_batch
+
+    def single(state, gamma):
+        hook([state])
+        return real_single(state, gamma)
+
+    def batch(states, gammas, draft, target):
+        hook(states)
+        return real_batch(states, gammas, draft, target)
+
+    monkeypatch.setattr(engine_module, "speculative_step", single)
+    monkeypatch.setattr(engine_module, "speculative_step_batch", batch)
