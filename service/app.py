@@ -23,6 +23,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_concurrent_requests=settings.max_concurrent_requests,
         max_queue=settings.max_queue,
         kv_token_budget=settings.kv_token_budget,
+        fast_path=settings.fast_path,
+        max_context=settings.max_context,
     )
 
 

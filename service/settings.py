@@ -36,6 +36,8 @@ class Settings:
     max_concurrent_requests: int = 8
     max_queue: int = 64
     kv_token_budget: int = 0  # 0: no budget beyond the concurrency limit
+    fast_path: str = "auto"  # static KV cache + batched steps for Llama/Qwen2: auto, on, off
+    max_context: int = 4096  # longest prompt + output on the fast path (sizes the cache)
     max_message_bytes: int = 4 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
     # telemetry
@@ -78,6 +80,8 @@ HELP = {
     "max_concurrent_requests": "requests decoding at once",
     "max_queue": "requests waiting beyond which calls get RESOURCE_EXHAUSTED",
     "kv_token_budget": "KV positions all running requests may reserve (0 = no budget)",
+    "fast_path": "static KV cache and batched steps (Llama/Qwen2): auto, on or off",
+    "max_context": "longest prompt + output on the fast path; sizes the preallocated cache",
     "max_message_bytes": "largest request message accepted",
     "shutdown_grace_seconds": "time calls in flight get after SIGTERM",
     "metrics_port": "Prometheus /metrics port (0 = off)",
@@ -98,6 +102,7 @@ CHOICES = {
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "draft_dtype": ["", "auto", "float32", "bfloat16", "float16"],
     "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"],
+    "fast_path": ["auto", "on", "off"],
 }
 
 

@@ -40,3 +40,21 @@ def test_probes_while_plain_and_only_when_it_could_pay() -> None:
     never = CostModel.from_widths(5.0, (1.0, *[3.0] * 8))
     hopeless = AdaptiveGamma(never, max_gamma=8, prior_alpha=0.0, probe_every=2)
     assert [hopeless.next_gamma() for _ in range(10)] == [0] * 10
+
+
+def test_gamma_shrinks_as_the_batch_grows() -> None:
+    """Verification is nearly free for one request but not for eight: γ falls, to 0."""
+    costs = CostModel(
+        draft_s={1: 0.2, 2: 0.21, 4: 0.22, 8: 0.25},
+        target_s={**{k: 1.0 + 0.02 * k for k in range(1, 10)}, 16: 2.4, 32: 4.8, 72: 10.8},
+    )
+    gammas = [costs.best_gamma(0.8, 8, batch) for batch in (1, 2, 4, 8)]
+    assert gammas == sorted(gammas, reverse=True)
+    assert gammas[0] >= 3 and gammas[-1] == 0
+
+
+def test_interpolation_between_and_beyond_measured_sizes() -> None:
+    costs = CostModel(draft_s={1: 1.0}, target_s={1: 1.0, 3: 2.0, 5: 4.0})
+    assert costs.target(2) == 1.5
+    assert costs.target(7) == 6.0  # the last slope carries on
+    assert costs.draft(4) == 4.0  # one point: proportional to the tokens
