@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--speculation", default="adaptive,off,3,5",
         help="comma list of adaptive, off or γ values (default %(default)s)",
     )
+    compare.add_argument("--fast-path", choices=("auto", "on", "off"), default="auto")
     _out_flag(compare)
     compare.set_defaults(handler=_compare_command)
 
@@ -192,7 +193,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     ]
     result = run_compare(
         workload_from_args(args), target=args.target, draft=args.draft, device=args.device,
-        dtype=args.dtype, draft_dtype=args.draft_dtype, gammas=gammas,
+        dtype=args.dtype, draft_dtype=args.draft_dtype, gammas=gammas, fast_path=args.fast_path,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps(result, indent=2))

@@ -97,6 +97,7 @@ def run_compare(
     dtype: str,
     draft_dtype: str | None,
     gammas: Sequence[int | None],
+    fast_path: str = "auto",
 ) -> dict[str, Any]:
     from decoding.engine import Engine, EngineConfig
     from decoding.models import load_pair
@@ -110,7 +111,9 @@ def run_compare(
     }
     reference = [o.output_token_ids for o in hf["hf_target"].outputs]
     started = time.perf_counter()
-    engine = Engine(pair, EngineConfig(max_new_tokens_limit=max(2048, max_new)))
+    engine = Engine(
+        pair, EngineConfig(max_new_tokens_limit=max(2048, max_new), fast_path=fast_path)
+    )
     cost_seconds = time.perf_counter() - started
     try:
         runs = [run_engine(engine, prompt_ids, max_new, gamma) for gamma in gammas]
@@ -140,10 +143,10 @@ def run_compare(
         "target": pair.target.name, "draft": pair.draft.name, "device": str(pair.device),
         "dtype": str(pair.dtype).removeprefix("torch."),
         "draft_dtype": str(pair.draft_dtype).removeprefix("torch."),
+        "fast_path": engine.batched,
         "workload": workload.describe(),
         "cost_model": {"measure_seconds": cost_seconds,
-                       "draft_step_s": engine.costs.draft_step_s,
-                       "target_forward_s": list(engine.costs.target_forward_s)},
+                       "draft_s": engine.costs.draft_s, "target_s": engine.costs.target_s},
         "rows": rows,
     }
 
@@ -151,7 +154,8 @@ def run_compare(
 def format_compare(result: dict[str, Any]) -> str:
     lines = [
         f"{result['target']} + {result['draft']} on {result['device']}, "
-        f"{result['dtype']} (draft {result['draft_dtype']}), "
+        f"{result['dtype']} (draft {result['draft_dtype']}), fast path "
+        f"{'on' if result['fast_path'] else 'off'}, "
         f"{result['workload'].get('num_prompts')} prompts x "
         f"{result['workload'].get('max_new_tokens')} new tokens, greedy, batch 1",
         f"{'method':<18}{'tok/s':>8}{'vs HF assisted':>16}{'= target':>10}{'α':>7}{'MAL':>7}",

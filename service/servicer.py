@@ -11,7 +11,8 @@ from typing import Protocol
 
 import grpc
 
-from decoding.engine import Engine, RequestHandle
+from decoding.engine import Engine
+from decoding.handle import RequestHandle
 from decoding.params import Chunk, FinishReason, GenerationRequest
 from service import converters
 from service._proto.tandem.v1 import generation_pb2 as pb

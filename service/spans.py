@@ -19,7 +19,8 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, Tracer
 
-from decoding.engine import EngineInfo, StepRecord
+from decoding.engine import EngineInfo
+from decoding.handle import StepRecord
 from service.metrics import operation_name
 from service.servicer import CallRecord
 
