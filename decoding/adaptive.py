@@ -80,22 +80,29 @@ def _interpolate(points: dict[int, float], tokens: int) -> float:
 
 
 class AcceptanceEstimate:
-    """α as a decayed ratio of accepted to drafted tokens, starting from a prior worth
-    ``prior_weight`` drafted tokens; old steps fade geometrically, so it follows the text."""
+    """The per-token acceptance α of Leviathan's formula, estimated from the steps seen.
+
+    A step stops judging draft tokens at the first rejection, so the tokens after it say
+    nothing about α: accepted / drafted would read low whenever γ > 1 (a true 0.9 reads 0.64
+    at γ = 8). The estimate is accepted / judged, judged = accepted + 1 if the step rejected a
+    token, else accepted; the maximum-likelihood α of a geometric run. It starts from a prior
+    worth ``prior_weight`` judged tokens, and old steps fade geometrically so it follows the text.
+    """
 
     def __init__(self, prior_alpha: float, prior_weight: float = 4.0, decay: float = 0.9):
         self._accepted = prior_alpha * prior_weight
-        self._drafted = prior_weight
+        self._judged = prior_weight
         self._decay = decay
 
     @property
     def alpha(self) -> float:
-        return self._accepted / self._drafted
+        return self._accepted / self._judged
 
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted:
+            judged = accepted + (1 if accepted < drafted else 0)
             self._accepted = self._accepted * self._decay + accepted
-            self._drafted = self._drafted * self._decay + drafted
+            self._judged = self._judged * self._decay + judged
 
 
 class AdaptiveGamma:

@@ -118,10 +118,19 @@ class Engine:
             # Room for a verify step (γ+1) and the padding of a batched draft catch-up.
             slot_len = context_window + config.max_speculative_tokens + 2
             graphs = pair.device.type == "cuda"
-            self.target = StaticRunner(pair.target.model, config.max_concurrent_requests,
-                                       slot_len, cuda_graphs=graphs)
-            self.draft = StaticRunner(pair.draft.model, config.max_concurrent_requests,
-                                      slot_len, cuda_graphs=graphs)
+            # One CUDA graph per shape a step uses: every batch size up to the concurrency limit
+            # (padded to a power of two), the target at every verify width, the draft at one
+            # token and at a two-token catch-up. Other shapes run eagerly.
+            batches = sorted({min(2**i, config.max_concurrent_requests) for i in range(8)})
+            verify_widths = tuple(range(1, config.max_speculative_tokens + 2))
+            self.target = StaticRunner(
+                pair.target.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,
+                graph_batch_sizes=batches, graph_widths=verify_widths,
+            )
+            self.draft = StaticRunner(
+                pair.draft.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,
+                graph_batch_sizes=batches, graph_widths=(1, 2),
+            )
         else:
             self.target = ModelRunner(pair.target.model)
             self.draft = ModelRunner(pair.draft.model)
@@ -350,7 +359,8 @@ class Engine:
     def _step_batch(self, ready: list[_Running]) -> None:
         """One batched speculative step for every ready request. If it fails, each request
         is put back as it was and stepped alone, so a failure stays with its own request."""
-        if len(ready) <= 1:
+        if len(ready) <= 1 or self.proposer is not propose:
+            # Batched drafting runs the draft model itself; another proposer drafts alone.
             for running in ready:
                 self._guarded(running, self._step)
             return

@@ -58,3 +58,23 @@ def test_interpolation_between_and_beyond_measured_sizes() -> None:
     assert costs.target(2) == 1.5
     assert costs.target(7) == 6.0  # the last slope carries on
     assert costs.draft(4) == 4.0  # one point: proportional to the tokens
+
+
+def test_acceptance_estimate_counts_only_judged_tokens() -> None:
+    """True α = 0.9 drafted 8 at a time: accepted/drafted would say ~0.6; the estimate ~0.9."""
+    import random
+
+    from decoding.adaptive import AcceptanceEstimate
+
+    rng = random.Random(0)
+    estimate = AcceptanceEstimate(prior_alpha=0.5, prior_weight=1.0, decay=1.0)
+    accepted_total = drafted_total = 0
+    for _ in range(2000):
+        accepted = 0
+        while accepted < 8 and rng.random() < 0.9:
+            accepted += 1
+        estimate.observe(8, accepted)
+        accepted_total += accepted
+        drafted_total += 8
+    assert accepted_total / drafted_total < 0.7
+    assert abs(estimate.alpha - 0.9) < 0.02
