@@ -111,7 +111,8 @@ class AdaptiveGamma:
     The estimate starts from the server's recent acceptance (``prior_alpha``). While γ is 0
     nothing is learned, so every ``probe_every`` plain steps one step drafts the γ that would
     pay at a high acceptance (``probe_alpha``); if even that γ is 0, speculation can never pay
-    with these costs and no probe is made.
+    with these costs and no probe is made. A probe that accepts nothing doubles the wait before
+    the next one (up to ``max_probe_every``), so text the draft cannot follow costs little.
     """
 
     def __init__(
@@ -121,13 +122,16 @@ class AdaptiveGamma:
         prior_alpha: float = 0.7,
         probe_every: int = 8,
         probe_alpha: float = 0.9,
+        max_probe_every: int = 256,
     ) -> None:
         self._costs = costs
         self._max_gamma = max_gamma
         self.estimate = AcceptanceEstimate(prior_alpha)
-        self._probe_every = probe_every
+        self._base_probe_every = self._probe_every = probe_every
+        self._max_probe_every = max_probe_every
         self._probe_gamma = costs.best_gamma(probe_alpha, max_gamma)
         self._plain_steps = 0
+        self._probing = False
 
     @property
     def alpha(self) -> float:
@@ -139,10 +143,19 @@ class AdaptiveGamma:
             self._plain_steps += 1
             if self._plain_steps >= self._probe_every:
                 self._plain_steps = 0
+                self._probing = True
                 return self._probe_gamma
         return gamma
 
     def observe(self, drafted: int, accepted: int) -> None:
+        if self._probing and drafted:
+            self._probing = False
+            failed = accepted == 0
+            self._probe_every = (
+                min(self._probe_every * 2, self._max_probe_every)
+                if failed
+                else self._base_probe_every
+            )
         self.estimate.observe(drafted, accepted)
 
 

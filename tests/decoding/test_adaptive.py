@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from decoding.adaptive import AdaptiveGamma, CostModel
@@ -31,6 +33,18 @@ def test_request_learns_from_what_it_sees() -> None:
     for _ in range(20):
         adaptive.observe(drafted=4, accepted=0)
     assert adaptive.next_gamma() == 0 < start
+
+
+def test_failed_probes_back_off() -> None:
+    adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0, probe_every=2)
+    probes_at = []
+    for step in range(200):
+        gamma = adaptive.next_gamma()
+        if gamma:
+            probes_at.append(step)
+        adaptive.observe(gamma, 0)  # the draft never agrees
+    gaps = [b - a for a, b in itertools.pairwise(probes_at)]
+    assert gaps == sorted(gaps) and gaps[-1] >= 32  # 2, 4, 8, ... plain steps between probes
 
 
 def test_probes_while_plain_and_only_when_it_could_pay() -> None:
