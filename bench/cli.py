@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     _out_flag(compare)
     compare.set_defaults(handler=_compare_command)
 
+    batching = commands.add_parser(
+        "batching", help="N requests one by one, then together on the fast path (aggregate tok/s)"
+    )
+    _workload_flags(batching)
+    _baseline_flags(batching)
+    batching.add_argument("--speculation", default="off,adaptive")
+    _out_flag(batching)
+    batching.set_defaults(handler=_batching_command)
+
     plot = commands.add_parser("plot", help="redraw the PNGs of a results file")
     plot.add_argument("results", type=Path, help="a results.json written by bench")
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default: beside RESULTS)")
@@ -187,10 +196,7 @@ def _all_command(args: argparse.Namespace) -> int:
 def _compare_command(args: argparse.Namespace) -> int:
     from bench.engine_compare import format_compare, run_compare
 
-    gammas: list[int | None] = [
-        None if s == "adaptive" else 0 if s == "off" else int(s)
-        for s in args.speculation.split(",")
-    ]
+    gammas = _gamma_list(args.speculation)
     result = run_compare(
         workload_from_args(args), target=args.target, draft=args.draft, device=args.device,
         dtype=args.dtype, draft_dtype=args.draft_dtype, gammas=gammas, fast_path=args.fast_path,
@@ -198,6 +204,24 @@ def _compare_command(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps(result, indent=2))
     print(format_compare(result))
+    return 0
+
+
+def _gamma_list(text: str) -> list[int | None]:
+    """adaptive -> None (adaptive γ), off -> 0, else a fixed γ."""
+    return [None if s == "adaptive" else 0 if s == "off" else int(s) for s in text.split(",")]
+
+
+def _batching_command(args: argparse.Namespace) -> int:
+    from bench.engine_compare import format_batching, run_batching
+
+    result = run_batching(
+        workload_from_args(args), target=args.target, draft=args.draft, device=args.device,
+        dtype=args.dtype, gammas=_gamma_list(args.speculation),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "batching.json").write_text(json.dumps(result, indent=2))
+    print(format_batching(result))
     return 0
 
 

@@ -169,3 +169,67 @@ def format_compare(result: dict[str, Any]) -> str:
             f"{'' if alpha is None else f'{alpha:.2f}':>7}{'' if mal is None else f'{mal:.2f}':>7}"
         )
     return "\n".join(lines)
+
+
+async def _concurrent(
+    engine: Engine, prompt_ids: Sequence[Sequence[int]], max_new: int, gamma: int | None
+) -> list[list[int]]:
+    results = await asyncio.gather(*(_generate(engine, ids, max_new, gamma) for ids in prompt_ids))
+    return [tokens for tokens, _ in results]
+
+
+def run_batching(
+    workload: Workload,
+    *,
+    target: str,
+    draft: str,
+    device: str,
+    dtype: str,
+    gammas: Sequence[int | None],
+) -> dict[str, Any]:
+    """The same N requests one after another, then all at once (batched steps on the fast
+    path): aggregate tokens/s of each, and whether the outputs are the same."""
+    from decoding.engine import Engine, EngineConfig
+    from decoding.models import load_pair
+
+    pair = load_pair(target, draft, device=device, dtype=dtype)
+    prompt_ids = [prompt_token_ids(pair.tokenizer, p) for p in workload.prompts]
+    max_new = workload.max_new_tokens
+    engine = Engine(pair, EngineConfig(
+        max_concurrent_requests=max(len(prompt_ids), 1), fast_path="on",
+        max_new_tokens_limit=max(2048, max_new)))
+    rows = []
+    try:
+        asyncio.run(_generate(engine, prompt_ids[0], 4, None))  # warm-up
+        for gamma in gammas:
+            start = time.perf_counter()
+            alone = [asyncio.run(_generate(engine, ids, max_new, gamma))[0] for ids in prompt_ids]
+            sequential_s = time.perf_counter() - start
+            start = time.perf_counter()
+            together = asyncio.run(_concurrent(engine, prompt_ids, max_new, gamma))
+            concurrent_s = time.perf_counter() - start
+            tokens = sum(len(t) for t in together)
+            rows.append({
+                "speculation": speculation_label(gamma),
+                "requests": len(prompt_ids),
+                "sequential_tokens_per_s": sum(len(t) for t in alone) / sequential_s,
+                "concurrent_tokens_per_s": tokens / concurrent_s,
+                "same_outputs": alone == together,
+            })
+    finally:
+        engine.close()
+    return {"target": pair.target.name, "draft": pair.draft.name, "device": str(pair.device),
+            "dtype": str(pair.dtype).removeprefix("torch."), "workload": workload.describe(),
+            "rows": rows}
+
+
+def format_batching(result: dict[str, Any]) -> str:
+    lines = [f"{result['target']} + {result['draft']} on {result['device']}, {result['dtype']}",
+             f"{'speculation':<18}{'requests':>9}{'one by one':>12}{'together':>10}{'gain':>7}"
+             f"{'same':>6}"]
+    for row in result["rows"]:
+        gain = row["concurrent_tokens_per_s"] / row["sequential_tokens_per_s"]
+        lines.append(f"{row['speculation']:<18}{row['requests']:>9}"
+                     f"{row['sequential_tokens_per_s']:>12.2f}{row['concurrent_tokens_per_s']:>10.2f}"
+                     f"{gain:>6.2f}x{'yes' if row['same_outputs'] else 'NO':>6}")
+    return "\n".join(lines)

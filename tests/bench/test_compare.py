@@ -23,3 +23,21 @@ def test_compare_runs_every_method_and_checks_exactness(tiny_dirs) -> None:
     assert 0 <= g3["acceptance_rate"] < 0.5  # a differently seeded draft rarely agrees
     assert sum(g3["drafted_by_position"]) > 0
     assert "tandem_g3" in format_compare(result)
+
+
+def test_batching_runs_requests_alone_and_together(tiny_dirs) -> None:
+    from bench.engine_compare import format_batching, run_batching
+
+    target, draft = tiny_dirs["same"]
+    workload = Workload(
+        name="tiny",
+        prompts=tuple(Prompt(id=str(i), text=t) for i, t in
+                      enumerate(["def add(a, b):", "for i in range", "class Point:", "import os"])),
+        max_new_tokens=10,
+    )
+    result = run_batching(workload, target=str(target), draft=str(draft), device="cpu",
+                          dtype="float32", gammas=[0, None])
+    assert [row["speculation"] for row in result["rows"]] == ["tandem_off", "tandem_adaptive"]
+    assert all(row["same_outputs"] for row in result["rows"])
+    assert all(row["concurrent_tokens_per_s"] > 0 for row in result["rows"])
+    assert "together" in format_batching(result)
