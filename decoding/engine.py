@@ -393,10 +393,16 @@ class Engine:
         seed = running.request.sampling.seed
         generator = torch.Generator(device=self.pair.device)
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        target = self.target.new_sequence()
+        try:
+            draft = self.draft.new_sequence()
+        except BaseException:
+            target.release()
+            raise
         state = SequenceState(
             tokens=prompt,
-            target=self.target.new_sequence(),
-            draft=self.draft.new_sequence(),
+            target=target,
+            draft=draft,
             sampling=running.request.sampling,
             generator=generator,
             proposer=self.proposer,
