@@ -10,6 +10,7 @@ request's caches before its next step.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import os
@@ -517,6 +518,10 @@ class Engine:
             self._waiting.clear()
             self._reserved = 0
         for running in everyone:
+            if running.state is not None:  # best effort: the process is about to exit
+                with contextlib.suppress(Exception):
+                    running.state.target.release()
+                    running.state.draft.release()
             running.handle._put(EngineFailedError("the device worker has stopped"))
             running.handle._put(_END)
         for callback in self.on_fatal:
