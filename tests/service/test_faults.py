@@ -174,6 +174,8 @@ async def test_worker_death_ends_every_call_and_turns_health_not_serving(
             asyncio.gather(code_of(collect_stream(streams[1])), waiting, killer), 10)
         assert codes == [grpc.StatusCode.UNAVAILABLE] * 3
         assert s.engine.failed is not None
+        stats = s.engine.stats()  # the dead worker's requests gave their caches back
+        assert stats.live_target_sequences == stats.live_draft_sequences == 0
         deadline = time.monotonic() + 5
         while await health_status(s.channel) != health_pb2.HealthCheckResponse.NOT_SERVING:
             assert time.monotonic() < deadline, "health still SERVING after the worker died"
