@@ -14,8 +14,7 @@ from typing import Protocol
 
 import torch
 
-from decoding.sampling import processed_probs, sample
-from decoding.speculative import SequenceState, StepResult, accept
+from decoding.speculative import SequenceState, StepResult, commit, draw
 
 CATCH_UP_IN_BATCH = 2
 """A draft that lags by more tokens than this catches up alone first, so one long catch-up
@@ -42,23 +41,21 @@ def speculative_step_batch(
     target_logits = target.forward_batch(
         [s.target for s in states], fed, [g + 1 for g in gammas]
     )  # each [γ_i+1, vocab]
-    results = []
-    for state, gamma, tokens, draft_probs, logits in zip(
-        states, gammas, drafts, probs, target_logits, strict=True
-    ):
-        draft_tokens = torch.tensor(tokens, dtype=torch.long, device=logits.device)
-        stacked = torch.cat(draft_probs) if draft_probs else None  # [γ, vocab]
-        result = accept(state, draft_tokens, stacked, logits)
-        emitted = [*tokens[: result.num_accepted], result.bonus_token]
-        prior_length = len(state.tokens)
-        state.tokens.extend(emitted)
-        state.target.rollback(prior_length + result.num_accepted)
-        state.draft.rollback(min(state.draft.length, prior_length + result.num_accepted))
-        results.append((emitted, gamma, result.num_accepted))
+    committed = [
+        commit(
+            state,
+            torch.tensor(tokens, dtype=torch.long, device=logits.device),
+            torch.cat(draft_probs) if draft_probs else None,  # [γ, vocab]
+            logits,
+        )
+        for state, tokens, draft_probs, logits in zip(
+            states, drafts, probs, target_logits, strict=True
+        )
+    ]
     verified = time.perf_counter()
     return [
         StepResult(emitted, gamma, accepted, drafted - start, verified - drafted)
-        for emitted, gamma, accepted in results
+        for (emitted, accepted), gamma in zip(committed, gammas, strict=True)
     ]
 
 
@@ -81,12 +78,5 @@ def _propose(
         ]
         logits = draft.forward_batch([states[i].draft for i in rows], pending, [1] * len(rows))
         for i, row_logits in zip(rows, logits, strict=True):  # row_logits: [1, vocab]
-            state = states[i]
-            if state.sampling.greedy:
-                token = int(row_logits.argmax(-1))
-            else:
-                row_probs = processed_probs(row_logits, state.sampling)  # [1, vocab]
-                token = int(sample(row_probs, state.generator)[0])
-                probs[i].append(row_probs)
-            drafts[i].append(token)
+            drafts[i].append(draw(states[i], row_logits, probs[i]))
     return drafts, probs

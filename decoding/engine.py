@@ -269,11 +269,7 @@ class Engine:
             fixed = self.config.num_speculative_tokens
         if fixed is not None:
             return None
-        sampling = request.sampling
-        if not sampling.greedy and sampling.seed is not None:
-            # A seeded sample depends on its γ sequence (γ decides which random draws are
-            # made), so its prior must not depend on what the server ran before it. Greedy
-            # output is the same at any γ.
+        if _plans_alone(request):
             return AdaptiveGamma(self.costs, self.config.max_speculative_tokens)
         return AdaptiveGamma(
             self.costs, self.config.max_speculative_tokens, prior_alpha=self.acceptance.alpha
@@ -424,12 +420,7 @@ class Engine:
     def _gamma(self, running: _Running, batch: int = 1) -> int:
         assert running.state is not None
         if running.adaptive is not None:
-            sampling = running.request.sampling
-            if not sampling.greedy and sampling.seed is not None:
-                # γ decides which random draws a seeded sample makes: it must not depend on
-                # what else is running, so such requests plan as if alone.
-                batch = 1
-            gamma = running.adaptive.next_gamma(batch)
+            gamma = running.adaptive.next_gamma(1 if _plans_alone(running.request) else batch)
         else:
             gamma = self._max_gamma(running.request)
         # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
@@ -526,6 +517,13 @@ class Engine:
             running.handle._put(_END)
         for callback in self.on_fatal:
             callback(err)
+
+
+def _plans_alone(request: GenerationRequest) -> bool:
+    """A seeded sample's γ sequence decides which random draws it makes, so its γ must depend
+    on nothing but the request: not the server's recent acceptance, not the batch it shares.
+    Greedy output is the same at any γ, and an unseeded sample promises no repeatability."""
+    return not request.sampling.greedy and request.sampling.seed is not None
 
 
 def load_engine(

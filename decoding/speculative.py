@@ -51,19 +51,25 @@ def propose(state: SequenceState, gamma: int) -> tuple[torch.Tensor, torch.Tenso
     """Draft γ tokens one at a time. Returns draft_tokens [γ] and, when sampling,
     draft_probs [γ, vocab] (None when greedy)."""
     pending = state.tokens[state.draft.length :]  # the draft's catch-up: 1 token or more
-    draft_tokens: list[torch.Tensor] = []
+    draft_tokens: list[int] = []
     draft_probs: list[torch.Tensor] = []
     for _ in range(gamma):
         logits = state.draft.forward(pending, num_logits=1)  # [1, vocab]
-        if state.sampling.greedy:
-            token = logits.argmax(-1)  # [1]
-        else:
-            probs = processed_probs(logits, state.sampling)  # [1, vocab]
-            token = sample(probs, state.generator)
-            draft_probs.append(probs)
+        token = draw(state, logits, draft_probs)
         draft_tokens.append(token)
-        pending = [int(token)]
-    return torch.cat(draft_tokens), (torch.cat(draft_probs) if draft_probs else None)
+        pending = [token]
+    tokens = torch.tensor(draft_tokens, dtype=torch.long, device=state.draft.device)
+    return tokens, (torch.cat(draft_probs) if draft_probs else None)
+
+
+def draw(state: SequenceState, logits: torch.Tensor, draft_probs: list[torch.Tensor]) -> int:
+    """The draft's next token from its logits [1, vocab]: the argmax when greedy, else a sample
+    from the processed distribution, whose probabilities [1, vocab] go on ``draft_probs``."""
+    if state.sampling.greedy:
+        return int(logits.argmax(-1))
+    probs = processed_probs(logits, state.sampling)
+    draft_probs.append(probs)
+    return int(sample(probs, state.generator)[0])
 
 
 def verify(state: SequenceState, draft_tokens: torch.Tensor) -> torch.Tensor:
@@ -97,13 +103,24 @@ def speculative_step(state: SequenceState, gamma: int) -> StepResult:
         draft_probs = None
     drafted = time.perf_counter()
     target_logits = verify(state, draft_tokens)
-    result = accept(state, draft_tokens, draft_probs, target_logits)
+    emitted, num_accepted = commit(state, draft_tokens, draft_probs, target_logits)
     verified = time.perf_counter()
+    return StepResult(emitted, gamma, num_accepted, drafted - start, verified - drafted)
 
+
+def commit(
+    state: SequenceState,
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_logits: torch.Tensor,
+) -> tuple[list[int], int]:
+    """Accept, extend the sequence with the accepted tokens and the bonus token, and roll both
+    caches back past the rejected ones (the bonus token is fed at the next step).
+    Returns the emitted tokens and the number of accepted draft tokens."""
+    result = accept(state, draft_tokens, draft_probs, target_logits)
     emitted = [*draft_tokens[: result.num_accepted].tolist(), result.bonus_token]
     prior_length = len(state.tokens)
     state.tokens.extend(emitted)
-    # Roll back past the rejected draft tokens. The bonus token is fed at the next step.
     state.target.rollback(prior_length + result.num_accepted)
     state.draft.rollback(min(state.draft.length, prior_length + result.num_accepted))
-    return StepResult(emitted, gamma, result.num_accepted, drafted - start, verified - drafted)
+    return emitted, result.num_accepted
