@@ -1,8 +1,9 @@
 """A Llama/Qwen2 decoder forward written for :class:`StaticKVCache`, on a loaded HF model's weights.
 
-The model's own parameter tensors are referenced, never copied, so the fast path costs no extra
-memory. Build it once the model is on its device and in its dtype: the device, the dtype and
-the rotary frequencies are fixed then. The structure follows gpt-fast's ``model.py``: K/V
+The model's own parameter tensors are referenced, never copied, except that on a CPU in float32
+the linear weights are also kept prepacked for oneDNN (one more copy of them; see
+:class:`Linear`). Build it once the model is on its device and in its dtype: the device, the
+dtype and the rotary frequencies are fixed then. The structure follows gpt-fast's ``model.py``: K/V
 written into a preallocated buffer by position, one ``scaled_dot_product_attention`` call with
 a mask built from positions. Every operation mirrors transformers' Qwen2/Llama modules in the
 same order and dtypes, so float32 logits agree with theirs to rounding.
@@ -66,8 +67,49 @@ def supports(model: PreTrainedModel) -> bool:
     return unsupported_reason(model) is None
 
 
-Linear = tuple[torch.Tensor, torch.Tensor | None]
-"""A linear layer's weight and bias (None where it has none)."""
+class Linear:
+    """A linear layer's weight and bias (None where it has none), applied as ``F.linear`` does.
+
+    On a CPU in float32 the weight can be *prepacked* for oneDNN (the blocked layout that
+    PyTorch's own inductor uses when it freezes a CPU model): MKL's matrix-matrix path, which
+    ``F.linear`` takes for more than one row, repacks the whole weight on every call and so
+    costs 2-3x the one-row (matrix-vector) path, which is what makes a verify forward of a few
+    tokens expensive on a CPU; the prepacked kernel reads the weight once at any small width.
+    The packed copy is extra memory (one more copy of the weight); the HF module keeps its own.
+    """
+
+    __slots__ = ("bias", "packed", "weight")
+
+    def __init__(self, module: torch.nn.Module, pack: bool) -> None:
+        self.weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        self.bias: torch.Tensor | None = module.bias  # type: ignore[assignment]
+        self.packed: torch.Tensor | None = _pack(self.weight) if pack else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN-prepacked linear weights are available for this device and dtype (CPU,
+    float32, a PyTorch built with oneDNN, and the result equal to ``F.linear``'s to rounding)."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(64, 32, generator=generator)
+        bias = torch.randn(64, generator=generator)
+        x = torch.randn(3, 2, 32, generator=generator)
+        packed = _pack(weight)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return bool(torch.allclose(out, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4))
+    except (RuntimeError, AttributeError):  # an op missing or refusing in this build
+        return False
 
 
 @dataclass(frozen=True)
@@ -83,14 +125,6 @@ class _Layer:
     gate: Linear
     up: Linear
     down: Linear
-
-
-def _linear(module: torch.nn.Module) -> Linear:
-    return module.weight, module.bias  # type: ignore[return-value]
-
-
-def _linear_apply(x: torch.Tensor, weights: Linear) -> torch.Tensor:
-    return F.linear(x, weights[0], weights[1])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -128,7 +162,9 @@ class _Placement:
 class FastDecoder:
     """``forward(tokens, slots, starts, cache, num_logits)`` over a loaded HF model's weights."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, pack_weights: bool | None = None) -> None:
+        """``pack_weights``: prepack the linear weights for oneDNN (see :class:`Linear`); None
+        means wherever :func:`can_pack_weights` says it works (CPU, float32)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise NotImplementedError(f"FastDecoder cannot run this model: {reason}")
@@ -142,6 +178,13 @@ class FastDecoder:
         self.eps: float = config.rms_norm_eps
         self.device = model.device
         self.dtype = model.dtype
+        if pack_weights is None:
+            pack_weights = can_pack_weights(self.device, self.dtype)
+        self.packed_weights = pack_weights
+
+        def _linear(module: torch.nn.Module) -> Linear:
+            return Linear(module, pack_weights)
+
         base: Any = model.model
         self.embed: torch.Tensor = base.embed_tokens.weight
         self.norm: torch.Tensor = base.norm.weight
@@ -204,7 +247,7 @@ class FastDecoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output head on final hidden states [..., hidden]: [..., vocab] float32."""
-        return _linear_apply(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
     def hidden_states(
         self,
@@ -238,8 +281,8 @@ class FastDecoder:
             normed = _rms_norm(x, layer.input_norm, self.eps)
             x = x + self._attention(index, layer, normed, rotary, place, mask, cache)
             normed = _rms_norm(x, layer.post_norm, self.eps)
-            gated = F.silu(_linear_apply(normed, layer.gate)) * _linear_apply(normed, layer.up)
-            x = x + _linear_apply(gated, layer.down)
+            gated = F.silu(layer.gate(normed)) * layer.up(normed)
+            x = x + layer.down(gated)
         return _rms_norm(x, self.norm, self.eps)
 
     def _attention(
@@ -256,9 +299,9 @@ class FastDecoder:
         kv_len = mask.shape[-1]
         cos, sin = rotary
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        query = _linear_apply(x, layer.q).view(batch, width, heads, dim).transpose(1, 2)
-        key = _linear_apply(x, layer.k).view(batch, width, kv_heads, dim).transpose(1, 2)
-        value = _linear_apply(x, layer.v).view(batch, width, kv_heads, dim)
+        query = layer.q(x).view(batch, width, heads, dim).transpose(1, 2)
+        key = layer.k(x).view(batch, width, kv_heads, dim).transpose(1, 2)
+        value = layer.v(x).view(batch, width, kv_heads, dim)
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)  # [B, H(kv), T, D]
 
         row_keys = place.store(cache.keys[index], key.transpose(1, 2), kv_len)
@@ -270,4 +313,4 @@ class FastDecoder:
         out = F.scaled_dot_product_attention(stacked, row_keys, row_values, attn_mask=mask)
         out = out.reshape(batch, heads, width, dim).transpose(1, 2)  # [B, T, H, D]
         out = out.reshape(batch, width, heads * dim)
-        return _linear_apply(out, layer.o)
+        return layer.o(out)

@@ -42,9 +42,10 @@ class StaticRunner:
         cuda_graphs: bool = False,
         graph_batch_sizes: Sequence[int] = (1, 2, 4, 8),
         graph_widths: Sequence[int] = (1,),
+        pack_weights: bool | None = None,
     ) -> None:
         self.model = model
-        self.decoder = FastDecoder(model)
+        self.decoder = FastDecoder(model, pack_weights)
         self.device = self.decoder.device
         # One extra slot for the padding rows of graphed batches.
         self.cache = self.decoder.new_cache(num_slots + int(cuda_graphs), max_len)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -16,7 +17,7 @@ from transformers import (
 
 from decoding.errors import OverloadedError
 from decoding.fast import CacheFullError, FastDecoder, StaticKVCache, StaticRunner, supports
-from decoding.fast.model import rope_theta
+from decoding.fast.model import Linear, can_pack_weights, rope_theta
 from decoding.params import SamplingParams
 from decoding.speculative import SequenceState, speculative_step
 from tests.tiny_models import make_tiny_model
@@ -81,12 +82,48 @@ def random_tokens(n: int, seed: int) -> list[int]:
 
 
 def test_weights_are_referenced_not_copied(model) -> None:
-    decoder = FastDecoder(model)
+    decoder = FastDecoder(model, pack_weights=False)
     assert decoder.embed is model.model.embed_tokens.weight
-    assert decoder.lm_head[0] is model.lm_head.weight
-    assert decoder.layers[0].q[0] is model.model.layers[0].self_attn.q_proj.weight
+    assert decoder.lm_head.weight is model.lm_head.weight
+    assert decoder.layers[0].q.weight is model.model.layers[0].self_attn.q_proj.weight
+    assert decoder.layers[0].q.packed is None
     if model.config.tie_word_embeddings:
-        assert decoder.lm_head[0].data_ptr() == decoder.embed.data_ptr()
+        assert decoder.lm_head.weight.data_ptr() == decoder.embed.data_ptr()
+
+
+def test_weights_are_prepacked_where_onednn_can() -> None:
+    assert FastDecoder(qwen2(0)).packed_weights == can_pack_weights(
+        torch.device("cpu"), torch.float32
+    )
+    assert not can_pack_weights(torch.device("cpu"), torch.bfloat16)
+    assert not can_pack_weights(torch.device("meta"), torch.float32)
+
+
+@pytest.mark.skipif(
+    not can_pack_weights(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch"
+)
+@pytest.mark.parametrize("rows", [(1, 1), (1, 4), (3, 2), (2, 9)])
+def test_prepacked_linear_equals_f_linear(rows: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    module = torch.nn.Linear(48, 80, bias=True)
+    x = torch.randn(*rows, 48)
+    packed, plain = Linear(module, pack=True), Linear(module, pack=False)
+    assert packed.packed is not None and plain.packed is None
+    torch.testing.assert_close(packed(x), F.linear(x, module.weight, module.bias))
+    torch.testing.assert_close(plain(x), F.linear(x, module.weight, module.bias), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefill_and_decode_packed_or_not(model, pack: bool) -> None:
+    if pack and not can_pack_weights(torch.device("cpu"), torch.float32):
+        pytest.skip("no oneDNN in this torch")
+    tokens = random_tokens(12, seed=11)
+    runner = StaticRunner(model, num_slots=1, max_len=32, pack_weights=pack)
+    assert runner.decoder.packed_weights == pack
+    sequence = runner.new_sequence()
+    steps = [sequence.forward(tokens[:5], num_logits=5)]
+    steps += [sequence.forward(tokens[5:9], num_logits=4), sequence.forward(tokens[9:], 3)]
+    torch.testing.assert_close(torch.cat(steps), reference_logits(model, tokens), rtol=0, atol=ATOL)
 
 
 def test_prefill(model) -> None:
