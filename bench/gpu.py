@@ -120,6 +120,8 @@ class GpuBenchConfig:
     copy_mib: int = 1024
     max_context: int = 0  # the engine's max_context (cache slot length); 0 = its default
     seed: int = 0
+    compile: str = "auto"  # the engine's torch.compile of the fast path: auto (CUDA), on, off
+    profile: bool = False  # profile a controlled-α run of the first target (torch.profiler)
 
     def sizes(self) -> tuple[Shape, dict[str, Shape], int]:
         if self.quick:
@@ -356,6 +358,10 @@ def run_engine(
     records = [step for h in handles for step in h.timeline.steps]
     gammas = Counter(step.gamma for step in records)
     steps = sum(gammas.values())
+    # Where a step's time goes: drafting, verifying (+ accepting), and the rest of the engine's
+    # loop (scheduling, detokenizing, handing chunks to asyncio), per step, in ms.
+    draft_ms = sum(step.draft_s for step in records) * 1e3 / max(steps, 1)
+    verify_ms = sum(step.verify_s for step in records) * 1e3 / max(steps, 1)
     # Per-token acceptance (Leviathan's α, what ControlledProposer sets): accepted draft tokens
     # over the draft tokens the target actually judged (the accepted ones, plus the first
     # rejected one of each step that rejected). accepted/drafted also counts the tokens after
@@ -374,6 +380,10 @@ def run_engine(
         "gamma_mean": sum(g * k for g, k in gammas.items()) / steps if steps else None,
         "gamma_mode": gammas.most_common(1)[0][0] if gammas else None,
         "gamma_hist": {str(g): k for g, k in sorted(gammas.items())},
+        "steps": steps,
+        "step_ms": seconds * 1e3 / max(steps, 1) if not concurrent else None,
+        "step_draft_ms": draft_ms,
+        "step_verify_ms": verify_ms,
         "outputs": outputs,
     }
 
@@ -418,6 +428,8 @@ def engine_config(cfg: GpuBenchConfig) -> Any:
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     if cfg.max_context and "max_context" in names:
         options["max_context"] = cfg.max_context
+    if "compile" in names:
+        options["compile"] = {"auto": None, "on": True, "off": False}[cfg.compile]
     return EngineConfig(**options)
 
 
@@ -512,6 +524,10 @@ def bench_target(
         for ids, continuation in zip(prompts, off["outputs"], strict=True):
             oracle.add(ids, continuation, first=True)
         save()
+        if cfg.profile and not profiled:
+            profiled.append(key)
+            section["profile"] = profile_run(engine, key, prompts, cfg, oracle)
+            save()
         for alpha in cfg.alphas:
             if not budget.allows(f"{key}/tandem_alpha_{alpha:g}"):
                 break
@@ -522,6 +538,41 @@ def bench_target(
     finally:
         engine.close()
     return oracle, costs
+
+
+profiled: list[str] = []  # the target already profiled (one is enough)
+
+
+def profile_run(
+    engine: Engine, key: str, prompts: list[list[int]], cfg: GpuBenchConfig, oracle: GreedyOracle
+) -> str:
+    """One prompt, 32 tokens, adaptive γ at controlled α = 0.7, under ``torch.profiler``: the
+    operators and kernels by device time and by host time, to ``profile_<key>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    log(f"{key}: profiling a controlled run (α = 0.7)")
+    engine.proposer = ControlledProposer(
+        oracle, 0.7, engine.pair.target.vocab_size, seed=cfg.seed + 2
+    )
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        run = run_engine(engine, prompts[:1], 32, None, oracle=oracle, warmup_tokens=4)
+    averages = prof.key_averages()
+    sections = [f"{key}: {run['steps']} steps, {run['tokens_per_s']:.1f} tok/s, step "
+                f"{run['step_ms']:.2f} ms (draft {run['step_draft_ms']:.2f}, verify "
+                f"{run['step_verify_ms']:.2f})"]
+    for sort in ("self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            sections.append(f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=30))
+        except (KeyError, AttributeError, RuntimeError) as exc:  # no CUDA events on a CPU
+            sections.append(f"sorted by {sort}: unavailable ({exc})")
+    text = "\n\n".join(sections)
+    path = cfg.out / f"profile_{key}.txt"
+    path.write_text(text + "\n")
+    log(f"profile written to {path}: {sections[0]}")
+    return path.name
 
 
 def controlled_run(
@@ -814,7 +865,8 @@ def format_table(results: dict[str, Any]) -> str:
         f" ms, {results['config']['max_new_tokens']} new tokens x {results['config']['prompts']}"
         f" prompts (HF: {results['config']['hf_prompts'] or 'all'}), greedy, batch 1",
         "(α meas: per-token acceptance; MAL: tokens per target pass; =HF / =off: output equals"
-        " HF's target-alone greedy / Tandem's speculation-off output)",
+        " HF's target-alone greedy / Tandem's speculation-off output; step ms: wall time per"
+        " step, of it drafting + verifying)",
     ]
     for section in results["targets"].values():
         costs = section.get("costs") or {}
@@ -825,7 +877,7 @@ def format_table(results: dict[str, Any]) -> str:
             f" c = {_fmt(costs.get('c'), '.2f')}, target step {_fmt(target_ms, '.2f')} ms"
         )
         lines.append(f"  {'method':<20}{'tok/s':>9}{'% limit':>9}{'x off':>7}{'α meas':>8}"
-                     f"{'γ mean':>8}{'MAL':>6}{'=HF':>5}{'=off':>5}")
+                     f"{'γ mean':>8}{'MAL':>6}{'=HF':>5}{'=off':>5}  step ms (draft+verify)")
         off = _method(section, "tandem_off")
         for row in section.get("rows", []):
             vs_off = row["tokens_per_s"] / off["tokens_per_s"] if off else None
@@ -838,6 +890,8 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{_fmt(row.get('gamma_mean'), '.2f'):>8}"
                 f"{_fmt(row.get('mean_accepted_length'), '.2f'):>6}"
                 f"{_yes(equal):>5}{_yes(row.get('equals_tandem_off')):>5}"
+                f"  {_fmt(row.get('step_ms'), '.2f')} ({_fmt(row.get('step_draft_ms'), '.2f')}"
+                f"+{_fmt(row.get('step_verify_ms'), '.2f')})"
             )
     concurrency = results.get("concurrency") or {}
     if concurrency.get("runs"):
@@ -918,6 +972,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=int(_env("max_context", d.max_context)),
                    help="the engine's max_context (static cache slot length); 0: its default")
     p.add_argument("--seed", type=int, default=int(_env("seed", d.seed)))
+    p.add_argument("--compile", choices=("auto", "on", "off"), default=_env("compile", d.compile),
+                   help="torch.compile of the fast path's elementwise parts (auto: on CUDA)")
+    p.add_argument("--profile", action="store_true",
+                   default=_env("profile", "") not in ("", "0", "false"),
+                   help="profile a controlled run of the first target into profile_<key>.txt")
     return p
 
 
@@ -946,6 +1005,8 @@ def config_from_args(args: argparse.Namespace) -> GpuBenchConfig:
         max_context=args.max_context,
         fixed_gamma=args.fixed_gamma,
         seed=args.seed,
+        compile=args.compile,
+        profile=bool(args.profile),
     )
 
 

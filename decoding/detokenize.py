@@ -14,10 +14,21 @@ REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
+    """Decodes a window of the last few tokens per step, not the whole output (vLLM's and TGI's
+    prefix/read offsets): the text of ``ids[prefix:read]`` was already emitted, so the new text
+    is what decoding ``ids[prefix:]`` adds to it. The window starts a few tokens back so that
+    tokenizers whose decoding of a token depends on its left neighbour (SentencePiece's leading
+    space) decode both texts alike. A step's text is final only when it does not end in an
+    incomplete UTF-8 sequence; until then the window keeps its tokens."""
+
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
         self._tokenizer = tokenizer
         self._stop = stop
         self._ids: list[int] = []
+        self._prefix = 0  # the window starts here
+        self._read = 0  # ids[:read] are final: their text is _final
+        self._prefix_text = ""  # decode(ids[prefix:read])
+        self._final = ""
         self._text = ""  # decoded text of every id so far, cut at a stop string
         self._emitted = 0  # characters of _text already returned
         self.stopped = False
@@ -26,12 +37,25 @@ class IncrementalDetokenizer:
     def text(self) -> str:
         return self._text
 
+    def _decode(self, ids: list[int]) -> str:
+        return str(
+            self._tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        )
+
     def add(self, token_id: int) -> bool:
         """Add one token; return True when it completes a stop string (text is cut before it)."""
         self._ids.append(token_id)
-        text = self._tokenizer.decode(
-            self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        window = self._decode(self._ids[self._prefix :])
+        if window.startswith(self._prefix_text):
+            text = self._final + window[len(self._prefix_text) :]
+        else:  # a tokenizer whose window decodes differently: decode everything
+            text = self._decode(self._ids)
+        if not text.endswith(REPLACEMENT) and len(text) > len(self._final):
+            self._final = text
+            self._prefix, self._read = self._read, len(self._ids)
+            self._prefix_text = self._decode(self._ids[self._prefix : self._read])
         # Only a match ending in the new text is new. The previous text's trailing U+FFFD were
         # incomplete bytes that this token may have completed, so they do not count as seen.
         seen = len(self._text.rstrip(REPLACEMENT))

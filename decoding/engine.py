@@ -59,6 +59,9 @@ class EngineConfig:
     fast_path: str = "auto"
     # Longest sequence (prompt + output) on the fast path; sizes the preallocated cache slots.
     max_context: int = 4096
+    # Fuse each layer's elementwise parts with torch.compile on the fast path (None: on CUDA,
+    # where CUDA graphs replay them; a CPU forward is bound by reading weights, not launches).
+    compile: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class Engine:
             # Room for a verify step (γ+1) and the padding of a batched draft catch-up.
             slot_len = context_window + config.max_speculative_tokens + 2
             graphs = pair.device.type == "cuda"
+            compile_ = graphs if config.compile is None else config.compile
             # One CUDA graph per shape a step uses: every batch size up to the concurrency limit
             # (padded to a power of two), the target at every verify width, the draft at one
             # token and at a two-token catch-up. Other shapes run eagerly.
@@ -126,11 +130,11 @@ class Engine:
             verify_widths = tuple(range(1, config.max_speculative_tokens + 2))
             self.target = StaticRunner(
                 pair.target.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,
-                graph_batch_sizes=batches, graph_widths=verify_widths,
+                graph_batch_sizes=batches, graph_widths=verify_widths, compile=compile_,
             )
             self.draft = StaticRunner(
                 pair.draft.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,
-                graph_batch_sizes=batches, graph_widths=(1, 2),
+                graph_batch_sizes=batches, graph_widths=(1, 2), compile=compile_,
             )
         else:
             self.target = ModelRunner(pair.target.model)

@@ -16,6 +16,8 @@ forward of that row overwrites them before any query can attend to them).
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,17 +80,81 @@ class Linear:
     The packed copy is extra memory (one more copy of the weight); the HF module keeps its own.
     """
 
-    __slots__ = ("bias", "packed", "weight")
-
-    def __init__(self, module: torch.nn.Module, pack: bool) -> None:
-        self.weight: torch.Tensor = module.weight  # type: ignore[assignment]
-        self.bias: torch.Tensor | None = module.bias  # type: ignore[assignment]
-        self.packed: torch.Tensor | None = _pack(self.weight) if pack else None
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, keep: bool = True
+    ) -> None:
+        """``keep=False`` (with ``pack``): hold only the packed copy, not ``weight``."""
+        self.packed: torch.Tensor | None = _pack(weight) if pack else None
+        self.weight: torch.Tensor | None = weight if keep or not pack else None
+        self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        assert self.weight is not None
         return F.linear(x, self.weight, self.bias)
+
+
+@torch.no_grad()
+def _concatenated(
+    modules: Sequence[torch.nn.Module],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weights: list[torch.Tensor] = [module.weight for module in modules]  # type: ignore[misc]
+    return torch.cat(weights), _concatenated_bias(modules, weights)
+
+
+def _concatenated_bias(
+    modules: Sequence[torch.nn.Module], weights: Sequence[torch.Tensor]
+) -> torch.Tensor | None:
+    """The modules' biases end to end (zeros for a module without one); None if none has one."""
+    biases: list[torch.Tensor | None] = [module.bias for module in modules]  # type: ignore[misc]
+    if all(bias is None for bias in biases):
+        return None
+    return torch.cat(
+        [
+            bias.detach() if bias is not None else weight.new_zeros(weight.shape[0])
+            for bias, weight in zip(biases, weights, strict=True)
+        ]
+    )
+
+
+@torch.no_grad()
+def fuse_linears(modules: Sequence[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for linear layers that read the same input: theirs, concatenated
+    along the output dimension. Each module's own parameter becomes a view of its rows of the
+    fused tensor, so the fusion costs no memory and the module computes what it did before.
+    Calling it again on the same modules returns the same fused tensors."""
+    weights: list[torch.Tensor] = [module.weight for module in modules]  # type: ignore[misc]
+    fused_weight = _FUSED.get(modules[0])
+    if fused_weight is None or not _rows_of(fused_weight, weights):
+        fused_weight = torch.cat([weight.detach() for weight in weights])
+        _rebind(modules, "weight", fused_weight)
+        _FUSED[modules[0]] = fused_weight
+    return fused_weight, _concatenated_bias(modules, weights)
+
+
+_FUSED: weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
+"""The fused weight made for a group of modules, by its first module: a second decoder on the
+same model reuses it rather than fusing (and holding) a copy of its own."""
+
+
+def _rows_of(fused: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether ``weights`` are still consecutive row blocks of ``fused``."""
+    row = 0
+    for weight in weights:
+        if row >= fused.shape[0] or weight.data_ptr() != fused[row].data_ptr():
+            return False
+        row += weight.shape[0]
+    return row == fused.shape[0]
+
+
+def _rebind(modules: Sequence[torch.nn.Module], name: str, fused: torch.Tensor) -> None:
+    rows = 0
+    for module in modules:
+        parameter = getattr(module, name)
+        count = parameter.shape[0]
+        parameter.data = fused[rows : rows + count]
+        rows += count
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -114,16 +180,14 @@ def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
 
 @dataclass(frozen=True)
 class _Layer:
-    """References to one decoder layer's parameters (biases are None where absent)."""
+    """One decoder layer's parameters: q, k and v as one fused linear, gate and up as another
+    (see :func:`fuse_linears`)."""
 
     input_norm: torch.Tensor
-    q: Linear
-    k: Linear
-    v: Linear
+    qkv: Linear
     o: Linear
     post_norm: torch.Tensor
-    gate: Linear
-    up: Linear
+    gate_up: Linear
     down: Linear
 
 
@@ -134,10 +198,65 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * hidden.to(x.dtype)
 
 
+def _add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual ``x + delta`` and its RMS norm."""
+    x = x + delta
+    return x, _rms_norm(x, weight, eps)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def _split_rotate(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused projection [N, (H + 2 Hkv) D] split into q [N, H, D] and k [N, Hkv, D], both
+    rotated (cos, sin: [N, 1, D]), and v [N, Hkv, D]."""
+    tokens = qkv.shape[0]
+    query, key, value = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    query = _rotate(query.reshape(tokens, heads, dim), cos, sin)
+    key = _rotate(key.reshape(tokens, kv_heads, dim), cos, sin)
+    return query, key, value.reshape(tokens, kv_heads, dim)
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class _Pointwise:
+    """The elementwise parts of a layer, which run as many small kernels each when eager; on a
+    GPU ``torch.compile`` fuses each into one or two (the matrix products and attention stay
+    as they are). Either way the same functions run."""
+
+    rms_norm: Callable[..., torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    split_rotate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    silu_mul: Callable[..., torch.Tensor]
+
+    @classmethod
+    def eager(cls) -> _Pointwise:
+        return cls(_rms_norm, _add_rms_norm, _split_rotate, _silu_mul)
+
+    @classmethod
+    def compiled(cls) -> _Pointwise:
+        # Each function is compiled once per model (the head counts are constants) and size
+        # class (one token or more); leave room for a few models in one process.
+        config: Any = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 64))
+
+        def compile_(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return torch.compile(fn, fullgraph=True, dynamic=True)
+
+        return cls(*(compile_(fn) for fn in (_rms_norm, _add_rms_norm, _split_rotate, _silu_mul)))
 
 
 @dataclass(frozen=True)
@@ -162,9 +281,13 @@ class _Placement:
 class FastDecoder:
     """``forward(tokens, slots, starts, cache, num_logits)`` over a loaded HF model's weights."""
 
-    def __init__(self, model: PreTrainedModel, pack_weights: bool | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, pack_weights: bool | None = None, compile: bool = False
+    ) -> None:
         """``pack_weights``: prepack the linear weights for oneDNN (see :class:`Linear`); None
-        means wherever :func:`can_pack_weights` says it works (CPU, float32)."""
+        means wherever :func:`can_pack_weights` says it works (CPU, float32). ``compile``: fuse
+        the elementwise parts of each layer with ``torch.compile`` (for GPUs; compiling happens
+        at each new shape's first call, so warm up before timing or capturing graphs)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise NotImplementedError(f"FastDecoder cannot run this model: {reason}")
@@ -181,26 +304,30 @@ class FastDecoder:
         if pack_weights is None:
             pack_weights = can_pack_weights(self.device, self.dtype)
         self.packed_weights = pack_weights
+        self.pointwise = _Pointwise.compiled() if compile else _Pointwise.eager()
 
-        def _linear(module: torch.nn.Module) -> Linear:
-            return Linear(module, pack_weights)
+        def linear(*modules: torch.nn.Module) -> Linear:
+            if len(modules) == 1:
+                return Linear(modules[0].weight, modules[0].bias, pack_weights)  # type: ignore[arg-type]
+            if pack_weights:  # one packed copy of the concatenation; the modules keep theirs,
+                # which a memory-mapped checkpoint holds in the page cache, not in process memory
+                weight, bias = _concatenated(modules)
+                return Linear(weight, bias, pack=True, keep=False)
+            return Linear(*fuse_linears(modules), pack=False)
 
         base: Any = model.model
         self.embed: torch.Tensor = base.embed_tokens.weight
         self.norm: torch.Tensor = base.norm.weight
         head: Any = model.lm_head  # type: ignore[attr-defined]
-        self.lm_head = _linear(head)  # the embedding itself when the weights are tied
+        self.lm_head = linear(head)  # the embedding itself when the weights are tied
         self.layers = [
             _Layer(
                 input_norm=layer.input_layernorm.weight,
-                q=_linear(layer.self_attn.q_proj),
-                k=_linear(layer.self_attn.k_proj),
-                v=_linear(layer.self_attn.v_proj),
-                o=_linear(layer.self_attn.o_proj),
+                qkv=linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                o=linear(layer.self_attn.o_proj),
                 post_norm=layer.post_attention_layernorm.weight,
-                gate=_linear(layer.mlp.gate_proj),
-                up=_linear(layer.mlp.up_proj),
-                down=_linear(layer.mlp.down_proj),
+                gate_up=linear(layer.mlp.gate_proj, layer.mlp.up_proj),
+                down=linear(layer.mlp.down_proj),
             )
             for layer in base.layers
         ]
@@ -264,8 +391,8 @@ class FastDecoder:
         kv_len = cache.max_len if kv_len is None else kv_len
         steps = torch.arange(width, device=tokens.device)
         positions = starts[:, None] + steps  # [B, T]
-        freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, head_dim]
+        freqs = positions.reshape(-1, 1).float() * self.inv_freq  # [N = B*T, head_dim/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [N, 1, head_dim]
         rotary = (angles.cos().to(self.dtype), angles.sin().to(self.dtype))  # cos, sin
 
         # GQA without repeating K/V: the G query heads that share a KV head are stacked along
@@ -276,41 +403,46 @@ class FastDecoder:
         mask = key_positions <= query_positions[:, None, :, None]  # [B, 1, G*T, kv_len]
 
         place = _Placement(slots, positions, host_row)
-        x = F.embedding(tokens, self.embed)  # [B, T, hidden]
+        ops = self.pointwise
+        # The residual stream is [N = B*T, hidden]: the elementwise functions then see one
+        # size that varies (1 or more), not two, which halves torch.compile's specialisations.
+        x = F.embedding(tokens.reshape(-1), self.embed)  # [N, hidden]
+        normed = ops.rms_norm(x, self.layers[0].input_norm, self.eps)
         for index, layer in enumerate(self.layers):
-            normed = _rms_norm(x, layer.input_norm, self.eps)
-            x = x + self._attention(index, layer, normed, rotary, place, mask, cache)
-            normed = _rms_norm(x, layer.post_norm, self.eps)
-            gated = F.silu(layer.gate(normed)) * layer.up(normed)
-            x = x + layer.down(gated)
-        return _rms_norm(x, self.norm, self.eps)
+            attended = self._attention(index, layer, normed, rotary, place, mask, cache)
+            x, normed = ops.add_rms_norm(x, attended, layer.post_norm, self.eps)
+            out = layer.down(ops.silu_mul(layer.gate_up(normed)))
+            last = index + 1 == self.num_layers
+            following = self.norm if last else self.layers[index + 1].input_norm
+            x, normed = ops.add_rms_norm(x, out, following, self.eps)
+        return normed.view(*tokens.shape, -1)
 
     def _attention(
         self,
         index: int,
         layer: _Layer,
-        x: torch.Tensor,  # [B, T, hidden], normed
-        rotary: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [B, 1, T, D]
+        x: torch.Tensor,  # [N = B*T, hidden], normed
+        rotary: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [N, 1, D]
         place: _Placement,
         mask: torch.Tensor,  # [B, 1, G*T, kv_len] bool, True = attend
         cache: StaticKVCache,
     ) -> torch.Tensor:
-        batch, width, _ = x.shape
+        batch, width = place.positions.shape
         kv_len = mask.shape[-1]
-        cos, sin = rotary
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        query = layer.q(x).view(batch, width, heads, dim).transpose(1, 2)
-        key = layer.k(x).view(batch, width, kv_heads, dim).transpose(1, 2)
-        value = layer.v(x).view(batch, width, kv_heads, dim)
-        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)  # [B, H(kv), T, D]
+        query, key, value = self.pointwise.split_rotate(
+            layer.qkv(x), *rotary, heads, kv_heads, dim
+        )  # [N, H, D], [N, Hkv, D], [N, Hkv, D]
+        query = query.view(batch, width, heads, dim).transpose(1, 2)  # [B, H, T, D]
 
-        row_keys = place.store(cache.keys[index], key.transpose(1, 2), kv_len)
-        row_values = place.store(cache.values[index], value, kv_len)
+        row_keys = place.store(cache.keys[index], key.view(batch, width, kv_heads, dim), kv_len)
+        row_values = place.store(
+            cache.values[index], value.view(batch, width, kv_heads, dim), kv_len
+        )
 
         # Head h = kv * G + g (transformers' repeat_kv order), so [B, H, T, D] regroups to
         # [B, Hkv, G*T, D] and back without moving any head to another KV head.
         stacked = query.reshape(batch, kv_heads, heads // kv_heads * width, dim)
         out = F.scaled_dot_product_attention(stacked, row_keys, row_values, attn_mask=mask)
         out = out.reshape(batch, heads, width, dim).transpose(1, 2)  # [B, T, H, D]
-        out = out.reshape(batch, width, heads * dim)
-        return layer.o(out)
+        return layer.o(out.reshape(batch * width, heads * dim))

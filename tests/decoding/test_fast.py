@@ -17,7 +17,13 @@ from transformers import (
 
 from decoding.errors import OverloadedError
 from decoding.fast import CacheFullError, FastDecoder, StaticKVCache, StaticRunner, supports
-from decoding.fast.model import Linear, can_pack_weights, rope_theta
+from decoding.fast.model import (
+    Linear,
+    _rms_norm,
+    can_pack_weights,
+    fuse_linears,
+    rope_theta,
+)
 from decoding.params import SamplingParams
 from decoding.speculative import SequenceState, speculative_step
 from tests.tiny_models import make_tiny_model
@@ -85,10 +91,30 @@ def test_weights_are_referenced_not_copied(model) -> None:
     decoder = FastDecoder(model, pack_weights=False)
     assert decoder.embed is model.model.embed_tokens.weight
     assert decoder.lm_head.weight is model.lm_head.weight
-    assert decoder.layers[0].q.weight is model.model.layers[0].self_attn.q_proj.weight
-    assert decoder.layers[0].q.packed is None
+    assert decoder.layers[0].o.weight is model.model.layers[0].self_attn.o_proj.weight
+    assert decoder.layers[0].o.packed is None
     if model.config.tie_word_embeddings:
         assert decoder.lm_head.weight.data_ptr() == decoder.embed.data_ptr()
+    # q, k, v (and gate, up) are one fused weight whose rows the modules' own weights now are.
+    attention, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    qkv, gate_up = decoder.layers[1].qkv.weight, decoder.layers[1].gate_up.weight
+    assert attention.q_proj.weight.data_ptr() == qkv.data_ptr()
+    assert attention.v_proj.weight.data_ptr() == qkv[-attention.v_proj.weight.shape[0]].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == gate_up[mlp.gate_proj.weight.shape[0]].data_ptr()
+    assert FastDecoder(model, pack_weights=False).layers[1].qkv.weight is qkv  # not fused twice
+
+
+def test_fusing_keeps_the_modules_outputs() -> None:
+    torch.manual_seed(0)
+    modules = [torch.nn.Linear(8, 5), torch.nn.Linear(8, 3, bias=False), torch.nn.Linear(8, 4)]
+    x = torch.randn(2, 8)
+    before = [module(x) for module in modules]
+    weight, bias = fuse_linears(modules)
+    assert weight.shape == (12, 8) and bias is not None and bias.shape == (12,)
+    torch.testing.assert_close(bias[5:8], torch.zeros(3))  # the layer without a bias adds 0
+    for module, expected in zip(modules, before, strict=True):
+        torch.testing.assert_close(module(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(F.linear(x, weight, bias), torch.cat(before, dim=-1))
 
 
 def test_weights_are_prepacked_where_onednn_can() -> None:
@@ -107,7 +133,8 @@ def test_prepacked_linear_equals_f_linear(rows: tuple[int, int]) -> None:
     torch.manual_seed(0)
     module = torch.nn.Linear(48, 80, bias=True)
     x = torch.randn(*rows, 48)
-    packed, plain = Linear(module, pack=True), Linear(module, pack=False)
+    packed = Linear(module.weight, module.bias, pack=True)
+    plain = Linear(module.weight, module.bias, pack=False)
     assert packed.packed is not None and plain.packed is None
     torch.testing.assert_close(packed(x), F.linear(x, module.weight, module.bias))
     torch.testing.assert_close(plain(x), F.linear(x, module.weight, module.bias), rtol=0, atol=0)
@@ -287,3 +314,29 @@ def test_unsupported_models_are_refused_clearly() -> None:
     scaled = LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(NotImplementedError, match="'linear'"):
         rope_theta(scaled)
+
+
+def test_compiled_pointwise_equals_eager() -> None:
+    """torch.compile (inductor; on this CPU it generates C++) of each layer's elementwise parts:
+    one full graph each (fullgraph=True raises on a break), the same logits as transformers for
+    prefill, decode, verify widths and a ragged batch, without a compile per shape."""
+    torch._dynamo.reset()
+    model = qwen2(0)
+    runner = StaticRunner(model, num_slots=2, max_len=32, pack_weights=False, compile=True)
+    assert runner.decoder.pointwise.rms_norm is not _rms_norm
+    first, second = runner.new_sequence(), runner.new_sequence()
+    tokens = random_tokens(14, seed=21)
+    logits = [first.forward(tokens[:7], num_logits=7), first.forward(tokens[7:8])]
+    logits.append(first.forward(tokens[8:11], num_logits=3))
+    torch.testing.assert_close(
+        torch.cat(logits), reference_logits(model, tokens[:11]), rtol=0, atol=ATOL
+    )
+    other = random_tokens(6, seed=22)
+    second.forward(other[:4])
+    first_rows, second_rows = runner.forward_batch(
+        [first, second], [tokens[11:14], other[4:6]], [3, 2]
+    )
+    torch.testing.assert_close(first_rows, reference_logits(model, tokens)[11:], rtol=0, atol=ATOL)
+    torch.testing.assert_close(second_rows, reference_logits(model, other)[4:], rtol=0, atol=ATOL)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 4 <= frames <= 8, frames  # 4 functions, each at most once more for one token
