@@ -46,6 +46,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -474,9 +475,11 @@ def bench_target(
     budget: Budget,
     save: Callable[[], None],
     section: dict[str, Any],
+    profile: bool = False,
 ) -> tuple[GreedyOracle, Any]:
     """Fill ``section`` for one target; return its oracle (the target's greedy paths) and the
-    engine's measured costs (None when the Tandem runs were skipped)."""
+    engine's measured costs (None when the Tandem runs were skipped). ``profile``: also run
+    :func:`profile_run` after speculation off."""
     from decoding.engine import Engine
 
     n = cfg.max_new_tokens
@@ -524,8 +527,7 @@ def bench_target(
         for ids, continuation in zip(prompts, off["outputs"], strict=True):
             oracle.add(ids, continuation, first=True)
         save()
-        if cfg.profile and not profiled:
-            profiled.append(key)
+        if profile:
             section["profile"] = profile_run(engine, key, prompts, cfg, oracle)
             save()
         for alpha in cfg.alphas:
@@ -538,9 +540,6 @@ def bench_target(
     finally:
         engine.close()
     return oracle, costs
-
-
-profiled: list[str] = []  # the target already profiled (one is enough)
 
 
 def profile_run(
@@ -557,13 +556,20 @@ def profile_run(
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    options: dict[str, Any] = {}
+    try:  # the steps run on the engine's worker thread, which plain profiling does not see
+        from torch._C._profiler import _ExperimentalConfig
+
+        options["experimental_config"] = _ExperimentalConfig(profile_all_threads=True)
+    except (ImportError, TypeError):  # an older torch: device kernels only
+        pass
+    with profile(activities=activities, **options) as prof:
         run = run_engine(engine, prompts[:1], 32, None, oracle=oracle, warmup_tokens=4)
     averages = prof.key_averages()
     sections = [f"{key}: {run['steps']} steps, {run['tokens_per_s']:.1f} tok/s, step "
                 f"{run['step_ms']:.2f} ms (draft {run['step_draft_ms']:.2f}, verify "
                 f"{run['step_verify_ms']:.2f})"]
-    for sort in ("self_cuda_time_total", "self_cpu_time_total"):
+    for sort in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
         try:
             sections.append(f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=30))
         except (KeyError, AttributeError, RuntimeError) as exc:  # no CUDA events on a CPU
@@ -735,7 +741,17 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
         pair = make_pair(target, draft, (shape.name, draft_shape.name), vocab)
         section: dict[str, Any] = {"shape": asdict(shape)}
         results["targets"][key] = section
-        oracle, costs = bench_target(key, pair, prompts, cfg, bytes_per_s, budget, save, section)
+        try:
+            profile = cfg.profile and not any("profile" in s for s in results["targets"].values())
+            oracle, costs = bench_target(
+                key, pair, prompts, cfg, bytes_per_s, budget, save, section, profile
+            )
+        except Exception as exc:  # one target's failure must not lose the others' figures
+            log(f"{key} failed: {exc!r}\n{traceback.format_exc()}")
+            section["error"] = repr(exc)
+            save()
+            del pair, target
+            continue
         if section.get("costs") and "draft_step_ms" not in results["draft"]:
             results["draft"]["draft_step_ms"] = section["costs"]["draft_step_ms"]
         save()
@@ -749,7 +765,13 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
     if kept is not None and "concurrency" not in cfg.skip and cfg.concurrency:
         pair, oracle, costs = kept
         results["concurrency"] = {"target": concurrency_key}
-        bench_concurrency(pair, prompts, oracle, cfg, costs, budget, save, results["concurrency"])
+        try:
+            bench_concurrency(
+                pair, prompts, oracle, cfg, costs, budget, save, results["concurrency"]
+            )
+        except Exception as exc:
+            log(f"concurrency failed: {exc!r}\n{traceback.format_exc()}")
+            results["concurrency"]["error"] = repr(exc)
     results["plots"] = [str(p.name) for p in write_plots(results, cfg.out)]
     save()
     return results
@@ -878,6 +900,8 @@ def format_table(results: dict[str, Any]) -> str:
         )
         lines.append(f"  {'method':<20}{'tok/s':>9}{'% limit':>9}{'x off':>7}{'α meas':>8}"
                      f"{'γ mean':>8}{'MAL':>6}{'=HF':>5}{'=off':>5}  step ms (draft+verify)")
+        if section.get("error"):
+            lines.append(f"  failed: {section['error']}")
         off = _method(section, "tandem_off")
         for row in section.get("rows", []):
             vs_off = row["tokens_per_s"] / off["tokens_per_s"] if off else None
@@ -905,6 +929,8 @@ def format_table(results: dict[str, Any]) -> str:
                 lines.append(f"  {mode:<12}" + "".join(
                     f"{_fmt(by_level[n]['tokens_per_s'] if n in by_level else None):>9}"
                     for n in levels))
+    if concurrency.get("error"):
+        lines.append(f"  concurrency failed: {concurrency['error']}")
     if results.get("skipped"):
         lines.append(f"\nskipped (time budget): {', '.join(results['skipped'])}")
     lines.append(f"elapsed {results.get('elapsed_s', 0):.0f} s")

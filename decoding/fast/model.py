@@ -16,6 +16,7 @@ forward of that row overwrites them before any query can attend to them).
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from decoding.fast.cache import StaticKVCache
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -258,6 +261,19 @@ class _Pointwise:
 
         return cls(*(compile_(fn) for fn in (_rms_norm, _add_rms_norm, _split_rotate, _silu_mul)))
 
+    def smoke_test(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Run each function once on small inputs (compiling them, when compiled): raises
+        here, at start-up, if this machine cannot compile them."""
+        with torch.inference_mode():
+            x = torch.ones(2, 8, device=device, dtype=dtype)
+            weight = torch.ones(8, device=device, dtype=dtype)
+            self.rms_norm(x, weight, 1e-6)
+            self.add_rms_norm(x, x, weight, 1e-6)
+            self.silu_mul(x)
+            angles = torch.zeros(2, 1, 4, device=device, dtype=dtype)
+            self.split_rotate(torch.ones(2, 16, device=device, dtype=dtype), angles, angles, 2,
+                              1, 4)
+
 
 @dataclass(frozen=True)
 class _Placement:
@@ -304,7 +320,15 @@ class FastDecoder:
         if pack_weights is None:
             pack_weights = can_pack_weights(self.device, self.dtype)
         self.packed_weights = pack_weights
-        self.pointwise = _Pointwise.compiled() if compile else _Pointwise.eager()
+        self.pointwise = _Pointwise.eager()
+        if compile:
+            try:
+                compiled = _Pointwise.compiled()
+                compiled.smoke_test(self.device, self.dtype)
+                self.pointwise = compiled
+            except Exception as exc:  # any failure to compile: run eagerly
+                log.warning("torch.compile failed here, so the fast path runs eagerly: %r", exc)
+        self.compiled = self.pointwise.rms_norm is not _rms_norm
 
         def linear(*modules: torch.nn.Module) -> Linear:
             if len(modules) == 1:

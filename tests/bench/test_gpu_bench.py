@@ -132,7 +132,7 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
     out = tmp_path / "gpu"
     assert gpu.main([
         "--quick", "--out", str(out), "--prompts", "2", "--max-new-tokens", "16",
-        "--fixed-gamma", "3", "--concurrency", "1,2,4", "--budget-s", "600",
+        "--fixed-gamma", "3", "--concurrency", "1,2,4", "--budget-s", "600", "--profile",
     ]) == 0
     results = json.loads((out / gpu.RESULTS_JSON).read_text())
     assert results["skipped"] == []
@@ -157,8 +157,15 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
             assert rows[name]["gamma"] == "adaptive"
             assert rows[name]["gamma_mean"] is not None
             assert "speedup_vs_off" in rows[name] and "predicted_speedup" in rows[name]
+        assert rows["tandem_off"]["step_ms"] > rows["tandem_off"]["step_verify_ms"] > 0
+        assert rows["tandem_off"]["step_draft_ms"] < 0.2 * rows["tandem_off"]["step_verify_ms"]
+        assert rows["tandem_alpha_0.9"]["step_draft_ms"] > 0
         assert rows["tandem_alpha_0_g3"]["measured_alpha"] == 0.0
         assert rows["tandem_alpha_0.9_g3"]["measured_alpha"] > 0.6
+    profile = (out / results["targets"]["tiny-s"]["profile"]).read_text()  # the first target's
+    assert "tiny-s:" in profile and "sorted by self_cpu_time_total" in profile
+    assert "aten::" in profile  # the operators the engine's worker ran were recorded
+    assert "profile" not in results["targets"]["tiny-l"]
     concurrency = results["concurrency"]
     assert concurrency["target"] == "tiny-s"
     levels = {(run["mode"], run["concurrency"]) for run in concurrency["runs"]}
