@@ -31,7 +31,8 @@ class StaticRunner:
     ``cuda_graphs=True`` (CUDA only) captures one graph per (batch size, width) in
     ``graph_batch_sizes`` x ``graph_widths`` and replays it for batches that fit (padded up to
     the next captured batch size); anything else runs eagerly. See :mod:`decoding.fast.graphs`.
-    ``pack_weights`` and ``compile`` go to :class:`~decoding.fast.model.FastDecoder`.
+    ``pack_weights``, ``compile`` and ``matmul_attention`` go to
+    :class:`~decoding.fast.model.FastDecoder`.
     """
 
     def __init__(
@@ -45,9 +46,12 @@ class StaticRunner:
         graph_widths: Sequence[int] = (1,),
         pack_weights: bool | None = None,
         compile: bool = False,
+        matmul_attention: bool | None = None,
     ) -> None:
         self.model = model
-        self.decoder = FastDecoder(model, pack_weights, compile=compile)
+        self.decoder = FastDecoder(
+            model, pack_weights, compile=compile, matmul_attention=matmul_attention
+        )
         self.device = self.decoder.device
         # One extra slot for the padding rows of graphed batches.
         self.cache = self.decoder.new_cache(num_slots + int(cuda_graphs), max_len)

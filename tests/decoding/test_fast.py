@@ -140,17 +140,33 @@ def test_prepacked_linear_equals_f_linear(rows: tuple[int, int]) -> None:
     torch.testing.assert_close(plain(x), F.linear(x, module.weight, module.bias), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_prefill_and_decode_packed_or_not(model, pack: bool) -> None:
+@pytest.mark.parametrize(
+    ("pack", "matmul_attention"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_prefill_decode_and_a_ragged_batch_by_variant(
+    model, pack: bool, matmul_attention: bool
+) -> None:
+    """Prepacked weights or not, SDPA or the matmul attention (the CUDA default): the same
+    logits as transformers, alone and in a ragged batch of two."""
     if pack and not can_pack_weights(torch.device("cpu"), torch.float32):
         pytest.skip("no oneDNN in this torch")
     tokens = random_tokens(12, seed=11)
-    runner = StaticRunner(model, num_slots=1, max_len=32, pack_weights=pack)
+    runner = StaticRunner(
+        model, num_slots=2, max_len=32, pack_weights=pack, matmul_attention=matmul_attention
+    )
     assert runner.decoder.packed_weights == pack
+    assert runner.decoder.matmul_attention == matmul_attention
     sequence = runner.new_sequence()
     steps = [sequence.forward(tokens[:5], num_logits=5)]
     steps += [sequence.forward(tokens[5:9], num_logits=4), sequence.forward(tokens[9:], 3)]
     torch.testing.assert_close(torch.cat(steps), reference_logits(model, tokens), rtol=0, atol=ATOL)
+    other = random_tokens(9, seed=12)
+    neighbour = runner.new_sequence()
+    neighbour.forward(other[:6])
+    sequence.rollback(10)
+    mine, theirs = runner.forward_batch([sequence, neighbour], [tokens[10:], other[6:]], [2, 3])
+    torch.testing.assert_close(mine, reference_logits(model, tokens)[10:], rtol=0, atol=ATOL)
+    torch.testing.assert_close(theirs, reference_logits(model, other)[6:], rtol=0, atol=ATOL)
 
 
 def test_prefill(model) -> None:
@@ -318,11 +334,14 @@ def test_unsupported_models_are_refused_clearly() -> None:
 
 def test_compiled_pointwise_equals_eager() -> None:
     """torch.compile (inductor; on this CPU it generates C++) of each layer's elementwise parts:
-    one full graph each (fullgraph=True raises on a break), the same logits as transformers for
+    one full graph each (fullgraph=True raises on a break), with the matmul attention (whose
+    masked softmax is one of them), the same logits as transformers for
     prefill, decode, verify widths and a ragged batch, without a compile per shape."""
     torch._dynamo.reset()
     model = qwen2(0)
-    runner = StaticRunner(model, num_slots=2, max_len=32, pack_weights=False, compile=True)
+    runner = StaticRunner(
+        model, num_slots=2, max_len=32, pack_weights=False, compile=True, matmul_attention=True
+    )
     assert runner.decoder.compiled and runner.decoder.pointwise.rms_norm is not _rms_norm
     first, second = runner.new_sequence(), runner.new_sequence()
     tokens = random_tokens(14, seed=21)
@@ -339,7 +358,7 @@ def test_compiled_pointwise_equals_eager() -> None:
     torch.testing.assert_close(first_rows, reference_logits(model, tokens)[11:], rtol=0, atol=ATOL)
     torch.testing.assert_close(second_rows, reference_logits(model, other)[4:], rtol=0, atol=ATOL)
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert compiled >= 4  # the four functions, each at least once
+    assert compiled >= 5  # the five functions, each at least once
     # New widths and batch sizes reuse what was compiled: sizes are symbolic.
     first.rollback(9)
     second.rollback(3)
