@@ -657,8 +657,8 @@ def bench_concurrency(
                 save()
     finally:
         engine.close()
-    # Requests stepped in one batched step draft with the draft model itself where the engine
-    # does not call a per-request proposer there, so α is what was measured, not what was set.
+    # Steps drafted alone (a request with no other ready beside it); in batched steps the
+    # proposer picks each position's token inside the batched drafting loop (``choose``).
     section["proposer_steps"] = proposer.stats.steps
 
 

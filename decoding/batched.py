@@ -10,6 +10,7 @@ request's tokens are exactly what it would get alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -27,15 +28,21 @@ class BatchRunner(Protocol):
     ) -> list[torch.Tensor]: ...
 
 
+Choose = Callable[[SequenceState, int], int]
+"""``choose(state, position)``: the token to propose at a draft position in place of the draft
+model's own (a benchmark's controlled-acceptance proposer); the draft forwards still run."""
+
+
 def speculative_step_batch(
     states: list[SequenceState],
     gammas: list[int],
     draft: BatchRunner,
     target: BatchRunner,
+    choose: Choose | None = None,
 ) -> list[StepResult]:
     """Advance every state by 1..γ_i+1 tokens; both caches of each end holding a prefix of it."""
     start = time.perf_counter()
-    drafts, probs = _propose(states, gammas, draft)
+    drafts, probs = _propose(states, gammas, draft, choose)
     drafted = time.perf_counter()
     fed = [s.tokens[s.target.length :] + d for s, d in zip(states, drafts, strict=True)]
     target_logits = target.forward_batch(
@@ -60,7 +67,7 @@ def speculative_step_batch(
 
 
 def _propose(
-    states: list[SequenceState], gammas: list[int], draft: BatchRunner
+    states: list[SequenceState], gammas: list[int], draft: BatchRunner, choose: Choose | None
 ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
     """Draft position by position; at position j, one forward over the requests with γ > j.
     Returns each request's draft tokens and, when sampling, its per-position probabilities."""
@@ -78,5 +85,6 @@ def _propose(
         ]
         logits = draft.forward_batch([states[i].draft for i in rows], pending, [1] * len(rows))
         for i, row_logits in zip(rows, logits, strict=True):  # row_logits: [1, vocab]
-            drafts[i].append(draw(states[i], row_logits, probs[i]))
+            token = draw(states[i], row_logits, probs[i])
+            drafts[i].append(token if choose is None else choose(states[i], position))
     return drafts, probs

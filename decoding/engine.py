@@ -121,6 +121,7 @@ class Engine:
             context_window = min(context_window, config.max_context)
             # Room for a verify step (γ+1) and the padding of a batched draft catch-up.
             slot_len = context_window + config.max_speculative_tokens + 2
+            slot_len = -(-slot_len // 128) * 128  # aligned: odd lengths get slow matmul kernels
             graphs = pair.device.type == "cuda"
             compile_ = graphs if config.compile is None else config.compile
             # One CUDA graph per shape a step uses: every batch size up to the concurrency limit
@@ -360,8 +361,10 @@ class Engine:
     def _step_batch(self, ready: list[_Running]) -> None:
         """One batched speculative step for every ready request. If it fails, each request
         is put back as it was and stepped alone, so a failure stays with its own request."""
-        if len(ready) <= 1 or self.proposer is not propose:
-            # Batched drafting runs the draft model itself; another proposer drafts alone.
+        # Batched drafting runs the draft model itself; another proposer drafts alone, unless
+        # it can pick each position's token inside the batched loop (``choose``).
+        choose = None if self.proposer is propose else getattr(self.proposer, "choose", None)
+        if len(ready) <= 1 or (self.proposer is not propose and choose is None):
             for running in ready:
                 self._guarded(running, self._step)
             return
@@ -371,7 +374,7 @@ class Engine:
                  for s in states]
         start_ns = time.time_ns()
         try:
-            results = speculative_step_batch(states, gammas, self.draft, self.target)
+            results = speculative_step_batch(states, gammas, self.draft, self.target, choose)
         except Exception:
             log.warning("batched step failed; stepping its requests one by one", exc_info=True)
             for state, (tokens, target_length, draft_length, rng) in zip(states, saved,

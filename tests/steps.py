@@ -23,9 +23,9 @@ def before_steps(monkeypatch: pytest.MonkeyPatch, hook: Callable[[list[SequenceS
         hook([state])
         return real_single(state, gamma)
 
-    def batch(states, gammas, draft, target):
+    def batch(states, gammas, draft, target, choose=None):
         hook(states)
-        return real_batch(states, gammas, draft, target)
+        return real_batch(states, gammas, draft, target, choose)
 
     monkeypatch.setattr(engine_module, "speculative_step", single)
     monkeypatch.setattr(engine_module, "speculative_step_batch", batch)

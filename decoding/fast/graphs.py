@@ -2,9 +2,11 @@
 
 A small model's decode step is bound by kernel launches, not by reading weights (see
 ARCHITECTURE.md); replaying one captured graph per step removes the launches. Each graph is
-captured for one (batch size, width) and attends over the whole cache (``kv_len`` = max_len),
-so its shapes never change; its inputs are static buffers refilled before each replay. A batch
-smaller than a captured size is padded with rows that write into a reserved scratch slot.
+captured for one (batch size, width, attended length): it attends over the first ``kv_len``
+cache positions, a bucket at least as long as every row's sequence, so its shapes never
+change; its inputs are static buffers refilled before each replay. A batch smaller than a
+captured size is padded with rows that write into a reserved scratch slot. All graphs of one
+cache share one memory pool: they are replayed one at a time, and each keeps its own output.
 
 Only for CUDA. The CPU test suite cannot exercise this module.
 """
@@ -38,26 +40,34 @@ class DecodeGraphs:
         cache: StaticKVCache,
         batch_sizes: Sequence[int],
         widths: Sequence[int],
+        kv_lengths: Sequence[int] = (),
     ) -> None:
+        """``kv_lengths``: the attended-length buckets (each capped at the cache's max_len,
+        which is always one of them)."""
         if cache.keys.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and its cache on a CUDA device")
         self.decoder = decoder
         self.cache = cache
         self.scratch_slot = cache.allocate()  # padding rows write here, never a sequence's slot
-        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self.kv_lengths = sorted({min(n, cache.max_len) for n in (*kv_lengths, cache.max_len)})
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[tuple[int, int, int], _Captured] = {}
         with torch.inference_mode():
-            for width in sorted(set(widths)):
-                for batch in sorted(set(batch_sizes)):
-                    self._graphs[batch, width] = self._capture(batch, width)
+            for kv_len in self.kv_lengths:
+                for width in sorted(set(widths)):
+                    for batch in sorted(set(batch_sizes)):
+                        self._graphs[batch, width, kv_len] = self._capture(batch, width, kv_len)
 
-    def _capture(self, batch: int, width: int) -> _Captured:
+    def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
         device = self.cache.keys.device
         tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
         slots = torch.full((batch,), self.scratch_slot, dtype=torch.long, device=device)
         starts = torch.zeros(batch, dtype=torch.long, device=device)
 
         def step() -> torch.Tensor:
-            return self.decoder.forward(tokens, slots, starts, self.cache, num_logits=width)
+            return self.decoder.forward(
+                tokens, slots, starts, self.cache, num_logits=width, kv_len=kv_len
+            )
 
         # Warm up on a side stream (lazy initialisation must not be captured), as the PyTorch
         # CUDA graphs documentation does.
@@ -68,7 +78,7 @@ class DecodeGraphs:
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool):
             logits = step()
         return _Captured(graph, tokens, slots, starts, logits)
 
@@ -78,11 +88,13 @@ class DecodeGraphs:
         """Replay the graph for this batch (rows of equal width): logits [B, T, vocab], or
         None when no captured shape fits (the caller runs eagerly)."""
         batch, width = len(tokens), len(tokens[0])
-        sizes = [size for size, captured_width in self._graphs if captured_width == width]
+        needed = max(starts) + width  # every row's queries attend to positions below this
+        kv_len = next((n for n in self.kv_lengths if n >= needed), None)
+        sizes = [size for size, w, n in self._graphs if w == width and n == kv_len]
         fitting = [size for size in sizes if size >= batch]
-        if not fitting:
+        if kv_len is None or not fitting:
             return None
-        captured = self._graphs[min(fitting), width]
+        captured = self._graphs[min(fitting), width, kv_len]
         padding = min(fitting) - batch
         rows = [list(row) for row in tokens] + [[0] * width] * padding
         captured.tokens.copy_(torch.tensor(rows, dtype=torch.long))

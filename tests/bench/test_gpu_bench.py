@@ -108,6 +108,40 @@ def test_lossless_with_adaptive_gamma_and_a_wrong_oracle_path(
     assert oracle.stats.refill_seconds > 0
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_controlled_proposer_drafts_inside_batched_steps(
+    bench_pair: Any, prompts: list[list[int]], reference: list[list[int]], alpha: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Concurrent requests with the controlled proposer are stepped together (it picks each
+    position's token inside the batched drafting loop), at its α, and stay lossless."""
+    import decoding.engine as engine_module
+
+    real = engine_module.speculative_step_batch
+    batches: list[int] = []
+
+    def counting(states: Any, gammas: Any, draft: Any, target: Any, choose: Any = None) -> Any:
+        assert choose is not None
+        batches.append(len(states))
+        return real(states, gammas, draft, target, choose)
+
+    monkeypatch.setattr(engine_module, "speculative_step_batch", counting)
+    oracle = _oracle(bench_pair, prompts, reference)
+    proposer = ControlledProposer(oracle, alpha, gpu.TINY_VOCAB, seed=5)
+    engine = Engine(bench_pair, EngineConfig(max_speculative_tokens=4), proposer=proposer)
+    try:
+        run = gpu.run_engine(engine, prompts, NEW_TOKENS, 4, concurrent=True, oracle=oracle)
+    finally:
+        engine.close()
+    assert run["outputs"] == reference
+    assert max(batches) == len(prompts)
+    assert run["drafted"] > 0
+    if alpha == 1.0:
+        assert run["accepted"] == run["drafted"]
+    else:
+        assert abs(run["measured_alpha"] - alpha) < 0.15
+
+
 def test_controlled_proposer_is_greedy_only() -> None:
     proposer = ControlledProposer(lambda tokens, n: [1] * n, 0.5, 16)
     state = SequenceState(

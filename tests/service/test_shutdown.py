@@ -42,9 +42,9 @@ real_step, real_batch = engine.speculative_step, engine.speculative_step_batch
 def slow_step(state, gamma):
     time.sleep(delay)
     return real_step(state, gamma)
-def slow_batch(states, gammas, draft, target):
+def slow_batch(states, gammas, draft, target, choose=None):
     time.sleep(delay)
-    return real_batch(states, gammas, draft, target)
+    return real_batch(states, gammas, draft, target, choose)
 engine.speculative_step, engine.speculative_step_batch = slow_step, slow_batch
 from service.cli import main
 sys.exit(main(sys.argv[1:]))
