@@ -110,9 +110,12 @@ class AdaptiveGamma:
 
     The estimate starts from the server's recent acceptance (``prior_alpha``). While γ is 0
     nothing is learned, so every ``probe_every`` plain steps one step drafts the γ that would
-    pay at a high acceptance (``probe_alpha``); if even that γ is 0, speculation can never pay
-    with these costs and no probe is made. A probe that accepts nothing doubles the wait before
-    the next one (up to ``max_probe_every``), so text the draft cannot follow costs little.
+    pay at a high acceptance (``probe_alpha``), at most ``max_probe_gamma`` (a probe is there to
+    learn whether the draft agrees at all; the first rejection ends what it can teach, and on a
+    GPU each extra draft token of a failed probe is a wasted draft step); if even that γ is 0,
+    speculation can never pay with these costs and no probe is made. A probe that accepts
+    nothing doubles the wait before the next one (up to ``max_probe_every``), so text the draft
+    cannot follow costs little.
     """
 
     def __init__(
@@ -123,13 +126,14 @@ class AdaptiveGamma:
         probe_every: int = 8,
         probe_alpha: float = 0.9,
         max_probe_every: int = 256,
+        max_probe_gamma: int = 2,
     ) -> None:
         self._costs = costs
         self._max_gamma = max_gamma
         self.estimate = AcceptanceEstimate(prior_alpha)
         self._base_probe_every = self._probe_every = probe_every
         self._max_probe_every = max_probe_every
-        self._probe_gamma = costs.best_gamma(probe_alpha, max_gamma)
+        self._probe_gamma = min(costs.best_gamma(probe_alpha, max_gamma), max_probe_gamma)
         self._plain_steps = 0
         self._probing = False
 

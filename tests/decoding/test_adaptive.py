@@ -51,6 +51,7 @@ def test_probes_while_plain_and_only_when_it_could_pay() -> None:
     adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0, probe_every=4)
     gammas = [adaptive.next_gamma() for _ in range(8)]
     assert gammas.count(0) == 6 and max(gammas) > 0
+    assert max(gammas) == 2 < GPU_LIKE.best_gamma(0.9, 8)  # a short probe, not a full γ
     never = CostModel.from_widths(5.0, (1.0, *[3.0] * 8))
     hopeless = AdaptiveGamma(never, max_gamma=8, prior_alpha=0.0, probe_every=2)
     assert [hopeless.next_gamma() for _ in range(10)] == [0] * 10
