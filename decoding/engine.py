@@ -62,6 +62,9 @@ class EngineConfig:
     # Fuse each layer's elementwise parts with torch.compile on the fast path (None: on CUDA,
     # where CUDA graphs replay them; a CPU forward is bound by reading weights, not launches).
     compile: bool | None = None
+    # Prompt tokens prefilled per request per scheduling round; a longer prompt is prefilled over
+    # several rounds, between which the running requests take their steps (0 = all at once).
+    prefill_chunk: int = 512
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class _Running:
     state: SequenceState | None = None
     output: list[int] = field(default_factory=list)
     ready: bool = False  # batched mode: prefilled and due a step in this round
+    prefilled: int = 0  # prompt tokens cached so far (all but the last make a full prefill)
     finished: bool = False
 
 
@@ -108,6 +112,8 @@ class Engine:
         costs: CostModel | None = None,
         proposer: Proposer = propose,
     ):
+        if config.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0, got {config.prefill_chunk}")
         self.pair = pair
         self.config = config
         self.proposer = proposer  # the draft model; benchmarks may swap in another proposer
@@ -337,12 +343,12 @@ class Engine:
             return self._finish(running, running.handle.abort_error)
         if request.deadline is not None and time.monotonic() > request.deadline:
             return self._finish(running, DeadlineExceededError("the deadline passed"))
-        if running.state is None:
+        if not self._prefilled(running):
             self._guarded(running, self._prefill)
         if self.batched:
             # Stepped together with the others, after every request had its turn here.
-            running.ready = running.state is not None and not running.finished
-        elif running.state is not None and not running.finished:
+            running.ready = self._prefilled(running) and not running.finished
+        elif self._prefilled(running) and not running.finished:
             self._guarded(running, self._step)
 
     def _guarded(self, running: _Running, work: Callable[[_Running], None]) -> None:
@@ -391,8 +397,39 @@ class Engine:
             self._record(running, result, start_ns)
             self._guarded(running, functools.partial(self._emit, result=result))
 
+    @staticmethod
+    def _prefilled(running: _Running) -> bool:
+        return (
+            running.state is not None
+            and running.prefilled >= len(running.prepared.prompt_ids) - 1
+        )
+
     def _prefill(self, running: _Running) -> None:
-        """Cache every prompt token but the last, which the first step feeds."""
+        """Cache every prompt token but the last, which the first step feeds: the next chunk
+        of them (``prefill_chunk``) per call, the first call also taking the cache slots."""
+        if running.state is None:
+            self._start_sequences(running)
+        state = running.state
+        assert state is not None
+        end = len(running.prepared.prompt_ids) - 1
+        chunk = self.config.prefill_chunk or end
+        begin, stop = running.prefilled, min(end, running.prefilled + chunk)
+        if begin >= stop:  # a one-token prompt: the first step feeds it
+            return
+        timeline = running.handle.timeline
+        start = time.time_ns()
+        state.target.forward(state.tokens[begin:stop], num_logits=1)  # the logits are not needed
+        middle = time.time_ns()
+        timeline.target_prefill_ns = (timeline.target_prefill_ns[0] or start, middle)
+        # With γ fixed at 0 the draft is never used; otherwise prefill it now (it would catch
+        # up in its first proposal anyway, but this keeps the first step's cost even).
+        if self._max_gamma(running.request) > 0:
+            state.draft.forward(state.tokens[begin:stop], num_logits=1)
+            done = time.time_ns()
+            timeline.draft_prefill_ns = (timeline.draft_prefill_ns[0] or middle, done)
+        running.prefilled = stop
+
+    def _start_sequences(self, running: _Running) -> None:
         prompt = list(running.prepared.prompt_ids)
         seed = running.request.sampling.seed
         generator = torch.Generator(device=self.pair.device)
@@ -412,17 +449,6 @@ class Engine:
             proposer=self.proposer,
         )
         running.state = state
-        timeline = running.handle.timeline
-        start = time.time_ns()
-        if len(prompt) > 1:
-            state.target.forward(prompt[:-1], num_logits=1)  # the logits are not needed
-        middle = time.time_ns()
-        timeline.target_prefill_ns = (start, middle)
-        # With γ fixed at 0 the draft is never used; otherwise prefill it now (it would catch
-        # up in its first proposal anyway, but this keeps the first step's cost even).
-        if len(prompt) > 1 and self._max_gamma(running.request) > 0:
-            state.draft.forward(prompt[:-1], num_logits=1)
-            timeline.draft_prefill_ns = (middle, time.time_ns())
 
     def _gamma(self, running: _Running, batch: int = 1) -> int:
         assert running.state is not None

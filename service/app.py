@@ -25,6 +25,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         kv_token_budget=settings.kv_token_budget,
         fast_path=settings.fast_path,
         max_context=settings.max_context,
+        prefill_chunk=settings.prefill_chunk,
     )
 
 

@@ -38,6 +38,7 @@ class Settings:
     kv_token_budget: int = 0  # 0: no budget beyond the concurrency limit
     fast_path: str = "auto"  # static KV cache + batched steps for Llama/Qwen2: auto, on, off
     max_context: int = 4096  # longest prompt + output on the fast path (sizes the cache)
+    prefill_chunk: int = 512  # prompt tokens prefilled per request per round (0 = all at once)
     max_message_bytes: int = 4 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
     # telemetry
@@ -82,6 +83,7 @@ HELP = {
     "kv_token_budget": "KV positions all running requests may reserve (0 = no budget)",
     "fast_path": "static KV cache and batched steps (Llama/Qwen2): auto, on or off",
     "max_context": "longest prompt + output on the fast path; sizes the preallocated cache",
+    "prefill_chunk": "prompt tokens prefilled per request between the others' steps (0 = all)",
     "max_message_bytes": "largest request message accepted",
     "shutdown_grace_seconds": "time calls in flight get after SIGTERM",
     "metrics_port": "Prometheus /metrics port (0 = off)",

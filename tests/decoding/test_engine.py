@@ -119,6 +119,46 @@ async def test_batched_steps_are_taken_together(same_pair, monkeypatch) -> None:
     assert max(sizes) == 4
 
 
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+async def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_steps(
+    same_pair, fast_path: str
+) -> None:
+    """With prefill_chunk = 4 a 41-token prompt takes 10 rounds to prefill; a request already
+    decoding keeps taking steps in between, and both outputs stay the target's own."""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = make_engine(pair, fast_path=fast_path, prefill_chunk=4, max_concurrent_requests=2)
+    long_prompt = tuple(range(20, 61))
+    try:
+        short = engine.submit(GenerationRequest(
+            request_id="short", prompt_token_ids=PROMPT_IDS, max_new_tokens=60,
+            speculation=SpeculationParams(1),
+        ))
+        short_ids = list((await anext(aiter(short))).token_ids)  # decoding has begun
+        long = engine.submit(GenerationRequest(
+            request_id="long", prompt_token_ids=long_prompt, max_new_tokens=8,
+        ))
+        long_ids, rest = await asyncio.gather(
+            collect_handle(long), collect_handle(short)
+        )
+        short_ids += rest
+    finally:
+        engine.close()
+    assert short_ids == reference_greedy(pair, PROMPT_IDS, 60)
+    assert long_ids == reference_greedy(pair, long_prompt, 8)
+    began, ended = long.timeline.target_prefill_ns
+    during = [s for s in short.timeline.steps if began < s.start_ns < ended]
+    assert len(during) >= 3, (len(during), len(short.timeline.steps))
+
+
+def test_a_negative_prefill_chunk_is_refused(same_pair) -> None:
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        make_engine(same_pair, prefill_chunk=-1)
+
+
+async def collect_handle(handle) -> list[int]:
+    return [t async for chunk in handle for t in chunk.token_ids]
+
+
 async def test_eos_inside_an_accepted_run_stops_there(same_pair) -> None:
     free_run = reference_greedy(same_pair, PROMPT_IDS, 30)
     eos = free_run[7]  # pretend this token is the end of sequence

@@ -1,0 +1,26 @@
+"""``python -m bench.cpu_linear`` on a small weight: one line per row count, both timings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from bench import cpu_linear
+from decoding.fast.model import can_pack_weights
+
+
+@pytest.mark.skipif(
+    not can_pack_weights(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch"
+)
+def test_prints_both_timings_by_rows(capsys: Any) -> None:
+    assert cpu_linear.main(
+        ["--out-features", "64", "--in-features", "32", "--max-rows", "3", "--calls", "2"]
+    ) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:]]
+    assert [int(row[0]) for row in rows] == [1, 2, 3]
+    for row in rows:
+        plain, packed, ratio = map(float, row[1:])
+        assert plain >= 0 and packed >= 0 and ratio > 0  # printed to 0.01 ms: tiny here
