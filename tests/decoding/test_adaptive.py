@@ -93,3 +93,13 @@ def test_acceptance_estimate_counts_only_judged_tokens() -> None:
         drafted_total += 8
     assert accepted_total / drafted_total < 0.7
     assert abs(estimate.alpha - 0.9) < 0.02
+
+
+def test_a_marginal_promise_is_not_taken() -> None:
+    """At α = 0.15 with c = 0.1 and a flat verify, γ = 1 promises 1.045x: not worth the host
+    work a speculative step adds (MIN_SPEEDUP), though the bare formula would take it."""
+    flat = CostModel.from_widths(0.1, (1.0,) * 9)
+    assert flat.expected_speedup(0.15, 1) == pytest.approx(1.15 / 1.1)
+    assert flat.best_gamma(0.15, 8) == 0
+    assert flat.best_gamma(0.15, 8, min_speedup=1.0) == 1
+    assert flat.best_gamma(0.8, 8) > 1  # a real gain is still taken
