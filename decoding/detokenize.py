@@ -15,11 +15,12 @@ REPLACEMENT = "\ufffd"
 
 class IncrementalDetokenizer:
     """Decodes a window of the last few tokens per step, not the whole output (vLLM's and TGI's
-    prefix/read offsets): the text of ``ids[prefix:read]`` was already emitted, so the new text
-    is what decoding ``ids[prefix:]`` adds to it. The window starts a few tokens back so that
-    tokenizers whose decoding of a token depends on its left neighbour (SentencePiece's leading
-    space) decode both texts alike. A step's text is final only when it does not end in an
-    incomplete UTF-8 sequence; until then the window keeps its tokens."""
+    prefix/read offsets): the text of ``ids[prefix:read]`` is already decoded, so the new text
+    is what decoding ``ids[prefix:]`` adds to it. The window starts at the tokens made final one
+    step before the last, so that tokenizers whose decoding of a token depends on its left
+    neighbour (SentencePiece's leading space) decode both texts alike. A step's text is final
+    only when it does not end in an incomplete UTF-8 sequence; until then the window keeps its
+    tokens."""
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
         self._tokenizer = tokenizer

@@ -3,10 +3,11 @@
 The model's own parameter tensors are referenced, never copied, except that on a CPU in float32
 the linear weights are also kept prepacked for oneDNN (one more copy of them; see
 :class:`Linear`). Build it once the model is on its device and in its dtype: the device, the
-dtype and the rotary frequencies are fixed then. The structure follows gpt-fast's ``model.py``: K/V
-written into a preallocated buffer by position, one ``scaled_dot_product_attention`` call with
-a mask built from positions. Every operation mirrors transformers' Qwen2/Llama modules in the
-same order and dtypes, so float32 logits agree with theirs to rounding.
+dtype and the rotary frequencies are fixed then. The structure follows gpt-fast's ``model.py``:
+K/V written into a preallocated buffer by position, attention with a mask built from positions
+(one ``scaled_dot_product_attention`` call, or on CUDA two matrix products around a masked
+softmax). Every operation mirrors transformers' Qwen2/Llama modules in the same order and
+dtypes, so float32 logits agree with theirs to rounding.
 
 Rows of one batch may start at different positions (ragged). Rows with fewer real tokens than
 the batch width are padded at the end by the caller: their padding writes K/V at positions
@@ -125,7 +126,8 @@ def _concatenated_bias(
 def fuse_linears(modules: Sequence[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for linear layers that read the same input: theirs, concatenated
     along the output dimension. Each module's own parameter becomes a view of its rows of the
-    fused tensor, so the fusion costs no memory and the module computes what it did before.
+    fused tensor, so the fusion costs no memory (beyond moving a memory-mapped checkpoint's
+    pages into process memory) and the module computes what it did before.
     Calling it again on the same modules returns the same fused tensors."""
     weights: list[torch.Tensor] = [module.weight for module in modules]  # type: ignore[misc]
     fused_weight = _FUSED.get(modules[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -332,6 +333,10 @@ def test_unsupported_models_are_refused_clearly() -> None:
         rope_theta(scaled)
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
+    reason="torch.compile on a CPU generates C++ and needs a C++ compiler; none is installed",
+)
 def test_compiled_pointwise_equals_eager() -> None:
     """torch.compile (inductor; on this CPU it generates C++) of each layer's elementwise parts:
     one full graph each (fullgraph=True raises on a break), with the matmul attention (whose
