@@ -60,18 +60,27 @@ class CostModel:
             return gamma + 1.0
         return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
-    def expected_speedup(self, alpha: float, gamma: int, batch: int = 1) -> float:
+    def expected_speedup(
+        self, alpha: float, gamma: int, batch: int = 1, overhead: float = 1.0
+    ) -> float:
+        """Leviathan's expected speedup over plain decoding; ``overhead``: how much more a
+        speculative step really costs than the forwards it is made of (see :class:`StepCosts`)."""
         step_s = gamma * self.draft(batch) + self.target(batch * (gamma + 1))
-        return self.expected_tokens(alpha, gamma) * self.target(batch) / step_s
+        return self.expected_tokens(alpha, gamma) * self.target(batch) / (step_s * overhead)
 
     def best_gamma(
-        self, alpha: float, max_gamma: int, batch: int = 1, min_speedup: float = MIN_SPEEDUP
+        self,
+        alpha: float,
+        max_gamma: int,
+        batch: int = 1,
+        min_speedup: float = MIN_SPEEDUP,
+        overhead: float = 1.0,
     ) -> int:
         """The γ of best expected speedup, or 0 where none is expected to reach
         ``min_speedup``."""
         best, best_speedup = 0, min_speedup
         for gamma in range(1, max_gamma + 1):
-            speedup = self.expected_speedup(alpha, gamma, batch)
+            speedup = self.expected_speedup(alpha, gamma, batch, overhead)
             if speedup > best_speedup:
                 best, best_speedup = gamma, speedup
         return best
@@ -117,6 +126,52 @@ class AcceptanceEstimate:
             self._judged = self._judged * self._decay + judged
 
 
+class StepCosts:
+    """What steps really cost against what :class:`CostModel` predicts from their forwards.
+
+    The formula counts forward passes; a real speculative step also draws and accepts per
+    request, rolls back, pads a batch to its widest row and lets a lagging draft catch up. Per
+    batch size (rounded up to a power of two) and kind of step (plain: every γ = 0;
+    speculative), this keeps a decayed mean of measured over predicted seconds, and
+    :meth:`overhead` is the speculative ratio over the plain one (the plain one taken as 1
+    until plain steps of that size were seen): the factor by which speculation really costs
+    more than predicted. It only ever penalises (at least 1), and only after ``min_samples``
+    speculative steps of that size.
+    """
+
+    def __init__(self, costs: CostModel, decay: float = 0.8, min_samples: int = 3) -> None:
+        self._costs = costs
+        self._decay = decay
+        self._min_samples = min_samples
+        self._ratio: dict[tuple[int, bool], float] = {}
+        self._samples: dict[tuple[int, bool], int] = {}
+
+    @staticmethod
+    def _bucket(batch: int) -> int:
+        return 1 << max(0, batch - 1).bit_length()
+
+    def predicted(self, gammas: list[int]) -> float:
+        """The forwards of one step of ``len(gammas)`` requests: one draft forward per draft
+        position over the requests still drafting, one target forward over every row padded
+        to the widest."""
+        widest = max(gammas)
+        drafts = sum(self._costs.draft(sum(1 for g in gammas if g > j)) for j in range(widest))
+        return drafts + self._costs.target(len(gammas) * (widest + 1))
+
+    def observe(self, gammas: list[int], seconds: float) -> None:
+        key = (self._bucket(len(gammas)), max(gammas) > 0)
+        ratio = seconds / self.predicted(gammas)
+        old = self._ratio.get(key)
+        self._ratio[key] = ratio if old is None else self._decay * old + (1 - self._decay) * ratio
+        self._samples[key] = self._samples.get(key, 0) + 1
+
+    def overhead(self, batch: int) -> float:
+        bucket = self._bucket(batch)
+        if self._samples.get((bucket, True), 0) < self._min_samples:
+            return 1.0
+        return max(1.0, self._ratio[bucket, True] / self._ratio.get((bucket, False), 1.0))
+
+
 class AdaptiveGamma:
     """Per-request γ: the γ of best expected speedup at the request's estimated α.
 
@@ -153,8 +208,8 @@ class AdaptiveGamma:
     def alpha(self) -> float:
         return self.estimate.alpha
 
-    def next_gamma(self, batch: int = 1) -> int:
-        gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch)
+    def next_gamma(self, batch: int = 1, overhead: float = 1.0) -> int:
+        gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch, overhead=overhead)
         if gamma == 0 and self._probe_gamma > 0:
             self._plain_steps += 1
             if self._plain_steps >= self._probe_every:

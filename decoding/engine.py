@@ -23,7 +23,13 @@ from typing import Any
 
 import torch
 
-from decoding.adaptive import AcceptanceEstimate, AdaptiveGamma, CostModel, measure_costs
+from decoding.adaptive import (
+    AcceptanceEstimate,
+    AdaptiveGamma,
+    CostModel,
+    StepCosts,
+    measure_costs,
+)
 from decoding.batched import speculative_step_batch
 from decoding.detokenize import IncrementalDetokenizer
 from decoding.errors import (
@@ -171,6 +177,8 @@ class Engine:
         self.on_fatal: list[Callable[[BaseException], None]] = []
         # The server's recent acceptance: the prior of each new request's adaptive γ.
         self.acceptance = AcceptanceEstimate(prior_alpha=0.7, prior_weight=4.0, decay=0.99)
+        # What steps really cost against the cost model: corrects adaptive γ (worker thread only).
+        self.step_costs = StepCosts(self.costs)
         self._cond = threading.Condition()
         self._running: list[_Running] = []
         self._waiting: collections.deque[_Running] = collections.deque()
@@ -380,7 +388,9 @@ class Engine:
                  for s in states]
         start_ns = time.time_ns()
         try:
+            started = time.perf_counter()
             results = speculative_step_batch(states, gammas, self.draft, self.target, choose)
+            self.step_costs.observe(gammas, time.perf_counter() - started)
         except Exception:
             log.warning("batched step failed; stepping its requests one by one", exc_info=True)
             for state, (tokens, target_length, draft_length, rng) in zip(states, saved,
@@ -453,7 +463,8 @@ class Engine:
     def _gamma(self, running: _Running, batch: int = 1) -> int:
         assert running.state is not None
         if running.adaptive is not None:
-            gamma = running.adaptive.next_gamma(1 if _plans_alone(running.request) else batch)
+            planned = 1 if _plans_alone(running.request) else batch
+            gamma = running.adaptive.next_gamma(planned, self.step_costs.overhead(batch))
         else:
             gamma = self._max_gamma(running.request)
         # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
@@ -466,7 +477,9 @@ class Engine:
         gamma = self._gamma(running) if gamma is None else gamma
         self._last_gamma = gamma
         start_ns = time.time_ns()
+        started = time.perf_counter()
         result = speculative_step(running.state, gamma)
+        self.step_costs.observe([gamma], time.perf_counter() - started)
         self._record(running, result, start_ns)
         self._emit(running, result)
 

@@ -103,3 +103,41 @@ def test_a_marginal_promise_is_not_taken() -> None:
     assert flat.best_gamma(0.15, 8) == 0
     assert flat.best_gamma(0.15, 8, min_speedup=1.0) == 1
     assert flat.best_gamma(0.8, 8) > 1  # a real gain is still taken
+
+
+def test_step_costs_predict_a_steps_forwards() -> None:
+    from decoding.adaptive import StepCosts
+
+    costs = CostModel(draft_s={1: 0.1, 2: 0.12, 4: 0.15}, target_s={1: 1.0, 4: 1.2, 12: 2.0})
+    steps = StepCosts(costs)
+    assert steps.predicted([0]) == 1.0
+    assert steps.predicted([0, 0, 0, 0]) == 1.2
+    # rows drafting 2, 0 and 1 tokens: draft forwards over 2 rows then 1, verify 3 rows x 3
+    assert steps.predicted([2, 0, 1]) == pytest.approx(0.12 + 0.1 + costs.target(9))
+
+
+def test_step_costs_correct_only_what_speculation_really_costs_more() -> None:
+    from decoding.adaptive import StepCosts
+
+    costs = CostModel.from_widths(0.1, (1.0,) * 9)
+    steps = StepCosts(costs, decay=0.5, min_samples=3)
+    for _ in range(2):
+        steps.observe([2], 2 * steps.predicted([2]))
+    assert steps.overhead(1) == 1.0  # too few speculative steps seen yet
+    steps.observe([2], 2 * steps.predicted([2]))
+    assert steps.overhead(1) == pytest.approx(2.0)
+    for _ in range(20):  # plain steps also run 1.5x their prediction: the excess is 4/3
+        steps.observe([0], 1.5 * steps.predicted([0]))
+    assert steps.overhead(1) == pytest.approx(2.0 / 1.5)
+    assert steps.overhead(4) == 1.0  # another batch size: nothing seen
+    for _ in range(20):  # speculation cheaper than predicted is not rewarded
+        steps.observe([3, 1, 0, 2], 0.5 * steps.predicted([3, 1, 0, 2]))
+    assert steps.overhead(3) == steps.overhead(4) == 1.0  # 3 rounds up to 4
+
+
+def test_overhead_turns_a_paying_gamma_off() -> None:
+    assert GPU_LIKE.best_gamma(0.8, 8) > 0
+    best = max(GPU_LIKE.expected_speedup(0.8, g) for g in range(1, 9))
+    assert GPU_LIKE.best_gamma(0.8, 8, overhead=best) == 0  # the promise divided away
+    adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.8)
+    assert adaptive.next_gamma() > 0 and adaptive.next_gamma(overhead=best) == 0

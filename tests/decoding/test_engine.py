@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from decoding.engine import Engine
+from decoding.adaptive import CostModel
+from decoding.engine import Engine, EngineConfig
 from decoding.errors import DeadlineExceededError, InvalidRequestError, OverloadedError
 from decoding.params import (
     ChatMessage,
@@ -157,6 +158,41 @@ def test_a_negative_prefill_chunk_is_refused(same_pair) -> None:
 
 async def collect_handle(handle) -> list[int]:
     return [t async for chunk in handle for t in chunk.token_ids]
+
+
+async def test_adaptive_gamma_stops_speculating_when_steps_cost_more_than_predicted(
+    same_pair, monkeypatch
+) -> None:
+    """The draft agrees always (α = 1), so the cost model alone would draft at length; but
+    every speculative step here takes 30 ms more than its forwards (as host work would), far
+    above what the costs predict, so the engine learns it and decodes plainly, probing now and
+    then; the output stays the target's own."""
+    import decoding.engine as engine_module
+
+    real = engine_module.speculative_step
+
+    def slow_when_drafting(state, gamma):
+        if gamma > 0:
+            time.sleep(0.03)
+        return real(state, gamma)
+
+    monkeypatch.setattr(engine_module, "speculative_step", slow_when_drafting)
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    costs = CostModel.from_widths(0.0002, (0.002,) * 9)  # about what tiny models take
+    engine = Engine(pair, EngineConfig(fast_path="on"), costs=costs)
+    assert costs.best_gamma(1.0, 8) > 0
+    try:
+        handle = engine.submit(GenerationRequest(
+            request_id="slow", prompt_token_ids=PROMPT_IDS, max_new_tokens=80,
+        ))
+        ids = [t async for chunk in handle for t in chunk.token_ids]
+    finally:
+        engine.close()
+    assert ids == reference_greedy(pair, PROMPT_IDS, 80)
+    gammas = [step.gamma for step in handle.timeline.steps]
+    assert gammas[0] > 0  # it began by speculating
+    later = gammas[5:]
+    assert later.count(0) >= 0.7 * len(later), gammas
 
 
 async def test_eos_inside_an_accepted_run_stops_there(same_pair) -> None:
