@@ -463,8 +463,10 @@ class Engine:
     def _gamma(self, running: _Running, batch: int = 1) -> int:
         assert running.state is not None
         if running.adaptive is not None:
-            planned = 1 if _plans_alone(running.request) else batch
-            gamma = running.adaptive.next_gamma(planned, self.step_costs.overhead(batch))
+            if _plans_alone(running.request):  # only its own history may decide its γ
+                gamma = running.adaptive.next_gamma(1)
+            else:
+                gamma = running.adaptive.next_gamma(batch, self.step_costs.overhead(batch))
         else:
             gamma = self._max_gamma(running.request)
         # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
@@ -567,7 +569,8 @@ class Engine:
 
 def _plans_alone(request: GenerationRequest) -> bool:
     """A seeded sample's γ sequence decides which random draws it makes, so its γ must depend
-    on nothing but the request: not the server's recent acceptance, not the batch it shares.
+    on nothing but the request: not the server's recent acceptance, not the batch it shares,
+    not the step times measured while others ran (:class:`~decoding.adaptive.StepCosts`).
     Greedy output is the same at any γ, and an unseeded sample promises no repeatability."""
     return not request.sampling.greedy and request.sampling.seed is not None
 
