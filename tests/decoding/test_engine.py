@@ -259,6 +259,31 @@ async def test_seeded_request_is_the_same_alone_and_beside_others(different_pair
     assert ids_of(results[0]) == alone
 
 
+async def test_a_seeded_adaptive_request_ignores_what_others_make_steps_cost(
+    different_pair,
+) -> None:
+    """Measured step costs depend on what else runs; a seeded sample's γ (and so its random
+    draws) must not: here steps beside others are made to look 100x dearer, and the seeded
+    request still samples exactly what it sampled alone."""
+    engine = make_engine(different_pair, fast_path="on", max_concurrent_requests=4)
+    engine.step_costs.overhead = lambda batch: 1.0 if batch == 1 else 100.0  # type: ignore[method-assign]
+    sampled = dict(prompt_token_ids=PROMPT_IDS, max_new_tokens=24,
+                   sampling=SamplingParams(temperature=0.8, top_k=50, seed=99))
+    try:
+        handle = engine.submit(GenerationRequest(request_id="alone", **sampled))
+        alone = [t async for chunk in handle for t in chunk.token_ids]
+        assert any(step.gamma > 0 for step in handle.timeline.steps)  # it does speculate
+        others = [
+            collect(engine, prompt_token_ids=(5, 6, 7), max_new_tokens=40,
+                    sampling=SamplingParams(temperature=1.0, seed=s))
+            for s in range(3)
+        ]
+        results = await asyncio.gather(collect(engine, **sampled), *others)
+    finally:
+        engine.close()
+    assert ids_of(results[0]) == alone
+
+
 async def test_chat_messages_use_the_chat_template(engine, same_pair) -> None:
     chunks = await collect(engine, messages=(ChatMessage("user", "def add(a, b):"),),
                            max_new_tokens=5)
