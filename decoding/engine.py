@@ -156,6 +156,10 @@ class Engine:
             self.target, self.draft, config.max_speculative_tokens,
             max_batch=config.max_concurrent_requests if self.batched else 1,
         )
+        log.info(
+            "forward costs in ms by tokens per forward: draft %s, target %s",
+            _milliseconds(self.costs.draft_s), _milliseconds(self.costs.target_s),
+        )
         self.limits = Limits(
             vocab_size=pair.target.vocab_size,
             context_window=context_window,
@@ -565,6 +569,10 @@ class Engine:
             running.handle._put(_END)
         for callback in self.on_fatal:
             callback(err)
+
+
+def _milliseconds(seconds_by_tokens: dict[int, float]) -> str:
+    return ", ".join(f"{k}: {v * 1e3:.1f}" for k, v in sorted(seconds_by_tokens.items()))
 
 
 def _plans_alone(request: GenerationRequest) -> bool:

@@ -371,3 +371,11 @@ async def test_a_failing_request_fails_alone(engine, monkeypatch) -> None:
     assert isinstance(results[0], RuntimeError)
     assert results[1][-1].finish_reason is not None
     await wait_until_idle(engine)
+
+
+def test_start_up_logs_the_costs_adaptive_gamma_uses(same_pair, caplog) -> None:
+    caplog.set_level("INFO", logger="decoding.engine")
+    engine = make_engine(same_pair)
+    engine.close()
+    [message] = [r.getMessage() for r in caplog.records if "forward costs" in r.getMessage()]
+    assert "draft 1: 100.0" in message and "target 1: 1000.0, 2: 1050.0" in message
