@@ -280,17 +280,17 @@ class Engine:
         with self._cond:
             self._cond.notify_all()
 
-    def _max_gamma(self, request: GenerationRequest) -> int:
+    def _fixed_gamma(self, request: GenerationRequest) -> int | None:
+        """The request's γ, else the server's default; None means adaptive."""
         gamma = request.speculation.num_speculative_tokens
-        if gamma is None:
-            gamma = self.config.num_speculative_tokens
+        return self.config.num_speculative_tokens if gamma is None else gamma
+
+    def _max_gamma(self, request: GenerationRequest) -> int:
+        gamma = self._fixed_gamma(request)
         return self.config.max_speculative_tokens if gamma is None else gamma
 
     def _adaptive(self, request: GenerationRequest) -> AdaptiveGamma | None:
-        fixed = request.speculation.num_speculative_tokens
-        if fixed is None:
-            fixed = self.config.num_speculative_tokens
-        if fixed is not None:
+        if self._fixed_gamma(request) is not None:
             return None
         if _plans_alone(request):
             return AdaptiveGamma(self.costs, self.config.max_speculative_tokens)

@@ -50,12 +50,13 @@ class DecodeGraphs:
         self.cache = cache
         self.scratch_slot = cache.allocate()  # padding rows write here, never a sequence's slot
         self.kv_lengths = sorted({min(n, cache.max_len) for n in (*kv_lengths, cache.max_len)})
+        self.batch_sizes = sorted(set(batch_sizes))
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
         with torch.inference_mode():
             for kv_len in self.kv_lengths:
                 for width in sorted(set(widths)):
-                    for batch in sorted(set(batch_sizes)):
+                    for batch in self.batch_sizes:
                         self._graphs[batch, width, kv_len] = self._capture(batch, width, kv_len)
 
     def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
@@ -90,12 +91,11 @@ class DecodeGraphs:
         batch, width = len(tokens), len(tokens[0])
         needed = max(starts) + width  # every row's queries attend to positions below this
         kv_len = next((n for n in self.kv_lengths if n >= needed), None)
-        sizes = [size for size, w, n in self._graphs if w == width and n == kv_len]
-        fitting = [size for size in sizes if size >= batch]
-        if kv_len is None or not fitting:
+        size = next((n for n in self.batch_sizes if n >= batch), None)
+        captured = self._graphs.get((size, width, kv_len))  # type: ignore[arg-type]
+        if captured is None:
             return None
-        captured = self._graphs[min(fitting), width, kv_len]
-        padding = min(fitting) - batch
+        padding = captured.tokens.shape[0] - batch
         rows = [list(row) for row in tokens] + [[0] * width] * padding
         captured.tokens.copy_(torch.tensor(rows, dtype=torch.long))
         captured.slots.copy_(torch.tensor([*slots, *[self.scratch_slot] * padding]))

@@ -28,7 +28,8 @@ PAD_TOKEN = 0
 GRAPH_KV_LENGTHS = (256, 1024, 4096)
 """Attended-length buckets of the CUDA graphs (and the whole cache): a step attends over the
 smallest bucket that holds its rows, not over every slot position (on an H200 at batch 1, one
-matrix product of attention over all 4,106 positions was a quarter of the device time)."""
+matmul kernel, most likely attention's over all 4,106 positions, was a quarter of the device
+time)."""
 
 log = logging.getLogger(__name__)
 

@@ -248,15 +248,21 @@ async def test_seeded_request_is_the_same_alone_and_beside_others(different_pair
                    speculation=SpeculationParams(3))
     try:
         alone = ids_of(await collect(engine, **sampled))
-        others = [
-            collect(engine, prompt_token_ids=(5, 6, 7), max_new_tokens=24,
-                    sampling=SamplingParams(temperature=1.0, seed=s))
-            for s in range(3)
-        ]
-        results = await asyncio.gather(collect(engine, **sampled), *others)
+        beside = await beside_others(engine, sampled, others_tokens=24)
     finally:
         engine.close()
-    assert ids_of(results[0]) == alone
+    assert beside == alone
+
+
+async def beside_others(engine: Engine, request: dict, others_tokens: int) -> list[int]:
+    """The ids ``request`` gets while three seeded samples run beside it."""
+    others = [
+        collect(engine, prompt_token_ids=(5, 6, 7), max_new_tokens=others_tokens,
+                sampling=SamplingParams(temperature=1.0, seed=s))
+        for s in range(3)
+    ]
+    results = await asyncio.gather(collect(engine, **request), *others)
+    return ids_of(results[0])
 
 
 async def test_a_seeded_adaptive_request_ignores_what_others_make_steps_cost(
@@ -273,15 +279,10 @@ async def test_a_seeded_adaptive_request_ignores_what_others_make_steps_cost(
         handle = engine.submit(GenerationRequest(request_id="alone", **sampled))
         alone = [t async for chunk in handle for t in chunk.token_ids]
         assert any(step.gamma > 0 for step in handle.timeline.steps)  # it does speculate
-        others = [
-            collect(engine, prompt_token_ids=(5, 6, 7), max_new_tokens=40,
-                    sampling=SamplingParams(temperature=1.0, seed=s))
-            for s in range(3)
-        ]
-        results = await asyncio.gather(collect(engine, **sampled), *others)
+        beside = await beside_others(engine, sampled, others_tokens=40)
     finally:
         engine.close()
-    assert ids_of(results[0]) == alone
+    assert beside == alone
 
 
 async def test_chat_messages_use_the_chat_template(engine, same_pair) -> None:

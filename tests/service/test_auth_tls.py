@@ -64,15 +64,20 @@ class SubmitCounter:
         monkeypatch.setattr(served.engine, "submit", submit)
 
 
-async def stream_code(stub, metadata=None) -> grpc.StatusCode:
-    call = stub.GenerateStream(request(pb.GenerateStreamRequest), metadata=metadata,
-                               timeout=CALL_TIMEOUT)
+async def drained_code(call) -> grpc.StatusCode:
+    """Read a streaming call to its end: its status code."""
     try:
         async for _ in call:
             pass
     except grpc.aio.AioRpcError as err:
         return err.code()
     return grpc.StatusCode.OK
+
+
+async def stream_code(stub, metadata=None) -> grpc.StatusCode:
+    return await drained_code(stub.GenerateStream(
+        request(pb.GenerateStreamRequest), metadata=metadata, timeout=CALL_TIMEOUT
+    ))
 
 
 async def unary_error(coro) -> grpc.aio.AioRpcError:
@@ -156,16 +161,10 @@ async def test_token_from_environment(same_pair, monkeypatch) -> None:
 
 async def reflection_code(channel: grpc.aio.Channel, metadata=None) -> grpc.StatusCode:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    call = stub.ServerReflectionInfo(
+    return await drained_code(stub.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
         metadata=metadata, timeout=CALL_TIMEOUT,
-    )
-    try:
-        async for _ in call:
-            pass
-    except grpc.aio.AioRpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
+    ))
 
 
 @pytest.mark.parametrize("exempt", [True, False])
