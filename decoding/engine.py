@@ -30,7 +30,7 @@ from decoding.adaptive import (
     StepCosts,
     measure_costs,
 )
-from decoding.batched import speculative_step_batch
+from decoding.batched import CATCH_UP_IN_BATCH, speculative_step_batch
 from decoding.detokenize import IncrementalDetokenizer
 from decoding.errors import (
     DeadlineExceededError,
@@ -107,6 +107,7 @@ class _Running:
     output: list[int] = field(default_factory=list)
     ready: bool = False  # batched mode: prefilled and due a step in this round
     prefilled: int = 0  # prompt tokens cached so far (all but the last make a full prefill)
+    draft_prefill: bool | None = None  # whether the prompt goes through the draft too
     finished: bool = False
 
 
@@ -155,6 +156,7 @@ class Engine:
         self.costs = costs or measure_costs(
             self.target, self.draft, config.max_speculative_tokens,
             max_batch=config.max_concurrent_requests if self.batched else 1,
+            catch_up=max(0, min(64, context_window - 40)),
         )
         log.info(
             "forward costs in ms by tokens per forward: draft %s, target %s",
@@ -430,14 +432,16 @@ class Engine:
         begin, stop = running.prefilled, min(end, running.prefilled + chunk)
         if begin >= stop:  # a one-token prompt: the first step feeds it
             return
+        if running.draft_prefill is None:
+            running.draft_prefill = self._drafts_from_the_start(running, end)
         timeline = running.handle.timeline
         start = time.time_ns()
         state.target.forward(state.tokens[begin:stop], num_logits=1)  # the logits are not needed
         middle = time.time_ns()
         timeline.target_prefill_ns = (timeline.target_prefill_ns[0] or start, middle)
-        # With γ fixed at 0 the draft is never used; otherwise prefill it now (it would catch
-        # up in its first proposal anyway, but this keeps the first step's cost even).
-        if self._max_gamma(running.request) > 0:
+        # A draft that will propose from the first step is prefilled with the target, chunk by
+        # chunk (else its first step would feed it the whole prompt alone, stalling the batch).
+        if running.draft_prefill:
             state.draft.forward(state.tokens[begin:stop], num_logits=1)
             done = time.time_ns()
             timeline.draft_prefill_ns = (timeline.draft_prefill_ns[0] or middle, done)
@@ -464,18 +468,38 @@ class Engine:
         )
         running.state = state
 
+    def _drafts_from_the_start(self, running: _Running, prompt: int) -> bool:
+        """Whether the draft should see the prompt: always for a fixed γ > 0, never for γ = 0;
+        with adaptive γ, only if drafting over the whole output is expected to pay for it (at
+        the batch running now). A draft left out catches up if γ turns positive later."""
+        if running.adaptive is None:
+            return self._max_gamma(running.request) > 0
+        remaining = running.prepared.max_new_tokens
+        if _plans_alone(running.request):
+            return running.adaptive.would_draft(catch_up=prompt, remaining=remaining)
+        batch = max(1, len(self._running)) if self.batched else 1  # else stepped one by one
+        return running.adaptive.would_draft(
+            batch, self.step_costs.overhead(batch), catch_up=prompt, remaining=remaining
+        )
+
     def _gamma(self, running: _Running, batch: int = 1) -> int:
-        assert running.state is not None
-        if running.adaptive is not None:
-            if _plans_alone(running.request):  # only its own history may decide its γ
-                gamma = running.adaptive.next_gamma(1)
-            else:
-                gamma = running.adaptive.next_gamma(batch, self.step_costs.overhead(batch))
-        else:
-            gamma = self._max_gamma(running.request)
+        state = running.state
+        assert state is not None
         # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
         # prompt + max_new_tokens <= context window, so this also keeps the caches inside it.
         remaining = running.prepared.max_new_tokens - len(running.output)
+        if running.adaptive is not None:
+            # What the draft must be fed alone before it drafts (a short lag rides along).
+            lag = len(state.tokens) - state.draft.length
+            catch_up = lag - 1 if lag > CATCH_UP_IN_BATCH else 0
+            if _plans_alone(running.request):  # only its own history may decide its γ
+                gamma = running.adaptive.next_gamma(1, catch_up=catch_up, remaining=remaining)
+            else:
+                gamma = running.adaptive.next_gamma(
+                    batch, self.step_costs.overhead(batch), catch_up=catch_up, remaining=remaining
+                )
+        else:
+            gamma = self._max_gamma(running.request)
         return max(0, min(gamma, remaining - 1))
 
     def _step(self, running: _Running, gamma: int | None = None) -> None:

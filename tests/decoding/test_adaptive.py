@@ -141,3 +141,39 @@ def test_overhead_turns_a_paying_gamma_off() -> None:
     assert GPU_LIKE.best_gamma(0.8, 8, overhead=best) == 0  # the promise divided away
     adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.8)
     assert adaptive.next_gamma() > 0 and adaptive.next_gamma(overhead=best) == 0
+
+
+# A verify that stops being nearly free for four requests, and a draft whose cost grows with
+# the tokens it is fed at once (2.0 for a 64-token prompt).
+LOADED = CostModel(
+    draft_s={1: 0.1, 4: 0.15, 64: 2.0},
+    target_s={**{k: 1.0 + 0.05 * (k - 1) for k in range(1, 10)}, 36: 4.5},
+)
+
+
+def test_a_catch_up_must_pay_for_itself_over_the_remaining_tokens() -> None:
+    """Alone, drafting saves about 0.4 target passes per token: 16 tokens pay for feeding the
+    draft a 40-token prompt. Four together save about 0.07 per token each: 16 tokens do not,
+    256 do; and a draft already level with the sequence costs nothing to use."""
+    assert LOADED.best_gamma(0.7, 8, batch=1) > 0 and LOADED.best_gamma(0.7, 8, batch=4) > 0
+    gamma1, gamma4 = LOADED.best_gamma(0.7, 8, batch=1), LOADED.best_gamma(0.7, 8, batch=4)
+    assert LOADED.catch_up_pays(0.7, gamma1, catch_up=40, remaining=16, batch=1)
+    assert not LOADED.catch_up_pays(0.7, gamma4, catch_up=40, remaining=16, batch=4)
+    assert LOADED.catch_up_pays(0.7, gamma4, catch_up=40, remaining=256, batch=4)
+    assert LOADED.catch_up_pays(0.7, gamma4, catch_up=0, remaining=1, batch=4)
+    assert not LOADED.catch_up_pays(0.7, 0, catch_up=0, remaining=256)
+
+
+def test_gamma_is_zero_while_catching_up_would_not_pay() -> None:
+    adaptive = AdaptiveGamma(LOADED, max_gamma=8, prior_alpha=0.7)
+    assert not adaptive.would_draft(4, catch_up=40, remaining=16)
+    assert [adaptive.next_gamma(4, catch_up=40, remaining=16) for _ in range(20)] == [0] * 20
+    assert adaptive.would_draft(1, catch_up=40, remaining=16)
+    assert adaptive.next_gamma(1, catch_up=40, remaining=16) > 0
+    assert adaptive.next_gamma(4, catch_up=0, remaining=16) > 0  # a level draft drafts
+
+
+def test_no_probe_when_its_catch_up_would_not_pay() -> None:
+    adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0, probe_every=2)
+    assert [adaptive.next_gamma(catch_up=5000, remaining=4) for _ in range(10)] == [0] * 10
+    assert max(adaptive.next_gamma(catch_up=1, remaining=100) for _ in range(4)) > 0

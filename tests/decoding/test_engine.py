@@ -380,3 +380,31 @@ def test_start_up_logs_the_costs_adaptive_gamma_uses(same_pair, caplog) -> None:
     engine.close()
     [message] = [r.getMessage() for r in caplog.records if "forward costs" in r.getMessage()]
     assert "draft 1: 100.0" in message and "target 1: 1000.0, 2: 1050.0" in message
+
+
+async def test_the_draft_skips_a_prompt_that_speculation_would_not_pay_back(same_pair) -> None:
+    """On the fast path (batched steps), with costs where four requests together save too little per token to pay for feeding
+    the draft a 41-token prompt within 16 tokens (tests/decoding/test_adaptive.py's LOADED),
+    four adaptive requests admitted together never prefill the draft nor draft; the same
+    request alone does both. Every output is the target's own."""
+    from tests.decoding.test_adaptive import LOADED
+
+    prompt = tuple(range(20, 61))
+    expected = reference_greedy(same_pair, prompt, 16)
+    engine = Engine(same_pair, EngineConfig(fast_path="on", max_concurrent_requests=4),
+                    costs=LOADED)
+    request = GenerationRequest(request_id="r", prompt_token_ids=prompt, max_new_tokens=16)
+    try:
+        with engine._cond:  # admitted together, before the worker's first round
+            handles = [engine.submit(request) for _ in range(4)]
+        together = await asyncio.gather(*(collect_handle(h) for h in handles))
+        alone = engine.submit(request)
+        alone_ids = await collect_handle(alone)
+    finally:
+        engine.close()
+    assert together == [expected] * 4 and alone_ids == expected
+    for handle in handles:
+        assert handle.timeline.draft_prefill_ns == (0, 0)
+        assert handle.usage.draft_tokens == 0
+    assert alone.timeline.draft_prefill_ns != (0, 0)
+    assert alone.usage.draft_tokens > 0
