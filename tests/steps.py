@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-import decoding.engine as engine_module
+import decoding.stepper as stepper_module
 from decoding.speculative import SequenceState
 
 
@@ -16,8 +16,8 @@ def before_steps(monkeypatch: pytest.MonkeyPatch, hook: Callable[[list[SequenceS
     A hook that raises for one request fails a batched step; the engine then steps that batch's
     requests one by one, where the hook fails only that request.
     """
-    real_single = engine_module.speculative_step
-    real_batch = engine_module.speculative_step_batch
+    real_single = stepper_module.speculative_step
+    real_batch = stepper_module.speculative_step_batch
 
     def single(state, gamma):
         hook([state])
@@ -27,5 +27,5 @@ def before_steps(monkeypatch: pytest.MonkeyPatch, hook: Callable[[list[SequenceS
         hook(states)
         return real_batch(states, gammas, draft, target, choose)
 
-    monkeypatch.setattr(engine_module, "speculative_step", single)
-    monkeypatch.setattr(engine_module, "speculative_step_batch", batch)
+    monkeypatch.setattr(stepper_module, "speculative_step", single)
+    monkeypatch.setattr(stepper_module, "speculative_step_batch", batch)

@@ -115,9 +115,9 @@ def test_controlled_proposer_drafts_inside_batched_steps(
 ) -> None:
     """Concurrent requests with the controlled proposer are stepped together (it picks each
     position's token inside the batched drafting loop), at its α, and stay lossless."""
-    import decoding.engine as engine_module
+    import decoding.stepper as stepper_module
 
-    real = engine_module.speculative_step_batch
+    real = stepper_module.speculative_step_batch
     batches: list[int] = []
 
     def counting(states: Any, gammas: Any, draft: Any, target: Any, choose: Any = None) -> Any:
@@ -125,7 +125,7 @@ def test_controlled_proposer_drafts_inside_batched_steps(
         batches.append(len(states))
         return real(states, gammas, draft, target, choose)
 
-    monkeypatch.setattr(engine_module, "speculative_step_batch", counting)
+    monkeypatch.setattr(stepper_module, "speculative_step_batch", counting)
     oracle = _oracle(bench_pair, prompts, reference)
     proposer = ControlledProposer(oracle, alpha, gpu.TINY_VOCAB, seed=5)
     engine = Engine(bench_pair, EngineConfig(max_speculative_tokens=4), proposer=proposer)

@@ -167,16 +167,16 @@ async def test_adaptive_gamma_stops_speculating_when_steps_cost_more_than_predic
     every speculative step here takes 30 ms more than its forwards (as host work would), far
     above what the costs predict, so the engine learns it and decodes plainly, probing now and
     then; the output stays the target's own."""
-    import decoding.engine as engine_module
+    import decoding.stepper as stepper_module
 
-    real = engine_module.speculative_step
+    real = stepper_module.speculative_step
 
     def slow_when_drafting(state, gamma):
         if gamma > 0:
             time.sleep(0.03)
         return real(state, gamma)
 
-    monkeypatch.setattr(engine_module, "speculative_step", slow_when_drafting)
+    monkeypatch.setattr(stepper_module, "speculative_step", slow_when_drafting)
     pair = dataclasses.replace(same_pair, eos_token_ids=())
     costs = CostModel.from_widths(0.0002, (0.002,) * 9)  # about what tiny models take
     engine = Engine(pair, EngineConfig(fast_path="on"), costs=costs)
@@ -383,10 +383,11 @@ def test_start_up_logs_the_costs_adaptive_gamma_uses(same_pair, caplog) -> None:
 
 
 async def test_the_draft_skips_a_prompt_that_speculation_would_not_pay_back(same_pair) -> None:
-    """On the fast path (batched steps), with costs where four requests together save too little per token to pay for feeding
-    the draft a 41-token prompt within 16 tokens (tests/decoding/test_adaptive.py's LOADED),
-    four adaptive requests admitted together never prefill the draft nor draft; the same
-    request alone does both. Every output is the target's own."""
+    """On the fast path (batched steps), with costs where four requests together save too
+    little per token to pay for feeding the draft a 41-token prompt within 16 tokens
+    (tests/decoding/test_adaptive.py's LOADED), four adaptive requests admitted together never
+    prefill the draft nor draft; the same request alone does both. Every output is the
+    target's own."""
     from tests.decoding.test_adaptive import LOADED
 
     prompt = tuple(range(20, 61))

@@ -1,0 +1,314 @@
+"""What the engine's worker does to running requests: prefill, choose γ, take speculative steps
+(one request, or a batch on the fast path) and hand their tokens to the callers.
+
+:class:`~decoding.engine.Engine` owns admission, the queue and the worker thread; a
+:class:`Stepper` owns the two runners and everything a step needs (the proposer, the measured
+costs, the server's acceptance estimate, the step-cost correction). It is only ever called from
+the worker thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from decoding.adaptive import AcceptanceEstimate, AdaptiveGamma, CostModel, StepCosts
+from decoding.batched import CATCH_UP_IN_BATCH, speculative_step_batch
+from decoding.detokenize import IncrementalDetokenizer
+from decoding.errors import DeviceOutOfMemoryError
+from decoding.handle import _END, RequestHandle, StepRecord
+from decoding.params import Chunk, FinishReason, GenerationRequest
+from decoding.speculative import Proposer, SequenceState, StepResult, propose, speculative_step
+from decoding.validation import PreparedRequest
+
+log = logging.getLogger("decoding.engine")
+
+
+@dataclass
+class RunningRequest:
+    """One admitted request, from the queue until it finishes."""
+
+    request: GenerationRequest
+    prepared: PreparedRequest
+    handle: RequestHandle
+    reservation: int  # KV cache positions it may use (prompt + max_new_tokens + γ + 1)
+    detokenizer: IncrementalDetokenizer
+    adaptive: AdaptiveGamma | None
+    state: SequenceState | None = None
+    output: list[int] = field(default_factory=list)
+    ready: bool = False  # batched mode: prefilled and due a step in this round
+    prefilled: int = 0  # prompt tokens cached so far (all but the last make a full prefill)
+    draft_prefill: bool | None = None  # whether the prompt goes through the draft too
+    finished: bool = False
+
+    @property
+    def is_prefilled(self) -> bool:
+        return self.state is not None and self.prefilled >= len(self.prepared.prompt_ids) - 1
+
+
+Finish = Callable[[RunningRequest, Any], None]
+"""``finish(running, item)``: end a request with ``item`` (the end marker or an error), release
+its caches and drop it from the running set."""
+
+
+class Stepper:
+    def __init__(
+        self,
+        *,
+        target: Any,
+        draft: Any,
+        batched: bool,
+        costs: CostModel,
+        device: torch.device,
+        eos_token_ids: frozenset[int] | tuple[int, ...],
+        default_gamma: int | None,
+        max_gamma: int,
+        prefill_chunk: int,
+        proposer: Proposer,
+        finish: Finish,
+    ) -> None:
+        self.target = target
+        self.draft = draft
+        self.batched = batched  # static-cache runners: every ready request in one step
+        self.costs = costs
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.default_gamma = default_gamma  # None: adaptive
+        self.max_gamma = max_gamma
+        self.prefill_chunk = prefill_chunk
+        self.proposer = proposer  # the draft model; benchmarks may swap in another proposer
+        self._finish = finish
+        # The server's recent acceptance: the prior of each new request's adaptive γ.
+        self.acceptance = AcceptanceEstimate(prior_alpha=0.7, prior_weight=4.0, decay=0.99)
+        # What steps really cost against the cost model: corrects adaptive γ.
+        self.step_costs = StepCosts(costs)
+        self.last_gamma = 0
+
+    # ---- γ ---------------------------------------------------------------------------------
+
+    def fixed_gamma(self, request: GenerationRequest) -> int | None:
+        """The request's γ, else the server's default; None means adaptive."""
+        gamma = request.speculation.num_speculative_tokens
+        return self.default_gamma if gamma is None else gamma
+
+    def gamma_limit(self, request: GenerationRequest) -> int:
+        """The most draft tokens one step of ``request`` may take."""
+        gamma = self.fixed_gamma(request)
+        return self.max_gamma if gamma is None else gamma
+
+    def adaptive_for(self, request: GenerationRequest) -> AdaptiveGamma | None:
+        if self.fixed_gamma(request) is not None:
+            return None
+        if plans_alone(request):
+            return AdaptiveGamma(self.costs, self.max_gamma)
+        return AdaptiveGamma(self.costs, self.max_gamma, prior_alpha=self.acceptance.alpha)
+
+    def _gamma(self, running: RunningRequest, batch: int = 1) -> int:
+        state = running.state
+        assert state is not None
+        # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
+        # prompt + max_new_tokens <= context window, so this also keeps the caches inside it.
+        remaining = running.prepared.max_new_tokens - len(running.output)
+        if running.adaptive is not None:
+            # What the draft must be fed alone before it drafts (a short lag rides along).
+            lag = len(state.tokens) - state.draft.length
+            catch_up = lag - 1 if lag > CATCH_UP_IN_BATCH else 0
+            if plans_alone(running.request):  # only its own history may decide its γ
+                gamma = running.adaptive.next_gamma(1, catch_up=catch_up, remaining=remaining)
+            else:
+                gamma = running.adaptive.next_gamma(
+                    batch, self.step_costs.overhead(batch), catch_up=catch_up, remaining=remaining
+                )
+        else:
+            gamma = self.gamma_limit(running.request)
+        return max(0, min(gamma, remaining - 1))
+
+    def _drafts_from_the_start(self, running: RunningRequest, prompt: int, batch: int) -> bool:
+        """Whether the draft should see the prompt: always for a fixed γ > 0, never for γ = 0;
+        with adaptive γ, only if drafting over the whole output is expected to pay for it (at
+        the batch running now). A draft left out catches up if γ turns positive later."""
+        if running.adaptive is None:
+            return self.gamma_limit(running.request) > 0
+        remaining = running.prepared.max_new_tokens
+        if plans_alone(running.request):
+            return running.adaptive.would_draft(catch_up=prompt, remaining=remaining)
+        batch = batch if self.batched else 1  # else stepped one by one
+        return running.adaptive.would_draft(
+            batch, self.step_costs.overhead(batch), catch_up=prompt, remaining=remaining
+        )
+
+    # ---- prefill ---------------------------------------------------------------------------
+
+    def prefill(self, running: RunningRequest, batch: int) -> None:
+        """Cache every prompt token but the last, which the first step feeds: the next chunk
+        of them (``prefill_chunk``) per call, the first call also taking the cache slots.
+        ``batch``: the requests running now, which decides whether the draft sees the prompt."""
+        if running.state is None:
+            self._start_sequences(running)
+        state = running.state
+        assert state is not None
+        end = len(running.prepared.prompt_ids) - 1
+        chunk = self.prefill_chunk or end
+        begin, stop = running.prefilled, min(end, running.prefilled + chunk)
+        if begin >= stop:  # a one-token prompt: the first step feeds it
+            return
+        if running.draft_prefill is None:
+            running.draft_prefill = self._drafts_from_the_start(running, end, batch)
+        timeline = running.handle.timeline
+        start = time.time_ns()
+        state.target.forward(state.tokens[begin:stop], num_logits=1)  # the logits are not needed
+        middle = time.time_ns()
+        timeline.target_prefill_ns = (timeline.target_prefill_ns[0] or start, middle)
+        # A draft that will propose from the first step is prefilled with the target, chunk by
+        # chunk (else its first step would feed it the whole prompt alone, stalling the batch).
+        if running.draft_prefill:
+            state.draft.forward(state.tokens[begin:stop], num_logits=1)
+            done = time.time_ns()
+            timeline.draft_prefill_ns = (timeline.draft_prefill_ns[0] or middle, done)
+        running.prefilled = stop
+
+    def _start_sequences(self, running: RunningRequest) -> None:
+        prompt = list(running.prepared.prompt_ids)
+        seed = running.request.sampling.seed
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
+        target = self.target.new_sequence()
+        try:
+            draft = self.draft.new_sequence()
+        except BaseException:
+            target.release()
+            raise
+        running.state = SequenceState(
+            tokens=prompt,
+            target=target,
+            draft=draft,
+            sampling=running.request.sampling,
+            generator=generator,
+            proposer=self.proposer,
+        )
+
+    # ---- steps -----------------------------------------------------------------------------
+
+    def guarded(self, running: RunningRequest, work: Callable[[RunningRequest], None]) -> None:
+        """Run ``work`` for one request; a failure ends that request alone."""
+        try:
+            work(running)
+        except torch.OutOfMemoryError:
+            log.warning("out of device memory", extra={"request_id": running.request.request_id})
+            self._finish(running, DeviceOutOfMemoryError("out of device memory"))
+        except Exception as err:
+            log.error(
+                "request failed", exc_info=True, extra={"request_id": running.request.request_id}
+            )
+            self._finish(running, err)
+
+    def step(self, running: RunningRequest, gamma: int | None = None) -> None:
+        """One speculative step of one request."""
+        assert running.state is not None
+        gamma = self._gamma(running) if gamma is None else gamma
+        self.last_gamma = gamma
+        start_ns = time.time_ns()
+        started = time.perf_counter()
+        result = speculative_step(running.state, gamma)
+        self.step_costs.observe([gamma], time.perf_counter() - started)
+        self._record(running, result, start_ns)
+        self._emit(running, result)
+
+    def step_batch(self, ready: list[RunningRequest]) -> None:
+        """One batched speculative step for every ready request. If it fails, each request
+        is put back as it was and stepped alone, so a failure stays with its own request."""
+        # Batched drafting runs the draft model itself; another proposer drafts alone, unless
+        # it can pick each position's token inside the batched loop (``choose``).
+        choose = None if self.proposer is propose else getattr(self.proposer, "choose", None)
+        if len(ready) <= 1 or (self.proposer is not propose and choose is None):
+            for running in ready:
+                self.guarded(running, self.step)
+            return
+        states = [r.state for r in ready if r.state is not None]
+        gammas = [self._gamma(r, batch=len(ready)) for r in ready]
+        saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
+                 for s in states]
+        start_ns = time.time_ns()
+        try:
+            started = time.perf_counter()
+            results = speculative_step_batch(states, gammas, self.draft, self.target, choose)
+            self.step_costs.observe(gammas, time.perf_counter() - started)
+        except Exception:
+            log.warning("batched step failed; stepping its requests one by one", exc_info=True)
+            for state, (tokens, target_length, draft_length, rng) in zip(states, saved,
+                                                                          strict=True):
+                del state.tokens[tokens:]
+                state.target.rollback(min(target_length, state.target.length))
+                state.draft.rollback(min(draft_length, state.draft.length))
+                state.generator.set_state(rng)
+            for running, gamma in zip(ready, gammas, strict=True):
+                self.guarded(running, functools.partial(self.step, gamma=gamma))
+            return
+        self.last_gamma = max(gammas)
+        for running, result in zip(ready, results, strict=True):
+            self._record(running, result, start_ns)
+            self.guarded(running, functools.partial(self._emit, result=result))
+
+    def _emit(self, running: RunningRequest, result: StepResult) -> None:
+        """Hand the step's tokens to the caller, stopping at EOS, a stop string or the length."""
+        finish: FinishReason | None = None
+        emitted: list[int] = []
+        for token in result.emitted:
+            emitted.append(token)
+            running.output.append(token)
+            if token in self.eos_token_ids:
+                finish = FinishReason.EOS
+            elif running.detokenizer.add(token):
+                finish = FinishReason.STOP
+            elif len(running.output) >= running.prepared.max_new_tokens:
+                finish = FinishReason.LENGTH
+            if finish is not None:
+                break
+        usage = running.handle.usage
+        usage.completion_tokens = len(running.output)
+        text = running.detokenizer.delta(final=finish is not None)
+        if finish is None:
+            running.handle._put(Chunk(tuple(emitted), text))
+        else:
+            running.handle._put(Chunk(tuple(emitted), text, finish, usage))
+            self._finish(running, _END)
+
+    def _record(self, running: RunningRequest, result: StepResult, start_ns: int) -> None:
+        usage = running.handle.usage
+        usage.target_forward_passes += 1
+        usage.draft_tokens += result.num_drafted
+        usage.accepted_draft_tokens += result.num_accepted
+        for position in range(result.num_drafted):
+            if position >= len(usage.drafted_by_position):
+                usage.drafted_by_position.append(0)
+                usage.accepted_by_position.append(0)
+            usage.drafted_by_position[position] += 1
+            usage.accepted_by_position[position] += position < result.num_accepted
+        if running.adaptive is not None:
+            running.adaptive.observe(result.num_drafted, result.num_accepted)
+        self.acceptance.observe(result.num_drafted, result.num_accepted)
+        running.handle.timeline.steps.append(
+            StepRecord(
+                start_ns=start_ns,
+                gamma=result.num_drafted,
+                accepted=result.num_accepted,
+                emitted=len(result.emitted),
+                draft_s=result.draft_seconds,
+                verify_s=result.verify_seconds,
+            )
+        )
+
+
+def plans_alone(request: GenerationRequest) -> bool:
+    """A seeded sample's γ sequence decides which random draws it makes, so its γ must depend
+    on nothing but the request: not the server's recent acceptance, not the batch it shares,
+    not the step times measured while others ran (:class:`~decoding.adaptive.StepCosts`).
+    Greedy output is the same at any γ, and an unseeded sample promises no repeatability."""
+    return not request.sampling.greedy and request.sampling.seed is not None
