@@ -25,9 +25,10 @@ from decoding.fast.model import FastDecoder
 @dataclass(frozen=True)
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    tokens: torch.Tensor  # [B, T] long, static input
-    slots: torch.Tensor  # [B] long, static input
-    starts: torch.Tensor  # [B] long, static input
+    inputs: torch.Tensor  # [B*T + 2B] long: the three static inputs below, end to end
+    tokens: torch.Tensor  # [B, T] long, static input (a view of inputs)
+    slots: torch.Tensor  # [B] long, static input (a view of inputs)
+    starts: torch.Tensor  # [B] long, static input (a view of inputs)
     logits: torch.Tensor  # [B, T, vocab] float32, static output (overwritten by each replay)
 
 
@@ -59,11 +60,21 @@ class DecodeGraphs:
                     for batch in self.batch_sizes:
                         self._graphs[batch, width, kv_len] = self._capture(batch, width, kv_len)
 
+    def _static_inputs(
+        self, batch: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One graph's inputs: one buffer [B*T + 2B] long, so that :meth:`run` refills them
+        all with one copy, and its views tokens [B, T], slots [B] (the scratch slot until
+        refilled) and starts [B]."""
+        inputs = torch.zeros(batch * width + 2 * batch, dtype=torch.long,
+                             device=self.cache.keys.device)
+        flat_tokens, slots, starts = inputs.split([batch * width, batch, batch])
+        slots.fill_(self.scratch_slot)
+        return inputs, flat_tokens.view(batch, width), slots, starts
+
     def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
         device = self.cache.keys.device
-        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
-        slots = torch.full((batch,), self.scratch_slot, dtype=torch.long, device=device)
-        starts = torch.zeros(batch, dtype=torch.long, device=device)
+        inputs, tokens, slots, starts = self._static_inputs(batch, width)
 
         def step() -> torch.Tensor:
             return self.decoder.forward(
@@ -81,13 +92,14 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = step()
-        return _Captured(graph, tokens, slots, starts, logits)
+        return _Captured(graph, inputs, tokens, slots, starts, logits)
 
     def run(
         self, tokens: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int]
     ) -> torch.Tensor | None:
         """Replay the graph for this batch (rows of equal width): logits [B, T, vocab], or
-        None when no captured shape fits (the caller runs eagerly)."""
+        None when no captured shape fits (the caller runs eagerly). The logits are a view of
+        the graph's static output, overwritten by its next replay: copy them to keep them."""
         batch, width = len(tokens), len(tokens[0])
         needed = max(starts) + width  # every row's queries attend to positions below this
         kv_len = next((n for n in self.kv_lengths if n >= needed), None)
@@ -96,10 +108,16 @@ class DecodeGraphs:
         if captured is None:
             return None
         padding = captured.tokens.shape[0] - batch
-        rows = [list(row) for row in tokens] + [[0] * width] * padding
-        captured.tokens.copy_(torch.tensor(rows, dtype=torch.long))
-        captured.slots.copy_(torch.tensor([*slots, *[self.scratch_slot] * padding]))
-        captured.starts.copy_(torch.tensor([*starts, *[0] * padding]))
+        # The inputs' layout, from one flat host list: padding rows feed token 0 at position
+        # 0 into the scratch slot.
+        flat: list[int] = []
+        for row in tokens:
+            flat.extend(row)
+        flat.extend([0] * (padding * width))
+        flat.extend(slots)
+        flat.extend([self.scratch_slot] * padding)
+        flat.extend(starts)
+        flat.extend([0] * padding)
+        captured.inputs.copy_(torch.tensor(flat, dtype=torch.long))
         captured.graph.replay()
-        # A copy: the static output is overwritten by the next replay.
-        return captured.logits[:batch].clone()
+        return captured.logits[:batch]

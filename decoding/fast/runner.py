@@ -68,6 +68,7 @@ class StaticRunner:
         self.max_len = max_len
         self._lock = threading.Lock()
         self._live = 0
+        self._pick_cache: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             from decoding.fast.graphs import DecodeGraphs
@@ -109,6 +110,26 @@ class StaticRunner:
         Rows are padded at the end to the longest; every sequence needs room for that width
         (length + longest row <= max_len), since its padding is written past its length.
         """
+        packed = self.forward_packed(sequences, tokens, num_logits)
+        return list(packed.split(list(num_logits)))
+
+    @torch.inference_mode()
+    def forward_packed(
+        self,
+        sequences: Sequence[StaticSequence],
+        tokens: Sequence[Sequence[int]],
+        num_logits: Sequence[int],
+        *,
+        transient: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`forward_batch` with the rows' logits end to end in one tensor,
+        [sum(num_logits), vocab] float32 (row b's start at sum(num_logits[:b])), so a caller
+        can work on all rows with one operation.
+
+        ``transient=True``: the result may be a view of a CUDA graph's static output, valid
+        only until this runner's next forward; for a caller that reads it (enqueues every
+        operation on it) before then, which saves a copy of the logits per replay.
+        """
         if not sequences or not len(sequences) == len(tokens) == len(num_logits):
             raise ValueError("forward_batch needs one token list and one num_logits per sequence")
         slots = [sequence._live_slot(self) for sequence in sequences]
@@ -125,7 +146,7 @@ class StaticRunner:
                     f"(max_len {self.max_len}, padding included)"
                 )
         starts = [sequence.length for sequence in sequences]
-        logits = self._run(tokens, slots, starts, counts, num_logits, width)
+        logits = self._run(tokens, slots, starts, counts, num_logits, width, transient)
         for sequence, count in zip(sequences, counts, strict=True):
             sequence.length += count
         return logits
@@ -138,34 +159,56 @@ class StaticRunner:
         counts: list[int],
         num_logits: Sequence[int],
         width: int,
-    ) -> list[torch.Tensor]:
+        transient: bool,
+    ) -> torch.Tensor:
+        batch = len(tokens)
         uniform = all(count == width for count in counts)
         if uniform and self.graphs is not None:
             graphed = self.graphs.run(tokens, slots, starts)  # [B, width, vocab] or None
             if graphed is not None:
-                return [row[width - keep :] for row, keep in zip(graphed, num_logits, strict=True)]
-        device = self.device
-        padded = [list(row) + [PAD_TOKEN] * (width - len(row)) for row in tokens]
-        token_ids = torch.tensor(padded, dtype=torch.long, device=device)  # [B, T]
-        slot_ids = torch.tensor(slots, dtype=torch.long, device=device)  # [B]
-        start_ids = torch.tensor(starts, dtype=torch.long, device=device)  # [B]
+                flat = graphed.reshape(batch * width, -1)  # a view of the static output
+                if all(keep == width for keep in num_logits):
+                    return flat if transient else flat.clone()
+                return flat[self._picks(counts, num_logits, width)]  # a gathered copy
+        # One host list and one tensor (one host-to-device copy): the padded tokens, the
+        # slots, the starts.
+        flat_inputs: list[int] = []
+        for row in tokens:
+            flat_inputs.extend(row)
+            if len(row) < width:
+                flat_inputs.extend([PAD_TOKEN] * (width - len(row)))
+        flat_inputs.extend(slots)
+        flat_inputs.extend(starts)
+        inputs = torch.tensor(flat_inputs, dtype=torch.long, device=self.device)
+        token_ids, slot_ids, start_ids = inputs.split([batch * width, batch, batch])
         kv_len = max(starts) + width
-        host_row = (slots[0], starts[0]) if len(slots) == 1 else None
+        host_row = (slots[0], starts[0]) if batch == 1 else None
         hidden = self.decoder.hidden_states(
-            token_ids, slot_ids, start_ids, self.cache, kv_len, host_row=host_row
+            token_ids.view(batch, width), slot_ids, start_ids, self.cache, kv_len,
+            host_row=host_row,
         )
-        if uniform:  # one slice for all rows: the last max(num_logits) positions
-            most = max(num_logits)
-            logits = self.decoder.logits(hidden[:, width - most :])  # [B, most, vocab]
-            return [row[most - keep :] for row, keep in zip(logits, num_logits, strict=True)]
+        if uniform and all(keep == num_logits[0] for keep in num_logits):
+            keep = num_logits[0]  # one slice for all rows: their last ``keep`` positions
+            return self.decoder.logits(hidden[:, width - keep :]).reshape(batch * keep, -1)
         # Ragged: gather each row's last real positions, then one pass through the head.
-        picks = [
-            b * width + position
-            for b, (count, keep) in enumerate(zip(counts, num_logits, strict=True))
-            for position in range(count - keep, count)
-        ]
-        flat = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(picks, device=device)]
-        return list(self.decoder.logits(flat).split(list(num_logits)))
+        flat = hidden.reshape(batch * width, -1)[self._picks(counts, num_logits, width)]
+        return self.decoder.logits(flat)
+
+    def _picks(self, counts: list[int], num_logits: Sequence[int], width: int) -> torch.Tensor:
+        """Indices into the B*width positions of each row's last ``num_logits[b]`` real ones."""
+        key = (width, tuple(counts), tuple(num_logits))
+        picks = self._pick_cache.get(key)
+        if picks is None:
+            if len(self._pick_cache) >= 256:
+                self._pick_cache.clear()
+            indices = [
+                b * width + position
+                for b, (count, keep) in enumerate(zip(counts, num_logits, strict=True))
+                for position in range(count - keep, count)
+            ]
+            picks = torch.tensor(indices, dtype=torch.long, device=self.device)
+            self._pick_cache[key] = picks
+        return picks
 
 
 class StaticSequence:

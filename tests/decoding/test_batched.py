@@ -1,0 +1,167 @@
+"""The batched speculative step and the fast runner's packed and graphed paths, on the CPU.
+
+A batched step must give every request what it gets alone: greedy rows the target's own
+tokens, sampled rows the same draws from their own generators, whatever the other rows'
+settings and γ. The CUDA-graph path of :class:`StaticRunner` is exercised with "graphs" that
+replay the decoder eagerly, so everything but the capture itself runs here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from decoding.batched import speculative_step_batch
+from decoding.fast.cache import StaticKVCache
+from decoding.fast.graphs import DecodeGraphs, _Captured
+from decoding.fast.model import FastDecoder
+from decoding.fast.runner import StaticRunner
+from decoding.params import SamplingParams
+from decoding.speculative import SequenceState, speculative_step
+
+VOCAB = 300
+ATOL = 1e-5
+SETTINGS = [  # mixed on purpose: greedy rows, repeated settings apart, top-k, top-p
+    SamplingParams(),
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=20),
+    SamplingParams(temperature=1.2, top_p=0.9),
+    SamplingParams(temperature=1.0),
+    SamplingParams(),
+    SamplingParams(temperature=0.5, top_k=50, top_p=0.8),
+]
+
+
+def qwen2(seed: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[Qwen2ForCausalLM, Qwen2ForCausalLM]:
+    return qwen2(0), qwen2(1)
+
+
+class _EagerGraph:
+    """Stands in for a captured CUDA graph: replay runs the step and fills the static output."""
+
+    def __init__(self, step: Callable[[], torch.Tensor], output: torch.Tensor) -> None:
+        self.step, self.output = step, output
+
+    def replay(self) -> None:
+        self.output.copy_(self.step())
+
+
+class EagerGraphs(DecodeGraphs):
+    """:class:`DecodeGraphs` on the CPU: the same static inputs, padding and output handling,
+    with each graph's replay run eagerly."""
+
+    def __init__(self, decoder: FastDecoder, cache: StaticKVCache, batch_sizes: tuple[int, ...],
+                 widths: tuple[int, ...], kv_lengths: tuple[int, ...]) -> None:
+        self.decoder, self.cache = decoder, cache
+        self.scratch_slot = cache.allocate()
+        self.kv_lengths = sorted({min(n, cache.max_len) for n in (*kv_lengths, cache.max_len)})
+        self.batch_sizes = sorted(set(batch_sizes))
+        self._graphs = {
+            (batch, width, kv_len): self._capture(batch, width, kv_len)
+            for kv_len in self.kv_lengths for width in widths for batch in self.batch_sizes
+        }
+        self.replays = 0
+
+    def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
+        inputs, tokens, slots, starts = self._static_inputs(batch, width)
+
+        def step() -> torch.Tensor:
+            self.replays += 1
+            return self.decoder.forward(
+                tokens, slots, starts, self.cache, num_logits=width, kv_len=kv_len
+            )
+
+        output = torch.zeros(batch, width, VOCAB)
+        graph: torch.cuda.CUDAGraph = _EagerGraph(step, output)  # type: ignore[assignment]
+        return _Captured(graph, inputs, tokens, slots, starts, output)
+
+
+def graphed_runner(model: Qwen2ForCausalLM, num_slots: int, max_len: int) -> StaticRunner:
+    runner = StaticRunner(model, num_slots=num_slots + 1, max_len=max_len)
+    runner.graphs = EagerGraphs(runner.decoder, runner.cache, (1, 2, 4), (1, 3), (16, 64))
+    runner.graphs.replays = 0
+    return runner
+
+
+def test_graphed_forwards_equal_eager_ones(pair) -> None:
+    """Padded batch sizes, each width and keep, widths with no graph, and the transient view."""
+    model = pair[0]
+    eager, graphed = StaticRunner(model, num_slots=3, max_len=64), graphed_runner(model, 3, 64)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (4, 9, 6)]
+    calls = [
+        (prompts, [1, 2, 1]),  # ragged: eager on both
+        ([[5], [6], [7]], [1, 1, 1]),  # batch 3 in the graph of 4
+        ([[8, 9, 10], [11, 12, 13], [14, 15, 16]], [3, 3, 3]),
+        ([[17, 18, 19], [20, 21, 22], [23, 24, 25]], [1, 3, 2]),  # a gathered subset
+        ([[26, 27], [28, 29], [30, 31]], [2, 1, 2]),  # width 2: no graph, eager
+    ]
+    sequences = {runner: [runner.new_sequence() for _ in range(3)] for runner in (eager, graphed)}
+    for tokens, keep in calls:
+        expected = eager.forward_batch(sequences[eager], tokens, keep)
+        got = graphed.forward_batch(sequences[graphed], tokens, keep)
+        for mine, theirs in zip(got, expected, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL)
+    assert graphed.graphs is not None and graphed.graphs.replays == 3
+    # Rows 0 and 2 only (a batch of 2): transient logits are the static output itself.
+    two = [sequences[graphed][0], sequences[graphed][2]]
+    kept = graphed.forward_packed(two, [[1], [2]], [1, 1])
+    view = graphed.forward_packed(two, [[3], [4]], [1, 1], transient=True)
+    outputs = {captured.logits.data_ptr() for captured in graphed.graphs._graphs.values()}
+    assert view.data_ptr() in outputs and kept.data_ptr() not in outputs
+
+
+def _states(target: StaticRunner, draft: StaticRunner, seed: int) -> list[SequenceState]:
+    generator = torch.Generator().manual_seed(seed)
+    states = []
+    for row, params in enumerate(SETTINGS):
+        prompt = torch.randint(3, VOCAB, (4 + row,), generator=generator).tolist()
+        state = SequenceState(
+            tokens=list(prompt),
+            target=target.new_sequence(),  # type: ignore[arg-type]
+            draft=draft.new_sequence(),  # type: ignore[arg-type]
+            sampling=params,
+            generator=torch.Generator().manual_seed(100 + row),
+        )
+        state.target.forward(prompt[:-1])
+        state.draft.forward(prompt[:-1])
+        states.append(state)
+    return states
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_batched_step_gives_each_request_what_it_gets_alone(pair, graphs: bool) -> None:
+    """Mixed settings and γ (0 included) in one batch, step after step: every request's
+    tokens and acceptances equal those of the same request stepped alone."""
+    target_model, draft_model = pair
+    size = len(SETTINGS)
+    if graphs:
+        target = graphed_runner(target_model, size, 128)
+        draft = graphed_runner(draft_model, size, 128)
+    else:
+        target = StaticRunner(target_model, num_slots=size, max_len=128)
+        draft = StaticRunner(draft_model, num_slots=size, max_len=128)
+    batched = _states(target, draft, seed=3)
+    alone_target = StaticRunner(target_model, num_slots=size, max_len=128)
+    alone_draft = StaticRunner(draft_model, num_slots=size, max_len=128)
+    alone = _states(alone_target, alone_draft, seed=3)
+    for step in range(12):
+        gammas = [4] * size if step % 3 == 0 else [(step + row) % 5 for row in range(size)]
+        results = speculative_step_batch(batched, gammas, draft, target)
+        for state, gamma, result in zip(alone, gammas, results, strict=True):
+            single = speculative_step(state, gamma)
+            assert (result.emitted, result.num_accepted) == (single.emitted, single.num_accepted)
+    assert [state.tokens for state in batched] == [state.tokens for state in alone]
