@@ -9,6 +9,7 @@ follows the target's processed distribution exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,25 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token id per row of ``probs`` [n, vocab] -> [n], drawn from the request's generator."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """One token id per row of ``probs`` [n, vocab] -> [n], drawn from the request's generator.
+
+    By the exponential race: argmax(p / q) with q ~ Exp(1) per entry is an exact sample of p.
+    That is how ``torch.multinomial`` draws one sample, so this takes the same numbers from
+    the generator and returns the same token; it only skips that function's checks of its
+    input (a few kernels, and a host sync on some builds). Probabilities come from
+    :func:`processed_probs`, so they are finite, non-negative and sum to one.
+    """
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def sample_rows(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """:func:`sample` of row k of ``probs`` [R, vocab] from ``generators[k]``, each drawing what
+    it would alone, in row order: R fills of the noise, then one division and one argmax."""
+    noise = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        noise[row : row + 1].exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
 
 
 @dataclass(frozen=True)
@@ -63,11 +81,16 @@ def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Ac
     it equals the target's argmax; the bonus token is the target's argmax after the accepted
     prefix, so the result is exactly the target's own greedy continuation.
     """
-    target_tokens = target_logits.argmax(-1)  # [γ+1]
-    gamma = draft_tokens.shape[0]
-    mismatch = (draft_tokens != target_tokens[:gamma]).nonzero()
-    num_accepted = int(mismatch[0, 0]) if mismatch.numel() else gamma
-    return Acceptance(num_accepted, int(target_tokens[num_accepted]))
+    return greedy_acceptance(draft_tokens.tolist(), target_logits.argmax(-1).tolist())
+
+
+def greedy_acceptance(draft_tokens: list[int], target_tokens: list[int]) -> Acceptance:
+    """:func:`accept_greedy` on host lists: the draft's γ ids and the target's γ+1 argmax ids."""
+    for position, drafted in enumerate(draft_tokens):
+        if drafted != target_tokens[position]:
+            return Acceptance(position, target_tokens[position])
+    gamma = len(draft_tokens)
+    return Acceptance(gamma, target_tokens[gamma])
 
 
 def accept_sampled(
@@ -95,18 +118,19 @@ def accept_sampled(
     from target_probs[γ]. The emitted tokens then follow the target's distribution exactly.
     """
     gamma = draft_tokens.shape[0]
-    positions = torch.arange(gamma, device=draft_tokens.device)
-    target_p = target_probs[positions, draft_tokens]  # [γ]
-    draft_p = draft_probs[positions, draft_tokens]  # [γ]
+    chosen = draft_tokens[:, None]
+    target_p = target_probs[:gamma].gather(-1, chosen).squeeze(-1)  # [γ]
+    draft_p = draft_probs.gather(-1, chosen).squeeze(-1)  # [γ]
     uniform = torch.rand(gamma, generator=generator, device=draft_tokens.device)
     # u < p/q written as u*q < p: no division, and q == 0 (impossible for a sampled token) rejects.
-    rejected = (uniform * draft_p >= target_p).nonzero()
-    if not rejected.numel():
+    rejected = (uniform * draft_p >= target_p).tolist()  # one host sync
+    if True not in rejected:
         return Acceptance(gamma, int(sample(target_probs[gamma : gamma + 1], generator)[0]))
-    num_accepted = int(rejected[0, 0])
+    num_accepted = rejected.index(True)
     residual = (target_probs[num_accepted] - draft_probs[num_accepted]).clamp_min(0.0)
     total = residual.sum()
     # The residual is zero only if the two distributions are equal, where nothing is rejected;
-    # guard against float round-off anyway by falling back to the target's distribution.
-    recovered = residual / total if total > 0 else target_probs[num_accepted]
+    # guard against float round-off anyway by falling back to the target's distribution
+    # (chosen on the device: no host sync for the test).
+    recovered = torch.where(total > 0, residual / total, target_probs[num_accepted])
     return Acceptance(num_accepted, int(sample(recovered[None], generator)[0]))

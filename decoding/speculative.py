@@ -88,6 +88,16 @@ def accept(
     if state.sampling.greedy:
         return accept_greedy(draft_tokens, target_logits)
     target_probs = processed_probs(target_logits, state.sampling)  # [γ+1, vocab]
+    return accept_probs(state, draft_tokens, draft_probs, target_probs)
+
+
+def accept_probs(
+    state: SequenceState,
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+) -> Acceptance:
+    """:func:`accept` when sampling, on the target's processed probabilities [γ+1, vocab]."""
     if draft_probs is None:  # γ = 0: plain sampling from the target
         return Acceptance(0, int(sample(target_probs, state.generator)[0]))
     return accept_sampled(draft_tokens, draft_probs, target_probs, state.generator)
@@ -119,8 +129,14 @@ def commit(
     Returns the emitted tokens and the number of accepted draft tokens."""
     result = accept(state, draft_tokens, draft_probs, target_logits)
     emitted = [*draft_tokens[: result.num_accepted].tolist(), result.bonus_token]
+    advance(state, emitted, result.num_accepted)
+    return emitted, result.num_accepted
+
+
+def advance(state: SequenceState, emitted: list[int], num_accepted: int) -> None:
+    """Extend the sequence with ``emitted`` (the accepted tokens and the bonus token) and roll
+    both caches back past the rejected draft tokens."""
     prior_length = len(state.tokens)
     state.tokens.extend(emitted)
-    state.target.rollback(prior_length + result.num_accepted)
-    state.draft.rollback(min(state.draft.length, prior_length + result.num_accepted))
-    return emitted, result.num_accepted
+    state.target.rollback(prior_length + num_accepted)
+    state.draft.rollback(min(state.draft.length, prior_length + num_accepted))

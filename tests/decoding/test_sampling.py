@@ -8,7 +8,14 @@ from scipy.stats import chisquare
 
 from decoding.errors import InvalidRequestError
 from decoding.params import SamplingParams
-from decoding.sampling import Acceptance, accept_greedy, accept_sampled, processed_probs, sample
+from decoding.sampling import (
+    Acceptance,
+    accept_greedy,
+    accept_sampled,
+    processed_probs,
+    sample,
+    sample_rows,
+)
 
 VOCAB = 6
 
@@ -119,3 +126,20 @@ def test_invalid_sampling_values_name_the_field(kwargs: dict, field: str) -> Non
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams(**kwargs)
     assert err.value.field == field
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_sample_draws_what_multinomial_draws(rows: int) -> None:
+    """The same tokens from the same generator state, and the generator left in the same
+    state, as ``torch.multinomial`` (seeded requests keep their outputs); row by row alike."""
+    for seed in range(20):
+        scores = torch.randn(rows, 500, generator=torch.Generator().manual_seed(1000 + seed))
+        probs = processed_probs(scores, SamplingParams(temperature=1.0, top_p=0.9))
+        theirs, ours = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        expected = torch.multinomial(probs, 1, generator=theirs).squeeze(-1)
+        assert torch.equal(sample(probs, ours), expected)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+        generators = [torch.Generator().manual_seed(seed + row) for row in range(rows)]
+        alone = [sample(probs[row : row + 1], generators[row]) for row in range(rows)]
+        generators = [torch.Generator().manual_seed(seed + row) for row in range(rows)]
+        assert torch.equal(sample_rows(probs, generators), torch.cat(alone))
