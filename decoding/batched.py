@@ -1,21 +1,30 @@
-"""One speculative step for many requests at once, on runners that batch (``forward_batch``).
+"""One speculative step for many requests at once, on runners that batch (``forward_packed``).
 
 The same propose -> verify -> accept -> roll back as :func:`decoding.speculative.speculative_step`,
 but every draft position is one batched draft forward over the requests still drafting, and the
 verification is one batched target forward over all of them, each request at its own position
 with its own γ, sampling parameters and random generator. Acceptance is per request, so each
 request's tokens are exactly what it would get alone.
+
+The host work per step is kept to a few operations for the whole batch, not a few per row
+(on a GPU a small model's forward takes less time than a handful of launches and host syncs):
+each forward's logits come as one tensor, greedy rows share one argmax and one host sync per
+forward, sampled rows share one :func:`~decoding.sampling.processed_probs` per distinct setting
+and one division and argmax for their draws. Only what is a request's own runs per row: its
+draws from its own generator, in the order it would make them alone.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import accumulate, pairwise
 from typing import Protocol
 
 import torch
 
-from decoding.speculative import SequenceState, StepResult, commit, draw
+from decoding.sampling import greedy_acceptance, processed_probs, sample_rows
+from decoding.speculative import SequenceState, StepResult, accept_probs, advance
 
 CATCH_UP_IN_BATCH = 2
 """A draft that lags by more tokens than this catches up alone first, so one long catch-up
@@ -23,9 +32,14 @@ does not pad every row of the batched draft forward."""
 
 
 class BatchRunner(Protocol):
-    def forward_batch(
-        self, sequences: list, tokens: list[list[int]], num_logits: list[int]
-    ) -> list[torch.Tensor]: ...
+    def forward_packed(
+        self,
+        sequences: list,
+        tokens: list[list[int]],
+        num_logits: list[int],
+        *,
+        transient: bool = False,
+    ) -> torch.Tensor: ...
 
 
 Choose = Callable[[SequenceState, int], int]
@@ -45,20 +59,12 @@ def speculative_step_batch(
     drafts, probs = _propose(states, gammas, draft, choose)
     drafted = time.perf_counter()
     fed = [s.tokens[s.target.length :] + d for s, d in zip(states, drafts, strict=True)]
-    target_logits = target.forward_batch(
-        [s.target for s in states], fed, [g + 1 for g in gammas]
-    )  # each [γ_i+1, vocab]
-    committed = [
-        commit(
-            state,
-            torch.tensor(tokens, dtype=torch.long, device=logits.device),
-            torch.cat(draft_probs) if draft_probs else None,  # [γ, vocab]
-            logits,
-        )
-        for state, tokens, draft_probs, logits in zip(
-            states, drafts, probs, target_logits, strict=True
-        )
-    ]
+    widths = [gamma + 1 for gamma in gammas]
+    # Row i's γ_i+1 logits end to end: [Σ(γ_i+1), vocab], read before the next forward.
+    target_logits = target.forward_packed(
+        [s.target for s in states], fed, widths, transient=True
+    )
+    committed = _commit(states, drafts, probs, target_logits, widths)
     verified = time.perf_counter()
     return [
         StepResult(emitted, gamma, accepted, drafted - start, verified - drafted)
@@ -83,8 +89,117 @@ def _propose(
             states[i].tokens[states[i].draft.length :] if position == 0 else [drafts[i][-1]]
             for i in rows
         ]
-        logits = draft.forward_batch([states[i].draft for i in rows], pending, [1] * len(rows))
-        for i, row_logits in zip(rows, logits, strict=True):  # row_logits: [1, vocab]
-            token = draw(states[i], row_logits, probs[i])
+        logits = draft.forward_packed(  # [len(rows), vocab], read before the next forward
+            [states[i].draft for i in rows], pending, [1] * len(rows), transient=True
+        )
+        tokens = _draw(logits, [states[i] for i in rows], [probs[i] for i in rows])
+        for i, token in zip(rows, tokens, strict=True):
             drafts[i].append(token if choose is None else choose(states[i], position))
     return drafts, probs
+
+
+def _draw(
+    logits: torch.Tensor,
+    states: list[SequenceState],
+    probs: list[list[torch.Tensor]],
+) -> list[int]:
+    """:func:`decoding.speculative.draw` for every row of ``logits`` [R, vocab] (state k's
+    row k), with one operation for all rows where it can: one argmax for the greedy rows,
+    :func:`_processed` and :func:`sample_rows` for the sampled ones (each from its own
+    generator, in row order), one host sync. A sampled row's probabilities [1, vocab] go on
+    ``probs[k]``."""
+    greedy = [state.sampling.greedy for state in states]
+    if all(greedy):
+        chosen = logits.argmax(-1)
+    else:
+        sampled = [k for k, is_greedy in enumerate(greedy) if not is_greedy]
+        packed, row_probs = _processed(logits, [(k, k + 1) for k in range(len(states))], states)
+        for k in sampled:
+            row = row_probs[k]
+            assert row is not None
+            probs[k].append(row)
+        chosen = sample_rows(packed, [states[k].generator for k in sampled])
+        if len(sampled) < len(states):  # greedy rows too: their argmax, the others' draws
+            chosen = logits.argmax(-1).index_copy_(
+                0, torch.tensor(sampled, device=logits.device), chosen
+            )
+    tokens: list[int] = chosen.tolist()
+    return tokens
+
+
+def _processed(
+    logits: torch.Tensor, spans: Sequence[tuple[int, int]], states: Sequence[SequenceState]
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """:func:`processed_probs` of each sampled state's rows ``logits[start:stop]`` under its
+    settings. Returns them end to end in state order, [Σ rows, vocab] float32, and each
+    state's own (a view; None for a greedy state). One call per distinct temperature, top-k
+    and top-p: the function works row by row, so each state's rows come out as they would
+    alone."""
+    sampled = [k for k, state in enumerate(states) if not state.sampling.greedy]
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for k in sampled:
+        params = states[k].sampling
+        groups.setdefault((params.temperature, params.top_k, params.top_p), []).append(k)
+    sizes = [spans[k][1] - spans[k][0] for k in sampled]
+    if len(groups) == 1:
+        packed = processed_probs(_rows(logits, [spans[k] for k in sampled]),
+                                 states[sampled[0]].sampling)
+    else:
+        packed = logits.new_empty(sum(sizes), logits.shape[-1], dtype=torch.float32)
+        offsets = dict(zip(sampled, accumulate(sizes, initial=0), strict=False))
+        for members in groups.values():
+            rows = [offsets[k] + j for k in members for j in range(spans[k][1] - spans[k][0])]
+            group_probs = processed_probs(
+                _rows(logits, [spans[k] for k in members]), states[members[0]].sampling
+            )
+            packed.index_copy_(0, torch.tensor(rows, device=logits.device), group_probs)
+    result: list[torch.Tensor | None] = [None] * len(states)
+    for k, part in zip(sampled, packed.split(sizes), strict=True):
+        result[k] = part
+    return packed, result
+
+
+def _rows(logits: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``logits[start:stop]`` of every span, end to end: a view when they are adjacent."""
+    if all(stop == spans[n + 1][0] for n, (_, stop) in enumerate(spans[:-1])):
+        return logits[spans[0][0] : spans[-1][1]]
+    return torch.cat([logits[start:stop] for start, stop in spans])
+
+
+def _commit(
+    states: list[SequenceState],
+    drafts: list[list[int]],
+    probs: list[list[torch.Tensor]],
+    logits: torch.Tensor,
+    widths: list[int],
+) -> list[tuple[list[int], int]]:
+    """:func:`decoding.speculative.commit` for every row of the packed target ``logits``
+    (row i's γ_i+1 end to end): the greedy rows from one argmax and one host sync for all, the
+    sampled rows' probabilities by :func:`_processed`, then each sampled row's acceptance in
+    row order, from its own generator. Returns each row's emitted tokens and accepted count."""
+    offsets = list(accumulate(widths, initial=0))
+    spans = list(pairwise(offsets))
+    greedy = [state.sampling.greedy for state in states]
+    target_tokens: list[int] = logits.argmax(-1).tolist() if any(greedy) else []
+    target_probs = _processed(logits, spans, states)[1] if not all(greedy) else []
+    draft_tokens: dict[int, torch.Tensor] = {}  # a sampled row's drafts [γ_i], one copy for all
+    if not all(greedy):
+        sampled = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
+        flat = [token for i in sampled for token in drafts[i]]
+        packed = torch.tensor(flat, dtype=torch.long, device=logits.device)
+        split = packed.split([len(drafts[i]) for i in sampled])
+        draft_tokens = dict(zip(sampled, split, strict=True))
+    committed = []
+    for i, (state, (start, stop)) in enumerate(zip(states, spans, strict=True)):
+        if greedy[i]:
+            result = greedy_acceptance(drafts[i], target_tokens[start:stop])
+        else:
+            row_probs = target_probs[i]
+            assert row_probs is not None
+            result = accept_probs(
+                state, draft_tokens[i], torch.cat(probs[i]) if probs[i] else None, row_probs
+            )
+        emitted = [*drafts[i][: result.num_accepted], result.bonus_token]
+        advance(state, emitted, result.num_accepted)
+        committed.append((emitted, result.num_accepted))
+    return committed
