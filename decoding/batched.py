@@ -23,8 +23,14 @@ from typing import Protocol
 
 import torch
 
-from decoding.sampling import greedy_acceptance, processed_probs, sample_rows
-from decoding.speculative import SequenceState, StepResult, accept_probs, advance
+from decoding.sampling import (
+    Acceptance,
+    accept_sampled_rows,
+    greedy_acceptance,
+    processed_probs,
+    sample_rows,
+)
+from decoding.speculative import SequenceState, StepResult, advance
 
 CATCH_UP_IN_BATCH = 2
 """A draft that lags by more tokens than this catches up alone first, so one long catch-up
@@ -174,32 +180,38 @@ def _commit(
     widths: list[int],
 ) -> list[tuple[list[int], int]]:
     """:func:`decoding.speculative.commit` for every row of the packed target ``logits``
-    (row i's γ_i+1 end to end): the greedy rows from one argmax and one host sync for all, the
-    sampled rows' probabilities by :func:`_processed`, then each sampled row's acceptance in
-    row order, from its own generator. Returns each row's emitted tokens and accepted count."""
-    offsets = list(accumulate(widths, initial=0))
-    spans = list(pairwise(offsets))
+    (row i's γ_i+1 end to end): the greedy rows from one argmax and one host sync for all,
+    the sampled rows by :func:`_processed` and :func:`accept_sampled_rows`, each from its own
+    generator. Returns each row's emitted tokens and accepted count."""
+    spans = list(pairwise(accumulate(widths, initial=0)))
     greedy = [state.sampling.greedy for state in states]
-    target_tokens: list[int] = logits.argmax(-1).tolist() if any(greedy) else []
-    target_probs = _processed(logits, spans, states)[1] if not all(greedy) else []
-    draft_tokens: dict[int, torch.Tensor] = {}  # a sampled row's drafts [γ_i], one copy for all
+    results: list[Acceptance | None] = [None] * len(states)
+    if any(greedy):
+        target_tokens: list[int] = logits.argmax(-1).tolist()
+        for i, (start, stop) in enumerate(spans):
+            if greedy[i]:
+                results[i] = greedy_acceptance(drafts[i], target_tokens[start:stop])
     if not all(greedy):
         sampled = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
-        flat = [token for i in sampled for token in drafts[i]]
-        packed = torch.tensor(flat, dtype=torch.long, device=logits.device)
-        split = packed.split([len(drafts[i]) for i in sampled])
-        draft_tokens = dict(zip(sampled, split, strict=True))
+        target_probs, _ = _processed(logits, spans, states)  # the sampled rows', in order
+        device = logits.device
+        draft_tokens = torch.tensor(
+            [t for i in sampled for t in drafts[i]], dtype=torch.long, device=device
+        )
+        draft_probs = [p for i in sampled for p in probs[i]]
+        accepted = accept_sampled_rows(
+            draft_tokens,
+            torch.cat(draft_probs) if draft_probs else logits.new_empty(0, logits.shape[-1]),
+            target_probs,
+            [len(drafts[i]) for i in sampled],
+            [states[i].generator for i in sampled],
+        )
+        for i, acceptance in zip(sampled, accepted, strict=True):
+            results[i] = acceptance
     committed = []
-    for i, (state, (start, stop)) in enumerate(zip(states, spans, strict=True)):
-        if greedy[i]:
-            result = greedy_acceptance(drafts[i], target_tokens[start:stop])
-        else:
-            row_probs = target_probs[i]
-            assert row_probs is not None
-            result = accept_probs(
-                state, draft_tokens[i], torch.cat(probs[i]) if probs[i] else None, row_probs
-            )
-        emitted = [*drafts[i][: result.num_accepted], result.bonus_token]
+    for state, draft_tokens_i, result in zip(states, drafts, results, strict=True):
+        assert result is not None
+        emitted = [*draft_tokens_i[: result.num_accepted], result.bonus_token]
         advance(state, emitted, result.num_accepted)
         committed.append((emitted, result.num_accepted))
     return committed

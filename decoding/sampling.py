@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -134,3 +135,52 @@ def accept_sampled(
     # (chosen on the device: no host sync for the test).
     recovered = torch.where(total > 0, residual / total, target_probs[num_accepted])
     return Acceptance(num_accepted, int(sample(recovered[None], generator)[0]))
+
+
+def accept_sampled_rows(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    gammas: Sequence[int],
+    generators: Sequence[torch.Generator],
+) -> list[Acceptance]:
+    """:func:`accept_sampled` for many requests at once (γ = 0 included: then the bonus token
+    is a plain sample from the target), each with its own generator.
+
+    Request k has ``gammas[k]`` draft tokens; every argument holds the requests' rows end to
+    end, in order: draft_tokens [Σγ], draft_probs [Σγ, vocab], target_probs [Σ(γ+1), vocab].
+    Each request gets exactly what :func:`accept_sampled` gives it alone: the same numbers
+    from its generator in the same order (its γ uniforms, then its bonus token's draw) and
+    the same arithmetic on its rows; only the uniforms' test (one host sync for all) and the
+    bonus draws (:func:`sample_rows`) are shared.
+    """
+    device = target_probs.device
+    drafted = list(accumulate(gammas, initial=0))
+    scored = list(accumulate((gamma + 1 for gamma in gammas), initial=0))
+    rejected: list[bool] = []
+    if drafted[-1]:
+        uniform = torch.empty(drafted[-1], device=device)  # as torch.rand(γ) per request
+        for k, generator in enumerate(generators):
+            if gammas[k]:
+                uniform[drafted[k] : drafted[k + 1]].uniform_(generator=generator)
+        rows = [scored[k] + j for k, gamma in enumerate(gammas) for j in range(gamma)]
+        target_p = target_probs[torch.tensor(rows, device=device), draft_tokens]  # [Σγ]
+        draft_p = draft_probs.gather(-1, draft_tokens[:, None]).squeeze(-1)  # [Σγ]
+        rejected = (uniform * draft_p >= target_p).tolist()
+    accepted: list[int] = []
+    bonus_probs: list[torch.Tensor] = []  # each request's bonus distribution, [1, vocab]
+    for k, gamma in enumerate(gammas):
+        flags = rejected[drafted[k] : drafted[k + 1]]
+        num_accepted = flags.index(True) if True in flags else gamma
+        accepted.append(num_accepted)
+        row = scored[k] + num_accepted
+        if num_accepted == gamma:
+            bonus_probs.append(target_probs[row : row + 1])
+            continue
+        # As accept_sampled, on this request's rows alone.
+        target_row = target_probs[row]
+        residual = (target_row - draft_probs[drafted[k] + num_accepted]).clamp_min(0.0)
+        total = residual.sum()
+        bonus_probs.append(torch.where(total > 0, residual / total, target_row)[None])
+    bonus = sample_rows(torch.cat(bonus_probs), generators).tolist()
+    return [Acceptance(n, token) for n, token in zip(accepted, bonus, strict=True)]

@@ -12,6 +12,7 @@ from decoding.sampling import (
     Acceptance,
     accept_greedy,
     accept_sampled,
+    accept_sampled_rows,
     processed_probs,
     sample,
     sample_rows,
@@ -143,3 +144,31 @@ def test_sample_draws_what_multinomial_draws(rows: int) -> None:
         alone = [sample(probs[row : row + 1], generators[row]) for row in range(rows)]
         generators = [torch.Generator().manual_seed(seed + row) for row in range(rows)]
         assert torch.equal(sample_rows(probs, generators), torch.cat(alone))
+
+
+def test_accept_sampled_rows_gives_each_request_what_it_gets_alone() -> None:
+    """Rows with γ = 0, full acceptance, rejections: the same results as accept_sampled (or a
+    plain sample for γ = 0) row by row, and every generator left in the same state."""
+    vocab, gammas = 40, [3, 0, 4, 1, 2, 3]
+    noise = torch.Generator().manual_seed(5)
+    for seed in range(30):
+        target = torch.softmax(torch.randn(sum(gammas) + len(gammas), vocab, generator=noise), -1)
+        draft = torch.softmax(torch.randn(sum(gammas), vocab, generator=noise) * 0.3, -1)
+        if seed % 3 == 0:  # the draft agrees with the target: everything is accepted
+            draft = torch.cat([target[sum(gammas[:k]) + k :][:gamma]
+                               for k, gamma in enumerate(gammas)])
+        tokens = torch.cat([sample(draft[i : i + 1], noise) for i in range(sum(gammas))])
+        together = [torch.Generator().manual_seed(seed * 10 + k) for k in range(len(gammas))]
+        results = accept_sampled_rows(tokens, draft, target, gammas, together)
+        start = scored = 0
+        for k, gamma in enumerate(gammas):
+            alone = torch.Generator().manual_seed(seed * 10 + k)
+            rows = target[scored : scored + gamma + 1]
+            expected = (
+                accept_sampled(tokens[start : start + gamma], draft[start : start + gamma],
+                               rows, alone)
+                if gamma else Acceptance(0, int(sample(rows, alone)[0]))
+            )
+            assert results[k] == expected
+            assert torch.equal(together[k].get_state(), alone.get_state())
+            start, scored = start + gamma, scored + gamma + 1
