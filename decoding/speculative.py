@@ -88,16 +88,6 @@ def accept(
     if state.sampling.greedy:
         return accept_greedy(draft_tokens, target_logits)
     target_probs = processed_probs(target_logits, state.sampling)  # [γ+1, vocab]
-    return accept_probs(state, draft_tokens, draft_probs, target_probs)
-
-
-def accept_probs(
-    state: SequenceState,
-    draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    target_probs: torch.Tensor,
-) -> Acceptance:
-    """:func:`accept` when sampling, on the target's processed probabilities [γ+1, vocab]."""
     if draft_probs is None:  # γ = 0: plain sampling from the target
         return Acceptance(0, int(sample(target_probs, state.generator)[0]))
     return accept_sampled(draft_tokens, draft_probs, target_probs, state.generator)
