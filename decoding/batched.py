@@ -160,7 +160,7 @@ def _processed(
             )
             packed.index_copy_(0, torch.tensor(rows, device=logits.device), group_probs)
     result: list[torch.Tensor | None] = [None] * len(states)
-    for k, part in zip(sampled, packed.split(sizes), strict=True):
+    for k, part in zip(sampled, packed.split_with_sizes(sizes), strict=True):
         result[k] = part
     return packed, result
 

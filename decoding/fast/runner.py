@@ -111,7 +111,7 @@ class StaticRunner:
         (length + longest row <= max_len), since its padding is written past its length.
         """
         packed = self.forward_packed(sequences, tokens, num_logits)
-        return list(packed.split(list(num_logits)))
+        return list(packed.split_with_sizes(list(num_logits)))
 
     @torch.inference_mode()
     def forward_packed(
@@ -180,7 +180,7 @@ class StaticRunner:
         flat_inputs.extend(slots)
         flat_inputs.extend(starts)
         inputs = torch.tensor(flat_inputs, dtype=torch.long, device=self.device)
-        token_ids, slot_ids, start_ids = inputs.split([batch * width, batch, batch])
+        token_ids, slot_ids, start_ids = inputs.split_with_sizes([batch * width, batch, batch])
         kv_len = max(starts) + width
         host_row = (slots[0], starts[0]) if batch == 1 else None
         hidden = self.decoder.hidden_states(
