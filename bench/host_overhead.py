@@ -1,19 +1,24 @@
 """The host (Python) overhead of the fast path per forward and per speculative step.
 
 ``python -m bench.host_overhead`` builds two tiny random Qwen2 models (target and draft; a
-forward of one is tens of microseconds of real compute on a CPU), wraps each in a
+forward of one is little arithmetic and mostly per-operation dispatch), wraps each in a
 :class:`~decoding.fast.runner.StaticRunner` (CPU, eager, no CUDA graphs) and times, per batch
 size:
 
 - ``forward``: :meth:`StaticRunner.forward_batch` of one token per row;
 - ``spec g=0`` / ``spec g=4``: :func:`decoding.batched.speculative_step_batch` with γ = 0 and
-  γ = 4, greedy, and sampled at temperature 1 with a seeded generator per request.
+  γ = 4, greedy, and sampled at temperature 1 with a seeded generator per request;
+- and the row ``1 alone``: one request through the one-sequence path
+  (``StaticSequence.forward``, :func:`decoding.speculative.speculative_step`), which is what
+  the engine runs for a request that steps alone.
 
 For each it prints microseconds per call (median of the timed calls) and the share of that
 spent *outside* the model's own forward (:meth:`FastDecoder.hidden_states` and
 :meth:`FastDecoder.logits`, timed by wrapping them): building tensors from lists, per-row loops,
-syncs, copies, sampling and acceptance. On a GPU with CUDA graphs the forward of a small model
-costs well under a millisecond, so this outside share is what bounds tokens/s there.
+syncs, copies, sampling and acceptance (sampled rows include real work there too: each draw
+fills one exponential variate per vocabulary entry from the request's generator). On a GPU
+with CUDA graphs the forward of a small model costs well under a millisecond, so this outside
+share is what bounds tokens/s there.
 
 Every step starts from the same state (each sequence is rolled back to its prompt after it),
 so all calls of one case do the same work. ``--profile`` prints cProfile's top functions for
@@ -37,7 +42,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from decoding.batched import speculative_step_batch
 from decoding.fast.runner import StaticRunner, StaticSequence
 from decoding.params import SamplingParams
-from decoding.speculative import SequenceState
+from decoding.speculative import SequenceState, speculative_step
 
 PROMPT_LEN = 16
 
@@ -154,9 +159,19 @@ class Setup:
 CASES = ("forward", "spec g=0", "spec g=4")
 
 
-def cases(setup: Setup) -> dict[str, Callable[[], object]]:
+def cases(setup: Setup, alone: bool = False) -> dict[str, Callable[[], object]]:
+    """The timed calls; ``alone`` (batch 1): through the one-sequence path instead,
+    ``StaticSequence.forward`` and :func:`speculative_step`, which the engine takes for a
+    request that steps alone."""
     batch = len(setup.states)
     last = [[prompt[-1]] for prompt in setup.prompts]
+    if alone:
+        state = setup.states[0]
+        return {
+            "forward": lambda: state.target.forward(last[0], num_logits=1),
+            "spec g=0": lambda: speculative_step(state, 0),
+            "spec g=4": lambda: speculative_step(state, 4),
+        }
     return {
         "forward": lambda: setup.target.forward_batch(setup.targets, last, [1] * batch),
         "spec g=0": lambda: speculative_step_batch(
@@ -221,15 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     print("us per call (share outside the model's forward)")
     columns = [(mode, name) for mode in ("greedy", "sampled") for name in CASES
                if not (mode == "sampled" and name == "forward")]
-    print(f"{'batch':>5} " + " ".join(f"{mode[:7] + ' ' + name:>20}" for mode, name in columns))
-    for batch in args.batch_sizes:
+    print(f"{'batch':>7} " + " ".join(f"{mode[:7] + ' ' + name:>20}" for mode, name in columns))
+    runs = [(batch, False) for batch in args.batch_sizes]
+    runs += [(1, True)] if 1 in args.batch_sizes else []
+    for batch, alone in runs:
         row = []
         for mode, name in columns:
             setup = Setup(target, draft, batch, args.vocab, 1.0 if mode == "sampled" else 0.0)
-            timing = measure(cases(setup)[name], setup.reset, clock, args.calls, args.warmup)
+            call = cases(setup, alone)[name]
+            timing = measure(call, setup.reset, clock, args.calls, args.warmup)
             setup.release()
             row.append(f"{timing.micros:>11.0f} ({timing.outside:>4.0%})")
-        print(f"{batch:>5} " + " ".join(f"{cell:>20}" for cell in row))
+        label = "1 alone" if alone else str(batch)
+        print(f"{label:>7} " + " ".join(f"{cell:>20}" for cell in row))
     return 0
 
 
