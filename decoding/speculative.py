@@ -20,7 +20,13 @@ import torch
 
 from decoding.params import SamplingParams
 from decoding.runner import KVSequence
-from decoding.sampling import Acceptance, accept_greedy, accept_sampled, processed_probs, sample
+from decoding.sampling import (
+    Acceptance,
+    accept_sampled,
+    greedy_acceptance,
+    processed_probs,
+    sample,
+)
 
 
 @dataclass
@@ -72,21 +78,23 @@ def draw(state: SequenceState, logits: torch.Tensor, draft_probs: list[torch.Ten
     return int(sample(probs, state.generator)[0])
 
 
-def verify(state: SequenceState, draft_tokens: torch.Tensor) -> torch.Tensor:
+def verify(state: SequenceState, draft_ids: list[int]) -> torch.Tensor:
     """Score the last sequence token and every draft token in one target forward pass.
     Returns target_logits [γ+1, vocab]."""
-    fed = state.tokens[state.target.length :] + draft_tokens.tolist()
-    return state.target.forward(fed, num_logits=draft_tokens.shape[0] + 1)
+    fed = state.tokens[state.target.length :] + draft_ids
+    return state.target.forward(fed, num_logits=len(draft_ids) + 1)
 
 
 def accept(
     state: SequenceState,
     draft_tokens: torch.Tensor,
+    draft_ids: list[int],
     draft_probs: torch.Tensor | None,
     target_logits: torch.Tensor,
 ) -> Acceptance:
+    """``draft_ids``: ``draft_tokens`` on the host."""
     if state.sampling.greedy:
-        return accept_greedy(draft_tokens, target_logits)
+        return greedy_acceptance(draft_ids, target_logits.argmax(-1).tolist())
     target_probs = processed_probs(target_logits, state.sampling)  # [γ+1, vocab]
     if draft_probs is None:  # γ = 0: plain sampling from the target
         return Acceptance(0, int(sample(target_probs, state.generator)[0]))
@@ -102,8 +110,9 @@ def speculative_step(state: SequenceState, gamma: int) -> StepResult:
         draft_tokens = torch.empty(0, dtype=torch.long, device=state.target.device)
         draft_probs = None
     drafted = time.perf_counter()
-    target_logits = verify(state, draft_tokens)
-    emitted, num_accepted = commit(state, draft_tokens, draft_probs, target_logits)
+    draft_ids: list[int] = draft_tokens.tolist()  # one copy to the host, for every use there
+    target_logits = verify(state, draft_ids)
+    emitted, num_accepted = commit(state, draft_tokens, draft_ids, draft_probs, target_logits)
     verified = time.perf_counter()
     return StepResult(emitted, gamma, num_accepted, drafted - start, verified - drafted)
 
@@ -111,14 +120,16 @@ def speculative_step(state: SequenceState, gamma: int) -> StepResult:
 def commit(
     state: SequenceState,
     draft_tokens: torch.Tensor,
+    draft_ids: list[int],
     draft_probs: torch.Tensor | None,
     target_logits: torch.Tensor,
 ) -> tuple[list[int], int]:
     """Accept, extend the sequence with the accepted tokens and the bonus token, and roll both
     caches back past the rejected ones (the bonus token is fed at the next step).
+    ``draft_ids``: ``draft_tokens`` on the host.
     Returns the emitted tokens and the number of accepted draft tokens."""
-    result = accept(state, draft_tokens, draft_probs, target_logits)
-    emitted = [*draft_tokens[: result.num_accepted].tolist(), result.bonus_token]
+    result = accept(state, draft_tokens, draft_ids, draft_probs, target_logits)
+    emitted = [*draft_ids[: result.num_accepted], result.bonus_token]
     advance(state, emitted, result.num_accepted)
     return emitted, result.num_accepted
 
