@@ -140,7 +140,9 @@ def _processed(
     settings. Returns them end to end in state order, [Σ rows, vocab] float32, and each
     state's own (a view; None for a greedy state). One call per distinct temperature, top-k
     and top-p: the function works row by row, so each state's rows come out as they would
-    alone."""
+    alone, up to the rounding of top-p's sums (a reduction kernel, on a GPU or several CPU
+    threads, may add a row in another order when there are more rows, as the batched
+    forward's own kernels already do to the logits)."""
     sampled = [k for k, state in enumerate(states) if not state.sampling.greedy]
     groups: dict[tuple[float, int, float], list[int]] = {}
     for k in sampled:
