@@ -36,16 +36,16 @@ STARTUP_TIMEOUT_S = 120.0
 
 WRAPPER = """
 import os, sys, time
-import decoding.engine as engine
+import decoding.stepper as stepper
 delay = float(os.environ["TEST_STEP_DELAY_S"])
-real_step, real_batch = engine.speculative_step, engine.speculative_step_batch
+real_step, real_batch = stepper.speculative_step, stepper.speculative_step_batch
 def slow_step(state, gamma):
     time.sleep(delay)
     return real_step(state, gamma)
 def slow_batch(states, gammas, draft, target, choose=None):
     time.sleep(delay)
     return real_batch(states, gammas, draft, target, choose)
-engine.speculative_step, engine.speculative_step_batch = slow_step, slow_batch
+stepper.speculative_step, stepper.speculative_step_batch = slow_step, slow_batch
 from service.cli import main
 sys.exit(main(sys.argv[1:]))
 """
