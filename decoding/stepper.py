@@ -130,6 +130,10 @@ class Stepper:
             gamma = self.gamma_limit(running.request)
         return max(0, min(gamma, remaining - 1))
 
+    def _alpha(self, running: RunningRequest) -> float:
+        """The request's estimated acceptance; the server's for a fixed γ."""
+        return (running.adaptive or self.acceptance).alpha
+
     def _drafts_from_the_start(self, running: RunningRequest, prompt: int, batch: int) -> bool:
         """Whether the draft should see the prompt: always for a fixed γ > 0, never for γ = 0;
         with adaptive γ, only if drafting over the whole output is expected to pay for it (at
@@ -232,7 +236,12 @@ class Stepper:
                 self.guarded(running, self.step)
             return
         states = [r.state for r in ready if r.state is not None]
-        gammas = [self._gamma(r, batch=len(ready)) for r in ready]
+        gammas = self.step_costs.cap_for_batch(
+            [self._gamma(r, batch=len(ready)) for r in ready],
+            [self._alpha(r) for r in ready],
+            # A fixed γ is what the request asked for; a seeded sample's γ is its own alone.
+            [r.adaptive is not None and not plans_alone(r.request) for r in ready],
+        )
         saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
                  for s in states]
         start_ns = time.time_ns()

@@ -177,3 +177,19 @@ def test_no_probe_when_its_catch_up_would_not_pay() -> None:
     adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0, probe_every=2)
     assert [adaptive.next_gamma(catch_up=5000, remaining=4) for _ in range(10)] == [0] * 10
     assert max(adaptive.next_gamma(catch_up=1, remaining=100) for _ in range(4)) > 0
+
+
+def test_one_drafter_does_not_make_a_whole_batch_verify_wide() -> None:
+    """Three plain requests beside one drafting 2 would all verify 3 positions: the cap takes
+    the drafter down to plain. Four that all draft well keep drafting; a request whose γ is
+    not adjustable (a fixed or seeded one) keeps its own."""
+    from decoding.adaptive import StepCosts
+
+    steps = StepCosts(LOADED)
+    assert steps.cap_for_batch([2, 0, 0, 0], [0.7] * 4, [True] * 4) == [0, 0, 0, 0]
+    assert steps.cap_for_batch([2, 0, 0, 0], [0.7] * 4, [False, True, True, True]) == [2, 0, 0, 0]
+    # A GPU: drafting 4 rows costs about what 1 does, and so does verifying 16 positions.
+    flat = StepCosts(CostModel(draft_s={1: 0.2, 4: 0.21}, target_s={1: 1.0, 4: 1.02, 16: 1.1}))
+    kept = flat.cap_for_batch([3, 3, 3, 3], [0.9] * 4, [True] * 4)
+    assert kept == [3, 3, 3, 3]
+    assert flat.cap_for_batch([0, 0], [0.9] * 2, [True] * 2) == [0, 0]

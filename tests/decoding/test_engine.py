@@ -409,3 +409,37 @@ async def test_the_draft_skips_a_prompt_that_speculation_would_not_pay_back(same
         assert handle.usage.draft_tokens == 0
     assert alone.timeline.draft_prefill_ns != (0, 0)
     assert alone.usage.draft_tokens > 0
+
+
+async def test_a_drafting_request_stops_when_plain_ones_join_its_batch(same_pair) -> None:
+    """A request that drafts alone (tests/decoding/test_adaptive.py's LOADED costs) would make
+    three newcomers verify as wide as it drafts, while they, with 8 tokens to make, would not
+    win back feeding their 41-token prompts to the draft; while they run beside it its steps
+    are plain, and it drafts again once they have gone. Every output is the target's own."""
+    from tests.decoding.test_adaptive import LOADED
+
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    prompt = tuple(range(20, 61))
+    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=4), costs=LOADED)
+    try:
+        first = engine.submit(GenerationRequest(
+            request_id="first", prompt_token_ids=PROMPT_IDS, max_new_tokens=120))
+        first_ids = list((await anext(aiter(first))).token_ids)  # decoding, drafting
+        with engine._cond:  # admitted together, before the worker's next round
+            others = [engine.submit(GenerationRequest(
+                request_id=f"other{i}", prompt_token_ids=prompt, max_new_tokens=8))
+                for i in range(3)]
+        first_rest, *other_ids = await asyncio.gather(
+            collect_handle(first), *(collect_handle(h) for h in others))
+    finally:
+        engine.close()
+    assert first_ids + first_rest == reference_greedy(pair, PROMPT_IDS, 120)
+    assert other_ids == [reference_greedy(pair, prompt, 8)] * 3
+    began = min(h.timeline.steps[0].start_ns for h in others)
+    ended = max(h.timeline.steps[-1].start_ns for h in others)
+    beside = [s.gamma for s in first.timeline.steps if began <= s.start_ns <= ended]
+    after = [s.gamma for s in first.timeline.steps if s.start_ns > ended]
+    assert first.timeline.steps[0].gamma > 0
+    assert beside and set(beside) == {0}, beside
+    assert after and max(after) > 0, after
+    assert all(h.usage.draft_tokens == 0 for h in others)
