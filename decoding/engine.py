@@ -166,6 +166,7 @@ class Engine:
             prefill_chunk=config.prefill_chunk,
             proposer=proposer,
             finish=self._finish,
+            running_count=lambda: len(self._running),
         )
         self._cond = threading.Condition()
         self._running: list[RunningRequest] = []
@@ -303,7 +304,7 @@ class Engine:
                         return
                     batch = list(self._running)
                 for running in batch:
-                    self._advance(running, len(batch))
+                    self._advance(running)
                 if self.batched:
                     self.stepper.step_batch([r for r in batch if r.ready])
         except BaseException as err:  # the worker itself broke: nothing can be served any more
@@ -331,9 +332,9 @@ class Engine:
         self._running.append(running)
         self._reserved += running.reservation
 
-    def _advance(self, running: RunningRequest, batch: int) -> None:
+    def _advance(self, running: RunningRequest) -> None:
         """Check the request is still wanted, prefill its next chunk, and step it (one by
-        one) or mark it ready for this round's batched step. ``batch``: requests running."""
+        one) or mark it ready for this round's batched step."""
         request = running.request
         if running.handle.cancelled:
             return self._finish(running, _END)
@@ -343,7 +344,7 @@ class Engine:
             return self._finish(running, DeadlineExceededError("the deadline passed"))
         stepper = self.stepper
         if not running.is_prefilled:
-            stepper.guarded(running, lambda r: stepper.prefill(r, batch))
+            stepper.guarded(running, stepper.prefill)
         if self.batched:
             # Stepped together with the others, after every request had its turn here.
             running.ready = running.is_prefilled and not running.finished

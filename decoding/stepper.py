@@ -73,6 +73,7 @@ class Stepper:
         prefill_chunk: int,
         proposer: Proposer,
         finish: Finish,
+        running_count: Callable[[], int],
     ) -> None:
         self.target = target
         self.draft = draft
@@ -85,6 +86,7 @@ class Stepper:
         self.prefill_chunk = prefill_chunk
         self.proposer = proposer  # the draft model; benchmarks may swap in another proposer
         self._finish = finish
+        self._running_count = running_count  # requests admitted and not finished, right now
         # The server's recent acceptance: the prior of each new request's adaptive γ.
         self.acceptance = AcceptanceEstimate(prior_alpha=0.7, prior_weight=4.0, decay=0.99)
         # What steps really cost against the cost model: corrects adaptive γ.
@@ -134,7 +136,7 @@ class Stepper:
         """The request's estimated acceptance; the server's for a fixed γ."""
         return (running.adaptive or self.acceptance).alpha
 
-    def _drafts_from_the_start(self, running: RunningRequest, prompt: int, batch: int) -> bool:
+    def _drafts_from_the_start(self, running: RunningRequest, prompt: int) -> bool:
         """Whether the draft should see the prompt: always for a fixed γ > 0, never for γ = 0;
         with adaptive γ, only if drafting over the whole output is expected to pay for it (at
         the batch running now). A draft left out catches up if γ turns positive later."""
@@ -143,17 +145,16 @@ class Stepper:
         remaining = running.prepared.max_new_tokens
         if plans_alone(running.request):
             return running.adaptive.would_draft(catch_up=prompt, remaining=remaining)
-        batch = batch if self.batched else 1  # else stepped one by one
+        batch = max(1, self._running_count()) if self.batched else 1  # else one by one
         return running.adaptive.would_draft(
             batch, self.step_costs.overhead(batch), catch_up=prompt, remaining=remaining
         )
 
     # ---- prefill ---------------------------------------------------------------------------
 
-    def prefill(self, running: RunningRequest, batch: int) -> None:
+    def prefill(self, running: RunningRequest) -> None:
         """Cache every prompt token but the last, which the first step feeds: the next chunk
-        of them (``prefill_chunk``) per call, the first call also taking the cache slots.
-        ``batch``: the requests running now, which decides whether the draft sees the prompt."""
+        of them (``prefill_chunk``) per call, the first call also taking the cache slots."""
         if running.state is None:
             self._start_sequences(running)
         state = running.state
@@ -163,13 +164,15 @@ class Stepper:
         begin, stop = running.prefilled, min(end, running.prefilled + chunk)
         if begin >= stop:  # a one-token prompt: the first step feeds it
             return
-        if running.draft_prefill is None:
-            running.draft_prefill = self._drafts_from_the_start(running, end, batch)
         timeline = running.handle.timeline
         start = time.time_ns()
         state.target.forward(state.tokens[begin:stop], num_logits=1)  # the logits are not needed
         middle = time.time_ns()
         timeline.target_prefill_ns = (timeline.target_prefill_ns[0] or start, middle)
+        if running.draft_prefill is None:
+            # Decided after the target's first chunk: requests that arrived meanwhile (a burst
+            # comes in one by one) count in the batch this one will step in.
+            running.draft_prefill = self._drafts_from_the_start(running, end)
         # A draft that will propose from the first step is prefilled with the target, chunk by
         # chunk (else its first step would feed it the whole prompt alone, stalling the batch).
         if running.draft_prefill:

@@ -132,12 +132,12 @@ class WorkerKilled(BaseException):
 def kill_worker_on(monkeypatch, marker: int) -> None:
     real_advance = engine_module.Engine._advance
 
-    def advance(self, running, batch):
+    def advance(self, running):
         ids = running.request.prompt_token_ids
         if ids and ids[0] == marker:
             raise WorkerKilled
         time.sleep(STEP_DELAY)
-        return real_advance(self, running, batch)
+        return real_advance(self, running)
 
     monkeypatch.setattr(engine_module.Engine, "_advance", advance)
 
