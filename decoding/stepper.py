@@ -112,7 +112,12 @@ class Stepper:
             return AdaptiveGamma(self.costs, self.max_gamma)
         return AdaptiveGamma(self.costs, self.max_gamma, prior_alpha=self.acceptance.alpha)
 
-    def _gamma(self, running: RunningRequest, batch: int = 1) -> int:
+    def _batch(self) -> int:
+        """The batch a step is costed at: every running request on the fast path, those still
+        prefilling included (they join the next steps), else 1 (stepped one by one)."""
+        return max(1, self._running_count()) if self.batched else 1
+
+    def _gamma(self, running: RunningRequest) -> int:
         state = running.state
         assert state is not None
         # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
@@ -125,6 +130,7 @@ class Stepper:
             if plans_alone(running.request):  # only its own history may decide its γ
                 gamma = running.adaptive.next_gamma(1, catch_up=catch_up, remaining=remaining)
             else:
+                batch = self._batch()
                 gamma = running.adaptive.next_gamma(
                     batch, self.step_costs.overhead(batch), catch_up=catch_up, remaining=remaining
                 )
@@ -145,7 +151,7 @@ class Stepper:
         remaining = running.prepared.max_new_tokens
         if plans_alone(running.request):
             return running.adaptive.would_draft(catch_up=prompt, remaining=remaining)
-        batch = max(1, self._running_count()) if self.batched else 1  # else one by one
+        batch = self._batch()
         return running.adaptive.would_draft(
             batch, self.step_costs.overhead(batch), catch_up=prompt, remaining=remaining
         )
@@ -240,7 +246,7 @@ class Stepper:
             return
         states = [r.state for r in ready if r.state is not None]
         gammas = self.step_costs.cap_for_batch(
-            [self._gamma(r, batch=len(ready)) for r in ready],
+            [self._gamma(r) for r in ready],
             [self._alpha(r) for r in ready],
             # A fixed γ is what the request asked for; a seeded sample's γ is its own alone.
             [r.adaptive is not None and not plans_alone(r.request) for r in ready],

@@ -443,3 +443,30 @@ async def test_a_drafting_request_stops_when_plain_ones_join_its_batch(same_pair
     assert beside and set(beside) == {0}, beside
     assert after and max(after) > 0, after
     assert all(h.usage.draft_tokens == 0 for h in others)
+
+
+async def test_a_request_stepping_while_others_prefill_is_costed_with_them(same_pair) -> None:
+    """Four requests admitted together; the one with the short prompt is prefilled first and
+    steps alone while the other three are still prefilling (prefill_chunk 64 < their 100
+    tokens). Its γ is chosen for the batch of four it is about to step in, where feeding the
+    draft its 41-token prompt does not pay within 16 tokens (tests/decoding/test_adaptive.py's
+    LOADED), not for the lone step it takes first, where it would."""
+    from tests.decoding.test_adaptive import LOADED
+
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    short, long_ = tuple(range(20, 61)), tuple(range(20, 120))
+    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=4,
+                                       prefill_chunk=64), costs=LOADED)
+    try:
+        with engine._cond:  # admitted together, before the worker's first round
+            handles = [engine.submit(GenerationRequest(
+                request_id=str(i), prompt_token_ids=prompt, max_new_tokens=16))
+                for i, prompt in enumerate([short, long_, long_, long_])]
+        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
+    finally:
+        engine.close()
+    assert outputs[0] == reference_greedy(pair, short, 16)
+    assert outputs[1:] == [reference_greedy(pair, long_, 16)] * 3
+    first_step = handles[0].timeline.steps[0].start_ns
+    assert all(first_step < h.timeline.target_prefill_ns[1] for h in handles[1:])  # it did
+    assert [h.usage.draft_tokens for h in handles] == [0, 0, 0, 0]
