@@ -193,3 +193,17 @@ def test_one_drafter_does_not_make_a_whole_batch_verify_wide() -> None:
     kept = flat.cap_for_batch([3, 3, 3, 3], [0.9] * 4, [True] * 4)
     assert kept == [3, 3, 3, 3]
     assert flat.cap_for_batch([0, 0], [0.9] * 2, [True] * 2) == [0, 0]
+
+
+def test_a_catch_up_must_promise_twice_what_it_costs() -> None:
+    """The saving is an upper bound and the timings are noisy: the tokens needed to pay for a
+    catch-up twice over are about twice those that would pay for it once."""
+    from decoding.adaptive import CATCH_UP_MARGIN
+
+    def tokens_needed(margin: float) -> int:
+        return next(r for r in range(1, 10_000) if LOADED.catch_up_pays(
+            0.7, 1, catch_up=40, remaining=r, batch=4, margin=margin))
+
+    once, twice = tokens_needed(1.0), tokens_needed(CATCH_UP_MARGIN)
+    assert CATCH_UP_MARGIN == 2.0 and once > 4
+    assert abs(twice - 2 * once) <= 1
