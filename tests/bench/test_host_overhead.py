@@ -1,0 +1,23 @@
+"""The host-overhead benchmark runs and reports every case (a smoke test: no timing asserted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import host_overhead
+
+
+def test_every_case_is_timed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert host_overhead.main(["--batch-sizes", "1", "2", "--calls", "2", "--warmup", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0] if not line.strip().startswith("1 alone") else "1 alone": line
+            for line in lines[3:]}
+    assert set(rows) == {"1", "2", "1 alone"}
+    for line in rows.values():
+        assert line.count("%)") == 5  # greedy forward, spec g=0/4; sampled spec g=0/4
+
+
+def test_one_case_is_profiled(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--profile", "sampled,2,spec g=4", "--calls", "2", "--warmup", "1"]
+    assert host_overhead.main(args) == 0
+    assert "function calls" in capsys.readouterr().out
