@@ -17,9 +17,9 @@ from typing import Any
 MIN_SPEEDUP = 1.1
 """Speculate only where the formula promises at least this. It counts forward passes only, not
 the host work a speculative step adds per request (drawing, accepting, rolling back), which a
-marginal promise does not cover: on the CPU with 4 requests
-together, adaptive γ ran at 0.84x speculation off where, with the costs measured in a run
-before, the formula promised it a small gain."""
+marginal promise does not cover: on the CPU with 4 requests together, adaptive γ ran at 0.84x
+speculation off where, with the costs measured in a run before, the formula promised it a small
+gain."""
 
 CATCH_UP_MARGIN = 2.0
 """Feed the draft tokens it has not seen (a whole prompt) only where drafting promises to save
@@ -215,11 +215,11 @@ class StepCosts:
         Each request picks its γ as if the batch drafted alike, but one step serves them all:
         it runs a draft forward for every position up to the widest γ and verifies every row
         padded to the widest γ+1. One request drafting 2 beside three plain ones makes all
-        four verify 3 positions for about 1.7 tokens more (on this CPU at batch 4, a third
-        slower per token than plain steps). This tries every cap c on the ``adjustable``
-        requests' γ (the others keep theirs) and takes the one of most expected tokens per
-        predicted second (overhead included), unless it promises less than ``min_speedup``
-        over the cap 0."""
+        four verify 3 positions for at most 2 tokens more (on this CPU with the real pair at
+        batch 4, such steps took 1.4x as long as plain ones). This tries every cap c on the
+        ``adjustable`` requests' γ (the others keep theirs) and takes the one of most expected
+        tokens per predicted second (overhead included), unless it promises less than
+        ``min_speedup`` over the cap 0."""
         if not any(g > 0 and free for g, free in zip(gammas, adjustable, strict=True)):
             return gammas
         overhead = self.overhead(len(gammas))

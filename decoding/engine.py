@@ -129,6 +129,7 @@ class Engine:
         self.costs = costs or measure_costs(
             self.target, self.draft, config.max_speculative_tokens,
             max_batch=config.max_concurrent_requests if self.batched else 1,
+            # The draft fed 64 tokens at once, after measure_costs' 32 of context: must fit.
             catch_up=max(0, min(64, context_window - 40)),
         )
         log.info(
