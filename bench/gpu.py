@@ -21,8 +21,9 @@ Per target, at batch 1, greedy, on the same random prompts and lengths:
   expected speedup at the measured α and costs;
 - each figure as a fraction of the bandwidth limit.
 
-Then, for one target (1.5B by default), aggregate tokens/s at concurrency 1, 2, 4, 8, 16: N
-requests submitted at once to one engine, speculation off and adaptive (controlled α).
+For one target (1.5B by default), right after its own figures, aggregate tokens/s at
+concurrency 1, 2, 4, 8, 16: N requests submitted at once to one engine, speculation off and
+adaptive (controlled α).
 
 Results go to ``gpu_results.json`` (rewritten after every section, so a run cut short keeps
 what it measured) and PNGs in ``--out`` (default: ``$OUT``, else ``bench/out/gpu``); a short
@@ -732,7 +733,6 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
     prompts = random_prompts(cfg.prompts, cfg.prompt_len, vocab, cfg.seed)
     save()
 
-    kept: tuple[ModelPair, GreedyOracle, Any] | None = None
     for index, key in enumerate(keys):
         if not budget.allows(key):
             continue
@@ -756,23 +756,21 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
         if section.get("costs") and "draft_step_ms" not in results["draft"]:
             results["draft"]["draft_step_ms"] = section["costs"]["draft_step_ms"]
         save()
-        if key == concurrency_key and costs is not None:
-            kept = (pair, oracle, costs)
-        else:
-            del pair, target
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    if kept is not None and "concurrency" not in cfg.skip and cfg.concurrency:
-        pair, oracle, costs = kept
-        results["concurrency"] = {"target": concurrency_key}
-        try:
-            bench_concurrency(
-                pair, prompts, oracle, cfg, costs, budget, save, results["concurrency"]
-            )
-        except Exception as exc:
-            log(f"concurrency failed: {exc!r}\n{traceback.format_exc()}")
-            results["concurrency"]["error"] = repr(exc)
+        # Right after its target, before the next target's sections can spend the budget (in
+        # run 5 on 2026-11-26 it came last and was never reached).
+        if (key == concurrency_key and costs is not None and "concurrency" not in cfg.skip
+                and cfg.concurrency):
+            results["concurrency"] = {"target": concurrency_key}
+            try:
+                bench_concurrency(
+                    pair, prompts, oracle, cfg, costs, budget, save, results["concurrency"]
+                )
+            except Exception as exc:
+                log(f"concurrency failed: {exc!r}\n{traceback.format_exc()}")
+                results["concurrency"]["error"] = repr(exc)
+        del pair, target
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     results["plots"] = [str(p.name) for p in write_plots(results, cfg.out)]
     save()
     return results
