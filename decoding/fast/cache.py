@@ -20,7 +20,15 @@ class CacheFullError(OverloadedError):
 
 
 class StaticKVCache:
-    """K and V buffers ``[num_layers, num_slots, num_kv_heads, max_len, head_dim]``."""
+    """K and V in one buffer, ``kv``: ``[num_layers, num_slots, num_kv_heads, 2, max_len,
+    head_dim]`` (index 0 of the fourth axis is K, 1 is V), so that each layer writes a step's K
+    and V with one indexed store and gathers a batch's rows with one copy, where separate
+    buffers took two of each (on a GPU each is a kernel launch per layer, and a small model's
+    step is bound by launches). ``keys`` and ``values`` are views of it,
+    ``[num_layers, num_slots, num_kv_heads, max_len, head_dim]``: for one KV head, K and V sit
+    next to each other, so a batch of rows of either still merges its batch and head axes
+    into one stride (a batched matrix product reads it without a copy).
+    """
 
     def __init__(
         self,
@@ -35,9 +43,10 @@ class StaticKVCache:
     ) -> None:
         if num_slots < 1 or max_len < 1:
             raise ValueError(f"need num_slots >= 1 and max_len >= 1, got {num_slots}, {max_len}")
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_layers, num_slots, num_kv_heads, 2, max_len, head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys = self.kv[:, :, :, 0]
+        self.values = self.kv[:, :, :, 1]
         self.num_slots = num_slots
         self.max_len = max_len
         self._lock = threading.Lock()

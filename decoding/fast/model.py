@@ -219,14 +219,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _split_rotate(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused projection [N, (H + 2 Hkv) D] split into q [N, H, D] and k [N, Hkv, D], both
-    rotated (cos, sin: [N, 1, D]), and v [N, Hkv, D]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused projection [N, (H + 2 Hkv) D] split into q [N, H, D], rotated (cos, sin:
+    [N, 1, D]), and k and v side by side as the cache holds them, [N, Hkv, 2, D] (k rotated)."""
     tokens = qkv.shape[0]
     query, key, value = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     query = _rotate(query.reshape(tokens, heads, dim), cos, sin)
     key = _rotate(key.reshape(tokens, kv_heads, dim), cos, sin)
-    return query, key, value.reshape(tokens, kv_heads, dim)
+    return query, torch.stack((key, value.reshape(tokens, kv_heads, dim)), dim=2)
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -263,7 +263,7 @@ class _Pointwise:
 
     rms_norm: Callable[..., torch.Tensor]
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    split_rotate: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    split_rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[..., torch.Tensor]
     masked_softmax: Callable[..., torch.Tensor]
 
@@ -311,15 +311,17 @@ class _Placement:
     host_row: tuple[int, int] | None  # (slot, start) of a one-row batch, known on the host
 
     def store(self, buffer: torch.Tensor, new: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Write ``new`` [B, T, Hkv, D] into ``buffer`` [slots, Hkv, max_len, D]; return each
-        row's first ``kv_len`` positions, [B, Hkv, kv_len, D]."""
+        """Write ``new`` K and V [B, T, Hkv, 2, D] into one layer's ``buffer``
+        [slots, Hkv, 2, max_len, D] (see :class:`StaticKVCache`); return each row's first
+        ``kv_len`` positions, [B, Hkv, 2, kv_len, D]."""
         if self.host_row is not None:  # views of the one slot: no index kernels, no gather
             slot, start = self.host_row
-            buffer[slot, :, start : start + new.shape[1]] = new[0].transpose(0, 1)
-            return buffer[slot : slot + 1, :, :kv_len]
-        buffer[self.slots[:, None], :, self.positions] = new  # indexed by (slot b, position b, t)
+            buffer[slot, :, :, start : start + new.shape[1]] = new[0].permute(1, 2, 0, 3)
+            return buffer[slot : slot + 1, :, :, :kv_len]
+        # Indexed by (slot b, position b, t): one store for K and V together.
+        buffer[self.slots[:, None], :, :, self.positions] = new
         # A gathered copy; index_select copies whole rows, where indexing ran a slower kernel.
-        whole = buffer if kv_len == buffer.shape[2] else buffer[:, :, :kv_len]
+        whole = buffer if kv_len == buffer.shape[3] else buffer[:, :, :, :kv_len]
         return whole.index_select(0, self.slots)
 
 
@@ -492,15 +494,13 @@ class FastDecoder:
         batch, width = place.positions.shape
         kv_len = mask.shape[-1]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        query, key, value = self.pointwise.split_rotate(
+        query, kv = self.pointwise.split_rotate(
             layer.qkv(x), *rotary, heads, kv_heads, dim
-        )  # [N, H, D], [N, Hkv, D], [N, Hkv, D]
+        )  # [N, H, D], [N, Hkv, 2, D]
         query = query.view(batch, width, heads, dim).transpose(1, 2)  # [B, H, T, D]
 
-        row_keys = place.store(cache.keys[index], key.view(batch, width, kv_heads, dim), kv_len)
-        row_values = place.store(
-            cache.values[index], value.view(batch, width, kv_heads, dim), kv_len
-        )
+        rows = place.store(cache.kv[index], kv.view(batch, width, kv_heads, 2, dim), kv_len)
+        row_keys, row_values = rows[:, :, 0], rows[:, :, 1]  # [B, Hkv, kv_len, D] each
 
         # Head h = kv * G + g (transformers' repeat_kv order), so [B, H, T, D] regroups to
         # [B, Hkv, G*T, D] and back without moving any head to another KV head.
