@@ -163,20 +163,21 @@ class StaticRunner:
     ) -> torch.Tensor:
         batch = len(tokens)
         uniform = all(count == width for count in counts)
-        if uniform and self.graphs is not None:
-            graphed = self.graphs.run(tokens, slots, starts)  # [B, width, vocab] or None
+        if self.graphs is not None:
+            # Ragged rows run in the graph of the widest, padded at the end (as eagerly: the
+            # padding's K/V land past each row's length, and its logits are not picked).
+            rows = tokens if uniform else [_padded(row, width) for row in tokens]
+            graphed = self.graphs.run(rows, slots, starts)  # [B, width, vocab] or None
             if graphed is not None:
                 flat = graphed.reshape(batch * width, -1)  # a view of the static output
-                if all(keep == width for keep in num_logits):
+                if uniform and all(keep == width for keep in num_logits):
                     return flat if transient else flat.clone()
                 return flat[self._picks(counts, num_logits, width)]  # a gathered copy
         # One host list and one tensor (one host-to-device copy): the padded tokens, the
         # slots, the starts.
         flat_inputs: list[int] = []
         for row in tokens:
-            flat_inputs.extend(row)
-            if len(row) < width:
-                flat_inputs.extend([PAD_TOKEN] * (width - len(row)))
+            flat_inputs.extend(row if len(row) == width else _padded(row, width))
         flat_inputs.extend(slots)
         flat_inputs.extend(starts)
         inputs = torch.tensor(flat_inputs, dtype=torch.long, device=self.device)
@@ -209,6 +210,11 @@ class StaticRunner:
             picks = torch.tensor(indices, dtype=torch.long, device=self.device)
             self._pick_cache[key] = picks
         return picks
+
+
+def _padded(row: Sequence[int], width: int) -> list[int]:
+    """``row`` with :data:`PAD_TOKEN` after it up to ``width`` tokens."""
+    return [*row, *[PAD_TOKEN] * (width - len(row))]
 
 
 class StaticSequence:

@@ -97,17 +97,20 @@ def graphed_runner(model: Qwen2ForCausalLM, num_slots: int, max_len: int) -> Sta
 
 
 def test_graphed_forwards_equal_eager_ones(pair) -> None:
-    """Padded batch sizes, each width and keep, widths with no graph, and the transient view."""
+    """Padded batch sizes, each width and keep, ragged rows padded into a graph, widths with
+    no graph, and the transient view."""
     model = pair[0]
     eager, graphed = StaticRunner(model, num_slots=3, max_len=64), graphed_runner(model, 3, 64)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (4, 9, 6)]
     calls = [
-        (prompts, [1, 2, 1]),  # ragged: eager on both
+        (prompts, [1, 2, 1]),  # ragged, 9 wide: no graph, eager
         ([[5], [6], [7]], [1, 1, 1]),  # batch 3 in the graph of 4
         ([[8, 9, 10], [11, 12, 13], [14, 15, 16]], [3, 3, 3]),
         ([[17, 18, 19], [20, 21, 22], [23, 24, 25]], [1, 3, 2]),  # a gathered subset
         ([[26, 27], [28, 29], [30, 31]], [2, 1, 2]),  # width 2: no graph, eager
+        ([[32], [33, 34, 35], [36, 37]], [1, 2, 1]),  # ragged in the graph of width 3
+        ([[38, 39], [40], [41, 42, 43]], [2, 1, 3]),  # and again, after the padding's K/V
     ]
     sequences = {runner: [runner.new_sequence() for _ in range(3)] for runner in (eager, graphed)}
     for tokens, keep in calls:
@@ -115,7 +118,7 @@ def test_graphed_forwards_equal_eager_ones(pair) -> None:
         got = graphed.forward_batch(sequences[graphed], tokens, keep)
         for mine, theirs in zip(got, expected, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL)
-    assert graphed.graphs is not None and graphed.graphs.replays == 3
+    assert graphed.graphs is not None and graphed.graphs.replays == 5
     # Rows 0 and 2 only (a batch of 2): transient logits are the static output itself.
     two = [sequences[graphed][0], sequences[graphed][2]]
     kept = graphed.forward_packed(two, [[1], [2]], [1, 1])
