@@ -143,7 +143,7 @@ class ControlledProposer:
         tokens: list[int] = []
         for position in range(gamma):
             logits = state.draft.forward(pending, num_logits=1)  # [1, vocab]
-            int(logits.argmax(-1))  # the real draft reads its token back: the same wait
+            logits.argmax(-1)  # the real draft's argmax, queued (it reads tokens back once)
             token = self.choose(state, position)
             tokens.append(token)
             pending = [token]

@@ -31,6 +31,7 @@ from decoding.sampling import (
     sample_rows,
 )
 from decoding.speculative import SequenceState, StepResult, advance
+from decoding.transfer import to_device
 
 CATCH_UP_IN_BATCH = 2
 """A draft that lags by more tokens than this catches up alone first, so one long catch-up
@@ -41,7 +42,7 @@ class BatchRunner(Protocol):
     def forward_packed(
         self,
         sequences: list,
-        tokens: list[list[int]],
+        tokens: list[list[int]] | torch.Tensor,
         num_logits: list[int],
         *,
         transient: bool = False,
@@ -82,55 +83,79 @@ def _propose(
     states: list[SequenceState], gammas: list[int], draft: BatchRunner, choose: Choose | None
 ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
     """Draft position by position; at position j, one forward over the requests with γ > j.
-    Returns each request's draft tokens and, when sampling, its per-position probabilities."""
-    drafts: list[list[int]] = [[] for _ in states]
+    Returns each request's draft tokens and, when sampling, its per-position probabilities.
+
+    The drawn tokens stay on the device and feed the next position's forward from there, so
+    the host queues the whole loop without waiting for the device, then reads every position's
+    tokens back at once."""
     probs: list[list[torch.Tensor]] = [[] for _ in states]
     for state, gamma in zip(states, gammas, strict=True):
         lag = len(state.tokens) - state.draft.length
         if gamma and lag > CATCH_UP_IN_BATCH:
             state.draft.forward(state.tokens[state.draft.length : -1], num_logits=1)
+    chosen: list[tuple[list[int], torch.Tensor]] = []  # each position's rows and their tokens
+    proposed: list[list[int]] = [[] for _ in states]  # choose's tokens, when it chooses
     for position in range(max(gammas, default=0)):
         rows = [i for i, gamma in enumerate(gammas) if gamma > position]
-        pending = [
-            states[i].tokens[states[i].draft.length :] if position == 0 else [drafts[i][-1]]
-            for i in rows
-        ]
+        pending: list[list[int]] | torch.Tensor
+        if position == 0:
+            pending = [states[i].tokens[states[i].draft.length :] for i in rows]
+        elif choose is not None:
+            pending = [[proposed[i][-1]] for i in rows]
+        else:
+            pending = _still_drafting(*chosen[-1], rows).view(-1, 1)
         logits = draft.forward_packed(  # [len(rows), vocab], read before the next forward
             [states[i].draft for i in rows], pending, [1] * len(rows), transient=True
         )
-        tokens = _draw(logits, [states[i] for i in rows], [probs[i] for i in rows])
-        for i, token in zip(rows, tokens, strict=True):
-            drafts[i].append(token if choose is None else choose(states[i], position))
+        chosen.append((rows, _draw(logits, [states[i] for i in rows], [probs[i] for i in rows])))
+        if choose is not None:
+            for i in rows:
+                proposed[i].append(choose(states[i], position))
+    if choose is not None:
+        return proposed, probs
+    drafts: list[list[int]] = [[] for _ in states]
+    if chosen:
+        tokens = iter(torch.cat([tokens for _, tokens in chosen]).tolist())  # one sync
+        for rows, _ in chosen:
+            for i in rows:
+                drafts[i].append(next(tokens))
     return drafts, probs
+
+
+def _still_drafting(
+    previous_rows: list[int], tokens: torch.Tensor, rows: list[int]
+) -> torch.Tensor:
+    """The entries of ``tokens`` (one per row of ``previous_rows``) for ``rows``, a
+    subsequence of ``previous_rows``: ``tokens`` itself when they are the same rows."""
+    if rows == previous_rows:
+        return tokens
+    index = {row: k for k, row in enumerate(previous_rows)}
+    return tokens[to_device([index[row] for row in rows], tokens.device)]
 
 
 def _draw(
     logits: torch.Tensor,
     states: list[SequenceState],
     probs: list[list[torch.Tensor]],
-) -> list[int]:
+) -> torch.Tensor:
     """:func:`decoding.speculative.draw` for every row of ``logits`` [R, vocab] (state k's
     row k), with one operation for all rows where it can: one argmax for the greedy rows,
     :func:`_processed` and :func:`sample_rows` for the sampled ones (each from its own
-    generator, in row order), one host sync. A sampled row's probabilities [1, vocab] go on
-    ``probs[k]``."""
+    generator, in row order). Returns the tokens [R] on the device, not waiting for them. A
+    sampled row's probabilities [1, vocab] go on ``probs[k]``."""
     greedy = [state.sampling.greedy for state in states]
     if all(greedy):
-        chosen = logits.argmax(-1)
-    else:
-        sampled = [k for k, is_greedy in enumerate(greedy) if not is_greedy]
-        packed, row_probs = _processed(logits, [(k, k + 1) for k in range(len(states))], states)
-        for k in sampled:
-            row = row_probs[k]
-            assert row is not None
-            probs[k].append(row)
-        chosen = sample_rows(packed, [states[k].generator for k in sampled])
-        if len(sampled) < len(states):  # greedy rows too: their argmax, the others' draws
-            chosen = logits.argmax(-1).index_copy_(
-                0, torch.tensor(sampled, device=logits.device), chosen
-            )
-    tokens: list[int] = chosen.tolist()
-    return tokens
+        return logits.argmax(-1)
+    sampled = [k for k, is_greedy in enumerate(greedy) if not is_greedy]
+    packed, row_probs = _processed(logits, [(k, k + 1) for k in range(len(states))], states)
+    for k in sampled:
+        row = row_probs[k]
+        assert row is not None
+        probs[k].append(row)
+    chosen = sample_rows(packed, [states[k].generator for k in sampled])
+    if len(sampled) < len(states):  # greedy rows too: their argmax, the others' draws
+        chosen = logits.argmax(-1).index_copy_(0, to_device(sampled, logits.device), chosen)
+    return chosen
 
 
 def _processed(
@@ -160,7 +185,7 @@ def _processed(
             group_probs = processed_probs(
                 _rows(logits, [spans[k] for k in members]), states[members[0]].sampling
             )
-            packed.index_copy_(0, torch.tensor(rows, device=logits.device), group_probs)
+            packed.index_copy_(0, to_device(rows, logits.device), group_probs)
     result: list[torch.Tensor | None] = [None] * len(states)
     for k, part in zip(sampled, packed.split_with_sizes(sizes), strict=True):
         result[k] = part

@@ -58,16 +58,22 @@ class KVSequence:
         return self._runner.device
 
     @torch.inference_mode()
-    def forward(self, tokens: list[int], num_logits: int | None = None) -> torch.Tensor:
-        """Append ``tokens`` at positions [length, length+n); return the logits of the last
-        ``num_logits`` of them (all when None): [num_logits, vocab].
+    def forward(
+        self, tokens: list[int] | torch.Tensor, num_logits: int | None = None
+    ) -> torch.Tensor:
+        """Append ``tokens`` (host ids, or a 1-D long tensor of ids on this device) at
+        positions [length, length+n); return the logits of the last ``num_logits`` of them
+        (all when None): [num_logits, vocab].
 
         Asking only for the logits needed skips most of the output head, which for these
         vocabularies (~152k ids) is a large share of a small model's weights.
         """
         if self._cache is None:
             raise RuntimeError("forward on a released KV sequence")
-        input_ids = torch.tensor([tokens], dtype=torch.long, device=self._runner.device)
+        if isinstance(tokens, torch.Tensor):
+            input_ids = tokens.view(1, -1)
+        else:
+            input_ids = torch.tensor([tokens], dtype=torch.long, device=self._runner.device)
         cache = {self._runner.cache_argument: self._cache}
         keep = len(tokens) if num_logits is None else num_logits
         out = self._runner.model(

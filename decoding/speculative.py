@@ -55,27 +55,34 @@ class StepResult:
 
 def propose(state: SequenceState, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draft γ tokens one at a time. Returns draft_tokens [γ] and, when sampling,
-    draft_probs [γ, vocab] (None when greedy)."""
-    pending = state.tokens[state.draft.length :]  # the draft's catch-up: 1 token or more
-    draft_tokens: list[int] = []
+    draft_probs [γ, vocab] (None when greedy).
+
+    Each drawn token stays on the device and is fed from there to the next draft forward, so
+    the host never waits for one: it can queue the whole loop while the device runs it, and
+    the step reads all γ tokens back at once."""
+    pending: list[int] | torch.Tensor = state.tokens[state.draft.length :]  # 1 token or more
+    draft_tokens: list[torch.Tensor] = []
     draft_probs: list[torch.Tensor] = []
     for _ in range(gamma):
         logits = state.draft.forward(pending, num_logits=1)  # [1, vocab]
-        token = draw(state, logits, draft_probs)
-        draft_tokens.append(token)
-        pending = [token]
-    tokens = torch.tensor(draft_tokens, dtype=torch.long, device=state.draft.device)
+        pending = draw(state, logits, draft_probs)
+        draft_tokens.append(pending)
+    tokens = (torch.cat(draft_tokens) if draft_tokens
+              else torch.empty(0, dtype=torch.long, device=state.draft.device))
     return tokens, (torch.cat(draft_probs) if draft_probs else None)
 
 
-def draw(state: SequenceState, logits: torch.Tensor, draft_probs: list[torch.Tensor]) -> int:
-    """The draft's next token from its logits [1, vocab]: the argmax when greedy, else a sample
-    from the processed distribution, whose probabilities [1, vocab] go on ``draft_probs``."""
+def draw(
+    state: SequenceState, logits: torch.Tensor, draft_probs: list[torch.Tensor]
+) -> torch.Tensor:
+    """The draft's next token from its logits [1, vocab], as a [1] tensor on their device: the
+    argmax when greedy, else a sample from the processed distribution, whose probabilities
+    [1, vocab] go on ``draft_probs``."""
     if state.sampling.greedy:
-        return int(logits.argmax(-1))
+        return logits.argmax(-1)
     probs = processed_probs(logits, state.sampling)
     draft_probs.append(probs)
-    return int(sample(probs, state.generator)[0])
+    return sample(probs, state.generator)
 
 
 def verify(state: SequenceState, draft_ids: list[int]) -> torch.Tensor:

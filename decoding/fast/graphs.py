@@ -20,6 +20,7 @@ import torch
 
 from decoding.fast.cache import StaticKVCache
 from decoding.fast.model import FastDecoder
+from decoding.transfer import copy_into
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,18 @@ class DecodeGraphs:
         return _Captured(graph, inputs, tokens, slots, starts, logits)
 
     def run(
-        self, tokens: Sequence[Sequence[int]], slots: Sequence[int], starts: Sequence[int]
+        self,
+        tokens: Sequence[Sequence[int]] | torch.Tensor,
+        slots: Sequence[int],
+        starts: Sequence[int],
     ) -> torch.Tensor | None:
-        """Replay the graph for this batch (rows of equal width): logits [B, T, vocab], or
-        None when no captured shape fits (the caller runs eagerly). The logits are a view of
-        the graph's static output, overwritten by its next replay: copy them to keep them."""
-        batch, width = len(tokens), len(tokens[0])
+        """Replay the graph for this batch (rows of equal width, as host lists or one [B, T]
+        long tensor on the device): logits [B, T, vocab], or None when no captured shape fits
+        (the caller runs eagerly). The logits are a view of the graph's static output,
+        overwritten by its next replay: copy them to keep them. Nothing here waits for the
+        device (see :mod:`decoding.transfer`)."""
+        batch, width = (tokens.shape if isinstance(tokens, torch.Tensor)
+                        else (len(tokens), len(tokens[0])))
         needed = max(starts) + width  # every row's queries attend to positions below this
         kv_len = next((n for n in self.kv_lengths if n >= needed), None)
         size = next((n for n in self.batch_sizes if n >= batch), None)
@@ -108,16 +115,18 @@ class DecodeGraphs:
         if captured is None:
             return None
         padding = captured.tokens.shape[0] - batch
-        # The inputs' layout, from one flat host list: padding rows feed token 0 at position
-        # 0 into the scratch slot.
-        flat: list[int] = []
-        for row in tokens:
-            flat.extend(row)
-        flat.extend([0] * (padding * width))
-        flat.extend(slots)
-        flat.extend([self.scratch_slot] * padding)
-        flat.extend(starts)
-        flat.extend([0] * padding)
-        captured.inputs.copy_(torch.tensor(flat, dtype=torch.long))
+        # Padding rows feed a token at position 0 into the scratch slot.
+        places = [*slots, *[self.scratch_slot] * padding, *starts, *[0] * padding]
+        if isinstance(tokens, torch.Tensor):
+            # The padding rows' tokens are left as they are: ids from earlier fills, all valid.
+            captured.tokens[:batch].copy_(tokens)
+            copy_into(captured.inputs[captured.tokens.numel() :], places)
+        else:  # one copy for all the inputs, from one flat host list
+            flat: list[int] = []
+            for row in tokens:
+                flat.extend(row)
+            flat.extend([0] * (padding * width))
+            flat.extend(places)
+            copy_into(captured.inputs, flat)
         captured.graph.replay()
         return captured.logits[:batch]

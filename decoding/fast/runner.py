@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from decoding.fast.model import FastDecoder
+from decoding.transfer import to_device
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -101,7 +102,7 @@ class StaticRunner:
     def forward_batch(
         self,
         sequences: Sequence[StaticSequence],
-        tokens: Sequence[Sequence[int]],
+        tokens: Sequence[Sequence[int]] | torch.Tensor,
         num_logits: Sequence[int],
     ) -> list[torch.Tensor]:
         """Append ``tokens[b]`` to ``sequences[b]`` for every b in one forward pass; return
@@ -109,6 +110,9 @@ class StaticRunner:
 
         Rows are padded at the end to the longest; every sequence needs room for that width
         (length + longest row <= max_len), since its padding is written past its length.
+        ``tokens`` may also be one [B, T] long tensor on this runner's device (rows of one
+        width): it is read on the device, so a caller can feed the tokens a previous forward
+        chose without waiting for them to reach the host.
         """
         packed = self.forward_packed(sequences, tokens, num_logits)
         return list(packed.split_with_sizes(list(num_logits)))
@@ -117,7 +121,7 @@ class StaticRunner:
     def forward_packed(
         self,
         sequences: Sequence[StaticSequence],
-        tokens: Sequence[Sequence[int]],
+        tokens: Sequence[Sequence[int]] | torch.Tensor,
         num_logits: Sequence[int],
         *,
         transient: bool = False,
@@ -135,7 +139,10 @@ class StaticRunner:
         slots = [sequence._live_slot(self) for sequence in sequences]
         if len(set(slots)) != len(slots):
             raise ValueError("a sequence appears twice in one batch")
-        counts = [len(row) for row in tokens]
+        if isinstance(tokens, torch.Tensor):
+            counts = [tokens.shape[1]] * len(sequences)
+        else:
+            counts = [len(row) for row in tokens]
         width = max(counts)
         for sequence, count, keep in zip(sequences, counts, num_logits, strict=True):
             if not 1 <= keep <= count:
@@ -153,7 +160,7 @@ class StaticRunner:
 
     def _run(
         self,
-        tokens: Sequence[Sequence[int]],
+        tokens: Sequence[Sequence[int]] | torch.Tensor,
         slots: list[int],
         starts: list[int],
         counts: list[int],
@@ -166,22 +173,26 @@ class StaticRunner:
         if self.graphs is not None:
             # Ragged rows run in the graph of the widest, padded at the end (as eagerly: the
             # padding's K/V land past each row's length, and its logits are not picked).
-            rows = tokens if uniform else [_padded(row, width) for row in tokens]
+            rows = tokens if uniform else [_padded(row, width) for row in tokens]  # type: ignore[union-attr]
             graphed = self.graphs.run(rows, slots, starts)  # [B, width, vocab] or None
             if graphed is not None:
                 flat = graphed.reshape(batch * width, -1)  # a view of the static output
                 if uniform and all(keep == width for keep in num_logits):
                     return flat if transient else flat.clone()
                 return flat[self._picks(counts, num_logits, width)]  # a gathered copy
-        # One host list and one tensor (one host-to-device copy): the padded tokens, the
-        # slots, the starts.
+        # One host list and one tensor (one host-to-device copy): the padded tokens (unless
+        # they are on the device already), the slots, the starts.
         flat_inputs: list[int] = []
-        for row in tokens:
-            flat_inputs.extend(row if len(row) == width else _padded(row, width))
+        if not isinstance(tokens, torch.Tensor):
+            for row in tokens:
+                flat_inputs.extend(row if len(row) == width else _padded(row, width))
         flat_inputs.extend(slots)
         flat_inputs.extend(starts)
-        inputs = torch.tensor(flat_inputs, dtype=torch.long, device=self.device)
-        token_ids, slot_ids, start_ids = inputs.split_with_sizes([batch * width, batch, batch])
+        inputs = to_device(flat_inputs, self.device)
+        listed, slot_ids, start_ids = inputs.split_with_sizes(
+            [len(flat_inputs) - 2 * batch, batch, batch]
+        )
+        token_ids = tokens if isinstance(tokens, torch.Tensor) else listed
         kv_len = max(starts) + width
         host_row = (slots[0], starts[0]) if batch == 1 else None
         hidden = self.decoder.hidden_states(
@@ -207,7 +218,7 @@ class StaticRunner:
                 for b, (count, keep) in enumerate(zip(counts, num_logits, strict=True))
                 for position in range(count - keep, count)
             ]
-            picks = torch.tensor(indices, dtype=torch.long, device=self.device)
+            picks = to_device(indices, self.device)
             self._pick_cache[key] = picks
         return picks
 
@@ -242,13 +253,17 @@ class StaticSequence:
             raise RuntimeError("forward on a released KV sequence")
         return self._slot
 
-    def forward(self, tokens: list[int], num_logits: int | None = None) -> torch.Tensor:
-        """Append ``tokens`` at positions [length, length+n); return the logits of the last
-        ``num_logits`` of them (all when None): [num_logits, vocab] float32."""
-        if not tokens:
+    def forward(
+        self, tokens: list[int] | torch.Tensor, num_logits: int | None = None
+    ) -> torch.Tensor:
+        """Append ``tokens`` (host ids, or a 1-D long tensor of ids on this device) at
+        positions [length, length+n); return the logits of the last ``num_logits`` of them
+        (all when None): [num_logits, vocab] float32."""
+        if not len(tokens):
             raise ValueError("forward needs at least one token")
         keep = len(tokens) if num_logits is None else num_logits
-        return self._runner.forward_batch([self], [tokens], [keep])[0]
+        rows = tokens.view(1, -1) if isinstance(tokens, torch.Tensor) else [tokens]
+        return self._runner.forward_batch([self], rows, [keep])[0]
 
     def rollback(self, length: int) -> None:
         """Forget every cached token at position ``length`` and beyond: only the length moves."""

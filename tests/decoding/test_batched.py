@@ -98,7 +98,7 @@ def graphed_runner(model: Qwen2ForCausalLM, num_slots: int, max_len: int) -> Sta
 
 def test_graphed_forwards_equal_eager_ones(pair) -> None:
     """Padded batch sizes, each width and keep, ragged rows padded into a graph, widths with
-    no graph, and the transient view."""
+    no graph, tokens given as a tensor, and the transient view."""
     model = pair[0]
     eager, graphed = StaticRunner(model, num_slots=3, max_len=64), graphed_runner(model, 3, 64)
     generator = torch.Generator().manual_seed(0)
@@ -111,14 +111,17 @@ def test_graphed_forwards_equal_eager_ones(pair) -> None:
         ([[26, 27], [28, 29], [30, 31]], [2, 1, 2]),  # width 2: no graph, eager
         ([[32], [33, 34, 35], [36, 37]], [1, 2, 1]),  # ragged in the graph of width 3
         ([[38, 39], [40], [41, 42, 43]], [2, 1, 3]),  # and again, after the padding's K/V
+        (torch.tensor([[44], [45], [46]]), [1, 1, 1]),  # tokens already on the device
+        (torch.tensor([[47, 48], [49, 50], [51, 52]]), [1, 2, 1]),  # no graph 2 wide: eager
     ]
     sequences = {runner: [runner.new_sequence() for _ in range(3)] for runner in (eager, graphed)}
     for tokens, keep in calls:
-        expected = eager.forward_batch(sequences[eager], tokens, keep)
+        listed = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+        expected = eager.forward_batch(sequences[eager], listed, keep)
         got = graphed.forward_batch(sequences[graphed], tokens, keep)
         for mine, theirs in zip(got, expected, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL)
-    assert graphed.graphs is not None and graphed.graphs.replays == 5
+    assert graphed.graphs is not None and graphed.graphs.replays == 6
     # Rows 0 and 2 only (a batch of 2): transient logits are the static output itself.
     two = [sequences[graphed][0], sequences[graphed][2]]
     kept = graphed.forward_packed(two, [[1], [2]], [1, 1])
