@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding.speculative import SequenceState
+from decoding.transfer import to_device
 
 Continuation = Callable[[Sequence[int], int], Sequence[int] | None]
 """``continuation(tokens, n)``: the target's greedy next tokens after ``tokens`` (at most
@@ -149,7 +150,7 @@ class ControlledProposer:
             pending = [token]
         self.stats.steps += 1
         self.stats.seconds += time.perf_counter() - started
-        return torch.tensor(tokens, dtype=torch.long, device=state.target.device), None
+        return to_device(tokens, state.target.device), None  # as the real draft: no wait
 
     def choose(self, state: SequenceState, position: int) -> int:
         """The token proposed at draft position ``position`` (0-based) of the step that starts

@@ -16,13 +16,13 @@ draws from its own generator, in the order it would make them alone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from itertools import accumulate, pairwise
 from typing import Protocol
 
 import torch
 
+from decoding.clock import StepClock
 from decoding.sampling import (
     Acceptance,
     accept_sampled_rows,
@@ -62,9 +62,9 @@ def speculative_step_batch(
     choose: Choose | None = None,
 ) -> list[StepResult]:
     """Advance every state by 1..γ_i+1 tokens; both caches of each end holding a prefix of it."""
-    start = time.perf_counter()
+    clock = StepClock(states[0].target.device)
     drafts, probs = _propose(states, gammas, draft, choose)
-    drafted = time.perf_counter()
+    clock.mark()
     fed = [s.tokens[s.target.length :] + d for s, d in zip(states, drafts, strict=True)]
     widths = [gamma + 1 for gamma in gammas]
     # Row i's γ_i+1 logits end to end: [Σ(γ_i+1), vocab], read before the next forward.
@@ -72,9 +72,10 @@ def speculative_step_batch(
         [s.target for s in states], fed, widths, transient=True
     )
     committed = _commit(states, drafts, probs, target_logits, widths)
-    verified = time.perf_counter()
+    clock.mark()
+    drafting, verifying = clock.gaps()
     return [
-        StepResult(emitted, gamma, accepted, drafted - start, verified - drafted)
+        StepResult(emitted, gamma, accepted, drafting, verifying)
         for (emitted, accepted), gamma in zip(committed, gammas, strict=True)
     ]
 

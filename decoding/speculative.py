@@ -12,12 +12,12 @@ token is always fed at the start of the next step, so no logits are ever recompu
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from decoding.clock import StepClock
 from decoding.params import SamplingParams
 from decoding.runner import KVSequence
 from decoding.sampling import (
@@ -27,6 +27,7 @@ from decoding.sampling import (
     processed_probs,
     sample,
 )
+from decoding.transfer import to_device
 
 
 @dataclass
@@ -49,8 +50,8 @@ class StepResult:
     emitted: list[int]  # accepted draft tokens + the bonus token (1 to γ+1 ids)
     num_drafted: int  # γ used in this step
     num_accepted: int
-    draft_seconds: float
-    verify_seconds: float
+    draft_seconds: float  # as the device ran them (see decoding.clock)
+    verify_seconds: float  # the target's forward and the acceptance
 
 
 def propose(state: SequenceState, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,57 +86,64 @@ def draw(
     return sample(probs, state.generator)
 
 
-def verify(state: SequenceState, draft_ids: list[int]) -> torch.Tensor:
+def verify(state: SequenceState, draft_tokens: torch.Tensor) -> torch.Tensor:
     """Score the last sequence token and every draft token in one target forward pass.
-    Returns target_logits [γ+1, vocab]."""
-    fed = state.tokens[state.target.length :] + draft_ids
-    return state.target.forward(fed, num_logits=len(draft_ids) + 1)
+    Returns target_logits [γ+1, vocab]. The draft tokens are fed from the device, so the
+    forward is queued behind the drafting without waiting for it."""
+    fed = state.tokens[state.target.length :]
+    if len(draft_tokens):
+        device = draft_tokens.device
+        return state.target.forward(
+            torch.cat([to_device(fed, device), draft_tokens]), num_logits=len(draft_tokens) + 1
+        )
+    return state.target.forward(fed, num_logits=1)
 
 
 def accept(
     state: SequenceState,
     draft_tokens: torch.Tensor,
-    draft_ids: list[int],
     draft_probs: torch.Tensor | None,
     target_logits: torch.Tensor,
-) -> Acceptance:
-    """``draft_ids``: ``draft_tokens`` on the host."""
+) -> tuple[Acceptance, list[int]]:
+    """The acceptance, and the draft tokens on the host (read back with the target's choice
+    where it can: greedy reads both in one copy)."""
     if state.sampling.greedy:
-        return greedy_acceptance(draft_ids, target_logits.argmax(-1).tolist())
+        ids: list[int] = torch.cat([draft_tokens, target_logits.argmax(-1)]).tolist()
+        gamma = len(draft_tokens)
+        return greedy_acceptance(ids[:gamma], ids[gamma:]), ids[:gamma]
     target_probs = processed_probs(target_logits, state.sampling)  # [γ+1, vocab]
     if draft_probs is None:  # γ = 0: plain sampling from the target
-        return Acceptance(0, int(sample(target_probs, state.generator)[0]))
-    return accept_sampled(draft_tokens, draft_probs, target_probs, state.generator)
+        return Acceptance(0, int(sample(target_probs, state.generator)[0])), []
+    result = accept_sampled(draft_tokens, draft_probs, target_probs, state.generator)
+    return result, draft_tokens.tolist()
 
 
 def speculative_step(state: SequenceState, gamma: int) -> StepResult:
     """Advance ``state`` by 1..γ+1 tokens; both caches end holding a prefix of the sequence."""
-    start = time.perf_counter()
+    clock = StepClock(state.target.device)
     if gamma > 0:
         draft_tokens, draft_probs = state.proposer(state, gamma)
     else:
         draft_tokens = torch.empty(0, dtype=torch.long, device=state.target.device)
         draft_probs = None
-    drafted = time.perf_counter()
-    draft_ids: list[int] = draft_tokens.tolist()  # one copy to the host, for every use there
-    target_logits = verify(state, draft_ids)
-    emitted, num_accepted = commit(state, draft_tokens, draft_ids, draft_probs, target_logits)
-    verified = time.perf_counter()
-    return StepResult(emitted, gamma, num_accepted, drafted - start, verified - drafted)
+    clock.mark()
+    target_logits = verify(state, draft_tokens)
+    emitted, num_accepted = commit(state, draft_tokens, draft_probs, target_logits)
+    clock.mark()
+    drafting, verifying = clock.gaps()
+    return StepResult(emitted, gamma, num_accepted, drafting, verifying)
 
 
 def commit(
     state: SequenceState,
     draft_tokens: torch.Tensor,
-    draft_ids: list[int],
     draft_probs: torch.Tensor | None,
     target_logits: torch.Tensor,
 ) -> tuple[list[int], int]:
     """Accept, extend the sequence with the accepted tokens and the bonus token, and roll both
     caches back past the rejected ones (the bonus token is fed at the next step).
-    ``draft_ids``: ``draft_tokens`` on the host.
     Returns the emitted tokens and the number of accepted draft tokens."""
-    result = accept(state, draft_tokens, draft_ids, draft_probs, target_logits)
+    result, draft_ids = accept(state, draft_tokens, draft_probs, target_logits)
     emitted = [*draft_ids[: result.num_accepted], result.bonus_token]
     advance(state, emitted, result.num_accepted)
     return emitted, result.num_accepted
