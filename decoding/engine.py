@@ -112,7 +112,9 @@ class Engine:
             compile_ = graphs if config.compile is None else config.compile
             # One CUDA graph per shape a step uses: every batch size up to the concurrency limit
             # (padded to a power of two), the target at every verify width, the draft at one
-            # token and at a two-token catch-up. Other shapes run eagerly.
+            # token and at a two-token catch-up, and for one request alone at catch-ups of up
+            # to 32 tokens (longer ones as several replays, up to 128). Other shapes run
+            # eagerly.
             batches = sorted({min(2**i, config.max_concurrent_requests) for i in range(8)})
             verify_widths = tuple(range(1, config.max_speculative_tokens + 2))
             self.target = StaticRunner(
@@ -121,7 +123,8 @@ class Engine:
             )
             self.draft = StaticRunner(
                 pair.draft.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,
-                graph_batch_sizes=batches, graph_widths=(1, 2), compile=compile_,
+                graph_batch_sizes=batches, graph_widths=(1, 2),
+                graph_catch_up_widths=(4, 8, 16, 32), compile=compile_,
             )
         else:
             self.target = ModelRunner(pair.target.model)

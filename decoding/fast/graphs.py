@@ -34,7 +34,8 @@ class _Captured:
 
 
 class DecodeGraphs:
-    """One CUDA graph per (batch size, width); :meth:`run` replays the smallest that fits."""
+    """One CUDA graph per (batch size, width, attended length); :meth:`run` replays the
+    smallest that fits."""
 
     def __init__(
         self,
@@ -43,23 +44,46 @@ class DecodeGraphs:
         batch_sizes: Sequence[int],
         widths: Sequence[int],
         kv_lengths: Sequence[int] = (),
+        single_widths: Sequence[int] = (),
     ) -> None:
         """``kv_lengths``: the attended-length buckets (each capped at the cache's max_len,
-        which is always one of them)."""
+        which is always one of them). ``single_widths``: more widths, captured at batch 1
+        only (one sequence catching up on several tokens)."""
         if cache.keys.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and its cache on a CUDA device")
+        self._pool = torch.cuda.graph_pool_handle()
+        self._build(decoder, cache, batch_sizes, widths, kv_lengths, single_widths)
+
+    def _build(
+        self,
+        decoder: FastDecoder,
+        cache: StaticKVCache,
+        batch_sizes: Sequence[int],
+        widths: Sequence[int],
+        kv_lengths: Sequence[int],
+        single_widths: Sequence[int],
+    ) -> None:
+        """Take the scratch slot and capture every shape."""
         self.decoder = decoder
         self.cache = cache
         self.scratch_slot = cache.allocate()  # padding rows write here, never a sequence's slot
         self.kv_lengths = sorted({min(n, cache.max_len) for n in (*kv_lengths, cache.max_len)})
         self.batch_sizes = sorted(set(batch_sizes))
-        self._pool = torch.cuda.graph_pool_handle()
+        self.widths = {batch: sorted(set(widths)) for batch in self.batch_sizes}
+        if single_widths:
+            self.widths[1] = sorted({*self.widths.get(1, []), *single_widths})
+            self.batch_sizes = sorted({1, *self.batch_sizes})
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
         with torch.inference_mode():
             for kv_len in self.kv_lengths:
-                for width in sorted(set(widths)):
-                    for batch in self.batch_sizes:
+                for batch, batch_widths in self.widths.items():
+                    for width in batch_widths:
                         self._graphs[batch, width, kv_len] = self._capture(batch, width, kv_len)
+
+    def widest(self, batch: int) -> int:
+        """The widest graph for ``batch`` rows (0 if there is none)."""
+        size = next((n for n in self.batch_sizes if n >= batch), None)
+        return self.widths[size][-1] if size is not None else 0
 
     def _static_inputs(
         self, batch: int, width: int
@@ -101,31 +125,39 @@ class DecodeGraphs:
         slots: Sequence[int],
         starts: Sequence[int],
     ) -> torch.Tensor | None:
-        """Replay the graph for this batch (rows of equal width, as host lists or one [B, T]
-        long tensor on the device): logits [B, T, vocab], or None when no captured shape fits
-        (the caller runs eagerly). The logits are a view of the graph's static output,
-        overwritten by its next replay: copy them to keep them. Nothing here waits for the
-        device (see :mod:`decoding.transfer`)."""
+        """Replay the graph for this batch: the smallest captured batch size and width that
+        hold it, rows padded at the end (their padding's K/V land past each row's length).
+        ``tokens``: host lists, or one [B, T] long tensor on the device. Returns logits
+        [B, W, vocab] for the graph's width W >= the longest row, or None when no captured
+        shape fits (the caller runs eagerly). The logits are a view of the graph's static
+        output, overwritten by its next replay: copy them to keep them. Nothing here waits for
+        the device (see :mod:`decoding.transfer`)."""
         batch, width = (tokens.shape if isinstance(tokens, torch.Tensor)
-                        else (len(tokens), len(tokens[0])))
-        needed = max(starts) + width  # every row's queries attend to positions below this
-        kv_len = next((n for n in self.kv_lengths if n >= needed), None)
+                        else (len(tokens), max(len(row) for row in tokens)))
         size = next((n for n in self.batch_sizes if n >= batch), None)
-        captured = self._graphs.get((size, width, kv_len))  # type: ignore[arg-type]
+        if size is None:
+            return None
+        span = next((w for w in self.widths[size] if w >= width), None)
+        if span is None:
+            return None
+        needed = max(starts) + span  # every row's queries attend to positions below this
+        kv_len = next((n for n in self.kv_lengths if n >= needed), None)
+        captured = self._graphs.get((size, span, kv_len))  # type: ignore[arg-type]
         if captured is None:
             return None
-        padding = captured.tokens.shape[0] - batch
+        padding = size - batch
         # Padding rows feed a token at position 0 into the scratch slot.
         places = [*slots, *[self.scratch_slot] * padding, *starts, *[0] * padding]
         if isinstance(tokens, torch.Tensor):
-            # The padding rows' tokens are left as they are: ids from earlier fills, all valid.
-            captured.tokens[:batch].copy_(tokens)
+            # Positions past the given tokens keep the ids of earlier fills, all valid.
+            captured.tokens[:batch, :width].copy_(tokens)
             copy_into(captured.inputs[captured.tokens.numel() :], places)
         else:  # one copy for all the inputs, from one flat host list
             flat: list[int] = []
             for row in tokens:
                 flat.extend(row)
-            flat.extend([0] * (padding * width))
+                flat.extend([0] * (span - len(row)))
+            flat.extend([0] * (padding * span))
             flat.extend(places)
             copy_into(captured.inputs, flat)
         captured.graph.replay()

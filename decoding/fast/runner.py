@@ -32,6 +32,11 @@ smallest bucket that holds its rows, not over every slot position (on an H200 at
 matmul kernel, most likely attention's over all 4,106 positions, was a quarter of the device
 time)."""
 
+MAX_CATCH_UP_REPLAYS = 4
+"""How many graph replays one sequence's catch-up may take (see ``graph_catch_up_widths``);
+longer feeds (a prompt) run as one eager forward, which for many tokens costs its arithmetic
+more than its launches."""
+
 log = logging.getLogger(__name__)
 
 
@@ -40,8 +45,12 @@ class StaticRunner:
 
     ``cuda_graphs=True`` (CUDA only) captures one graph per (batch size, width, attended length)
     in ``graph_batch_sizes`` x ``graph_widths`` x :data:`GRAPH_KV_LENGTHS` and replays it for
-    batches that fit (padded up to the next captured batch size); anything else runs eagerly
-    (and everything does if capture fails). See :mod:`decoding.fast.graphs`.
+    batches that fit (padded up to the next captured batch size and width); anything else runs
+    eagerly (and everything does if capture fails). See :mod:`decoding.fast.graphs`.
+    ``graph_catch_up_widths``: more widths, captured for one sequence only; with them, one
+    sequence's forward of up to :data:`MAX_CATCH_UP_REPLAYS` times the widest runs as that
+    many replays (for a small model, whose eager forward costs its launches: a draft catching
+    up on the tokens it did not see).
     ``pack_weights``, ``compile`` and ``matmul_attention`` go to
     :class:`~decoding.fast.model.FastDecoder`.
     """
@@ -55,6 +64,7 @@ class StaticRunner:
         cuda_graphs: bool = False,
         graph_batch_sizes: Sequence[int] = (1, 2, 4, 8),
         graph_widths: Sequence[int] = (1,),
+        graph_catch_up_widths: Sequence[int] = (),
         pack_weights: bool | None = None,
         compile: bool = False,
         matmul_attention: bool | None = None,
@@ -71,12 +81,14 @@ class StaticRunner:
         self._live = 0
         self._pick_cache: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
         self.graphs: DecodeGraphs | None = None
+        self.catch_up_in_graphs = bool(graph_catch_up_widths)
         if cuda_graphs:
             from decoding.fast.graphs import DecodeGraphs
 
             try:
                 self.graphs = DecodeGraphs(
-                    self.decoder, self.cache, graph_batch_sizes, graph_widths, GRAPH_KV_LENGTHS
+                    self.decoder, self.cache, graph_batch_sizes, graph_widths, GRAPH_KV_LENGTHS,
+                    graph_catch_up_widths,
                 )
             except (RuntimeError, torch.OutOfMemoryError) as exc:  # capture refused: run eagerly
                 log.warning("CUDA graph capture failed, so every forward runs eagerly: %r", exc)
@@ -152,11 +164,42 @@ class StaticRunner:
                     f"a sequence of {sequence.length} tokens has no room for {width} more "
                     f"(max_len {self.max_len}, padding included)"
                 )
+        if self._in_replays(sequences, tokens, num_logits, width):
+            return self._replayed(sequences[0], tokens[0], transient)  # type: ignore[arg-type]
         starts = [sequence.length for sequence in sequences]
         logits = self._run(tokens, slots, starts, counts, num_logits, width, transient)
         for sequence, count in zip(sequences, counts, strict=True):
             sequence.length += count
         return logits
+
+    def _in_replays(
+        self,
+        sequences: Sequence[StaticSequence],
+        tokens: Sequence[Sequence[int]] | torch.Tensor,
+        num_logits: Sequence[int],
+        width: int,
+    ) -> bool:
+        """Whether this forward is one sequence's catch-up to run as several graph replays."""
+        if self.graphs is None or not self.catch_up_in_graphs or len(sequences) != 1:
+            return False
+        widest = self.graphs.widest(1)
+        return (
+            not isinstance(tokens, torch.Tensor)
+            and num_logits[0] == 1
+            and widest < width <= MAX_CATCH_UP_REPLAYS * widest
+        )
+
+    def _replayed(self, sequence: StaticSequence, row: Sequence[int], transient: bool
+                  ) -> torch.Tensor:
+        """``row`` fed in chunks of the widest graph's width, the last one shorter (padded
+        into a graph of its own width or more); the last token's logits [1, vocab]."""
+        assert self.graphs is not None
+        widest = self.graphs.widest(1)
+        for begin in range(0, len(row) - widest, widest):  # all chunks but the last
+            self.forward_packed([sequence], [list(row[begin : begin + widest])], [1],
+                                transient=True)
+        last = (len(row) - 1) // widest * widest
+        return self.forward_packed([sequence], [list(row[last:])], [1], transient=transient)
 
     def _run(
         self,
@@ -171,15 +214,15 @@ class StaticRunner:
         batch = len(tokens)
         uniform = all(count == width for count in counts)
         if self.graphs is not None:
-            # Ragged rows run in the graph of the widest, padded at the end (as eagerly: the
-            # padding's K/V land past each row's length, and its logits are not picked).
-            rows = tokens if uniform else [_padded(row, width) for row in tokens]  # type: ignore[union-attr]
-            graphed = self.graphs.run(rows, slots, starts)  # [B, width, vocab] or None
+            # Rows shorter than the graph's width are padded at the end, as eagerly: the
+            # padding's K/V land past each row's length, and its logits are not picked.
+            graphed = self.graphs.run(tokens, slots, starts)  # [B, span >= width, vocab]
             if graphed is not None:
-                flat = graphed.reshape(batch * width, -1)  # a view of the static output
-                if uniform and all(keep == width for keep in num_logits):
+                span = graphed.shape[1]
+                flat = graphed.reshape(batch * span, -1)  # a view of the static output
+                if span == width and uniform and all(keep == width for keep in num_logits):
                     return flat if transient else flat.clone()
-                return flat[self._picks(counts, num_logits, width)]  # a gathered copy
+                return flat[self._picks(counts, num_logits, span)]  # a gathered copy
         # One host list and one tensor (one host-to-device copy): the padded tokens (unless
         # they are on the device already), the slots, the starts.
         flat_inputs: list[int] = []

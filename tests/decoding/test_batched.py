@@ -64,16 +64,10 @@ class EagerGraphs(DecodeGraphs):
     with each graph's replay run eagerly."""
 
     def __init__(self, decoder: FastDecoder, cache: StaticKVCache, batch_sizes: tuple[int, ...],
-                 widths: tuple[int, ...], kv_lengths: tuple[int, ...]) -> None:
-        self.decoder, self.cache = decoder, cache
-        self.scratch_slot = cache.allocate()
-        self.kv_lengths = sorted({min(n, cache.max_len) for n in (*kv_lengths, cache.max_len)})
-        self.batch_sizes = sorted(set(batch_sizes))
-        self._graphs = {
-            (batch, width, kv_len): self._capture(batch, width, kv_len)
-            for kv_len in self.kv_lengths for width in widths for batch in self.batch_sizes
-        }
+                 widths: tuple[int, ...], kv_lengths: tuple[int, ...],
+                 single_widths: tuple[int, ...] = ()) -> None:
         self.replays = 0
+        self._build(decoder, cache, batch_sizes, widths, kv_lengths, single_widths)
 
     def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
         inputs, tokens, slots, starts = self._static_inputs(batch, width)
@@ -89,16 +83,19 @@ class EagerGraphs(DecodeGraphs):
         return _Captured(graph, inputs, tokens, slots, starts, output)
 
 
-def graphed_runner(model: Qwen2ForCausalLM, num_slots: int, max_len: int) -> StaticRunner:
+def graphed_runner(
+    model: Qwen2ForCausalLM, num_slots: int, max_len: int, catch_up: tuple[int, ...] = ()
+) -> StaticRunner:
     runner = StaticRunner(model, num_slots=num_slots + 1, max_len=max_len)
-    runner.graphs = EagerGraphs(runner.decoder, runner.cache, (1, 2, 4), (1, 3), (16, 64))
-    runner.graphs.replays = 0
+    runner.graphs = EagerGraphs(runner.decoder, runner.cache, (1, 2, 4), (1, 3), (16, 64),
+                                catch_up)
+    runner.catch_up_in_graphs = bool(catch_up)
     return runner
 
 
 def test_graphed_forwards_equal_eager_ones(pair) -> None:
-    """Padded batch sizes, each width and keep, ragged rows padded into a graph, widths with
-    no graph, tokens given as a tensor, and the transient view."""
+    """Padded batch sizes, each width and keep, ragged and narrower rows padded into a wider
+    graph, widths beyond every graph, tokens given as a tensor, and the transient view."""
     model = pair[0]
     eager, graphed = StaticRunner(model, num_slots=3, max_len=64), graphed_runner(model, 3, 64)
     generator = torch.Generator().manual_seed(0)
@@ -108,11 +105,11 @@ def test_graphed_forwards_equal_eager_ones(pair) -> None:
         ([[5], [6], [7]], [1, 1, 1]),  # batch 3 in the graph of 4
         ([[8, 9, 10], [11, 12, 13], [14, 15, 16]], [3, 3, 3]),
         ([[17, 18, 19], [20, 21, 22], [23, 24, 25]], [1, 3, 2]),  # a gathered subset
-        ([[26, 27], [28, 29], [30, 31]], [2, 1, 2]),  # width 2: no graph, eager
+        ([[26, 27], [28, 29], [30, 31]], [2, 1, 2]),  # width 2: padded into the graph of 3
         ([[32], [33, 34, 35], [36, 37]], [1, 2, 1]),  # ragged in the graph of width 3
         ([[38, 39], [40], [41, 42, 43]], [2, 1, 3]),  # and again, after the padding's K/V
         (torch.tensor([[44], [45], [46]]), [1, 1, 1]),  # tokens already on the device
-        (torch.tensor([[47, 48], [49, 50], [51, 52]]), [1, 2, 1]),  # no graph 2 wide: eager
+        (torch.tensor([[47, 48], [49, 50], [51, 52]]), [1, 2, 1]),  # padded into 3 as well
     ]
     sequences = {runner: [runner.new_sequence() for _ in range(3)] for runner in (eager, graphed)}
     for tokens, keep in calls:
@@ -121,13 +118,45 @@ def test_graphed_forwards_equal_eager_ones(pair) -> None:
         got = graphed.forward_batch(sequences[graphed], tokens, keep)
         for mine, theirs in zip(got, expected, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL)
-    assert graphed.graphs is not None and graphed.graphs.replays == 6
+    assert graphed.graphs is not None and graphed.graphs.replays == 8
     # Rows 0 and 2 only (a batch of 2): transient logits are the static output itself.
     two = [sequences[graphed][0], sequences[graphed][2]]
     kept = graphed.forward_packed(two, [[1], [2]], [1, 1])
     view = graphed.forward_packed(two, [[3], [4]], [1, 1], transient=True)
     outputs = {captured.logits.data_ptr() for captured in graphed.graphs._graphs.values()}
     assert view.data_ptr() in outputs and kept.data_ptr() not in outputs
+
+
+def test_a_catch_up_runs_as_graph_replays_of_the_widest(pair) -> None:
+    """One sequence fed up to MAX_CATCH_UP_REPLAYS x the widest catch-up graph runs as that
+    many replays (the last chunk padded into a graph); beyond that, or for more logits, or
+    with no catch-up graphs, eagerly. Logits and the cache after it are the eager ones."""
+    model = pair[0]
+    eager = StaticRunner(model, num_slots=1, max_len=64)
+    graphed = graphed_runner(model, 1, 64, catch_up=(4,))
+    plain = graphed_runner(model, 1, 64)
+    generator = torch.Generator().manual_seed(1)
+    feeds = [  # (tokens, num_logits, replays they take)
+        (10, 1, 3),  # 4 + 4 + 2 (in the graph of 3)
+        (1, 1, 1),
+        (16, 1, 4),  # 4 x 4
+        (17, 1, 0),  # more than 4 replays: eager
+        (6, 2, 0),  # two logits: eager
+        (3, 1, 1),
+    ]
+    sequences = {runner: runner.new_sequence() for runner in (eager, graphed, plain)}
+    for count, keep, replays in feeds:
+        tokens = torch.randint(3, VOCAB, (count,), generator=generator).tolist()
+        expected = sequences[eager].forward(tokens, num_logits=keep)
+        for runner in (graphed, plain):
+            assert runner.graphs is not None
+            before = runner.graphs.replays  # type: ignore[attr-defined]
+            got = sequences[runner].forward(tokens, num_logits=keep)
+            torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+            taken = runner.graphs.replays - before  # type: ignore[attr-defined]
+            # Without catch-up graphs only what fits the graph of 3 replays.
+            assert taken == (replays if runner is graphed else int(count <= 3 and keep == 1))
+    assert {sequence.length for sequence in sequences.values()} == {53}
 
 
 def _states(target: StaticRunner, draft: StaticRunner, seed: int) -> list[SequenceState]:
