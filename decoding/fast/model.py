@@ -218,15 +218,30 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _split_rotate(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, dim: int
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    width: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused projection [N, (H + 2 Hkv) D] split into q [N, H, D], rotated (cos, sin:
-    [N, 1, D]), and k and v side by side as the cache holds them, [N, Hkv, 2, D] (k rotated)."""
+    """The fused projection [N = B*T, (H + 2 Hkv) D] of rows of ``width`` T tokens split into
+    the rotated queries (cos, sin: [N, 1, D]) stacked for attention, [B, Hkv, G*T, D] (see
+    :meth:`FastDecoder._attention`), and k and v side by side as the cache holds them,
+    [N, Hkv, 2, D] (k rotated). Written in those layouts here, where a compiled function
+    fuses the copy into the rotation, rather than by a copy of its own."""
     tokens = qkv.shape[0]
     query, key, value = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     query = _rotate(query.reshape(tokens, heads, dim), cos, sin)
+    # Head h = kv * G + g (transformers' repeat_kv order): [B, T, Hkv, G, D] -> [B, Hkv, G, T, D].
+    group = heads // kv_heads
+    stacked = query.view(-1, width, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
     key = _rotate(key.reshape(tokens, kv_heads, dim), cos, sin)
-    return query, torch.stack((key, value.reshape(tokens, kv_heads, dim)), dim=2)
+    return (
+        stacked.reshape(-1, kv_heads, group * width, dim),
+        torch.stack((key, value.reshape(tokens, kv_heads, dim)), dim=2),
+    )
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -297,7 +312,7 @@ class _Pointwise:
             self.silu_mul(x)
             angles = torch.zeros(2, 1, 4, device=device, dtype=dtype)
             self.split_rotate(torch.ones(2, 16, device=device, dtype=dtype), angles, angles, 2,
-                              1, 4)
+                              1, 4, 1)
             mask = torch.ones(2, 1, 2, 8, device=device, dtype=torch.bool)
             self.masked_softmax(torch.ones(2, 2, 2, 8, device=device, dtype=dtype), mask, 0.5)
 
@@ -494,22 +509,20 @@ class FastDecoder:
         batch, width = place.positions.shape
         kv_len = mask.shape[-1]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        query, kv = self.pointwise.split_rotate(
-            layer.qkv(x), *rotary, heads, kv_heads, dim
-        )  # [N, H, D], [N, Hkv, 2, D]
-        query = query.view(batch, width, heads, dim).transpose(1, 2)  # [B, H, T, D]
+        # GQA: the G query heads of one KV head are stacked along the query axis.
+        stacked, kv = self.pointwise.split_rotate(
+            layer.qkv(x), *rotary, heads, kv_heads, dim, width
+        )  # [B, Hkv, G*T, D], [N, Hkv, 2, D]
 
         rows = place.store(cache.kv[index], kv.view(batch, width, kv_heads, 2, dim), kv_len)
         row_keys, row_values = rows[:, :, 0], rows[:, :, 1]  # [B, Hkv, kv_len, D] each
 
-        # Head h = kv * G + g (transformers' repeat_kv order), so [B, H, T, D] regroups to
-        # [B, Hkv, G*T, D] and back without moving any head to another KV head.
-        stacked = query.reshape(batch, kv_heads, heads // kv_heads * width, dim)
         if self.matmul_attention:
             out = _matmul_attention(
                 stacked, row_keys, row_values, mask, self.pointwise.masked_softmax
             )
         else:
             out = F.scaled_dot_product_attention(stacked, row_keys, row_values, attn_mask=mask)
-        out = out.reshape(batch, heads, width, dim).transpose(1, 2)  # [B, T, H, D]
+        # [B, Hkv, G*T, D] is [B, H, T, D] with h = kv * G + g; back to [B, T, H, D].
+        out = out.reshape(batch, heads, width, dim).transpose(1, 2)
         return layer.o(out.reshape(batch * width, heads * dim))
