@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 MIN_SPEEDUP = 1.1
 """Speculate only where the formula promises at least this. It counts forward passes only, not
 the host work a speculative step adds per request (drawing, accepting, rolling back), which a
@@ -337,6 +339,10 @@ class AdaptiveGamma:
         self.estimate.observe(drafted, accepted)
 
 
+DRAFT_CHAIN = 4
+"""Draft forwards per timed run of :func:`measure_costs`' draft step."""
+
+
 def measure_costs(
     target: Any,
     draft: Any,
@@ -350,8 +356,10 @@ def measure_costs(
     one-token step and the target's forward over 1..max_gamma+1 positions, and, for runners
     that batch (``forward_batch``), both at batch sizes 2, 4, 8 up to ``max_batch``; and the
     draft over ``catch_up`` tokens at once (what feeding it a prompt costs; longer ones are
-    extrapolated). Each figure is the minimum of ``repeats`` runs: other work on the machine
-    only ever adds time, and a spike must not rule a width out."""
+    extrapolated). A draft step is timed as drafting runs it: ``DRAFT_CHAIN`` forwards, each
+    fed the previous one's argmax on the device, then one wait (on a GPU the host queues a
+    step while the device runs the last). Each figure is the minimum of ``repeats`` runs:
+    other work on the machine only ever adds time, and a spike must not rule a width out."""
     batched = hasattr(target, "forward_batch") and hasattr(draft, "forward_batch")
     batches = [b for b in (2, 4, 8) if b <= max_batch] if batched else []
 
@@ -376,7 +384,31 @@ def measure_costs(
             for sequence in sequences:
                 sequence.release()
 
-    draft_s = {b: timed(draft, b, 1, 1) for b in [1, *batches]}
+    def chained(runner: Any, batch: int) -> float:
+        sequences = [runner.new_sequence() for _ in range(batch)]
+        try:
+            for sequence in sequences:
+                sequence.forward([0] * context, num_logits=1)
+            samples = []
+            for _ in range(repeats + 1):  # the first run warms up
+                start = time.perf_counter()
+                tokens = torch.zeros(batch, 1, dtype=torch.long, device=runner.device)
+                for _ in range(DRAFT_CHAIN):
+                    if batch == 1:
+                        out = sequences[0].forward(tokens.view(1), num_logits=1)
+                    else:
+                        out = runner.forward_packed(sequences, tokens, [1] * batch, transient=True)
+                    tokens = out.argmax(-1).view(batch, 1)
+                tokens.tolist()  # waits for the device
+                samples.append((time.perf_counter() - start) / DRAFT_CHAIN)
+                for sequence in sequences:
+                    sequence.rollback(context)
+            return min(samples[1:])
+        finally:
+            for sequence in sequences:
+                sequence.release()
+
+    draft_s = {b: chained(draft, b) for b in [1, *batches]}
     if catch_up > max(draft_s):
         draft_s[catch_up] = timed(draft, 1, catch_up, 1)
     target_s = {k: timed(target, 1, k, k) for k in range(1, max_gamma + 2)}

@@ -92,9 +92,10 @@ def verify(state: SequenceState, draft_tokens: torch.Tensor) -> torch.Tensor:
     forward is queued behind the drafting without waiting for it."""
     fed = state.tokens[state.target.length :]
     if len(draft_tokens):
-        device = draft_tokens.device
+        device = state.target.device
         return state.target.forward(
-            torch.cat([to_device(fed, device), draft_tokens]), num_logits=len(draft_tokens) + 1
+            torch.cat([to_device(fed, device), draft_tokens.to(device)]),
+            num_logits=len(draft_tokens) + 1,
         )
     return state.target.forward(fed, num_logits=1)
 

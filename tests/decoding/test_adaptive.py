@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
+import torch
 
-from decoding.adaptive import AdaptiveGamma, CostModel
+from decoding.adaptive import DRAFT_CHAIN, AdaptiveGamma, CostModel, measure_costs
+from decoding.fast.runner import StaticRunner
+from tests.decoding.test_batched import qwen2
 
 GPU_LIKE = CostModel.from_widths(0.2, tuple(1.0 + 0.02 * k for k in range(9)))
 CPU_LIKE = CostModel.from_widths(0.4, (1.0, *[2.0] * 8))  # verify = 2x decode
@@ -207,3 +211,29 @@ def test_a_catch_up_must_promise_twice_what_it_costs() -> None:
     once, twice = tokens_needed(1.0), tokens_needed(CATCH_UP_MARGIN)
     assert CATCH_UP_MARGIN == 2.0 and once > 4
     assert abs(twice - 2 * once) <= 1
+
+
+class _Recording(StaticRunner):
+    """A fast runner that records what each forward was fed: host lists or device ids."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fed: list[tuple[int, bool]] = []  # (rows, fed as a tensor)
+
+    def forward_packed(self, sequences: Any, tokens: Any, num_logits: Any, **kwargs: Any) -> Any:
+        self.fed.append((len(sequences), isinstance(tokens, torch.Tensor)))
+        return super().forward_packed(sequences, tokens, num_logits, **kwargs)
+
+
+def test_a_draft_step_is_timed_as_drafting_chains_it() -> None:
+    """Each timed run of the draft step is DRAFT_CHAIN forwards fed from the device, at batch
+    1 and at each batch size; the target's widths are timed from host lists."""
+    target = _Recording(qwen2(0), num_slots=4, max_len=160)
+    draft = _Recording(qwen2(1), num_slots=4, max_len=160)
+    costs = measure_costs(target, draft, max_gamma=2, max_batch=2, repeats=2, catch_up=64)
+    chained = [fed for fed in draft.fed if fed[1]]
+    # Per batch size (1, 2): a warm-up and 2 timed runs of DRAFT_CHAIN forwards.
+    assert chained == [(1, True)] * 3 * DRAFT_CHAIN + [(2, True)] * 3 * DRAFT_CHAIN
+    assert not any(tensor for _, tensor in target.fed)
+    assert set(costs.draft_s) == {1, 2, 64} and all(s > 0 for s in costs.draft_s.values())
+    assert target.live_sequences == draft.live_sequences == 0
