@@ -17,6 +17,7 @@ draws from its own generator, in the order it would make them alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from itertools import accumulate, pairwise
 from typing import Protocol
 
@@ -33,6 +34,9 @@ from decoding.sampling import (
 from decoding.speculative import SequenceState, StepResult, advance
 from decoding.transfer import to_device
 
+PAD_TOKEN = 0
+"""Fed after a shorter row's tokens in a padded verify input (see the fast runner's own)."""
+
 CATCH_UP_IN_BATCH = 2
 """A draft that lags by more tokens than this catches up alone first, so one long catch-up
 does not pad every row of the batched draft forward."""
@@ -45,6 +49,7 @@ class BatchRunner(Protocol):
         tokens: list[list[int]] | torch.Tensor,
         num_logits: list[int],
         *,
+        lengths: list[int] | None = None,
         transient: bool = False,
     ) -> torch.Tensor: ...
 
@@ -61,17 +66,20 @@ def speculative_step_batch(
     target: BatchRunner,
     choose: Choose | None = None,
 ) -> list[StepResult]:
-    """Advance every state by 1..γ_i+1 tokens; both caches of each end holding a prefix of it."""
+    """Advance every state by 1..γ_i+1 tokens; both caches of each end holding a prefix of it.
+
+    The host waits for the device once, after the verify: the draft tokens go from the
+    drafting loop into the verify's input on the device, and come back with the target's."""
     clock = StepClock(states[0].target.device)
-    drafts, probs = _propose(states, gammas, draft, choose)
+    drafts = _propose(states, gammas, draft, choose)
     clock.mark()
-    fed = [s.tokens[s.target.length :] + d for s, d in zip(states, drafts, strict=True)]
     widths = [gamma + 1 for gamma in gammas]
+    fed, lengths = drafts.verify_input(states)
     # Row i's γ_i+1 logits end to end: [Σ(γ_i+1), vocab], read before the next forward.
     target_logits = target.forward_packed(
-        [s.target for s in states], fed, widths, transient=True
+        [s.target for s in states], fed, widths, lengths=lengths, transient=True
     )
-    committed = _commit(states, drafts, probs, target_logits, widths)
+    committed = _commit(states, drafts, target_logits, widths)
     clock.mark()
     drafting, verifying = clock.gaps()
     return [
@@ -80,47 +88,96 @@ def speculative_step_batch(
     ]
 
 
+@dataclass
+class _Drafts:
+    """A batched step's draft tokens: on the host where a ``choose`` picked them, else on the
+    device as the drafting loop drew them, position by position (each position's rows, in
+    order, and their tokens), not yet read back. ``probs``: each sampled row's per-position
+    draft probabilities [1, vocab]."""
+
+    gammas: list[int]
+    probs: list[list[torch.Tensor]]
+    host: list[list[int]] | None = None
+    chosen: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+
+    def verify_input(
+        self, states: list[SequenceState]
+    ) -> tuple[list[list[int]] | torch.Tensor, list[int] | None]:
+        """Each row's tokens for the verify (the ones its target has not seen, then its
+        drafts), as host lists, or as one padded [B, W] tensor on the device and the rows'
+        lengths; no wait either way."""
+        prefixes = [state.tokens[state.target.length :] for state in states]
+        if self.host is not None or not self.chosen:
+            drafts = self.host or [[] for _ in states]
+            return [p + d for p, d in zip(prefixes, drafts, strict=True)], None
+        lengths = [len(p) + gamma for p, gamma in zip(prefixes, self.gammas, strict=True)]
+        width = max(lengths)
+        flat: list[int] = []
+        for prefix in prefixes:
+            flat.extend(prefix)
+            flat.extend([PAD_TOKEN] * (width - len(prefix)))
+        # Position j's token of row i goes to [i, len(prefix_i) + j]: one indexed store.
+        places = [i * width + len(prefixes[i]) + j
+                  for j, (rows, _) in enumerate(self.chosen) for i in rows]
+        device = self.chosen[0][1].device
+        fed = to_device(flat, device)
+        fed[to_device(places, device)] = self.values()
+        return fed.view(len(states), width), lengths
+
+    def values(self) -> torch.Tensor:
+        """Every drawn token, position by position, on the device."""
+        return torch.cat([tokens for _, tokens in self.chosen])
+
+    def by_row(self, values: list[int]) -> list[list[int]]:
+        """:meth:`values` read back, as each row's draft tokens."""
+        drafts: list[list[int]] = [[] for _ in self.gammas]
+        tokens = iter(values)
+        for rows, _ in self.chosen:
+            for i in rows:
+                drafts[i].append(next(tokens))
+        return drafts
+
+    def row_major(self, rows: list[int]) -> list[int]:
+        """Where each of ``rows``' draft tokens is in :meth:`values`, row by row."""
+        offsets = list(accumulate((len(r) for r, _ in self.chosen), initial=0))
+        rank = [{i: k for k, i in enumerate(r)} for r, _ in self.chosen]
+        return [offsets[j] + rank[j][i] for i in rows for j in range(self.gammas[i])]
+
+
 def _propose(
     states: list[SequenceState], gammas: list[int], draft: BatchRunner, choose: Choose | None
-) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+) -> _Drafts:
     """Draft position by position; at position j, one forward over the requests with γ > j.
-    Returns each request's draft tokens and, when sampling, its per-position probabilities.
 
     The drawn tokens stay on the device and feed the next position's forward from there, so
-    the host queues the whole loop without waiting for the device, then reads every position's
-    tokens back at once."""
-    probs: list[list[torch.Tensor]] = [[] for _ in states]
+    the host queues the whole loop without waiting for the device."""
+    drafts = _Drafts(list(gammas), [[] for _ in states])
     for state, gamma in zip(states, gammas, strict=True):
         lag = len(state.tokens) - state.draft.length
         if gamma and lag > CATCH_UP_IN_BATCH:
             state.draft.forward(state.tokens[state.draft.length : -1], num_logits=1)
-    chosen: list[tuple[list[int], torch.Tensor]] = []  # each position's rows and their tokens
-    proposed: list[list[int]] = [[] for _ in states]  # choose's tokens, when it chooses
+    if choose is not None:
+        drafts.host = [[] for _ in states]
     for position in range(max(gammas, default=0)):
         rows = [i for i, gamma in enumerate(gammas) if gamma > position]
         pending: list[list[int]] | torch.Tensor
         if position == 0:
             pending = [states[i].tokens[states[i].draft.length :] for i in rows]
-        elif choose is not None:
-            pending = [[proposed[i][-1]] for i in rows]
+        elif drafts.host is not None:
+            pending = [[drafts.host[i][-1]] for i in rows]
         else:
-            pending = _still_drafting(*chosen[-1], rows).view(-1, 1)
+            pending = _still_drafting(*drafts.chosen[-1], rows).view(-1, 1)
         logits = draft.forward_packed(  # [len(rows), vocab], read before the next forward
             [states[i].draft for i in rows], pending, [1] * len(rows), transient=True
         )
-        chosen.append((rows, _draw(logits, [states[i] for i in rows], [probs[i] for i in rows])))
-        if choose is not None:
+        tokens = _draw(logits, [states[i] for i in rows], [drafts.probs[i] for i in rows])
+        if choose is None:
+            drafts.chosen.append((rows, tokens))
+        else:
+            assert drafts.host is not None
             for i in rows:
-                proposed[i].append(choose(states[i], position))
-    if choose is not None:
-        return proposed, probs
-    drafts: list[list[int]] = [[] for _ in states]
-    if chosen:
-        tokens = iter(torch.cat([tokens for _, tokens in chosen]).tolist())  # one sync
-        for rows, _ in chosen:
-            for i in rows:
-                drafts[i].append(next(tokens))
-    return drafts, probs
+                drafts.host[i].append(choose(states[i], position))
+    return drafts
 
 
 def _still_drafting(
@@ -202,42 +259,51 @@ def _rows(logits: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tenso
 
 def _commit(
     states: list[SequenceState],
-    drafts: list[list[int]],
-    probs: list[list[torch.Tensor]],
+    drafts: _Drafts,
     logits: torch.Tensor,
     widths: list[int],
 ) -> list[tuple[list[int], int]]:
     """:func:`decoding.speculative.commit` for every row of the packed target ``logits``
-    (row i's γ_i+1 end to end): the greedy rows from one argmax and one host sync for all,
-    the sampled rows by :func:`_processed` and :func:`accept_sampled_rows`, each from its own
-    generator. Returns each row's emitted tokens and accepted count."""
+    (row i's γ_i+1 end to end): the greedy rows from one argmax, the sampled rows by
+    :func:`_processed` and :func:`accept_sampled_rows`, each from its own generator; the
+    draft tokens and the greedy rows' choices come back to the host in one copy. Returns each
+    row's emitted tokens and accepted count."""
     spans = list(pairwise(accumulate(widths, initial=0)))
     greedy = [state.sampling.greedy for state in states]
     results: list[Acceptance | None] = [None] * len(states)
-    if any(greedy):
-        target_tokens: list[int] = logits.argmax(-1).tolist()
-        for i, (start, stop) in enumerate(spans):
-            if greedy[i]:
-                results[i] = greedy_acceptance(drafts[i], target_tokens[start:stop])
+    device = logits.device
+    on_device = drafts.host is None and bool(drafts.chosen)
     if not all(greedy):
         sampled = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
         target_probs, _ = _processed(logits, spans, states)  # the sampled rows', in order
-        device = logits.device
-        draft_tokens = torch.tensor(
-            [t for i in sampled for t in drafts[i]], dtype=torch.long, device=device
-        )
-        draft_probs = [p for i in sampled for p in probs[i]]
+        if on_device:
+            draft_tokens = drafts.values()[to_device(drafts.row_major(sampled), device)]
+        else:
+            host = drafts.host or [[] for _ in states]
+            draft_tokens = to_device([t for i in sampled for t in host[i]], device)
+        draft_probs = [p for i in sampled for p in drafts.probs[i]]
         accepted = accept_sampled_rows(
             draft_tokens,
             torch.cat(draft_probs) if draft_probs else logits.new_empty(0, logits.shape[-1]),
             target_probs,
-            [len(drafts[i]) for i in sampled],
+            [drafts.gammas[i] for i in sampled],
             [states[i].generator for i in sampled],
         )
         for i, acceptance in zip(sampled, accepted, strict=True):
             results[i] = acceptance
+    # One read-back: the draft tokens (unless on the host already), then the target's argmax.
+    parts = [drafts.values()] if on_device else []
+    if any(greedy):
+        parts.append(logits.argmax(-1))
+    ids: list[int] = torch.cat(parts).tolist() if parts else []
+    drawn = sum(drafts.gammas) if on_device else 0
+    draft_ids = drafts.by_row(ids[:drawn]) if on_device else drafts.host or [[] for _ in states]
+    target_tokens = ids[drawn:]
+    for i, (start, stop) in enumerate(spans):
+        if greedy[i]:
+            results[i] = greedy_acceptance(draft_ids[i], target_tokens[start:stop])
     committed = []
-    for state, draft_tokens_i, result in zip(states, drafts, results, strict=True):
+    for state, draft_tokens_i, result in zip(states, draft_ids, results, strict=True):
         assert result is not None
         emitted = [*draft_tokens_i[: result.num_accepted], result.bonus_token]
         advance(state, emitted, result.num_accepted)

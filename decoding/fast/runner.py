@@ -136,11 +136,15 @@ class StaticRunner:
         tokens: Sequence[Sequence[int]] | torch.Tensor,
         num_logits: Sequence[int],
         *,
+        lengths: Sequence[int] | None = None,
         transient: bool = False,
     ) -> torch.Tensor:
         """:meth:`forward_batch` with the rows' logits end to end in one tensor,
         [sum(num_logits), vocab] float32 (row b's start at sum(num_logits[:b])), so a caller
         can work on all rows with one operation.
+
+        ``lengths``, with ``tokens`` a [B, T] tensor: row b's real tokens are its first
+        ``lengths[b]`` (the rest padding, one of them T long); None means all T.
 
         ``transient=True``: the result may be a view of a CUDA graph's static output, valid
         only until this runner's next forward; for a caller that reads it (enqueues every
@@ -152,7 +156,9 @@ class StaticRunner:
         if len(set(slots)) != len(slots):
             raise ValueError("a sequence appears twice in one batch")
         if isinstance(tokens, torch.Tensor):
-            counts = [tokens.shape[1]] * len(sequences)
+            counts = [tokens.shape[1]] * len(sequences) if lengths is None else list(lengths)
+            if len(counts) != len(sequences) or max(counts) != tokens.shape[1]:
+                raise ValueError("lengths must give every row, the longest as long as tokens")
         else:
             counts = [len(row) for row in tokens]
         width = max(counts)

@@ -125,6 +125,8 @@ def test_graphed_forwards_equal_eager_ones(pair) -> None:
     view = graphed.forward_packed(two, [[3], [4]], [1, 1], transient=True)
     outputs = {captured.logits.data_ptr() for captured in graphed.graphs._graphs.values()}
     assert view.data_ptr() in outputs and kept.data_ptr() not in outputs
+    with pytest.raises(ValueError, match="lengths"):  # no row as long as the tokens given
+        graphed.forward_packed(two, torch.tensor([[1, 2], [3, 4]]), [1, 1], lengths=[1, 1])
 
 
 def test_a_catch_up_runs_as_graph_replays_of_the_widest(pair) -> None:
