@@ -7,7 +7,9 @@ through the caller's event loop; ``aclose()`` flags the request so the worker fr
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,48 @@ class Timeline:
 _END = object()
 
 
+class _Mailbox:
+    """Items for the queues of one event loop, delivered by one callback for all the items
+    put since the last one: a batched step wakes the loop once, not once per request (each
+    wake is a write to the loop's self-pipe, and a turn of the loop that takes the GIL from
+    the worker)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        """From any thread. RuntimeError when the loop is closed."""
+        if self._loop.is_closed():  # a callback scheduled before it closed never ran
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+            raise
+
+    def _deliver(self) -> None:  # on the loop
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = (
+    weakref.WeakKeyDictionary()
+)
+"""One mailbox per event loop, made on that loop's thread."""
+
+
 class RequestHandle:
     """The caller's side of one request: ``async for chunk in handle``; ``aclose()`` cancels."""
 
@@ -52,7 +96,11 @@ class RequestHandle:
         self.abort_error: BaseException | None = None  # set by Engine.abort_all
         self._wake = wake
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        mailbox = _MAILBOXES.get(loop)
+        if mailbox is None:
+            mailbox = _MAILBOXES[loop] = _Mailbox(loop)
+        self._mailbox = mailbox
         self._done = False
 
     def __aiter__(self) -> RequestHandle:
@@ -79,6 +127,6 @@ class RequestHandle:
 
     def _put(self, item: Any) -> None:  # called from the worker thread
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._mailbox.put(self._queue, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening any more
             self.cancelled = True

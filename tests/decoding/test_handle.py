@@ -1,0 +1,58 @@
+"""The handle's delivery from the worker thread to the caller's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from decoding.handle import _END, RequestHandle, _Mailbox
+
+
+async def test_items_from_a_thread_arrive_in_order_with_one_wake_per_burst() -> None:
+    loop = asyncio.get_running_loop()
+    handles = [RequestHandle(f"r{i}", 1, lambda: None) for i in range(3)]
+    wakes = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(callback, *args):  # type: ignore[no-untyped-def]
+        nonlocal wakes
+        wakes += 1
+        return original(callback, *args)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        def worker() -> None:
+            for step in range(50):  # a burst: every handle gets a chunk per "step"
+                for handle in handles:
+                    handle._put(step)
+            for handle in handles:
+                handle._put(_END)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        received = [[item async for item in handle] for handle in handles]
+        thread.join()
+    finally:
+        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+    assert received == [list(range(50))] * 3
+    assert 1 <= wakes < 50 * 3  # handles on one loop share wakes
+
+
+def test_a_closed_loop_refuses_and_cancels_the_request() -> None:
+    loop = asyncio.new_event_loop()
+    mailbox = _Mailbox(loop)
+    mailbox.put(asyncio.Queue(), 1)  # scheduled; the loop closes before it runs
+    loop.close()
+    with pytest.raises(RuntimeError):
+        mailbox.put(asyncio.Queue(), 2)
+
+    async def make() -> RequestHandle:
+        return RequestHandle("r", 1, lambda: None)
+
+    other = asyncio.new_event_loop()
+    handle = other.run_until_complete(make())
+    other.close()
+    handle._put("chunk")
+    assert handle.cancelled
