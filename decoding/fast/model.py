@@ -244,6 +244,23 @@ def _split_rotate(
     )
 
 
+def _placement(
+    starts: torch.Tensor, inv_freq: torch.Tensor, width: int, kv_len: int, group: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every layer of one forward shares, from each row's start [B] and the width T:
+    the positions [B, T]; the rotary cos and sin [N = B*T, 1, D] in ``dtype`` (computed in
+    float32, as transformers does); and the attention mask [B, 1, G*T, kv_len], True where a
+    query (stacked g-major like the queries, see :func:`_split_rotate`) may attend."""
+    positions = starts[:, None] + torch.arange(width, device=starts.device)  # [B, T]
+    freqs = positions.reshape(-1, 1).float() * inv_freq  # [N, D/2]
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [N, 1, D]
+    query_positions = positions.repeat(1, group)  # [B, G*T]
+    key_positions = torch.arange(kv_len, device=starts.device)
+    mask = key_positions <= query_positions[:, None, :, None]
+    return positions, angles.cos().to(dtype), angles.sin().to(dtype), mask
+
+
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -281,10 +298,13 @@ class _Pointwise:
     split_rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[..., torch.Tensor]
     masked_softmax: Callable[..., torch.Tensor]
+    placement: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
     @classmethod
     def eager(cls) -> _Pointwise:
-        return cls(_rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax)
+        return cls(
+            _rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax, _placement
+        )
 
     @classmethod
     def compiled(cls) -> _Pointwise:
@@ -298,7 +318,9 @@ class _Pointwise:
         def compile_(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, fullgraph=True, dynamic=True)
 
-        functions = (_rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax)
+        functions = (
+            _rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax, _placement
+        )
         return cls(*(compile_(fn) for fn in functions))
 
     def smoke_test(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -315,6 +337,8 @@ class _Pointwise:
                               1, 4, 1)
             mask = torch.ones(2, 1, 2, 8, device=device, dtype=torch.bool)
             self.masked_softmax(torch.ones(2, 2, 2, 8, device=device, dtype=dtype), mask, 0.5)
+            starts = torch.zeros(2, dtype=torch.long, device=device)
+            self.placement(starts, torch.ones(2, device=device), 1, 8, 2, dtype)
 
 
 @dataclass(frozen=True)
@@ -468,21 +492,14 @@ class FastDecoder:
         """The final-normed hidden states of every position: [B, T, hidden]."""
         width = tokens.shape[1]
         kv_len = cache.max_len if kv_len is None else kv_len
-        steps = torch.arange(width, device=tokens.device)
-        positions = starts[:, None] + steps  # [B, T]
-        freqs = positions.reshape(-1, 1).float() * self.inv_freq  # [N = B*T, head_dim/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [N, 1, head_dim]
-        rotary = (angles.cos().to(self.dtype), angles.sin().to(self.dtype))  # cos, sin
-
+        ops = self.pointwise
         # GQA without repeating K/V: the G query heads that share a KV head are stacked along
         # the query axis ([B, Hkv, G*T, D]), so each row attends with mask[b] for its position.
-        group = self.num_heads // self.num_kv_heads
-        query_positions = positions.repeat(1, group)  # [B, G*T], g-major like the stacked q
-        key_positions = torch.arange(kv_len, device=tokens.device)
-        mask = key_positions <= query_positions[:, None, :, None]  # [B, 1, G*T, kv_len]
-
+        positions, cos, sin, mask = ops.placement(
+            starts, self.inv_freq, width, kv_len, self.num_heads // self.num_kv_heads, self.dtype
+        )
+        rotary = (cos, sin)
         place = _Placement(slots, positions, host_row)
-        ops = self.pointwise
         # The residual stream is [N = B*T, hidden]: the elementwise functions then see one
         # size that varies (1 or more), not two, which halves torch.compile's specialisations.
         x = F.embedding(tokens.reshape(-1), self.embed)  # [N, hidden]
