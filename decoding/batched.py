@@ -88,6 +88,28 @@ def speculative_step_batch(
     ]
 
 
+def plain_steps_batch(
+    states: list[SequenceState], steps: int, target: BatchRunner
+) -> list[StepResult]:
+    """:func:`decoding.speculative.plain_steps` for every state at once: ``steps`` batched
+    target forwards, each fed the tokens the last one chose (on the device), one read-back."""
+    clock = StepClock(states[0].target.device)
+    pending: list[list[int]] | torch.Tensor = [s.tokens[s.target.length :] for s in states]
+    sequences = [state.target for state in states]
+    chosen: list[torch.Tensor] = []
+    for _ in range(steps):
+        logits = target.forward_packed(sequences, pending, [1] * len(states), transient=True)
+        tokens = _draw(logits, states, [[] for _ in states])
+        chosen.append(tokens)
+        pending = tokens.view(-1, 1)
+    rows: list[list[int]] = torch.stack(chosen, dim=1).tolist()  # [B, steps]
+    for state, emitted in zip(states, rows, strict=True):
+        state.tokens.extend(emitted)
+    clock.mark()
+    (verifying,) = clock.gaps()
+    return [StepResult(emitted, 0, 0, 0.0, verifying, num_forwards=steps) for emitted in rows]
+
+
 @dataclass
 class _Drafts:
     """A batched step's draft tokens: on the host where a ``choose`` picked them, else on the

@@ -61,6 +61,12 @@ class EngineConfig:
     # Prompt tokens prefilled per request per scheduling round; a longer prompt is prefilled over
     # several rounds, between which the running requests take their steps (0 = all at once).
     prefill_chunk: int = 512
+    # Steps with γ = 0 (speculation off, or adaptive γ at 0) taken at once: each target forward
+    # is fed the last one's token on the device and the host reads them back together, so it
+    # does not hold the device up between tokens (as vLLM's multi-step scheduling). Tokens then
+    # stream in groups of this many; a request's first token is never held back. None: 4 with
+    # CUDA graphs on the fast path, else 1.
+    decode_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ class Engine:
     ):
         if config.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0, got {config.prefill_chunk}")
+        if config.decode_steps is not None and config.decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {config.decode_steps}")
         self.pair = pair
         self.config = config
         context_window = min(pair.target.context_window, pair.draft.context_window)
@@ -171,6 +179,9 @@ class Engine:
             proposer=proposer,
             finish=self._finish,
             running_count=lambda: len(self._running),
+            decode_steps=config.decode_steps or (
+                4 if self.batched and getattr(self.target, "graphs", None) is not None else 1
+            ),
         )
         self._cond = threading.Condition()
         self._running: list[RunningRequest] = []

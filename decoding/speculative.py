@@ -52,6 +52,7 @@ class StepResult:
     num_accepted: int
     draft_seconds: float  # as the device ran them (see decoding.clock)
     verify_seconds: float  # the target's forward and the acceptance
+    num_forwards: int = 1  # target forward passes (more than one: see plain_steps)
 
 
 def propose(state: SequenceState, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,6 +134,27 @@ def speculative_step(state: SequenceState, gamma: int) -> StepResult:
     clock.mark()
     drafting, verifying = clock.gaps()
     return StepResult(emitted, gamma, num_accepted, drafting, verifying)
+
+
+def plain_steps(state: SequenceState, steps: int) -> StepResult:
+    """``steps`` steps with γ = 0 in a row: each target forward is fed the token the last one
+    chose, on the device, and the host reads all of them back at once (on a GPU it queues the
+    forwards while the device runs them, rather than waiting after each for its token). The
+    tokens are the ones ``steps`` calls of ``speculative_step(state, 0)`` emit: the same
+    choice from the same logits, the same draws from the request's generator in the same
+    order. The draft is not run; it falls behind by ``steps`` tokens, as it would."""
+    clock = StepClock(state.target.device)
+    pending: list[int] | torch.Tensor = state.tokens[state.target.length :]
+    chosen: list[torch.Tensor] = []
+    for _ in range(steps):
+        logits = state.target.forward(pending, num_logits=1)  # [1, vocab]
+        pending = draw(state, logits, [])
+        chosen.append(pending)
+    emitted: list[int] = torch.cat(chosen).tolist()
+    state.tokens.extend(emitted)  # the target holds all but the last, as after any step
+    clock.mark()
+    (verifying,) = clock.gaps()
+    return StepResult(emitted, 0, 0, 0.0, verifying, num_forwards=steps)
 
 
 def commit(

@@ -20,12 +20,19 @@ from typing import Any
 import torch
 
 from decoding.adaptive import AcceptanceEstimate, AdaptiveGamma, CostModel, StepCosts
-from decoding.batched import CATCH_UP_IN_BATCH, speculative_step_batch
+from decoding.batched import CATCH_UP_IN_BATCH, plain_steps_batch, speculative_step_batch
 from decoding.detokenize import IncrementalDetokenizer
 from decoding.errors import DeviceOutOfMemoryError
 from decoding.handle import _END, RequestHandle, StepRecord
 from decoding.params import Chunk, FinishReason, GenerationRequest
-from decoding.speculative import Proposer, SequenceState, StepResult, propose, speculative_step
+from decoding.speculative import (
+    Proposer,
+    SequenceState,
+    StepResult,
+    plain_steps,
+    propose,
+    speculative_step,
+)
 from decoding.validation import PreparedRequest
 
 log = logging.getLogger("decoding.engine")
@@ -74,6 +81,7 @@ class Stepper:
         proposer: Proposer,
         finish: Finish,
         running_count: Callable[[], int],
+        decode_steps: int = 1,
     ) -> None:
         self.target = target
         self.draft = draft
@@ -84,6 +92,7 @@ class Stepper:
         self.default_gamma = default_gamma  # None: adaptive
         self.max_gamma = max_gamma
         self.prefill_chunk = prefill_chunk
+        self.decode_steps = decode_steps  # γ = 0 steps taken at once (see _plain_steps)
         self.proposer = proposer  # the draft model; benchmarks may swap in another proposer
         self._finish = finish
         self._running_count = running_count  # requests admitted and not finished, right now
@@ -222,15 +231,28 @@ class Stepper:
             )
             self._finish(running, err)
 
+    def _plain_steps(self, ready: list[RunningRequest]) -> int:
+        """How many γ = 0 steps these requests take at once (:func:`plain_steps`): up to
+        ``decode_steps``, never past a request's max_new_tokens, and one while any of them has
+        emitted nothing yet (a first token is never held back)."""
+        if self.decode_steps <= 1 or any(not running.output for running in ready):
+            return 1
+        remaining = min(r.prepared.max_new_tokens - len(r.output) for r in ready)
+        return max(1, min(self.decode_steps, remaining))
+
     def step(self, running: RunningRequest, gamma: int | None = None) -> None:
-        """One speculative step of one request."""
+        """One speculative step of one request (several plain ones where γ = 0)."""
         assert running.state is not None
         gamma = self._gamma(running) if gamma is None else gamma
         self.last_gamma = gamma
         start_ns = time.time_ns()
         started = time.perf_counter()
-        result = speculative_step(running.state, gamma)
-        self.step_costs.observe([gamma], time.perf_counter() - started)
+        steps = self._plain_steps([running]) if gamma == 0 else 1
+        if steps > 1:
+            result = plain_steps(running.state, steps)
+        else:
+            result = speculative_step(running.state, gamma)
+        self.step_costs.observe([gamma], (time.perf_counter() - started) / steps)
         self._record(running, result, start_ns)
         self._emit(running, result)
 
@@ -253,11 +275,15 @@ class Stepper:
         )
         saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
                  for s in states]
+        steps = self._plain_steps(ready) if max(gammas) == 0 else 1
         start_ns = time.time_ns()
         try:
             started = time.perf_counter()
-            results = speculative_step_batch(states, gammas, self.draft, self.target, choose)
-            self.step_costs.observe(gammas, time.perf_counter() - started)
+            if steps > 1:
+                results = plain_steps_batch(states, steps, self.target)
+            else:
+                results = speculative_step_batch(states, gammas, self.draft, self.target, choose)
+            self.step_costs.observe(gammas, (time.perf_counter() - started) / steps)
         except Exception:
             log.warning("batched step failed; stepping its requests one by one", exc_info=True)
             for state, (tokens, target_length, draft_length, rng) in zip(states, saved,
@@ -300,7 +326,7 @@ class Stepper:
 
     def _record(self, running: RunningRequest, result: StepResult, start_ns: int) -> None:
         usage = running.handle.usage
-        usage.target_forward_passes += 1
+        usage.target_forward_passes += result.num_forwards
         usage.draft_tokens += result.num_drafted
         usage.accepted_draft_tokens += result.num_accepted
         for position in range(result.num_drafted):

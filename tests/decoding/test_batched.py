@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from decoding.batched import speculative_step_batch
+from decoding.batched import plain_steps_batch, speculative_step_batch
 from decoding.fast.cache import StaticKVCache
 from decoding.fast.graphs import DecodeGraphs, _Captured
 from decoding.fast.model import FastDecoder
 from decoding.fast.runner import StaticRunner
 from decoding.params import SamplingParams
-from decoding.speculative import SequenceState, speculative_step
+from decoding.speculative import SequenceState, plain_steps, speculative_step
 
 VOCAB = 300
 ATOL = 1e-5
@@ -202,3 +202,37 @@ def test_a_batched_step_gives_each_request_what_it_gets_alone(pair, graphs: bool
             single = speculative_step(state, gamma)
             assert (result.emitted, result.num_accepted) == (single.emitted, single.num_accepted)
     assert [state.tokens for state in batched] == [state.tokens for state in alone]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_plain_steps_at_once_are_the_steps_one_by_one(pair, graphs: bool) -> None:
+    """k γ = 0 steps in one call, batched or alone (greedy and sampled rows, each with its own
+    generator), emit what k single γ = 0 steps emit, leave the generators where those do, and
+    the caches ready for a speculative step after them."""
+    target_model, draft_model = pair
+    size = len(SETTINGS)
+    if graphs:
+        target = graphed_runner(target_model, size, 128)
+        draft = graphed_runner(draft_model, size, 128)
+    else:
+        target = StaticRunner(target_model, num_slots=size, max_len=128)
+        draft = StaticRunner(draft_model, num_slots=size, max_len=128)
+    batched = _states(target, draft, seed=5)
+    grouped = _states(*(StaticRunner(m, num_slots=size, max_len=128) for m in pair), seed=5)
+    alone = _states(*(StaticRunner(m, num_slots=size, max_len=128) for m in pair), seed=5)
+    for steps in (3, 1, 4):
+        results = plain_steps_batch(batched, steps, target)
+        for state, group_state, result in zip(alone, grouped, results, strict=True):
+            singles = [speculative_step(state, 0).emitted for _ in range(steps)]
+            assert result.emitted == [token for emitted in singles for token in emitted]
+            assert (result.num_drafted, result.num_forwards) == (0, steps)
+            assert plain_steps(group_state, steps).emitted == result.emitted
+    for states in (batched, grouped, alone):  # then a speculative step each, as usual
+        for state in states:
+            assert state.target.length == len(state.tokens) - 1
+        runners = states[0].draft._runner, states[0].target._runner  # type: ignore[attr-defined]
+        speculative_step_batch(states, [2] * size, *runners)
+    assert [s.tokens for s in batched] == [s.tokens for s in alone] == [s.tokens for s in grouped]
+    assert [s.generator.get_state().tolist() for s in batched] == [
+        s.generator.get_state().tolist() for s in alone
+    ]

@@ -470,3 +470,49 @@ async def test_a_request_stepping_while_others_prefill_is_costed_with_them(same_
     first_step = handles[0].timeline.steps[0].start_ns
     assert all(first_step < h.timeline.target_prefill_ns[1] for h in handles[1:])  # it did
     assert [h.usage.draft_tokens for h in handles] == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+async def test_plain_steps_taken_together_change_nothing_but_the_grouping(
+    different_pair, fast_path: str
+) -> None:
+    """With decode_steps = 4, γ = 0 requests (greedy alone and beside others, seeded samples,
+    an EOS inside a group) get the tokens they get one step at a time; the first token comes
+    alone, the rest in groups of up to 4, never past max_new_tokens; every token is one
+    target forward."""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    free_run = reference_greedy(pair, PROMPT_IDS, 30)
+    plain = SpeculationParams(0)
+    greedy = dict(prompt_token_ids=PROMPT_IDS, max_new_tokens=30, speculation=plain)
+    sampled = dict(prompt_token_ids=PROMPT_IDS, max_new_tokens=23, speculation=plain,
+                   sampling=SamplingParams(temperature=0.8, top_k=50, seed=7))
+    results = {}
+    for steps in (1, 4):
+        engine = make_engine(pair, decode_steps=steps, fast_path=fast_path)
+        try:
+            chunks = await collect(engine, **greedy)
+            together = await asyncio.gather(*(collect(engine, **greedy) for _ in range(3)))
+            results[steps] = (ids_of(await collect(engine, **sampled)),
+                              [ids_of(c) for c in together])
+        finally:
+            engine.close()
+        assert ids_of(chunks) == free_run
+        assert [len(c.token_ids) for c in chunks] == [1] + [steps] * (29 // steps) + (
+            [29 % steps] if 29 % steps else []
+        )
+        assert chunks[-1].usage.target_forward_passes == 30
+    assert results[4] == results[1]
+    assert results[4][1] == [free_run] * 3
+    eos_pair = dataclasses.replace(pair, eos_token_ids=(free_run[6],))
+    engine = make_engine(eos_pair, decode_steps=4, fast_path=fast_path)
+    try:
+        chunks = await collect(engine, **greedy)
+    finally:
+        engine.close()
+    assert ids_of(chunks) == free_run[: free_run.index(free_run[6]) + 1]
+    assert chunks[-1].finish_reason == FinishReason.EOS
+
+
+def test_decode_steps_below_one_are_refused(same_pair) -> None:
+    with pytest.raises(ValueError, match="decode_steps"):
+        make_engine(same_pair, decode_steps=0)
