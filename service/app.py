@@ -26,6 +26,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         fast_path=settings.fast_path,
         max_context=settings.max_context,
         prefill_chunk=settings.prefill_chunk,
+        decode_steps=settings.decode_steps or None,
     )
 
 

@@ -39,6 +39,7 @@ class Settings:
     fast_path: str = "auto"  # static KV cache + batched steps for Llama/Qwen2: auto, on, off
     max_context: int = 4096  # longest prompt + output on the fast path (sizes the cache)
     prefill_chunk: int = 512  # prompt tokens prefilled per request per round (0 = all at once)
+    decode_steps: int = 0  # γ = 0 steps taken at once; 0: auto (4 with CUDA graphs, else 1)
     max_message_bytes: int = 4 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
     # telemetry
@@ -84,6 +85,8 @@ HELP = {
     "fast_path": "static KV cache and batched steps (Llama/Qwen2): auto, on or off",
     "max_context": "longest prompt + output on the fast path; sizes the preallocated cache",
     "prefill_chunk": "prompt tokens prefilled per request between the others' steps (0 = all)",
+    "decode_steps": "steps without drafting taken at once, read back together "
+    "(0 = auto: 4 with CUDA graphs, else 1)",
     "max_message_bytes": "largest request message accepted",
     "shutdown_grace_seconds": "time calls in flight get after SIGTERM",
     "metrics_port": "Prometheus /metrics port (0 = off)",
