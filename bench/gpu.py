@@ -123,6 +123,7 @@ class GpuBenchConfig:
     max_context: int = 0  # the engine's max_context (cache slot length); 0 = its default
     seed: int = 0
     compile: str = "auto"  # the engine's torch.compile of the fast path: auto (CUDA), on, off
+    decode_steps: int = 0  # the engine's γ = 0 steps taken at once; 0: its default
     profile: bool = False  # profile a controlled-α run of the first target (torch.profiler)
 
     def sizes(self) -> tuple[Shape, dict[str, Shape], int]:
@@ -433,6 +434,8 @@ def engine_config(cfg: GpuBenchConfig) -> Any:
         options["max_context"] = cfg.max_context
     if "compile" in names:
         options["compile"] = {"auto": None, "on": True, "off": False}[cfg.compile]
+    if cfg.decode_steps and "decode_steps" in names:
+        options["decode_steps"] = cfg.decode_steps
     return EngineConfig(**options)
 
 
@@ -999,6 +1002,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=int(_env("seed", d.seed)))
     p.add_argument("--compile", choices=("auto", "on", "off"), default=_env("compile", d.compile),
                    help="torch.compile of the fast path's elementwise parts (auto: on CUDA)")
+    p.add_argument("--decode-steps", type=int,
+                   default=int(_env("decode_steps", d.decode_steps)),
+                   help="the engine's γ = 0 steps taken at once (0: its default, 4 on CUDA)")
     p.add_argument("--profile", action="store_true",
                    default=_env("profile", "") not in ("", "0", "false"),
                    help="profile a controlled run of the first target into profile_<key>.txt")
@@ -1031,6 +1037,7 @@ def config_from_args(args: argparse.Namespace) -> GpuBenchConfig:
         fixed_gamma=args.fixed_gamma,
         seed=args.seed,
         compile=args.compile,
+        decode_steps=args.decode_steps,
         profile=bool(args.profile),
     )
 
