@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     _workload_flags(batching)
     _baseline_flags(batching)
     batching.add_argument("--speculation", default="off,adaptive")
+    batching.add_argument("--decode-steps", type=int, default=0,
+                          help="the engine's γ = 0 steps taken at once (0: its default)")
     _out_flag(batching)
     batching.set_defaults(handler=_batching_command)
 
@@ -218,6 +220,7 @@ def _batching_command(args: argparse.Namespace) -> int:
     result = run_batching(
         workload_from_args(args), target=args.target, draft=args.draft, device=args.device,
         dtype=args.dtype, gammas=_gamma_list(args.speculation),
+        decode_steps=args.decode_steps or None,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batching.json").write_text(json.dumps(result, indent=2))

@@ -186,9 +186,11 @@ def run_batching(
     device: str,
     dtype: str,
     gammas: Sequence[int | None],
+    decode_steps: int | None = None,
 ) -> dict[str, Any]:
     """The same N requests one after another, then all at once (batched steps on the fast
-    path): aggregate tokens/s of each, and whether the outputs are the same."""
+    path): aggregate tokens/s of each, and whether the outputs are the same.
+    ``decode_steps``: the engine's (None: its default)."""
     from decoding.engine import Engine, EngineConfig
     from decoding.models import load_pair
 
@@ -197,7 +199,7 @@ def run_batching(
     max_new = workload.max_new_tokens
     engine = Engine(pair, EngineConfig(
         max_concurrent_requests=max(len(prompt_ids), 1), fast_path="on",
-        max_new_tokens_limit=max(2048, max_new)))
+        max_new_tokens_limit=max(2048, max_new), decode_steps=decode_steps))
     rows = []
     try:
         asyncio.run(_generate(engine, prompt_ids[0], 4, None))  # warm-up
@@ -220,7 +222,7 @@ def run_batching(
         engine.close()
     return {"target": pair.target.name, "draft": pair.draft.name, "device": str(pair.device),
             "dtype": str(pair.dtype).removeprefix("torch."), "workload": workload.describe(),
-            "rows": rows}
+            "decode_steps": engine.stepper.decode_steps, "rows": rows}
 
 
 def format_batching(result: dict[str, Any]) -> str:
