@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -363,20 +364,16 @@ def measure_costs(
     batched = hasattr(target, "forward_batch") and hasattr(draft, "forward_batch")
     batches = [b for b in (2, 4, 8) if b <= max_batch] if batched else []
 
-    def timed(runner: Any, batch: int, width: int, logits: int) -> float:
+    def fastest(runner: Any, batch: int, run: Callable[[list[Any]], float]) -> float:
+        """The least of ``repeats`` timings ``run(sequences)`` of ``batch`` sequences holding
+        ``context`` tokens (rolled back after each), after one that warms up."""
         sequences = [runner.new_sequence() for _ in range(batch)]
         try:
             for sequence in sequences:
                 sequence.forward([0] * context, num_logits=1)
             samples = []
-            for _ in range(repeats + 1):  # the first run warms up
-                start = time.perf_counter()
-                if batch == 1:
-                    out = [sequences[0].forward([0] * width, num_logits=logits)]
-                else:
-                    out = runner.forward_batch(sequences, [[0] * width] * batch, [logits] * batch)
-                float(out[-1][0, 0])  # reading a value waits for the device
-                samples.append(time.perf_counter() - start)
+            for _ in range(repeats + 1):
+                samples.append(run(sequences))
                 for sequence in sequences:
                     sequence.rollback(context)
             return min(samples[1:])
@@ -384,29 +381,32 @@ def measure_costs(
             for sequence in sequences:
                 sequence.release()
 
+    def timed(runner: Any, batch: int, width: int, logits: int) -> float:
+        def run(sequences: list[Any]) -> float:
+            start = time.perf_counter()
+            if batch == 1:
+                out = [sequences[0].forward([0] * width, num_logits=logits)]
+            else:
+                out = runner.forward_batch(sequences, [[0] * width] * batch, [logits] * batch)
+            float(out[-1][0, 0])  # reading a value waits for the device
+            return time.perf_counter() - start
+
+        return fastest(runner, batch, run)
+
     def chained(runner: Any, batch: int) -> float:
-        sequences = [runner.new_sequence() for _ in range(batch)]
-        try:
-            for sequence in sequences:
-                sequence.forward([0] * context, num_logits=1)
-            samples = []
-            for _ in range(repeats + 1):  # the first run warms up
-                start = time.perf_counter()
-                tokens = torch.zeros(batch, 1, dtype=torch.long, device=runner.device)
-                for _ in range(DRAFT_CHAIN):
-                    if batch == 1:
-                        out = sequences[0].forward(tokens.view(1), num_logits=1)
-                    else:
-                        out = runner.forward_packed(sequences, tokens, [1] * batch, transient=True)
-                    tokens = out.argmax(-1).view(batch, 1)
-                tokens.tolist()  # waits for the device
-                samples.append((time.perf_counter() - start) / DRAFT_CHAIN)
-                for sequence in sequences:
-                    sequence.rollback(context)
-            return min(samples[1:])
-        finally:
-            for sequence in sequences:
-                sequence.release()
+        def run(sequences: list[Any]) -> float:
+            start = time.perf_counter()
+            tokens = torch.zeros(batch, 1, dtype=torch.long, device=runner.device)
+            for _ in range(DRAFT_CHAIN):
+                if batch == 1:
+                    out = sequences[0].forward(tokens.view(1), num_logits=1)
+                else:
+                    out = runner.forward_packed(sequences, tokens, [1] * batch, transient=True)
+                tokens = out.argmax(-1).view(batch, 1)
+            tokens.tolist()  # waits for the device
+            return (time.perf_counter() - start) / DRAFT_CHAIN
+
+        return fastest(runner, batch, run)
 
     draft_s = {b: chained(draft, b) for b in [1, *batches]}
     if catch_up > max(draft_s):

@@ -179,22 +179,25 @@ def _states(target: StaticRunner, draft: StaticRunner, seed: int) -> list[Sequen
     return states
 
 
+def _runners(
+    pair: tuple[Qwen2ForCausalLM, Qwen2ForCausalLM], graphs: bool
+) -> tuple[StaticRunner, StaticRunner]:
+    """A target and a draft runner with a slot per setting, with stand-in graphs or without."""
+    size = len(SETTINGS)
+    if graphs:
+        return graphed_runner(pair[0], size, 128), graphed_runner(pair[1], size, 128)
+    return (StaticRunner(pair[0], num_slots=size, max_len=128),
+            StaticRunner(pair[1], num_slots=size, max_len=128))
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_batched_step_gives_each_request_what_it_gets_alone(pair, graphs: bool) -> None:
     """Mixed settings and γ (0 included) in one batch, step after step: every request's
     tokens and acceptances equal those of the same request stepped alone."""
-    target_model, draft_model = pair
     size = len(SETTINGS)
-    if graphs:
-        target = graphed_runner(target_model, size, 128)
-        draft = graphed_runner(draft_model, size, 128)
-    else:
-        target = StaticRunner(target_model, num_slots=size, max_len=128)
-        draft = StaticRunner(draft_model, num_slots=size, max_len=128)
+    target, draft = _runners(pair, graphs)
     batched = _states(target, draft, seed=3)
-    alone_target = StaticRunner(target_model, num_slots=size, max_len=128)
-    alone_draft = StaticRunner(draft_model, num_slots=size, max_len=128)
-    alone = _states(alone_target, alone_draft, seed=3)
+    alone = _states(*_runners(pair, graphs=False), seed=3)
     for step in range(12):
         gammas = [4] * size if step % 3 == 0 else [(step + row) % 5 for row in range(size)]
         results = speculative_step_batch(batched, gammas, draft, target)
@@ -209,17 +212,11 @@ def test_plain_steps_at_once_are_the_steps_one_by_one(pair, graphs: bool) -> Non
     """k γ = 0 steps in one call, batched or alone (greedy and sampled rows, each with its own
     generator), emit what k single γ = 0 steps emit, leave the generators where those do, and
     the caches ready for a speculative step after them."""
-    target_model, draft_model = pair
     size = len(SETTINGS)
-    if graphs:
-        target = graphed_runner(target_model, size, 128)
-        draft = graphed_runner(draft_model, size, 128)
-    else:
-        target = StaticRunner(target_model, num_slots=size, max_len=128)
-        draft = StaticRunner(draft_model, num_slots=size, max_len=128)
+    target, draft = _runners(pair, graphs)
     batched = _states(target, draft, seed=5)
-    grouped = _states(*(StaticRunner(m, num_slots=size, max_len=128) for m in pair), seed=5)
-    alone = _states(*(StaticRunner(m, num_slots=size, max_len=128) for m in pair), seed=5)
+    grouped = _states(*_runners(pair, graphs=False), seed=5)
+    alone = _states(*_runners(pair, graphs=False), seed=5)
     for steps in (3, 1, 4):
         results = plain_steps_batch(batched, steps, target)
         for state, group_state, result in zip(alone, grouped, results, strict=True):
