@@ -8,10 +8,11 @@ request's tokens are exactly what it would get alone.
 
 The host work per step is kept to a few operations for the whole batch, not a few per row
 (on a GPU a small model's forward takes less time than a handful of launches and host syncs):
-each forward's logits come as one tensor, greedy rows share one argmax and one host sync per
-forward, sampled rows share one :func:`~decoding.sampling.processed_probs` per distinct setting
-and one division and argmax for their draws. Only what is a request's own runs per row: its
-draws from its own generator, in the order it would make them alone.
+each forward's logits come as one tensor, greedy rows share one argmax per forward, sampled
+rows share one :func:`~decoding.sampling.processed_probs` per distinct setting and one
+division and argmax for their draws. Only what is a request's own runs per row: its draws from
+its own generator, in the order it would make them alone. The host waits for the device only
+after the verify: drawn tokens feed the next forward on the device.
 """
 
 from __future__ import annotations
