@@ -12,6 +12,7 @@ import torch
 from decoding.adaptive import CostModel
 from decoding.engine import Engine, EngineConfig
 from decoding.errors import DeadlineExceededError, InvalidRequestError, OverloadedError
+from decoding.models import ModelPair
 from decoding.params import (
     ChatMessage,
     FinishReason,
@@ -209,16 +210,21 @@ async def test_eos_inside_an_accepted_run_stops_there(same_pair) -> None:
     assert chunks[-1].finish_reason == FinishReason.EOS
 
 
-async def test_stop_string_inside_an_accepted_run_cuts_the_text(same_pair) -> None:
+@pytest.mark.parametrize(("gamma", "decode_steps"), [(5, 1), (0, 4)])
+async def test_stop_string_inside_an_accepted_run_cuts_the_text(
+    same_pair, gamma: int, decode_steps: int
+) -> None:
+    """Inside a step's accepted run, or inside a group of plain steps (the group's later
+    tokens dropped)."""
     pair = dataclasses.replace(same_pair, eos_token_ids=())
     free_run = reference_greedy(pair, PROMPT_IDS, 40)
     text = pair.tokenizer.decode(free_run, skip_special_tokens=True)
-    stop = text[12:15]
+    stop = text[12:15] if decode_steps == 1 else _stop_inside_a_group(pair, free_run, decode_steps)
     assert stop and text.find(stop) >= 0
-    engine = make_engine(pair)
+    engine = make_engine(pair, decode_steps=decode_steps)
     try:
         chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=40,
-                               stop=(stop,), speculation=SpeculationParams(5))
+                               stop=(stop,), speculation=SpeculationParams(gamma))
     finally:
         engine.close()
     streamed = "".join(c.text for c in chunks)
@@ -228,6 +234,25 @@ async def test_stop_string_inside_an_accepted_run_cuts_the_text(same_pair) -> No
     emitted = ids_of(chunks)
     assert stop in pair.tokenizer.decode(emitted, skip_special_tokens=True)
     assert stop not in pair.tokenizer.decode(emitted[:-1], skip_special_tokens=True)
+    if decode_steps > 1:
+        assert 1 <= len(chunks[-1].token_ids) < decode_steps
+
+
+def _stop_inside_a_group(pair: ModelPair, free_run: list[int], group: int) -> str:
+    """A 3-character stop string first completed by a token inside a group of plain steps
+    (the first token comes alone, then groups of ``group``)."""
+    def decode(ids: list[int]) -> str:
+        return str(pair.tokenizer.decode(ids, skip_special_tokens=True))
+
+    text = decode(free_run)
+    for start in range(len(text) - 3):
+        stop = text[start : start + 3]
+        if "\ufffd" in stop or text.find(stop) != start:
+            continue
+        last = next(n for n in range(len(free_run) + 1) if stop in decode(free_run[:n])) - 1
+        if last > 1 and last % group:
+            return stop
+    raise AssertionError("no stop string ends inside a group")
 
 
 async def test_prompt_plus_max_new_tokens_equal_to_the_context_window(engine) -> None:
