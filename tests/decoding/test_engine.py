@@ -251,7 +251,7 @@ def _stop_inside_a_group(pair: ModelPair, free_run: list[int], group: int) -> st
         if "\ufffd" in stop or text.find(stop) != start:
             continue
         last = next(n for n in range(len(free_run) + 1) if stop in decode(free_run[:n])) - 1
-        if last > 1 and last % group:
+        if last > group and last % group:  # after a whole group, inside the next
             return stop
     raise AssertionError("no stop string ends inside a group")
 
