@@ -18,7 +18,7 @@ import torch
 
 def _host(values: Sequence[int], device: torch.device) -> torch.Tensor:
     host = torch.tensor(values, dtype=torch.long)
-    return host.pin_memory() if device.type == "cuda" else host
+    return host.pin_memory() if device.type == "cuda" and len(values) else host
 
 
 def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
