@@ -531,7 +531,7 @@ class FastDecoder:
             layer.qkv(x), *rotary, heads, kv_heads, dim, width
         )  # [B, Hkv, G*T, D], [N, Hkv, 2, D]
 
-        rows = place.store(cache.kv[index], kv.view(batch, width, kv_heads, 2, dim), kv_len)
+        rows = place.store(cache.kv[index], kv.reshape(batch, width, kv_heads, 2, dim), kv_len)
         row_keys, row_values = rows[:, :, 0], rows[:, :, 1]  # [B, Hkv, kv_len, D] each
 
         if self.matmul_attention:
