@@ -400,6 +400,30 @@ async def test_a_failing_request_fails_alone(engine, monkeypatch) -> None:
     await wait_until_idle(engine)
 
 
+async def test_a_request_failing_in_a_group_of_plain_steps_fails_alone(
+    same_pair, monkeypatch
+) -> None:
+    from tests.steps import before_steps
+
+    def faulty(states):
+        if any(state.tokens[0] == 66 and len(state.tokens) > 6 for state in states):
+            raise RuntimeError("injected fault")
+
+    before_steps(monkeypatch, faulty)
+    engine = make_engine(same_pair, decode_steps=4)
+    plain = SpeculationParams(0)
+    try:
+        bad = collect(engine, prompt_token_ids=(66, 1, 2), max_new_tokens=20, speculation=plain)
+        good = collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=20, speculation=plain)
+        results = await asyncio.gather(bad, good, return_exceptions=True)
+        assert isinstance(results[0], RuntimeError)
+        assert results[1][-1].finish_reason is not None
+        assert max(len(chunk.token_ids) for chunk in results[1]) == 4  # it ran grouped
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
 def test_start_up_logs_the_costs_adaptive_gamma_uses(same_pair, caplog) -> None:
     caplog.set_level("INFO", logger="decoding.engine")
     engine = make_engine(same_pair)
