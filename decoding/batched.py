@@ -17,6 +17,7 @@ after the verify: drawn tokens feed the next forward on the device.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, pairwise
@@ -144,15 +145,16 @@ class _Drafts:
                   for j, (rows, _) in enumerate(self.chosen) for i in rows]
         device = self.chosen[0][1].device
         fed = to_device(flat, device)
-        fed[to_device(places, device)] = self.values()
+        fed[to_device(places, device)] = self.values
         return fed.view(len(states), width), lengths
 
+    @functools.cached_property
     def values(self) -> torch.Tensor:
-        """Every drawn token, position by position, on the device."""
+        """Every drawn token, position by position, on the device (once drafting is done)."""
         return torch.cat([tokens for _, tokens in self.chosen])
 
     def by_row(self, values: list[int]) -> list[list[int]]:
-        """:meth:`values` read back, as each row's draft tokens."""
+        """:attr:`values` read back, as each row's draft tokens."""
         drafts: list[list[int]] = [[] for _ in self.gammas]
         tokens = iter(values)
         for rows, _ in self.chosen:
@@ -161,7 +163,7 @@ class _Drafts:
         return drafts
 
     def row_major(self, rows: list[int]) -> list[int]:
-        """Where each of ``rows``' draft tokens is in :meth:`values`, row by row."""
+        """Where each of ``rows``' draft tokens is in :attr:`values`, row by row."""
         offsets = list(accumulate((len(r) for r, _ in self.chosen), initial=0))
         rank = [{i: k for k, i in enumerate(r)} for r, _ in self.chosen]
         return [offsets[j] + rank[j][i] for i in rows for j in range(self.gammas[i])]
@@ -300,7 +302,7 @@ def _commit(
         sampled = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
         target_probs, _ = _processed(logits, spans, states)  # the sampled rows', in order
         if on_device:
-            draft_tokens = drafts.values()[to_device(drafts.row_major(sampled), device)]
+            draft_tokens = drafts.values[to_device(drafts.row_major(sampled), device)]
         else:
             host = drafts.host or [[] for _ in states]
             draft_tokens = to_device([t for i in sampled for t in host[i]], device)
@@ -315,7 +317,7 @@ def _commit(
         for i, acceptance in zip(sampled, accepted, strict=True):
             results[i] = acceptance
     # One read-back: the draft tokens (unless on the host already), then the target's argmax.
-    parts = [drafts.values()] if on_device else []
+    parts = [drafts.values] if on_device else []
     if any(greedy):
         parts.append(logits.argmax(-1))
     ids: list[int] = torch.cat(parts).tolist() if parts else []

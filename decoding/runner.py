@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
+from decoding.transfer import to_device
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -73,7 +75,7 @@ class KVSequence:
         if isinstance(tokens, torch.Tensor):
             input_ids = tokens.view(1, -1)
         else:
-            input_ids = torch.tensor([tokens], dtype=torch.long, device=self._runner.device)
+            input_ids = to_device(tokens, self._runner.device).view(1, -1)
         cache = {self._runner.cache_argument: self._cache}
         keep = len(tokens) if num_logits is None else num_logits
         out = self._runner.model(

@@ -16,6 +16,7 @@ from itertools import accumulate
 import torch
 
 from decoding.params import SamplingParams
+from decoding.transfer import to_device
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -164,7 +165,7 @@ def accept_sampled_rows(
             if gammas[k]:
                 uniform[drafted[k] : drafted[k + 1]].uniform_(generator=generator)
         rows = [scored[k] + j for k, gamma in enumerate(gammas) for j in range(gamma)]
-        target_p = target_probs[torch.tensor(rows, device=device), draft_tokens]  # [Σγ]
+        target_p = target_probs[to_device(rows, device), draft_tokens]  # [Σγ]
         draft_p = draft_probs.gather(-1, draft_tokens[:, None]).squeeze(-1)  # [Σγ]
         rejected = (uniform * draft_p >= target_p).tolist()
     accepted: list[int] = []
