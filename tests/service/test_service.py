@@ -100,7 +100,13 @@ async def test_cancelled_stream_frees_its_caches(served) -> None:
     assert len(reply.token_ids) == 4
 
 
-async def test_deadline_stops_generation(served) -> None:
+async def test_deadline_stops_generation(served, monkeypatch) -> None:
+    import time
+
+    from tests.steps import before_steps
+
+    # 100 steps of at least 10 ms each cannot finish inside the 50 ms deadline on any machine
+    before_steps(monkeypatch, lambda states: time.sleep(0.01))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await served.stub.Generate(greedy(gamma=0, n=100), timeout=0.05)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import urllib.request
 import uuid
 from concurrent import futures
@@ -148,16 +149,30 @@ async def test_internal_error_marks_the_server_span(same_pair, monkeypatch) -> N
     assert root.status.description == "INTERNAL"
 
 
-async def test_cancelled_stream_is_recorded(same_pair) -> None:
+async def test_cancelled_stream_is_recorded(same_pair, monkeypatch) -> None:
+    from tests.steps import before_steps
+
+    # Steps after the first wait until the call's span has ended, so the 100 tokens cannot all
+    # be sent (and the call end OK) before the cancellation reaches the server.
+    cancelled = threading.Event()
+    steps = []
+
+    def gate(states) -> None:
+        steps.append(len(states))
+        if len(steps) > 1:
+            cancelled.wait(timeout=10)
+
+    before_steps(monkeypatch, gate)
     async with Observed(same_pair) as o:
         call = o.served.stub.GenerateStream(greedy(n=100, gamma=1, cls=pb.GenerateStreamRequest))
         await call.read()
         call.cancel()
-        await wait_until_idle(o.engine)
-        for _ in range(100):
+        for _ in range(250):
             if o.by_name("tandem.generate"):
                 break
             await asyncio.sleep(0.02)
+        cancelled.set()
+        await wait_until_idle(o.engine)
     (root,) = o.by_name("tandem.generate")
     assert root.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert o.counter("tandem.requests", grpc_code="CANCELLED") == 1
