@@ -320,7 +320,11 @@ async def test_chat_messages_use_the_chat_template(engine, same_pair) -> None:
     assert chunks[-1].usage.prompt_tokens == len(same_pair.tokenizer.encode(expected_prompt))
 
 
-async def test_cancelling_frees_the_caches(engine) -> None:
+async def test_cancelling_frees_the_caches(engine, monkeypatch) -> None:
+    from tests.steps import before_steps
+
+    # 10 ms a step: the request is still running when it is looked at and cancelled
+    before_steps(monkeypatch, lambda states: time.sleep(0.01))
     handle = engine.submit(GenerationRequest(request_id="c", prompt_token_ids=PROMPT_IDS,
                                              max_new_tokens=100))
     await handle.__anext__()
