@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -523,6 +524,8 @@ def bench_target(
     engine = Engine(pair, engine_config(cfg))
     costs = engine.costs
     section["costs"] = {"measure_seconds": time.perf_counter() - started, **describe_costs(costs)}
+    log(f"{key}: engine built (graphs captured, costs measured) in "
+        f"{section['costs']['measure_seconds']:.1f} s")
     section["fast_path"] = getattr(engine, "batched", None)
     try:
         off = run_engine(engine, prompts, n, 0)
@@ -643,7 +646,9 @@ def bench_concurrency(
     runs: list[dict[str, Any]] = section["runs"]
     proposer = ControlledProposer(oracle, cfg.concurrency_alpha, pair.target.vocab_size,
                                   seed=cfg.seed + 2)
+    started = time.perf_counter()
     engine = Engine(pair, engine_config(cfg), costs=costs, proposer=proposer)
+    log(f"concurrency: engine built in {time.perf_counter() - started:.1f} s")
     try:
         for mode, gamma in (("off", 0), ("adaptive", None)):
             for level in cfg.concurrency:
@@ -773,6 +778,9 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
                 results["concurrency"]["error"] = repr(exc)
         del pair, target
         if device.type == "cuda":
+            # A closed engine is freed only by the cycle collector (its stepper's callbacks
+            # refer back to it): collect before handing its cache and graphs back.
+            gc.collect()
             torch.cuda.empty_cache()
     results["plots"] = [str(p.name) for p in write_plots(results, cfg.out)]
     save()

@@ -22,6 +22,7 @@ class StepClock:
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
+        self._device = device
         self._events: list[torch.cuda.Event] = []
         self._times: list[float] = []
         self.mark()
@@ -29,7 +30,8 @@ class StepClock:
     def mark(self) -> None:
         if self._cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            # on the model's device's stream (the current device may be another one)
+            event.record(torch.cuda.current_stream(self._device))
             self._events.append(event)
         else:
             self._times.append(time.perf_counter())

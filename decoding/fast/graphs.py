@@ -8,7 +8,8 @@ change; its inputs are static buffers refilled before each replay. A batch small
 captured size is padded with rows that write into a reserved scratch slot. All graphs of one
 cache share one memory pool: they are replayed one at a time, and each keeps its own output.
 
-Only for CUDA. The CPU test suite cannot exercise this module.
+Only for CUDA: the CPU tests run this module's input, padding and output handling with
+stand-in graphs that replay eagerly (tests/decoding/test_batched.py), not the capture.
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ class DecodeGraphs:
         """Take the scratch slot and capture every shape."""
         self.decoder = decoder
         self.cache = cache
+        # Capture and replay use the *current* device's stream, which for a model on cuda:1
+        # is not its own unless this thread's current device is switched to it (-1: no switch,
+        # for stand-ins that run elsewhere than on CUDA).
+        device = cache.keys.device
+        self._device_index = (
+            -1 if device.type != "cuda"
+            else device.index if device.index is not None else torch.cuda.current_device()
+        )
         self.scratch_slot = cache.allocate()  # padding rows write here, never a sequence's slot
         self.kv_lengths = sorted({min(n, cache.max_len) for n in (*kv_lengths, cache.max_len)})
         self.batch_sizes = sorted(set(batch_sizes))
@@ -74,7 +83,7 @@ class DecodeGraphs:
             self.widths[1] = sorted({*self.widths.get(1, []), *single_widths})
             self.batch_sizes = sorted({1, *self.batch_sizes})
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.cuda.device(self._device_index):
             for kv_len in self.kv_lengths:
                 for batch, batch_widths in self.widths.items():
                     for width in batch_widths:
@@ -160,5 +169,6 @@ class DecodeGraphs:
             flat.extend([0] * (padding * span))
             flat.extend(places)
             copy_into(captured.inputs, flat)
-        captured.graph.replay()
+        with torch.cuda.device(self._device_index):
+            captured.graph.replay()
         return captured.logits[:batch]

@@ -511,7 +511,7 @@ class FastDecoder:
             last = index + 1 == self.num_layers
             following = self.norm if last else self.layers[index + 1].input_norm
             x, normed = ops.add_rms_norm(x, out, following, self.eps)
-        return normed.view(*tokens.shape, -1)
+        return normed.reshape(*tokens.shape, -1)  # reshape: a compiled output may have any strides
 
     def _attention(
         self,
