@@ -50,23 +50,35 @@ def pair() -> tuple[Qwen2ForCausalLM, Qwen2ForCausalLM]:
 
 
 class _EagerGraph:
-    """Stands in for a captured CUDA graph: replay runs the step and fills the static output."""
+    """Stands in for a captured CUDA graph: replay runs the step and fills the static output.
 
-    def __init__(self, step: Callable[[], torch.Tensor], output: torch.Tensor) -> None:
-        self.step, self.output = step, output
+    Graphs captured into one memory pool reuse each other's freed intermediates, so a replay
+    may overwrite any other graph's output: every output of the pool (``outputs``) is valid
+    only until the next replay. Here a replay fills the others with NaN, so that a caller
+    reading an output after a later replay gets wrong tokens, as it would on a GPU."""
+
+    def __init__(self, step: Callable[[], torch.Tensor], output: torch.Tensor,
+                 outputs: list[torch.Tensor]) -> None:
+        self.step, self.output, self.outputs = step, output, outputs
+        outputs.append(output)
 
     def replay(self) -> None:
+        for other in self.outputs:
+            if other is not self.output:
+                other.fill_(float("nan"))
         self.output.copy_(self.step())
 
 
 class EagerGraphs(DecodeGraphs):
     """:class:`DecodeGraphs` on the CPU: the same static inputs, padding and output handling,
-    with each graph's replay run eagerly."""
+    with each graph's replay run eagerly (and the shared pool's overwriting, see
+    :class:`_EagerGraph`)."""
 
     def __init__(self, decoder: FastDecoder, cache: StaticKVCache, batch_sizes: tuple[int, ...],
                  widths: tuple[int, ...], kv_lengths: tuple[int, ...],
                  single_widths: tuple[int, ...] = ()) -> None:
         self.replays = 0
+        self.outputs: list[torch.Tensor] = []
         self._build(decoder, cache, batch_sizes, widths, kv_lengths, single_widths)
 
     def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
@@ -79,7 +91,8 @@ class EagerGraphs(DecodeGraphs):
             )
 
         output = torch.zeros(batch, width, VOCAB)
-        graph: torch.cuda.CUDAGraph = _EagerGraph(step, output)  # type: ignore[assignment]
+        graph: torch.cuda.CUDAGraph = _EagerGraph(  # type: ignore[assignment]
+            step, output, self.outputs)
         return _Captured(graph, inputs, tokens, slots, starts, output)
 
 
