@@ -22,8 +22,8 @@ Per target, at batch 1, greedy, on the same random prompts and lengths:
 - each figure as a fraction of the bandwidth limit.
 
 For one target (1.5B by default), right after its own figures, aggregate tokens/s at
-concurrency 1, 2, 4, 8, 16: N requests submitted at once to one engine, speculation off and
-adaptive (controlled α).
+concurrency 1, 2, 4, 8, 16: N requests submitted at once to that target's engine (no second
+engine to build), speculation off and adaptive (controlled α).
 
 Results go to ``gpu_results.json`` (rewritten after every section, so a run cut short keeps
 what it measured) and PNGs in ``--out`` (default: ``$OUT``, else ``bench/out/gpu``); a short
@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -482,10 +483,13 @@ def bench_target(
     save: Callable[[], None],
     section: dict[str, Any],
     profile: bool = False,
+    then: Callable[[Engine, GreedyOracle], None] | None = None,
 ) -> tuple[GreedyOracle, Any]:
     """Fill ``section`` for one target; return its oracle (the target's greedy paths) and the
     engine's measured costs (None when the Tandem runs were skipped). ``profile``: also run
-    :func:`profile_run` after speculation off."""
+    :func:`profile_run` after speculation off. ``then``: called with the engine and the oracle
+    after the controlled runs, before the engine is closed (the concurrency section, which so
+    needs no engine of its own: building one captures every graph again)."""
     from decoding.engine import Engine
 
     n = cfg.max_new_tokens
@@ -545,6 +549,8 @@ def bench_target(
                 rows.append(controlled_run(engine, key, prompts, cfg, oracle, alpha, gamma, off,
                                            limit, reference))
                 save()
+        if then is not None:
+            then(engine, oracle)
     finally:
         engine.close()
     return oracle, costs
@@ -630,46 +636,51 @@ def controlled_run(
 
 
 def bench_concurrency(
-    pair: ModelPair,
+    engine: Engine,
     prompts: list[list[int]],
     oracle: GreedyOracle,
     cfg: GpuBenchConfig,
-    costs: Any,
     budget: Budget,
     save: Callable[[], None],
     section: dict[str, Any],
 ) -> None:
-    from decoding.engine import Engine
-
+    """N requests at once on the target's own engine (its graphs and measured costs)."""
     n = cfg.concurrency_tokens
     section.update(alpha=cfg.concurrency_alpha, max_new_tokens=n, runs=[])
     runs: list[dict[str, Any]] = section["runs"]
-    proposer = ControlledProposer(oracle, cfg.concurrency_alpha, pair.target.vocab_size,
+    proposer = ControlledProposer(oracle, cfg.concurrency_alpha, engine.pair.target.vocab_size,
                                   seed=cfg.seed + 2)
-    started = time.perf_counter()
-    engine = Engine(pair, engine_config(cfg), costs=costs, proposer=proposer)
-    log(f"concurrency: engine built in {time.perf_counter() - started:.1f} s")
-    try:
-        for mode, gamma in (("off", 0), ("adaptive", None)):
-            for level in cfg.concurrency:
-                if not budget.allows(f"concurrency/{mode}/{level}"):
-                    break
-                log(f"concurrency {level}, speculation {mode}")
-                batch = [prompts[i % len(prompts)] for i in range(level)]
-                run = run_engine(engine, batch, n, gamma, concurrent=True, oracle=oracle)
-                entry = {k: v for k, v in run.items() if k != "outputs"}
-                entry.update(mode=mode, concurrency=level)
-                single = [r for r in runs if r["mode"] == mode and r["concurrency"] == 1]
-                entry["vs_one_stream"] = (
-                    run["tokens_per_s"] / single[0]["tokens_per_s"] if single else None
-                )
-                runs.append(entry)
-                save()
-    finally:
-        engine.close()
+    engine.proposer = proposer
+    for mode, gamma in (("off", 0), ("adaptive", None)):
+        for level in cfg.concurrency:
+            if not budget.allows(f"concurrency/{mode}/{level}"):
+                break
+            log(f"concurrency {level}, speculation {mode}")
+            batch = [prompts[i % len(prompts)] for i in range(level)]
+            run = run_engine(engine, batch, n, gamma, concurrent=True, oracle=oracle)
+            entry = {k: v for k, v in run.items() if k != "outputs"}
+            entry.update(mode=mode, concurrency=level)
+            single = [r for r in runs if r["mode"] == mode and r["concurrency"] == 1]
+            entry["vs_one_stream"] = (
+                run["tokens_per_s"] / single[0]["tokens_per_s"] if single else None
+            )
+            runs.append(entry)
+            save()
     # Steps drafted alone (a request with no other ready beside it); in batched steps the
     # proposer picks each position's token inside the batched drafting loop (``choose``).
     section["proposer_steps"] = proposer.stats.steps
+
+
+def concurrency_section(engine: Engine, oracle: GreedyOracle, *, prompts: list[list[int]],
+                        cfg: GpuBenchConfig, budget: Budget, save: Callable[[], None],
+                        section: dict[str, Any]) -> None:
+    """:func:`bench_concurrency`, a failure kept in ``section`` (the target's figures stand)."""
+    try:
+        bench_concurrency(engine, prompts, oracle, cfg, budget, save, section)
+    except Exception as exc:
+        log(f"concurrency failed: {exc!r}\n{traceback.format_exc()}")
+        section["error"] = repr(exc)
+        save()
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -750,10 +761,17 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
         pair = make_pair(target, draft, (shape.name, draft_shape.name), vocab)
         section: dict[str, Any] = {"shape": asdict(shape)}
         results["targets"][key] = section
+        # Right after its target's runs, on its engine, before the next target's sections can
+        # spend the budget (in run 5 on 2026-11-26 it came last and was never reached).
+        then = None
+        if key == concurrency_key and "concurrency" not in cfg.skip and cfg.concurrency:
+            results["concurrency"] = {"target": concurrency_key}
+            then = functools.partial(concurrency_section, prompts=prompts, cfg=cfg,
+                                     budget=budget, save=save, section=results["concurrency"])
         try:
             profile = cfg.profile and not any("profile" in s for s in results["targets"].values())
-            oracle, costs = bench_target(
-                key, pair, prompts, cfg, bytes_per_s, budget, save, section, profile
+            bench_target(
+                key, pair, prompts, cfg, bytes_per_s, budget, save, section, profile, then
             )
         except Exception as exc:  # one target's failure must not lose the others' figures
             log(f"{key} failed: {exc!r}\n{traceback.format_exc()}")
@@ -764,18 +782,6 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
         if section.get("costs") and "draft_step_ms" not in results["draft"]:
             results["draft"]["draft_step_ms"] = section["costs"]["draft_step_ms"]
         save()
-        # Right after its target, before the next target's sections can spend the budget (in
-        # run 5 on 2026-11-26 it came last and was never reached).
-        if (key == concurrency_key and costs is not None and "concurrency" not in cfg.skip
-                and cfg.concurrency):
-            results["concurrency"] = {"target": concurrency_key}
-            try:
-                bench_concurrency(
-                    pair, prompts, oracle, cfg, costs, budget, save, results["concurrency"]
-                )
-            except Exception as exc:
-                log(f"concurrency failed: {exc!r}\n{traceback.format_exc()}")
-                results["concurrency"]["error"] = repr(exc)
         del pair, target
         if device.type == "cuda":
             # A closed engine is freed only by the cycle collector (its stepper's callbacks
