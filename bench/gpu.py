@@ -363,10 +363,12 @@ def run_engine(
     records = [step for h in handles for step in h.timeline.steps]
     gammas = Counter(step.gamma for step in records)
     steps = sum(gammas.values())
-    # Where a step's time goes: drafting (a benchmark proposer's own work included, oracle
-    # refills too), verifying (+ accepting), and the rest of the engine's loop (scheduling,
+    # Where a step's time goes: drafting (a benchmark proposer's own work included, but not
+    # the oracle's refills, which happen inside drafting and are left out as from the wall
+    # time), verifying (+ accepting), and the rest of the engine's loop (scheduling,
     # detokenizing, handing chunks to asyncio), per step, in ms.
-    draft_ms = sum(step.draft_s for step in records) * 1e3 / max(steps, 1)
+    drafting = max(0.0, sum(step.draft_s for step in records) - refill)
+    draft_ms = drafting * 1e3 / max(steps, 1)
     verify_ms = sum(step.verify_s for step in records) * 1e3 / max(steps, 1)
     # Per-token acceptance (Leviathan's α, what ControlledProposer sets): accepted draft tokens
     # over the draft tokens the target actually judged (the accepted ones, plus the first
