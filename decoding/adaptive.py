@@ -261,13 +261,15 @@ class AdaptiveGamma:
     """Per-request γ: the γ of best expected speedup at the request's estimated α.
 
     The estimate starts from the server's recent acceptance (``prior_alpha``). While γ is 0
-    nothing is learned, so every ``probe_every`` plain steps one step drafts the γ that would
-    pay at a high acceptance (``probe_alpha``), at most ``max_probe_gamma`` (a probe is there to
-    learn whether the draft agrees at all; the first rejection ends what it can teach, and on a
-    GPU each extra draft token of a failed probe is a wasted draft step); if even that γ is 0,
-    speculation can never pay with these costs and no probe is made. A probe that accepts
-    nothing doubles the wait before the next one (up to ``max_probe_every``), so text the draft
-    cannot follow costs little.
+    nothing is learned, so every ``probe_every`` plain steps one step drafts the γ, at most
+    ``max_probe_gamma``, that would pay best at a high acceptance (``probe_alpha``): a probe is
+    there to learn whether the draft agrees at all; the first rejection ends what it can teach,
+    and on a GPU each extra draft token of a failed probe is a wasted draft step. If no γ that
+    short would pay even then, no probe is made: speculation would not pay before the probes
+    had paid for themselves (with run 5's H200 costs for the 1.5B target and the 0.5B draft, c
+    = 0.62, only γ >= 3 promised 1.1x, at α = 0.9). A probe that accepts nothing doubles the
+    wait before the next one (up to ``max_probe_every``), so text the draft cannot follow
+    costs little.
     """
 
     def __init__(
@@ -278,7 +280,7 @@ class AdaptiveGamma:
         probe_every: int = 8,
         probe_alpha: float = 0.9,
         max_probe_every: int = 256,
-        max_probe_gamma: int = 2,
+        max_probe_gamma: int = 1,
     ) -> None:
         self._costs = costs
         self._max_gamma = max_gamma
@@ -286,7 +288,7 @@ class AdaptiveGamma:
         self._base_probe_every = self._probe_every = probe_every
         self._max_probe_every = max_probe_every
         self._probe_alpha = probe_alpha
-        self._probe_gamma = min(costs.best_gamma(probe_alpha, max_gamma), max_probe_gamma)
+        self._probe_gamma = costs.best_gamma(probe_alpha, min(max_gamma, max_probe_gamma))
         self._plain_steps = 0
         self._probing = False
 
