@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -291,6 +292,7 @@ class AdaptiveGamma:
         self._probe_gamma = costs.best_gamma(probe_alpha, min(max_gamma, max_probe_gamma))
         self._plain_steps = 0
         self._probing = False
+        self._declined = False  # the last γ was 0 only because its catch-up would not pay
 
     @property
     def alpha(self) -> float:
@@ -304,8 +306,10 @@ class AdaptiveGamma:
         saving over ``remaining`` does not pay for the catch-up is 0 (see
         :meth:`CostModel.catch_up_pays`)."""
         gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch, overhead=overhead)
+        self._declined = False
         if gamma > 0:
             pays = self._pays(self.alpha, gamma, catch_up, remaining, batch, overhead)
+            self._declined = not pays
             return gamma if pays else 0
         if self._probe_gamma > 0:
             self._plain_steps += 1
@@ -316,6 +320,27 @@ class AdaptiveGamma:
                 self._probing = True
                 return self._probe_gamma
         return 0
+
+    def plain_steps_allowed(self, exact: bool = False) -> int:
+        """After :meth:`next_gamma` gave 0: how many plain steps, that one included, the
+        request may take before it must be asked again, so that it drafts at the same tokens
+        as it would asked before every step (plain steps taken at once, see
+        ``EngineConfig.decode_steps``): up to the step a probe is due. While ``exact`` (a
+        seeded sample, whose draws depend on where it drafts) and a paying γ waits only for
+        its catch-up to pay, one: that can only get less likely as the draft falls behind
+        and the tokens left shrink, but not where the measured catch-up costs are out of
+        order. Count the steps taken with :meth:`took_plain_steps`."""
+        if self._declined and exact:
+            return 1
+        if self._probe_gamma <= 0 or self._declined:
+            return sys.maxsize
+        return max(1, self._probe_every - self._plain_steps)
+
+    def took_plain_steps(self, steps: int) -> None:
+        """Count a group of ``steps`` plain steps begun by a :meth:`next_gamma` of 0 (which
+        counted the first) toward the next probe."""
+        if self._probe_gamma > 0 and not self._declined and steps > 1:
+            self._plain_steps += steps - 1
 
     def would_draft(
         self, batch: int = 1, overhead: float = 1.0, catch_up: int = 0, remaining: int = 0

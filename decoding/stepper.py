@@ -233,12 +233,19 @@ class Stepper:
 
     def _plain_steps(self, ready: list[RunningRequest]) -> int:
         """How many γ = 0 steps these requests take at once (:func:`plain_steps`): up to
-        ``decode_steps``, never past a request's max_new_tokens, and one while any of them has
-        emitted nothing yet (a first token is never held back)."""
+        ``decode_steps``, never past a request's max_new_tokens, never past the step where an
+        adaptive request would ask again whether to draft (a probe: see
+        :meth:`AdaptiveGamma.plain_steps_allowed`), and one while any of them has emitted
+        nothing yet (a first token is never held back)."""
         if self.decode_steps <= 1 or any(not running.output for running in ready):
             return 1
-        remaining = min(r.prepared.max_new_tokens - len(r.output) for r in ready)
-        return max(1, min(self.decode_steps, remaining))
+        steps = min(self.decode_steps,
+                    *(r.prepared.max_new_tokens - len(r.output) for r in ready))
+        for running in ready:
+            if running.adaptive is not None:
+                exact = plans_alone(running.request)
+                steps = min(steps, running.adaptive.plain_steps_allowed(exact))
+        return max(1, steps)
 
     def step(self, running: RunningRequest, gamma: int | None = None) -> None:
         """One speculative step of one request (several plain ones where γ = 0)."""
@@ -337,6 +344,8 @@ class Stepper:
             usage.accepted_by_position[position] += position < result.num_accepted
         if running.adaptive is not None:
             running.adaptive.observe(result.num_drafted, result.num_accepted)
+            if not result.num_drafted:
+                running.adaptive.took_plain_steps(result.num_forwards)
         self.acceptance.observe(result.num_drafted, result.num_accepted)
         running.handle.timeline.steps.append(
             StepRecord(

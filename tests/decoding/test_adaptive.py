@@ -118,6 +118,31 @@ def test_adaptive_gamma_costs_little_where_the_draft_never_agrees(prior_alpha: f
     assert forwards_cost_at_no_acceptance(run5_costs("1.5b"), prior_alpha) == pytest.approx(1.0)
 
 
+def test_plain_steps_in_groups_probe_where_one_by_one_would() -> None:
+    """Asked once per group of plain steps (counted with took_plain_steps), a request probes
+    at the same steps as asked before every step; a group never runs past a due probe."""
+    def probes(group: int) -> list[int]:
+        adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0, probe_every=4)
+        step, drafted_at = 0, []
+        while step < 100:
+            gamma = adaptive.next_gamma(remaining=1000)
+            if gamma:
+                drafted_at.append(step)
+                adaptive.observe(gamma, 0)
+                step += 1
+                continue
+            steps = min(group, adaptive.plain_steps_allowed())
+            adaptive.took_plain_steps(steps)
+            step += steps
+        return drafted_at
+
+    assert probes(1) == probes(3) == probes(64) and len(probes(1)) >= 3
+    declined = AdaptiveGamma(LOADED, max_gamma=8, prior_alpha=0.7)
+    assert declined.next_gamma(4, catch_up=40, remaining=16) == 0  # a γ pays, its catch-up not
+    assert declined.plain_steps_allowed(exact=True) == 1
+    assert declined.plain_steps_allowed(exact=False) > 1000
+
+
 def test_gamma_shrinks_as_the_batch_grows() -> None:
     """Verification is nearly free for one request but not for eight: γ falls, to 0."""
     costs = CostModel(

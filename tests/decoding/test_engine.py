@@ -567,6 +567,43 @@ async def test_plain_steps_taken_together_change_nothing_but_the_grouping(
     assert chunks[-1].finish_reason == FinishReason.EOS
 
 
+async def test_a_seeded_adaptive_sample_drafts_where_it_would_one_step_at_a_time(
+    different_pair,
+) -> None:
+    """A seeded sample with adaptive γ falls to γ = 0 on the different pair and probes now and
+    then; its draws depend on where it drafts. Plain steps taken 4 at once, alone or beside a
+    request drafting 3, end each group where a probe is due: the same tokens and forwards as
+    one step at a time."""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    seeded = SamplingParams(temperature=0.8, top_k=50, seed=7)
+
+    async def run(decode_steps: int, beside: bool) -> tuple[list[int], int, list[int]]:
+        engine = make_engine(pair, decode_steps=decode_steps, fast_path="on",
+                             max_new_tokens_limit=256)
+        try:
+            with engine._cond:  # admitted together
+                handle = engine.submit(GenerationRequest(
+                    request_id="seeded", prompt_token_ids=PROMPT_IDS, max_new_tokens=60,
+                    sampling=seeded))
+                others = [engine.submit(GenerationRequest(
+                    request_id="drafting", prompt_token_ids=PROMPT_IDS, max_new_tokens=40,
+                    speculation=SpeculationParams(3)))] if beside else []
+            tokens = await collect_handle(handle)
+            for other in others:
+                await collect_handle(other)
+        finally:
+            engine.close()
+        return tokens, handle.usage.target_forward_passes, [s.gamma for s in handle.timeline.steps]
+
+    tokens, forwards, gammas = await run(1, beside=False)
+    # it went plain, and drafted again in a probe after 7 plain steps or more
+    first_plain = gammas.index(0)
+    assert gammas[first_plain : first_plain + 7] == [0] * 7 and max(gammas[first_plain:]) > 0
+    for decode_steps, beside in ((4, False), (4, True), (1, True)):
+        grouped = await run(decode_steps, beside)
+        assert grouped[:2] == (tokens, forwards), (decode_steps, beside)
+
+
 def test_decode_steps_below_one_are_refused(same_pair) -> None:
     with pytest.raises(ValueError, match="decode_steps"):
         make_engine(same_pair, decode_steps=0)
