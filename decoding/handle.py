@@ -49,14 +49,17 @@ class _Mailbox:
     the worker)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weakly: the mailbox is the value of its loop's entry in _MAILBOXES, and a strong
+        # reference would keep the loop, and the entry, alive for good.
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue[Any], Any]] = []
         self._scheduled = False
 
     def put(self, queue: asyncio.Queue[Any], item: Any) -> None:
         """From any thread. RuntimeError when the loop is closed."""
-        if self._loop.is_closed():  # a callback scheduled before it closed never ran
+        loop = self._loop()
+        if loop is None or loop.is_closed():  # a callback scheduled before it closed never ran
             raise RuntimeError("the event loop is closed")
         with self._lock:
             self._items.append((queue, item))
@@ -64,7 +67,7 @@ class _Mailbox:
                 return
             self._scheduled = True
         try:
-            self._loop.call_soon_threadsafe(self._deliver)
+            loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:
             with self._lock:
                 self._scheduled = False

@@ -56,3 +56,23 @@ def test_a_closed_loop_refuses_and_cancels_the_request() -> None:
     other.close()
     handle._put("chunk")
     assert handle.cancelled
+
+
+def test_a_finished_loop_is_not_kept_alive_by_its_mailbox() -> None:
+    """Each asyncio.run that submitted a request leaves no loop (and no mailbox) behind."""
+    import gc
+    import weakref
+
+    from decoding.handle import _MAILBOXES
+
+    loops = []
+
+    async def make() -> None:
+        RequestHandle("r", 1, lambda: None)
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+
+    for _ in range(5):
+        asyncio.run(make())
+    gc.collect()
+    assert [ref() for ref in loops] == [None] * 5
+    assert not any(ref() in _MAILBOXES for ref in loops)
