@@ -292,7 +292,9 @@ class AdaptiveGamma:
         self._probe_gamma = costs.best_gamma(probe_alpha, min(max_gamma, max_probe_gamma))
         self._plain_steps = 0
         self._probing = False
-        self._declined = False  # the last γ was 0 only because its catch-up would not pay
+        # Why the last next_gamma chose what it did: "declined" (a paying γ whose catch-up
+        # would not pay), "counted" (0, counted toward the next probe), else "other".
+        self._last = "other"
 
     @property
     def alpha(self) -> float:
@@ -306,10 +308,10 @@ class AdaptiveGamma:
         saving over ``remaining`` does not pay for the catch-up is 0 (see
         :meth:`CostModel.catch_up_pays`)."""
         gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch, overhead=overhead)
-        self._declined = False
+        self._last = "other"
         if gamma > 0:
             pays = self._pays(self.alpha, gamma, catch_up, remaining, batch, overhead)
-            self._declined = not pays
+            self._last = "other" if pays else "declined"
             return gamma if pays else 0
         if self._probe_gamma > 0:
             self._plain_steps += 1
@@ -319,6 +321,7 @@ class AdaptiveGamma:
                 self._plain_steps = 0
                 self._probing = True
                 return self._probe_gamma
+            self._last = "counted"
         return 0
 
     def plain_steps_allowed(self, exact: bool = False) -> int:
@@ -329,17 +332,19 @@ class AdaptiveGamma:
         seeded sample, whose draws depend on where it drafts) and a paying γ waits only for
         its catch-up to pay, one: that can only get less likely as the draft falls behind
         and the tokens left shrink, but not where the measured catch-up costs are out of
-        order. Count the steps taken with :meth:`took_plain_steps`."""
-        if self._declined and exact:
+        order. Count the steps taken with :meth:`took_plain_steps`. (After a γ > 0 that a
+        batch's cap made 0, any number: only adjustable requests' γ is capped, and such a
+        step counts toward no probe.)"""
+        if self._last == "declined" and exact:
             return 1
-        if self._probe_gamma <= 0 or self._declined:
-            return sys.maxsize
-        return max(1, self._probe_every - self._plain_steps)
+        if self._last == "counted":
+            return max(1, self._probe_every - self._plain_steps)
+        return sys.maxsize
 
     def took_plain_steps(self, steps: int) -> None:
         """Count a group of ``steps`` plain steps begun by a :meth:`next_gamma` of 0 (which
         counted the first) toward the next probe."""
-        if self._probe_gamma > 0 and not self._declined and steps > 1:
+        if self._last == "counted" and steps > 1:
             self._plain_steps += steps - 1
 
     def would_draft(
