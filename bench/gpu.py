@@ -367,9 +367,11 @@ def run_engine(
     # the oracle's refills, which happen inside drafting and are left out as from the wall
     # time), verifying (+ accepting), and the rest of the engine's loop (scheduling,
     # detokenizing, handing chunks to asyncio), per step, in ms.
+    # Per target forward: a speculative step is one, a group of plain steps taken at once
+    # (the engine's decode_steps) one per token.
     drafting = max(0.0, sum(step.draft_s for step in records) - refill)
-    draft_ms = drafting * 1e3 / max(steps, 1)
-    verify_ms = sum(step.verify_s for step in records) * 1e3 / max(steps, 1)
+    draft_ms = drafting * 1e3 / max(passes, 1)
+    verify_ms = sum(step.verify_s for step in records) * 1e3 / max(passes, 1)
     # Per-token acceptance (Leviathan's α, what ControlledProposer sets): accepted draft tokens
     # over the draft tokens the target actually judged (the accepted ones, plus the first
     # rejected one of each step that rejected). accepted/drafted also counts the tokens after
@@ -389,7 +391,7 @@ def run_engine(
         "gamma_mode": gammas.most_common(1)[0][0] if gammas else None,
         "gamma_hist": {str(g): k for g, k in sorted(gammas.items())},
         "steps": steps,
-        "step_ms": seconds * 1e3 / max(steps, 1) if not concurrent else None,
+        "step_ms": seconds * 1e3 / max(passes, 1) if not concurrent else None,
         "step_draft_ms": draft_ms,
         "step_verify_ms": verify_ms,
         "outputs": outputs,
@@ -541,6 +543,18 @@ def bench_target(
         for ids, continuation in zip(prompts, off["outputs"], strict=True):
             oracle.add(ids, continuation, first=True)
         save()
+        # What taking plain steps several at once gives: the same engine one step at a time.
+        grouped = getattr(getattr(engine, "stepper", None), "decode_steps", 1)
+        if grouped > 1 and budget.allows(f"{key}/tandem_off_steps1"):
+            engine.stepper.decode_steps = 1
+            try:
+                one = run_engine(engine, prompts, n, 0)
+            finally:
+                engine.stepper.decode_steps = grouped
+            row = _row("tandem_off_steps1", one, limit, reference)
+            row["equals_tandem_off"] = _equal(one["outputs"], off["outputs"])
+            rows.append(row)
+            save()
         if profile:
             section["profile"] = profile_run(engine, key, prompts, cfg, oracle)
             save()
@@ -906,7 +920,7 @@ def format_table(results: dict[str, Any]) -> str:
         f" prompts (HF: {results['config']['hf_prompts'] or 'all'}), greedy, batch 1",
         "(α meas: per-token acceptance; MAL: tokens per target pass; =HF / =off: output equals"
         " HF's target-alone greedy / Tandem's speculation-off output; step ms: wall time per"
-        " step, of it drafting + verifying)",
+        " target forward (a step, or each plain step of a group), of it drafting + verifying)",
     ]
     for section in results["targets"].values():
         costs = section.get("costs") or {}

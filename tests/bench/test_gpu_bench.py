@@ -167,6 +167,7 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
     assert gpu.main([
         "--quick", "--out", str(out), "--prompts", "2", "--max-new-tokens", "16",
         "--fixed-gamma", "3", "--concurrency", "1,2,4", "--budget-s", "600", "--profile",
+        "--decode-steps", "2",
     ]) == 0
     results = json.loads((out / gpu.RESULTS_JSON).read_text())
     assert results["skipped"] == []
@@ -180,8 +181,10 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
         rows = {row["method"]: row for row in section["rows"]}
         adaptive = [f"tandem_alpha_{a}" for a in ("0", "0.5", "0.7", "0.9")]
         fixed = [f"{name}_g3" for name in adaptive]
-        assert list(rows) == ["hf_target", "hf_assisted", "tandem_off",
+        assert list(rows) == ["hf_target", "hf_assisted", "tandem_off", "tandem_off_steps1",
                               *[m for pair in zip(adaptive, fixed, strict=True) for m in pair]]
+        assert rows["tandem_off_steps1"]["equals_tandem_off"] is True  # plain steps 2 at once
+        assert rows["tandem_off"]["steps"] < rows["tandem_off_steps1"]["steps"]
         for row in rows.values():
             assert row["tokens_per_s"] > 0
             assert 0 < row["fraction_of_limit"] == pytest.approx(
