@@ -34,6 +34,7 @@ from transformers import Qwen2ForCausalLM
 from decoding.fast.cache import CacheFullError
 from decoding.fast.runner import StaticRunner, StaticSequence
 from tests.decoding.test_batched import VOCAB, graphed_runner, qwen2
+from tests.decoding.test_fast import one_thread, reference_logits  # noqa: F401 (autouse fixture)
 
 SLOTS = 3
 MAX_LEN = 64  # also the widest attended-length bucket of graphed_runner's stand-in graphs
@@ -58,21 +59,6 @@ RUNNERS: dict[str, Callable[[Qwen2ForCausalLM], StaticRunner]] = {
 @pytest.fixture(scope="module")
 def model() -> Qwen2ForCausalLM:
     return qwen2(0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As in test_fast.py: on a shared 2-core machine, OpenMP threads only slow this down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reference_logits(model: Qwen2ForCausalLM, tokens: list[int]) -> torch.Tensor:
-    """Cache-free transformers logits of every position: [len(tokens), vocab]."""
-    with torch.inference_mode():
-        return model(torch.tensor([tokens])).logits[0].float()
 
 
 def token_lists(n: int) -> st.SearchStrategy[list[int]]:
