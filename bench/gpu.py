@@ -363,12 +363,11 @@ def run_engine(
     records = [step for h in handles for step in h.timeline.steps]
     gammas = Counter(step.gamma for step in records)
     steps = sum(gammas.values())
-    # Where a step's time goes: drafting (a benchmark proposer's own work included, but not
-    # the oracle's refills, which happen inside drafting and are left out as from the wall
-    # time), verifying (+ accepting), and the rest of the engine's loop (scheduling,
-    # detokenizing, handing chunks to asyncio), per step, in ms.
-    # Per target forward: a speculative step is one, a group of plain steps taken at once
-    # (the engine's decode_steps) one per token.
+    # Where the time goes: drafting (a benchmark proposer's own work included, but not the
+    # oracle's refills, which happen inside drafting and are left out as from the wall time),
+    # verifying (+ accepting), and the rest of the engine's loop (scheduling, detokenizing,
+    # handing chunks to asyncio), in ms per target forward: a speculative step is one, a group
+    # of plain steps taken at once (the engine's decode_steps) one per token.
     drafting = max(0.0, sum(step.draft_s for step in records) - refill)
     draft_ms = drafting * 1e3 / max(passes, 1)
     verify_ms = sum(step.verify_s for step in records) * 1e3 / max(passes, 1)
@@ -687,10 +686,12 @@ def bench_concurrency(
     section["proposer_steps"] = proposer.stats.steps
 
 
-def concurrency_section(engine: Engine, oracle: GreedyOracle, *, prompts: list[list[int]],
-                        cfg: GpuBenchConfig, budget: Budget, save: Callable[[], None],
-                        section: dict[str, Any]) -> None:
-    """:func:`bench_concurrency`, a failure kept in ``section`` (the target's figures stand)."""
+def concurrency_section(engine: Engine, oracle: GreedyOracle, *, key: str,
+                        prompts: list[list[int]], cfg: GpuBenchConfig, budget: Budget,
+                        save: Callable[[], None], results: dict[str, Any]) -> None:
+    """:func:`bench_concurrency` into ``results["concurrency"]``, a failure kept there (the
+    target's figures stand)."""
+    section = results["concurrency"] = {"target": key}
     try:
         bench_concurrency(engine, prompts, oracle, cfg, budget, save, section)
     except Exception as exc:
@@ -781,9 +782,8 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
         # spend the budget (in run 5 on 2026-11-26 it came last and was never reached).
         then = None
         if key == concurrency_key and "concurrency" not in cfg.skip and cfg.concurrency:
-            results["concurrency"] = {"target": concurrency_key}
-            then = functools.partial(concurrency_section, prompts=prompts, cfg=cfg,
-                                     budget=budget, save=save, section=results["concurrency"])
+            then = functools.partial(concurrency_section, key=key, prompts=prompts, cfg=cfg,
+                                     budget=budget, save=save, results=results)
         try:
             profile = cfg.profile and not any("profile" in s for s in results["targets"].values())
             bench_target(
