@@ -87,7 +87,7 @@ def test_probes_while_plain_and_only_when_it_could_pay() -> None:
 def forwards_cost_at_no_acceptance(costs: CostModel, prior_alpha: float, new_tokens: int = 128,
                                    prompt: int = 64) -> float:
     """What one request's forwards cost under adaptive γ when the draft never agrees, over
-    what plain decoding's cost: the engine's decisions (prefilling the draft, γ, probes, the
+    what plain decoding costs: the engine's decisions (prefilling the draft, γ, probes, the
     draft catching up on what it skipped) replayed against the cost model, host work left out."""
     from decoding.batched import CATCH_UP_IN_BATCH
 
