@@ -311,7 +311,8 @@ class AdaptiveGamma:
         self._last = "other"
         if gamma > 0:
             pays = self._pays(self.alpha, gamma, catch_up, remaining, batch, overhead)
-            self._last = "other" if pays else "declined"
+            if not pays:
+                self._last = "declined"
             return gamma if pays else 0
         if self._probe_gamma > 0:
             self._plain_steps += 1

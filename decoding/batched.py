@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 
 from decoding.clock import StepClock
+from decoding.fast.runner import PAD_TOKEN
 from decoding.sampling import (
     Acceptance,
     accept_sampled_rows,
@@ -35,9 +36,6 @@ from decoding.sampling import (
 )
 from decoding.speculative import SequenceState, StepResult, advance
 from decoding.transfer import to_device
-
-PAD_TOKEN = 0
-"""Fed after a shorter row's tokens in a padded verify input (see the fast runner's own)."""
 
 CATCH_UP_IN_BATCH = 2
 """A draft that lags by more tokens than this catches up alone first, so one long catch-up

@@ -6,7 +6,9 @@ captured for one (batch size, width, attended length): it attends over the first
 cache positions, a bucket at least as long as every row's sequence, so its shapes never
 change; its inputs are static buffers refilled before each replay. A batch smaller than a
 captured size is padded with rows that write into a reserved scratch slot. All graphs of one
-cache share one memory pool: they are replayed one at a time, and each keeps its own output.
+cache share one memory pool: they are replayed one at a time, and since a graph's
+intermediates may sit where another's output does, an output is valid only until the next
+replay of any of them.
 
 Only for CUDA: the CPU tests run this module's input, padding and output handling with
 stand-in graphs that replay eagerly (tests/decoding/test_batched.py), not the capture.
@@ -139,8 +141,8 @@ class DecodeGraphs:
         ``tokens``: host lists, or one [B, T] long tensor on the device. Returns logits
         [B, W, vocab] for the graph's width W >= the longest row, or None when no captured
         shape fits (the caller runs eagerly). The logits are a view of the graph's static
-        output, overwritten by its next replay: copy them to keep them. Nothing here waits for
-        the device (see :mod:`decoding.transfer`)."""
+        output, valid until the next replay of any graph here: copy them to keep them.
+        Nothing here waits for the device (see :mod:`decoding.transfer`)."""
         batch, width = (tokens.shape if isinstance(tokens, torch.Tensor)
                         else (len(tokens), max(len(row) for row in tokens)))
         size = next((n for n in self.batch_sizes if n >= batch), None)
