@@ -1,9 +1,10 @@
 """Why the fast path prepacks its CPU weights: one linear layer at 1-9 rows, two ways.
 
 ``python -m bench.cpu_linear`` times ``torch.nn.functional.linear`` (MKL: matrix-vector for one
-row, matrix-matrix for more) against oneDNN's linear on the same float32 weight reordered once
+row, matrix-matrix for more) against oneDNN's linear on the same weight reordered once
 (:class:`decoding.fast.model.Linear` with ``pack=True``), on the 1.5B target's MLP shape
-(8960 x 1536), and prints milliseconds per call by rows. CPU only; seconds to run.
+(8960 x 1536) in float32 (``--dtype bfloat16``: as a bfloat16 draft runs), and prints
+milliseconds per call by rows. CPU only; seconds to run.
 """
 
 from __future__ import annotations
@@ -33,19 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-features", type=int, default=1536)
     parser.add_argument("--max-rows", type=int, default=9)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
-    if not can_pack_weights(torch.device("cpu"), torch.float32):
-        print("this torch build has no usable oneDNN linear; nothing to compare")
+    dtype = getattr(torch, args.dtype)
+    if not can_pack_weights(torch.device("cpu"), dtype):
+        print(f"this torch build or CPU has no usable oneDNN linear in {args.dtype}; "
+              "nothing to compare")
         return 1
     torch.manual_seed(0)
-    module = torch.nn.Linear(args.in_features, args.out_features, bias=False)
+    module = torch.nn.Linear(args.in_features, args.out_features, bias=False, dtype=dtype)
     packed = Linear(module.weight.detach(), None, pack=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, weight "
-          f"{args.out_features}x{args.in_features} float32, ms per call ({args.calls} calls)")
-    print(f"{'rows':>4} {'F.linear (MKL)':>15} {'prepacked (oneDNN)':>19} {'ratio':>6}")
+          f"{args.out_features}x{args.in_features} {args.dtype}, ms per call ({args.calls} calls)")
+    print(f"{'rows':>4} {'F.linear':>15} {'prepacked (oneDNN)':>19} {'ratio':>6}")
     with torch.inference_mode():
         for rows in range(1, args.max_rows + 1):
-            x = torch.randn(rows, args.in_features)
+            x = torch.randn(rows, args.in_features, dtype=dtype)
             plain = per_call_ms(lambda: F.linear(x, module.weight), args.calls)  # noqa: B023
             fast = per_call_ms(lambda: packed(x), args.calls)  # noqa: B023
             print(f"{rows:>4} {plain:>15.2f} {fast:>19.2f} {plain / fast:>6.2f}")

@@ -1,13 +1,13 @@
 """A Llama/Qwen2 decoder forward written for :class:`StaticKVCache`, on a loaded HF model's weights.
 
-The model's own parameter tensors are referenced, never copied, except that on a CPU in float32
-the linear weights are also kept prepacked for oneDNN (one more copy of them; see
-:class:`Linear`). Build it once the model is on its device and in its dtype: the device, the
-dtype and the rotary frequencies are fixed then. The structure follows gpt-fast's ``model.py``:
-K/V written into a preallocated buffer by position, attention with a mask built from positions
-(one ``scaled_dot_product_attention`` call, or on CUDA two matrix products around a masked
-softmax). Every operation mirrors transformers' Qwen2/Llama modules in the same order and
-dtypes, so float32 logits agree with theirs to rounding.
+The model's own parameter tensors are referenced, never copied, except that on a CPU (float32, or
+bfloat16 where oneDNN supports it) the linear weights are also kept prepacked for oneDNN (one
+more copy of them; see :class:`Linear`). Build it once the model is on its device and in its
+dtype: the device, the dtype and the rotary frequencies are fixed then. The structure follows
+gpt-fast's ``model.py``: K/V written into a preallocated buffer by position, attention with a
+mask built from positions (one ``scaled_dot_product_attention`` call, or on CUDA two matrix
+products around a masked softmax). Every operation mirrors transformers' Qwen2/Llama modules
+in the same order and dtypes, so float32 logits agree with theirs to rounding.
 
 Rows of one batch may start at different positions (ragged). Rows with fewer real tokens than
 the batch width are padded at the end by the caller: their padding writes K/V at positions
@@ -76,11 +76,12 @@ def supports(model: PreTrainedModel) -> bool:
 class Linear:
     """A linear layer's weight and bias (None where it has none), applied as ``F.linear`` does.
 
-    On a CPU in float32 the weight can be *prepacked* for oneDNN (the blocked layout that
-    PyTorch's own inductor uses when it freezes a CPU model): MKL's matrix-matrix path, which
+    On a CPU the weight can be *prepacked* for oneDNN (the blocked layout that PyTorch's own
+    inductor uses when it freezes a CPU model). In float32, MKL's matrix-matrix path, which
     ``F.linear`` takes for more than one row, repacks the whole weight on every call and so
     costs 2-3x the one-row (matrix-vector) path, which is what makes a verify forward of a few
     tokens expensive on a CPU; the prepacked kernel reads the weight once at any small width.
+    In bfloat16 ``F.linear`` is slow at every width, and the packed kernel is not.
     The packed copy is extra memory (one more copy of the weight); the HF module keeps its own.
     """
 
@@ -166,19 +167,33 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def can_pack_weights(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether oneDNN-prepacked linear weights are available for this device and dtype (CPU,
-    float32, a PyTorch built with oneDNN, and the result equal to ``F.linear``'s to rounding)."""
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    """Whether oneDNN-prepacked linear weights are available for this device and dtype: a CPU,
+    a PyTorch built with oneDNN, float32, or bfloat16 where oneDNN supports it on this CPU, and
+    the result equal to ``F.linear``'s to rounding. In bfloat16 it matters most: ``F.linear``
+    there takes a slow path on a CPU (see bench/RESULTS.md, "A bfloat16 draft on the CPU")."""
+    if device.type != "cpu" or dtype not in PACKABLE_DTYPES:
+        return False
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
         generator = torch.Generator().manual_seed(0)
-        weight = torch.randn(64, 32, generator=generator)
-        bias = torch.randn(64, generator=generator)
-        x = torch.randn(3, 2, 32, generator=generator)
+        weight = torch.randn(64, 32, generator=generator).to(dtype)
+        bias = torch.randn(64, generator=generator).to(dtype)
+        x = torch.randn(3, 2, 32, generator=generator).to(dtype)
         packed = _pack(weight)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        return bool(torch.allclose(out, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4))
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        expected = F.linear(x.float(), weight.float(), bias.float())
+        return bool(
+            out.dtype == dtype
+            and torch.allclose(out.float(), expected, rtol=tolerance, atol=tolerance)
+        )
     except (RuntimeError, AttributeError):  # an op missing or refusing in this build
         return False
 
@@ -375,9 +390,10 @@ class FastDecoder:
         matmul_attention: bool | None = None,
     ) -> None:
         """``pack_weights``: prepack the linear weights for oneDNN (see :class:`Linear`); None
-        means wherever :func:`can_pack_weights` says it works (CPU, float32). ``compile``: fuse
-        the elementwise parts of each layer with ``torch.compile`` (for GPUs; compiling happens
-        at each new shape's first call, so warm up before timing or capturing graphs).
+        means wherever :func:`can_pack_weights` says it works (a CPU; float32, or bfloat16 where
+        oneDNN supports it). ``compile``: fuse the elementwise parts of each layer with
+        ``torch.compile`` (for GPUs; compiling happens at each new shape's first call, so warm
+        up before timing or capturing graphs).
         ``matmul_attention``: attention as :func:`_matmul_attention` rather than one
         ``scaled_dot_product_attention`` call; None means on CUDA."""
         reason = unsupported_reason(model)

@@ -11,14 +11,16 @@ from bench import cpu_linear
 from decoding.fast.model import can_pack_weights
 
 
-@pytest.mark.skipif(
-    not can_pack_weights(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch"
-)
-def test_prints_both_timings_by_rows(capsys: Any) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prints_both_timings_by_rows(capsys: Any, dtype: str) -> None:
+    if not can_pack_weights(torch.device("cpu"), getattr(torch, dtype)):
+        pytest.skip(f"no oneDNN linear in {dtype} here")
     assert cpu_linear.main(
-        ["--out-features", "64", "--in-features", "32", "--max-rows", "3", "--calls", "2"]
+        ["--out-features", "64", "--in-features", "32", "--max-rows", "3", "--calls", "2",
+         "--dtype", dtype]
     ) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert dtype in lines[0]
     rows = [line.split() for line in lines[2:]]
     assert [int(row[0]) for row in rows] == [1, 2, 3]
     for row in rows:

@@ -122,8 +122,37 @@ def test_weights_are_prepacked_where_onednn_can() -> None:
     assert FastDecoder(qwen2(0)).packed_weights == can_pack_weights(
         torch.device("cpu"), torch.float32
     )
-    assert not can_pack_weights(torch.device("cpu"), torch.bfloat16)
+    assert FastDecoder(qwen2(0).to(torch.bfloat16)).packed_weights == can_pack_weights(
+        torch.device("cpu"), torch.bfloat16
+    )
+    assert not can_pack_weights(torch.device("cpu"), torch.float16)
     assert not can_pack_weights(torch.device("meta"), torch.float32)
+
+
+@pytest.mark.skipif(
+    not can_pack_weights(torch.device("cpu"), torch.bfloat16),
+    reason="oneDNN has no bfloat16 on this CPU",
+)
+def test_bfloat16_prepacked_decoder_matches_transformers_in_bfloat16() -> None:
+    """A bfloat16 model (a draft run in lower precision): prepacked or not, the fast path's
+    logits are transformers' bfloat16 logits to bfloat16 rounding, and so is a batch."""
+    model = qwen2(0).to(torch.bfloat16)
+    tokens = random_tokens(12, seed=5)
+    other = random_tokens(7, seed=6)
+    expected = reference_logits(model, tokens)
+    for pack in (True, False):
+        runner = StaticRunner(model, num_slots=2, max_len=32, pack_weights=pack)
+        assert runner.decoder.packed_weights == pack
+        sequence, neighbour = runner.new_sequence(), runner.new_sequence()
+        steps = [sequence.forward(tokens[:5]), sequence.forward(tokens[5:9])]
+        neighbour.forward(other[:4])
+        mine, theirs = runner.forward_batch([sequence, neighbour], [tokens[9:], other[4:]], [3, 3])
+        torch.testing.assert_close(
+            torch.cat([*steps, mine]), expected, rtol=0.02, atol=0.01
+        )
+        torch.testing.assert_close(
+            theirs, reference_logits(model, other)[4:], rtol=0.02, atol=0.01
+        )
 
 
 @pytest.mark.skipif(
