@@ -1,6 +1,7 @@
 """The engine: admission, a worker thread that owns the device, and per-request streams.
 
-``Engine.submit(request)`` validates and admits a request at once (or raises), and returns a
+``Engine.submit(request)`` (or ``await Engine.submit_async(request)`` on an event loop)
+validates and admits a request at once (or raises), and returns a
 :class:`RequestHandle`, an async iterator of :class:`~decoding.params.Chunk`. One worker thread
 runs every forward pass, so the asyncio loop is never blocked by the device: each round it
 prefills the next chunk of new prompts and takes one speculative step per running request
@@ -10,6 +11,7 @@ Cancelling a handle (``aclose``) frees the request's caches before its next step
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -35,7 +37,7 @@ from decoding.params import GenerationRequest
 from decoding.runner import ModelRunner
 from decoding.speculative import Proposer, propose
 from decoding.stepper import RunningRequest, Stepper
-from decoding.validation import Limits, prepare
+from decoding.validation import Limits, PreparedRequest, prepare
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +228,28 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Validate and admit ``request``; raise InvalidRequestError, OverloadedError,
-        ShuttingDownError or EngineFailedError at once instead of queueing without bound."""
+        ShuttingDownError or EngineFailedError at once instead of queueing without bound.
+        Tokenizes the prompt on the calling thread: on an event loop, use :meth:`submit_async`."""
+        self._check_accepting()
+        return self._admit(request, prepare(request, self.pair.tokenizer, self.limits))
+
+    async def submit_async(self, request: GenerationRequest) -> RequestHandle:
+        """:meth:`submit`, with the validation and tokenizing in a worker thread: a prompt of
+        a few megabytes takes seconds to tokenize, which must not stall the caller's event
+        loop (and every other call and health check on it)."""
+        self._check_accepting()
+        prepared = await asyncio.to_thread(prepare, request, self.pair.tokenizer, self.limits)
+        return self._admit(request, prepared)
+
+    def _check_accepting(self) -> None:
         if self.failed is not None:
             raise EngineFailedError("the device worker has stopped")
         if self._stopping:
             raise ShuttingDownError("the server is shutting down")
-        prepared = prepare(request, self.pair.tokenizer, self.limits)
+
+    def _admit(self, request: GenerationRequest, prepared: PreparedRequest) -> RequestHandle:
+        """Start ``request`` now, queue it, or raise OverloadedError (on the caller's loop)."""
+        self._check_accepting()  # again: shutdown may have begun while it was tokenized
         gamma = self.stepper.gamma_limit(request)
         reservation = len(prepared.prompt_ids) + prepared.max_new_tokens + gamma + 1
         budget = self.config.kv_token_budget
@@ -251,7 +269,7 @@ class Engine:
             adaptive=self.stepper.adaptive_for(request),
         )
         with self._cond:
-            self._admit_locked()  # earlier waiters first
+            self._admit_locked()  # earlier waiters first, and cancelled ones out of the count
             if not self._waiting and self._fits_locked(running):
                 self._start_locked(running)
             elif len(self._waiting) < self.config.max_queue:
@@ -268,7 +286,7 @@ class Engine:
         with self._cond:
             return EngineStats(
                 running=len(self._running),
-                waiting=len(self._waiting),
+                waiting=sum(not _dropped(running) for running in self._waiting),
                 live_target_sequences=self.target.live_sequences,
                 live_draft_sequences=self.draft.live_sequences,
                 reserved_tokens=self._reserved,
@@ -327,20 +345,22 @@ class Engine:
             self._die(err)
 
     def _admit_locked(self) -> None:
-        while self._waiting and (
-            self._waiting[0].handle.cancelled
-            or self._waiting[0].handle.abort_error is not None
-            or self._fits_locked(self._waiting[0])
-        ):
-            running = self._waiting.popleft()
-            if running.handle.cancelled:
-                running.handle._put(_END)
-                continue
-            if running.handle.abort_error is not None:
-                running.handle._put(running.handle.abort_error)
-                running.handle._put(_END)
-                continue
-            self._start_locked(running)
+        """End the waiters that were cancelled or aborted, wherever they are in the queue
+        (they must not count against ``max_queue``), then start waiters in order while the
+        first one fits."""
+        if any(_dropped(running) for running in self._waiting):
+            kept: collections.deque[RunningRequest] = collections.deque()
+            for running in self._waiting:
+                if running.handle.cancelled:
+                    running.handle._put(_END)
+                elif running.handle.abort_error is not None:
+                    running.handle._put(running.handle.abort_error)
+                    running.handle._put(_END)
+                else:
+                    kept.append(running)
+            self._waiting = kept
+        while self._waiting and self._fits_locked(self._waiting[0]):
+            self._start_locked(self._waiting.popleft())
 
     def _start_locked(self, running: RunningRequest) -> None:
         running.handle.timeline.admitted_ns = time.time_ns()
@@ -397,6 +417,10 @@ class Engine:
             running.handle._put(_END)
         for callback in self.on_fatal:
             callback(err)
+
+
+def _dropped(running: RunningRequest) -> bool:
+    return running.handle.cancelled or running.handle.abort_error is not None
 
 
 def _milliseconds(seconds_by_tokens: dict[int, float]) -> str:

@@ -260,8 +260,7 @@ class Stepper:
         else:
             result = speculative_step(running.state, gamma)
         self.step_costs.observe([gamma], (time.perf_counter() - started) / steps)
-        self._record(running, result, start_ns)
-        self._emit(running, result)
+        self._emit(running, result, start_ns)
 
     def step_batch(self, ready: list[RunningRequest]) -> None:
         """One batched speculative step for every ready request. If it fails, each request
@@ -304,11 +303,11 @@ class Stepper:
             return
         self.last_gamma = max(gammas)
         for running, result in zip(ready, results, strict=True):
-            self._record(running, result, start_ns)
-            self.guarded(running, functools.partial(self._emit, result=result))
+            self.guarded(running, functools.partial(self._emit, result=result, start_ns=start_ns))
 
-    def _emit(self, running: RunningRequest, result: StepResult) -> None:
-        """Hand the step's tokens to the caller, stopping at EOS, a stop string or the length."""
+    def _emit(self, running: RunningRequest, result: StepResult, start_ns: int) -> None:
+        """Hand the step's tokens to the caller, stopping at EOS, a stop string or the length,
+        and record the step."""
         finish: FinishReason | None = None
         emitted: list[int] = []
         for token in result.emitted:
@@ -322,6 +321,7 @@ class Stepper:
                 finish = FinishReason.LENGTH
             if finish is not None:
                 break
+        self._record(running, result, start_ns, kept=len(emitted))
         usage = running.handle.usage
         usage.completion_tokens = len(running.output)
         text = running.detokenizer.delta(final=finish is not None)
@@ -331,17 +331,23 @@ class Stepper:
             running.handle._put(Chunk(tuple(emitted), text, finish, usage))
             self._finish(running, _END)
 
-    def _record(self, running: RunningRequest, result: StepResult, start_ns: int) -> None:
+    def _record(
+        self, running: RunningRequest, result: StepResult, start_ns: int, kept: int
+    ) -> None:
+        """Count the step in the request's usage and timeline, where accepted draft tokens are
+        those the caller got: of the ``kept`` first emitted ones (the rest fell after EOS, a
+        stop string or the length). The draft's quality estimates take the step as it was."""
+        accepted = min(result.num_accepted, kept)
         usage = running.handle.usage
         usage.target_forward_passes += result.num_forwards
         usage.draft_tokens += result.num_drafted
-        usage.accepted_draft_tokens += result.num_accepted
+        usage.accepted_draft_tokens += accepted
         for position in range(result.num_drafted):
             if position >= len(usage.drafted_by_position):
                 usage.drafted_by_position.append(0)
                 usage.accepted_by_position.append(0)
             usage.drafted_by_position[position] += 1
-            usage.accepted_by_position[position] += position < result.num_accepted
+            usage.accepted_by_position[position] += position < accepted
         if running.adaptive is not None:
             running.adaptive.observe(result.num_drafted, result.num_accepted)
             if not result.num_drafted:
@@ -351,8 +357,8 @@ class Stepper:
             StepRecord(
                 start_ns=start_ns,
                 gamma=result.num_drafted,
-                accepted=result.num_accepted,
-                emitted=len(result.emitted),
+                accepted=accepted,
+                emitted=kept,
                 draft_s=result.draft_seconds,
                 verify_s=result.verify_seconds,
             )

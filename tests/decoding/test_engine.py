@@ -202,12 +202,26 @@ async def test_eos_inside_an_accepted_run_stops_there(same_pair) -> None:
     first = free_run.index(eos)
     engine = make_engine(dataclasses.replace(same_pair, eos_token_ids=(eos,)))
     try:
-        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=30,
-                               speculation=SpeculationParams(5))
+        handle = engine.submit(GenerationRequest(
+            request_id="eos", prompt_token_ids=PROMPT_IDS, max_new_tokens=30,
+            speculation=SpeculationParams(5)))
+        chunks = [chunk async for chunk in handle]
     finally:
         engine.close()
     assert ids_of(chunks) == free_run[: first + 1]
     assert chunks[-1].finish_reason == FinishReason.EOS
+    # Usage counts the accepted draft tokens the caller got, not those after EOS: draft ==
+    # target, so every step's whole draft is accepted, and each step but the last (cut inside
+    # its accepted run, at EOS) also emits the target's own next token.
+    usage = chunks[-1].usage
+    assert usage.draft_tokens > usage.accepted_draft_tokens
+    assert usage.accepted_draft_tokens == usage.completion_tokens - (
+        usage.target_forward_passes - 1
+    )
+    assert sum(usage.accepted_by_position) == usage.accepted_draft_tokens
+    steps = handle.timeline.steps
+    assert sum(step.emitted for step in steps) == usage.completion_tokens
+    assert sum(step.accepted for step in steps) == usage.accepted_draft_tokens
 
 
 @pytest.mark.parametrize(("gamma", "decode_steps"), [(5, 1), (0, 4)])
@@ -357,6 +371,63 @@ async def test_overload_is_refused_at_once(same_pair) -> None:
         await wait_until_idle(engine)
     finally:
         engine.close()
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_at_once(same_pair, monkeypatch) -> None:
+    """Not only at the head of the queue: a waiter cancelled behind another no longer counts
+    against max_queue, nor in the queue depth."""
+    from tests.steps import before_steps
+
+    before_steps(monkeypatch, lambda states: time.sleep(0.01))
+    engine = make_engine(same_pair, max_concurrent_requests=1, max_queue=2)
+    try:
+        request = GenerationRequest(request_id="q", prompt_token_ids=PROMPT_IDS,
+                                    max_new_tokens=100)
+        running, first, second = (engine.submit(request) for _ in range(3))
+        await second.aclose()
+        assert engine.stats().waiting == 1
+        third = engine.submit(request)  # the queue holds first and third now
+        assert engine.stats().waiting == 2
+        with pytest.raises(OverloadedError):
+            engine.submit(request)
+        for handle in (running, first, third):
+            await handle.aclose()
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
+async def test_submit_async_tokenizes_off_the_event_loop(engine, monkeypatch) -> None:
+    """A prompt that takes long to tokenize (megabytes of text) stalls nothing else on the
+    caller's event loop."""
+    import decoding.engine as engine_module
+
+    real_prepare = engine_module.prepare
+
+    def slow_prepare(*args):
+        time.sleep(0.5)
+        return real_prepare(*args)
+
+    monkeypatch.setattr(engine_module, "prepare", slow_prepare)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        handle = await engine.submit_async(
+            GenerationRequest(request_id="slow", prompt="def f():", max_new_tokens=3)
+        )
+    finally:
+        ticker.cancel()
+    assert ticks >= 10, ticks  # the loop ran on while the prompt was being tokenized
+    assert len(ids_of([chunk async for chunk in handle])) == 3
+    with pytest.raises(InvalidRequestError, match="prompt"):  # errors still surface
+        await engine.submit_async(GenerationRequest(request_id="bad", prompt=""))
 
 
 @pytest.mark.parametrize(
