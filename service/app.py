@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from decoding.engine import EngineConfig, load_engine
-from service.server import serve_until_signalled, start_server
+from service.server import grpc_address, serve_until_signalled, start_server
 from service.settings import Settings
 from service.telemetry import configure_logging, setup_telemetry
 
@@ -46,7 +46,7 @@ async def _serve(settings: Settings) -> int:
     running = await start_server(
         settings, engine, observer=telemetry, interceptors=telemetry.interceptors
     )
-    print(f"tandem: serving on {settings.host}:{running.port}", flush=True)
+    print(f"tandem: serving on {grpc_address(settings.host, running.port)}", flush=True)
     try:
         return await serve_until_signalled(running, settings)
     finally:

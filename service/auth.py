@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -58,18 +59,18 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
 
 
-async def _deny_missing(request_iterator: AsyncIterator[Any], context: Any) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+def _denial(details: str, request_id: str) -> grpc.RpcMethodHandler:
+    """A handler that refuses the call: UNAUTHENTICATED, with an ``x-request-id`` as every
+    response has (a new id, since the request is never read; the refusal's log line has it).
+    A stream-stream handler fits every kind of call: on the wire the server cannot tell them
+    apart, and it aborts before reading a message, so the request is never even deserialized."""
 
+    async def deny(request_iterator: AsyncIterator[Any], context: Any) -> None:
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, details, (("x-request-id", request_id),)
+        )
 
-async def _deny_invalid(request_iterator: AsyncIterator[Any], context: Any) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
-
-
-# A stream-stream handler fits every kind of call: on the wire the server cannot tell them
-# apart, and it aborts before reading a message, so the request is never even deserialized.
-_MISSING = grpc.stream_stream_rpc_method_handler(_deny_missing)
-_INVALID = grpc.stream_stream_rpc_method_handler(_deny_invalid)
+    return grpc.stream_stream_rpc_method_handler(deny)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -87,12 +88,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         presented = self._presented(handler_call_details.invocation_metadata or ())
         if presented is None:
-            log.info("unauthenticated call refused: no bearer token", extra={"method": method})
-            return _MISSING
+            return self._refuse(logging.INFO, "missing bearer token", method)
         if not hmac.compare_digest(_digest(presented), self._expected):
-            log.warning("unauthenticated call refused: wrong token", extra={"method": method})
-            return _INVALID
+            return self._refuse(logging.WARNING, "invalid bearer token", method)
         return await continuation(handler_call_details)
+
+    @staticmethod
+    def _refuse(level: int, details: str, method: str) -> grpc.RpcMethodHandler:
+        request_id = uuid.uuid4().hex
+        log.log(level, "unauthenticated call refused: %s", details,
+                extra={"method": method, "request_id": request_id})
+        return _denial(details, request_id)
 
     @staticmethod
     def _presented(metadata: Any) -> str | None:

@@ -29,9 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     parser.add_argument("--token", default=None, help="bearer token, if the server wants one")
-    parser.add_argument("--ca", default=None, help="CA certificate (PEM): use TLS")
-    parser.add_argument("--cert", default=None, help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--key", default=None, help="client key (PEM) for mutual TLS")
+    parser.add_argument(
+        "--ca", default=None, help="CA certificate (PEM) to verify the server with: use TLS"
+    )
+    parser.add_argument(
+        "--cert", default=None,
+        help="client certificate (PEM) for mutual TLS (without --ca: the system's CAs)",
+    )
+    parser.add_argument("--key", default=None, help="client key (PEM), with --cert")
 
 
 def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
@@ -51,8 +56,13 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
 
 
 def channel_for(args: argparse.Namespace) -> grpc.Channel:
-    if args.ca is None:
+    """Plaintext, or TLS when any of --ca, --cert, --key is given (without --ca: verified
+    against the system's CAs); --cert and --key only together."""
+    if args.ca is None and args.cert is None and args.key is None:
         return grpc.insecure_channel(args.address)
+    if (args.cert is None) != (args.key is None):
+        raise SystemExit("--cert and --key must be given together")
+
     def read(path: str | None) -> bytes | None:
         return None if path is None else open(path, "rb").read()
 

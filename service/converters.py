@@ -30,7 +30,11 @@ MAX_REQUEST_ID_LENGTH = 128
 
 
 def request_id_of(message: AnyGenerateRequest) -> str:
-    return message.request_id or uuid.uuid4().hex
+    """The id this call goes by in trailers, logs and traces: the client's, or a new one when
+    it sent none or one that :func:`to_request` refuses (so that refusal carries an id too)."""
+    if valid_request_id(message.request_id):
+        return message.request_id
+    return uuid.uuid4().hex
 
 
 def valid_request_id(request_id: str) -> bool:
@@ -43,8 +47,9 @@ def valid_request_id(request_id: str) -> bool:
 def to_request(
     message: AnyGenerateRequest, request_id: str, time_remaining: float | None
 ) -> GenerationRequest:
-    """Build the engine's request. Raises InvalidRequestError for values out of range."""
-    if not valid_request_id(request_id):
+    """Build the engine's request, with ``request_id`` (see :func:`request_id_of`). Raises
+    InvalidRequestError for values out of range, the client's own request_id included."""
+    if message.request_id and not valid_request_id(message.request_id):
         raise InvalidRequestError(
             "request_id",
             f"must be 1 to {MAX_REQUEST_ID_LENGTH} printable ASCII characters",

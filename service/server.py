@@ -91,7 +91,7 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = f"{settings.host}:{settings.port}"
+    address = grpc_address(settings.host, settings.port)
     credentials = server_credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(address)
@@ -104,6 +104,12 @@ async def start_server(
     engine.on_fatal.append(_not_serving_on_fatal(health_servicer))
     log.info("serving", extra={"port": port, "tls": credentials is not None})
     return RunningServer(server, port, health_servicer, engine)
+
+
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC takes it: an IPv6 address (``::``, ``::1``) in brackets."""
+    bare = host.strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
 
 
 def _not_serving_on_fatal(

@@ -101,25 +101,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         """The engine's chunks for one call; errors become the mapped status, and the
         request's caches are freed however the call ends."""
         self._observer.call_started(record)
-        # An id that cannot travel as metadata is refused below (to_request); not echoed.
-        request_id_metadata = (
-            (("x-request-id", record.request_id),)
-            if converters.valid_request_id(record.request_id)
-            else ()
-        )
+        request_id_metadata = (("x-request-id", record.request_id),)
         context.set_trailing_metadata(request_id_metadata)
         try:
             record.request = converters.to_request(
                 message, record.request_id, context.time_remaining()
             )
-            record.handle = self._engine.submit(record.request)
+            record.handle = await self._engine.submit_async(record.request)
             async for chunk in record.handle:
                 if not record.first_token_ns and chunk.token_ids:
                     record.first_token_ns = time.time_ns()
                 record.finish_reason = chunk.finish_reason or record.finish_reason
                 yield chunk
-        except asyncio.CancelledError:
-            record.code = grpc.StatusCode.CANCELLED
+        except (asyncio.CancelledError, GeneratorExit):
+            # gRPC cancels the handler when the client cancels or its deadline passes, and
+            # closes a stream's generator (GeneratorExit at the yield) when the client goes.
+            record.code = _ended_early_code(context)
             raise
         except Exception as err:
             record.error = err
@@ -132,3 +129,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 await record.handle.aclose()
             record.end_ns = time.time_ns()
             self._observer.call_finished(record)
+
+
+def _ended_early_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED for a call whose deadline has passed, else CANCELLED."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED

@@ -133,30 +133,62 @@ def _speculative(text: str) -> str:
     raise argparse.ArgumentTypeError("must be 'auto' or a non-negative integer")
 
 
+KINDS: dict[str, Callable[[str], Any]] = {
+    "num_speculative_tokens": _speculative,
+    "log_level": str.upper,  # --log-level debug works as DEBUG
+}
+"""Flags whose values are parsed otherwise than by their field's type."""
+
+
+@dataclass(frozen=True)
+class _InvalidEnv:
+    """The default of a flag whose ``TANDEM_*`` value is invalid: reported by
+    :func:`from_namespace` unless the flag itself was given (a flag wins over the environment),
+    so that every subcommand's parser can still be built."""
+
+    message: str
+
+
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    """Add one flag per Settings field; defaults come from ``TANDEM_*`` in ``env``."""
+    """Add one flag per Settings field; defaults come from ``TANDEM_*`` in ``env``, checked
+    as the flag's own value would be."""
     env = os.environ if env is None else env
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         kinds: dict[str, Callable[[str], Any]] = {
             "int": int, "float": float, "bool": _bool, "str": str
         }
-        kind = kinds[str(f.type)]
-        if f.name == "num_speculative_tokens":
-            kind = _speculative
-        default = f.default
+        kind = KINDS.get(f.name, kinds[str(f.type)])
+        choices = CHOICES.get(f.name)
+        default: Any = f.default
         if env_name(f.name) in env:
-            default = kind(env[env_name(f.name)])
+            default = _from_env(env_name(f.name), env[env_name(f.name)], kind, choices)
         help_text = f"{HELP[f.name]} [env {env_name(f.name)}; default {f.default!r}]"
         if kind is _bool:
             parser.add_argument(flag, type=_bool, default=default, metavar="BOOL", help=help_text)
         else:
-            parser.add_argument(
-                flag, type=kind, default=default, choices=CHOICES.get(f.name), help=help_text
-            )
+            parser.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
+
+
+def _from_env(
+    name: str, text: str, kind: Callable[[str], Any], choices: list[str] | None
+) -> Any:
+    try:
+        value = kind(text)
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        return _InvalidEnv(f"{name}={text!r}: {err}")
+    if choices is not None and value not in choices:
+        return _InvalidEnv(f"{name}={text!r}: must be one of {', '.join(map(repr, choices))}")
+    return value
 
 
 def from_namespace(args: argparse.Namespace) -> Settings:
+    invalid = [
+        value.message for f in fields(Settings)
+        if isinstance(value := getattr(args, f.name), _InvalidEnv)
+    ]
+    if invalid:
+        raise SystemExit("invalid environment: " + "; ".join(invalid))
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     if (settings.tls_cert == "") != (settings.tls_key == ""):
         raise SystemExit("--tls-cert and --tls-key must be given together")

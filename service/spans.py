@@ -72,7 +72,8 @@ def record_call_spans(
 ) -> None:
     attributes = request_attributes(record, info)
     server_span = trace.get_current_span()
-    server_span.set_attributes(attributes)
+    if server_span.is_recording():  # a stream the client left may see its span ended already
+        server_span.set_attributes(attributes)
     failed = record.code.name not in ("OK",)
     timeline = record.handle.timeline if record.handle is not None else None
     start = timeline.submitted_ns if timeline else record.start_ns

@@ -8,6 +8,7 @@ Prompts and generated text are never recorded: only counts, times and ids.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 from decoding.engine import EngineInfo, EngineStats
@@ -41,6 +43,28 @@ UNTRACED = filters.negate(
 )
 
 
+class TextFormatter(logging.Formatter):
+    """The text log format: the message, then the record's fields passed as ``extra``
+    (request id, status, counts) as ``key=value``, which the JSON format writes as keys."""
+
+    _STANDARD = frozenset(RESERVED_ATTRS) | {"taskName"}
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        fields = [
+            f"{key}={_text_value(value)}"
+            for key, value in record.__dict__.items()
+            if key not in self._STANDARD and not key.startswith("_")
+        ]
+        return " ".join([super().formatMessage(record), *fields])
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text)
+    return text
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
@@ -48,7 +72,7 @@ def configure_logging(settings: Settings) -> None:
             JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s", timestamp=False)
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
@@ -148,7 +172,7 @@ def setup_telemetry(
         registry = prometheus_client.CollectorRegistry()
         readers.append(PrometheusMetricReader(registry=registry))
         httpd, _ = prometheus_client.start_http_server(
-            settings.metrics_port, addr=settings.host, registry=registry
+            settings.metrics_port, addr=settings.host.strip("[]"), registry=registry
         )
         closers.append(httpd.shutdown)
     if "otlp" in os.environ.get("OTEL_METRICS_EXPORTER", ""):

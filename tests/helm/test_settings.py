@@ -242,3 +242,15 @@ def test_secret_change_rolls_pods(render) -> None:
         ]
 
     assert checksum("one") != checksum("two")
+
+
+def test_the_servers_settings_accept_the_charts_env(default: Rendered, all_on: Rendered) -> None:
+    """Every TANDEM_* value the chart renders is one the server parses (an invalid one would
+    stop it at start-up, naming the variable)."""
+    from service.settings import parse
+
+    for rendered in (default, all_on):
+        env = {k: v for k, v in rendered.env().items() if isinstance(v, str)}
+        settings = parse([], env=env)
+        assert settings.port == int(env["TANDEM_PORT"])
+        assert settings.tracing == env["TANDEM_TRACING"]

@@ -55,13 +55,13 @@ class SubmitCounter:
 
     def __init__(self, served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        real = served.engine.submit
+        real = served.engine.submit_async
 
-        def submit(req):
+        async def submit_async(req):
             self.count += 1
-            return real(req)
+            return await real(req)
 
-        monkeypatch.setattr(served.engine, "submit", submit)
+        monkeypatch.setattr(served.engine, "submit_async", submit_async)
 
 
 async def drained_code(call) -> grpc.StatusCode:
@@ -123,6 +123,10 @@ async def test_token_from_file(same_pair, token_file, monkeypatch, caplog) -> No
                                                     timeout=CALL_TIMEOUT))
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             assert TOKEN not in err.details() and WRONG not in err.details()
+            request_id = dict(err.trailing_metadata() or ())["x-request-id"]
+            assert f"'request_id': '{request_id}'" in str(
+                [r.__dict__ for r in caplog.records if r.getMessage().startswith("unauth")]
+            )
             assert await stream_code(s.stub, metadata) == grpc.StatusCode.UNAUTHENTICATED
         err = await unary_error(s.stub.GetModelInfo(pb.GetModelInfoRequest(),
                                                     timeout=CALL_TIMEOUT))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
 
+import pytest
+
 from service._proto.tandem.v1 import generation_pb2 as pb
+from service.client import add_arguments, channel_for
 
 
 async def test_generate_prints_the_text(served) -> None:
@@ -33,3 +37,10 @@ async def test_generate_reports_errors(served) -> None:
     _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 1
     assert "INVALID_ARGUMENT: sampling.temperature" in err.decode()
+
+
+def test_a_client_certificate_needs_its_key() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit, match="--cert and --key must be given together"):
+        channel_for(parser.parse_args(["x", "--cert", "client.pem"]))

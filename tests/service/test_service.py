@@ -48,6 +48,45 @@ async def test_request_id_is_echoed_or_generated(served) -> None:
     assert len(generated) == 32
 
 
+async def test_an_invalid_request_id_is_refused_under_an_id_of_the_servers(served) -> None:
+    request = greedy(n=2)
+    request.request_id = "é"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Generate(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("request_id:")
+    trailers = dict(err.value.trailing_metadata() or ())
+    assert len(trailers["x-request-id"]) == 32  # generated, since the client's cannot travel
+
+
+async def test_health_answers_while_a_long_prompt_is_tokenized(served, monkeypatch) -> None:
+    """Tokenizing runs off the event loop: a prompt of megabytes (here a tokenizer made slow)
+    holds up neither health checks nor other calls."""
+    import time
+
+    import decoding.engine as engine_module
+
+    real_prepare = engine_module.prepare
+
+    def slow_prepare(*args):
+        time.sleep(1.0)
+        return real_prepare(*args)
+
+    monkeypatch.setattr(engine_module, "prepare", slow_prepare)
+    # The client shares the server's event loop here: a blocked loop would hold up both.
+    started = time.monotonic()
+    slow = asyncio.ensure_future(
+        served.stub.Generate(pb.GenerateRequest(prompt="def f():", max_new_tokens=2))
+    )
+    await asyncio.sleep(0.2)  # the slow call is being tokenized now
+    health = health_pb2_grpc.HealthStub(served.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert time.monotonic() - started < 0.8
+    assert not slow.done()
+    assert len((await slow).token_ids) == 2
+
+
 async def test_model_info(served) -> None:
     info = await served.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.vocab_size == served.engine.info.vocab_size

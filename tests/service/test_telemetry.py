@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service._proto.tandem.v1 import generation_pb2 as pb
+from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
 from service.settings import Settings
 from service.telemetry import setup_telemetry
 from tests.conftest import make_engine
@@ -49,7 +50,7 @@ class Observed:
     async def __aenter__(self):
         self.served = await serve(self.engine, telemetry=self.telemetry,
                                   **{k: v for k, v in self.settings.__dict__.items()
-                                     if k in ("metrics_port", "step_spans")})
+                                     if k in ("metrics_port", "step_spans", "host")})
         return self
 
     async def __aexit__(self, *exc):
@@ -176,6 +177,123 @@ async def test_cancelled_stream_is_recorded(same_pair, monkeypatch) -> None:
     (root,) = o.by_name("tandem.generate")
     assert root.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert o.counter("tandem.requests", grpc_code="CANCELLED") == 1
+
+
+async def test_a_passed_deadline_is_recorded_as_such(same_pair, monkeypatch) -> None:
+    """gRPC cancels the handler when the deadline passes: that is DEADLINE_EXCEEDED in the
+    server's own records too, not CANCELLED."""
+    import time
+
+    from tests.steps import before_steps
+
+    before_steps(monkeypatch, lambda states: time.sleep(0.02))
+    async with Observed(same_pair) as o:
+        for call in (o.served.stub.Generate(greedy(n=100, gamma=0), timeout=0.2),
+                     o.served.stub.GenerateStream(
+                         greedy(n=100, gamma=0, cls=pb.GenerateStreamRequest), timeout=0.2)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                if isinstance(call, grpc.aio.UnaryStreamCall):
+                    async for _ in call:
+                        pass
+                else:
+                    await call
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(250):
+            if len(o.by_name("tandem.generate")) == 2:
+                break
+            await asyncio.sleep(0.02)
+        await wait_until_idle(o.engine)
+    roots = o.by_name("tandem.generate")
+    assert [root.attributes["rpc.grpc.status_code"] for root in roots] == [
+        grpc.StatusCode.DEADLINE_EXCEEDED.value[0]] * 2
+    assert o.counter("tandem.requests", grpc_code="DEADLINE_EXCEEDED") == 2
+
+
+async def test_a_stream_closed_by_grpc_is_recorded_cancelled(same_pair) -> None:
+    """When a client goes away mid-stream gRPC may close the handler's generator (rather
+    than cancel its task): GeneratorExit at the yield. That is a cancelled call, and its
+    request is cancelled too."""
+    from service.servicer import GenerationServicer
+
+    class Context:  # what the servicer asks of grpc.aio.ServicerContext on this path
+        def set_trailing_metadata(self, metadata) -> None:
+            self.trailing_metadata = metadata
+
+        def time_remaining(self) -> None:
+            return None
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.records = []
+
+        def call_started(self, record) -> None:
+            pass
+
+        def call_finished(self, record) -> None:
+            self.records.append(record)
+
+    engine, recorder = make_engine(same_pair), Recorder()
+    try:
+        stream = GenerationServicer(engine, recorder).GenerateStream(
+            greedy(n=100, gamma=1, cls=pb.GenerateStreamRequest), Context())
+        assert (await stream.__anext__()).token_ids
+        await stream.aclose()  # as grpc.aio does when the client leaves
+        (record,) = recorder.records
+        assert record.code == grpc.StatusCode.CANCELLED and record.finish_reason is None
+        await wait_until_idle(engine)  # and the request's caches are freed
+    finally:
+        engine.close()
+
+
+async def test_an_ipv6_host_serves_grpc_and_metrics(same_pair) -> None:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    async with Observed(same_pair, metrics_port=port, host="::1") as o:
+        async with grpc.aio.insecure_channel(f"[::1]:{o.served.running.port}") as channel:
+            reply = await pb_grpc.GenerationServiceStub(channel).Generate(greedy(n=2))
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=5)
+            .read().decode())
+    assert len(reply.token_ids) == 2
+    assert "tandem_requests_total" in text
+
+
+def test_the_text_log_line_carries_the_request_fields() -> None:
+    """The default (text) log format writes what the JSON one has as keys: request id,
+    status, counts, so the id an INTERNAL error points to can be found."""
+    import io
+    import time
+
+    from service.servicer import CallRecord
+    from service.telemetry import REQUEST_LOG, TextFormatter, configure_logging, log_request
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(Settings(log_format="text"))
+        assert isinstance(root.handlers[0].formatter, TextFormatter)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter("%(levelname)s %(name)s %(message)s"))
+    REQUEST_LOG.addHandler(handler)
+    level = REQUEST_LOG.level
+    REQUEST_LOG.setLevel(logging.INFO)
+    try:
+        now = time.time_ns()
+        log_request(CallRecord("Generate", "rid-7", now, code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                               end_ns=now + 1_500_000))
+    finally:
+        REQUEST_LOG.removeHandler(handler)
+        REQUEST_LOG.setLevel(level)
+    line = stream.getvalue().strip()
+    assert line.startswith("INFO tandem.requests request finished request_id=rid-7 "), line
+    for field in ("method=Generate", "status=DEADLINE_EXCEEDED", 'finish_reason=""',
+                  "completion_tokens=0", "duration_s=0.0015", "ttft_s=None"):
+        assert f" {field}" in line, (field, line)
 
 
 async def test_health_checks_make_no_spans(same_pair) -> None:
