@@ -82,7 +82,7 @@ class BaselineResults:
 def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Token ids of a prompt, as the server computes them."""
     if prompt.text is not None:
-        return list(tokenizer.encode(prompt.text, add_special_tokens=False))
+        return list(tokenizer.encode(prompt.text))
     assert prompt.messages is not None
     text = tokenizer.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in prompt.messages],

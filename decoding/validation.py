@@ -80,7 +80,9 @@ def _prompt_ids(request: GenerationRequest, tokenizer: Any, limits: Limits) -> t
     if request.prompt is not None:
         if not request.prompt:
             raise InvalidRequestError("prompt", "must not be empty")
-        ids = tokenizer.encode(request.prompt, add_special_tokens=False)
+        # As ``tokenizer(prompt)``, vLLM and TGI encode it: with the tokenizer's own special
+        # tokens (a Llama BOS; Qwen's add none). A chat template writes them into its text.
+        ids = tokenizer.encode(request.prompt)
         if not ids:
             raise InvalidRequestError("prompt", "encodes to no tokens")
         return tuple(ids)

@@ -1,0 +1,50 @@
+"""How a request's input becomes token ids: a prompt as the tokenizer encodes text by default
+(its BOS included, as transformers, vLLM and TGI do), chat messages through the template,
+which writes any BOS itself."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from decoding.params import ChatMessage, GenerationRequest
+from decoding.validation import Limits, prepare
+
+BOS = "<s>"
+LIMITS = Limits(vocab_size=400, context_window=256, max_speculative_tokens=8,
+                default_max_new_tokens=8, max_new_tokens_limit=64, max_stop_strings=4)
+
+
+def llama_like_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer whose default encoding starts with BOS, as Llama's does, and
+    whose chat template writes BOS into the text."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[BOS, "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 4, trainer)
+    bos_id = backend.token_to_id(BOS)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token="</s>",
+        chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
+    )
+
+
+def test_a_prompt_gets_the_tokenizers_bos_and_chat_messages_get_it_once() -> None:
+    tokenizer = llama_like_tokenizer()
+    bos_id = tokenizer.convert_tokens_to_ids(BOS)
+    text = "def add(a, b):"
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    prompt = prepare(GenerationRequest(request_id="p", prompt=text), tokenizer, LIMITS)
+    assert prompt.prompt_ids == (bos_id, *plain)  # as tokenizer(text) and vLLM give it
+    chat = prepare(GenerationRequest(request_id="c", messages=(ChatMessage("user", text),)),
+                   tokenizer, LIMITS)
+    assert chat.prompt_ids[0] == bos_id and chat.prompt_ids.count(bos_id) == 1
+    ids = (5, 6, 7)  # token ids are taken as they are
+    assert prepare(GenerationRequest(request_id="i", prompt_token_ids=ids), tokenizer,
+                   LIMITS).prompt_ids == ids
