@@ -7,7 +7,7 @@
 transformers is imported only when a model is actually fetched or loaded.
 """
 
-from decoding.models.devices import resolve_device, resolve_dtype
+from decoding.models.devices import resolve_device, resolve_draft_dtype, resolve_dtype
 from decoding.models.fetch import (
     COMPLETE_MARKER,
     DEFAULT_DRAFT_SPEC,
@@ -54,6 +54,7 @@ __all__ = [
     "load_resolved_model",
     "load_tokenizer",
     "resolve_device",
+    "resolve_draft_dtype",
     "resolve_dtype",
     "resolve_source",
 ]

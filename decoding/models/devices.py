@@ -58,3 +58,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ModelLoadError(
             f"dtype {name!r} is not one of 'auto', 'float32', 'bfloat16' or 'float16'"
         ) from None
+
+
+def resolve_draft_dtype(
+    name: str | None, device: torch.device, target_dtype: torch.dtype
+) -> torch.dtype:
+    """The draft's dtype: ``name`` as :func:`resolve_dtype` reads it, except that None (or
+    empty) means the target's, and ``"auto"`` means bfloat16 wherever it runs fast: on CUDA,
+    and on a CPU whose oneDNN runs bfloat16 linear layers (the fast path prepacks them; see
+    :func:`decoding.fast.model.can_pack_weights`); elsewhere the target's. The draft only
+    proposes tokens, so its precision changes speed, never the output."""
+    if name is None or not name.strip():
+        return target_dtype
+    if name.strip().lower() != "auto":
+        return resolve_dtype(name, device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        from decoding.fast.model import can_pack_weights
+
+        if can_pack_weights(device, torch.bfloat16):
+            return torch.bfloat16
+    return target_dtype

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from decoding.errors import ModelLoadError
-from decoding.models.devices import resolve_device, resolve_dtype
+from decoding.models.devices import resolve_device, resolve_draft_dtype, resolve_dtype
 from decoding.models.fetch import (
     DEFAULT_DRAFT_SPEC,
     DEFAULT_TARGET_SPEC,
@@ -171,15 +171,14 @@ def load_pair(
 ) -> ModelPair:
     """Load target and draft onto one device, and the target's tokenizer.
 
-    ``dtype`` is the target's; the draft uses ``draft_dtype`` when given, else the same.
+    ``dtype`` is the target's; the draft uses ``draft_dtype`` when given (``"auto"``: see
+    :func:`~decoding.models.devices.resolve_draft_dtype`), else the same.
     A pair whose vocabularies differ is refused, and so is a tokenizer that can produce
     ids the target's embedding matrix does not have.
     """
     resolved_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, resolved_device)
-    resolved_draft_dtype = (
-        target_dtype if draft_dtype is None else resolve_dtype(draft_dtype, resolved_device)
-    )
+    resolved_draft_dtype = resolve_draft_dtype(draft_dtype, resolved_device, target_dtype)
     target_source = resolve_source(target, role="target", cache_dir=cache_dir, progress=progress)
     draft_source = resolve_source(draft, role="draft", cache_dir=cache_dir, progress=progress)
 

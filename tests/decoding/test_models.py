@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from decoding.errors import ModelLoadError
+from decoding.fast.model import can_pack_weights
 from decoding.models import (
     COMPLETE_MARKER,
     DEFAULT_DRAFT_SPEC,
@@ -32,6 +33,7 @@ from decoding.models import (
     is_complete,
     load_pair,
     resolve_device,
+    resolve_draft_dtype,
     resolve_dtype,
 )
 from tests.tiny_models import make_tiny_model, make_tiny_pair, write_tiny_gguf
@@ -84,6 +86,21 @@ def test_resolve_dtype_names() -> None:
 def test_resolve_dtype_refuses_bad_names(name: str) -> None:
     with pytest.raises(ModelLoadError, match="dtype"):
         resolve_dtype(name, torch.device("cpu"))
+
+
+def test_the_draft_dtype_is_the_targets_unless_given_and_auto_picks_a_fast_one() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for unset in (None, "", " "):
+        assert resolve_draft_dtype(unset, cpu, torch.float32) == torch.float32
+        assert resolve_draft_dtype(unset, cuda, torch.float16) == torch.float16
+    assert resolve_draft_dtype("float32", cuda, torch.bfloat16) == torch.float32
+    assert resolve_draft_dtype("auto", cuda, torch.float32) == torch.bfloat16
+    fast_bf16 = can_pack_weights(cpu, torch.bfloat16)
+    assert resolve_draft_dtype("AUTO", cpu, torch.float32) == (
+        torch.bfloat16 if fast_bf16 else torch.float32
+    )
+    with pytest.raises(ModelLoadError, match="dtype"):
+        resolve_draft_dtype("float8", cpu, torch.float32)
 
 
 # --- loading a pair from folders -----------------------------------------------------------
