@@ -6,7 +6,6 @@ them once (about three minutes on two cores); later runs reuse the cache.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -16,10 +15,9 @@ import pytest
 import torch
 
 from decoding.engine import Engine, EngineConfig
-from decoding.models import ModelPair, load_model_source, load_pair, resolve_draft_dtype
+from decoding.models import ModelPair, load_pair
 from decoding.params import ChatMessage, GenerationRequest, SpeculationParams
 from service._proto.tandem.v1 import generation_pb2 as pb
-from tests.conftest import TEST_COSTS
 from tests.service.conftest import serve
 
 pytestmark = pytest.mark.slow
@@ -96,26 +94,6 @@ async def test_fixed_gamma_and_speculation_off_agree(pair, engine) -> None:
             speculation=SpeculationParams(gamma)))
         outputs.append([t for c in [c async for c in handle] for t in c.token_ids])
     assert outputs[0] == outputs[1]
-
-
-async def test_the_servers_default_draft_dtype_changes_nothing_but_speed(pair) -> None:
-    """``tandem serve`` runs the draft in ``--draft-dtype auto``: bfloat16 on this CPU where
-    oneDNN runs it (prepacked on the fast path). The target's greedy output stays exact."""
-    draft_dtype = resolve_draft_dtype("auto", pair.device, pair.dtype)
-    if draft_dtype == pair.dtype:
-        pytest.skip("auto keeps the target's dtype for the draft on this CPU")
-    draft = load_model_source("default", role="draft", device=pair.device, dtype=draft_dtype)
-    engine = Engine(dataclasses.replace(pair, draft=draft, draft_dtype=draft_dtype),
-                    EngineConfig(num_speculative_tokens=4), costs=TEST_COSTS)
-    try:
-        ids = chat_ids(pair)
-        handle = engine.submit(GenerationRequest(
-            request_id="bf16-draft", prompt_token_ids=tuple(ids), max_new_tokens=32))
-        chunks = [c async for c in handle]
-    finally:
-        engine.close()
-    assert [t for c in chunks for t in c.token_ids] == target_greedy(pair, ids, 32)
-    assert chunks[-1].usage.accepted_draft_tokens > 0  # the bfloat16 draft did propose
 
 
 async def test_server_streams_the_same_text_as_unary(engine) -> None:
