@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bench.compare import OutputComparison, compare_outputs
 from bench.workloads import Prompt, Workload
+from decoding.validation import encode_prompt
 
 if TYPE_CHECKING:
     from decoding.models import ModelPair
@@ -82,7 +83,7 @@ class BaselineResults:
 def prompt_token_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Token ids of a prompt, as the server computes them."""
     if prompt.text is not None:
-        return list(tokenizer.encode(prompt.text))
+        return encode_prompt(tokenizer, prompt.text)
     assert prompt.messages is not None
     text = tokenizer.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in prompt.messages],

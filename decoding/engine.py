@@ -41,6 +41,10 @@ from decoding.validation import Limits, PreparedRequest, prepare
 
 log = logging.getLogger(__name__)
 
+TOKENIZING_THREADS = 2
+"""Prompts :meth:`Engine.submit_async` tokenizes at once. A fast tokenizer releases the GIL, so
+each takes a core beside the device worker; more calls wait their turn off the event loop."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -91,6 +95,7 @@ class EngineStats:
     live_draft_sequences: int
     reserved_tokens: int  # KV positions reserved by running requests
     last_gamma: int  # γ of the most recent step
+    preparing: int = 0  # calls being tokenized (Engine.submit_async), not yet admitted
 
 
 class Engine:
@@ -189,7 +194,10 @@ class Engine:
         self._running: list[RunningRequest] = []
         self._waiting: collections.deque[RunningRequest] = collections.deque()
         self._reserved = 0
-        self._stopping = False
+        self._stopping = False  # no new calls (a drain, or close)
+        self._admitting = True  # False once the drain ended or the engine closed
+        self._preparing = 0  # calls of submit_async being tokenized, admitted after
+        self._tokenizing = threading.BoundedSemaphore(TOKENIZING_THREADS)
         self.failed: BaseException | None = None
         self._worker = threading.Thread(target=self._run, name="tandem-device-worker", daemon=True)
         self._worker.start()
@@ -236,10 +244,35 @@ class Engine:
     async def submit_async(self, request: GenerationRequest) -> RequestHandle:
         """:meth:`submit`, with the validation and tokenizing in a worker thread: a prompt of
         a few megabytes takes seconds to tokenize, which must not stall the caller's event
-        loop (and every other call and health check on it)."""
+        loop (and every other call and health check on it). At most
+        :data:`TOKENIZING_THREADS` prompts are tokenized at once; a call cancelled while it
+        waits for its turn is not tokenized at all, and a full queue refuses a call before
+        its prompt is tokenized. A call that was accepted before a drain began is admitted
+        during the drain (``stats().preparing`` counts it until then)."""
         self._check_accepting()
-        prepared = await asyncio.to_thread(prepare, request, self.pair.tokenizer, self.limits)
-        return self._admit(request, prepared)
+        with self._cond:
+            self._admit_locked()  # cancelled waiters out of the count
+            if len(self._waiting) >= self.config.max_queue:
+                raise self._overloaded_locked()
+            self._preparing += 1
+        skip = threading.Event()
+        try:
+            prepared = await asyncio.to_thread(self._prepare, request, skip)
+            assert prepared is not None  # None only once skip is set, after a cancellation
+            return self._admit(request, prepared)
+        except asyncio.CancelledError:
+            skip.set()
+            raise
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+
+    def _prepare(self, request: GenerationRequest, skip: threading.Event) -> PreparedRequest | None:
+        with self._tokenizing:
+            if skip.is_set():  # the caller is gone
+                return None
+            return prepare(request, self.pair.tokenizer, self.limits)
 
     def _check_accepting(self) -> None:
         if self.failed is not None:
@@ -248,8 +281,12 @@ class Engine:
             raise ShuttingDownError("the server is shutting down")
 
     def _admit(self, request: GenerationRequest, prepared: PreparedRequest) -> RequestHandle:
-        """Start ``request`` now, queue it, or raise OverloadedError (on the caller's loop)."""
-        self._check_accepting()  # again: shutdown may have begun while it was tokenized
+        """Start ``request`` now, queue it, or raise OverloadedError (on the caller's loop).
+        Once the drain has ended (``abort_all``) or the engine closed, it is refused."""
+        if self.failed is not None:
+            raise EngineFailedError("the device worker has stopped")
+        if not self._admitting:
+            raise ShuttingDownError("the server is shutting down")
         gamma = self.stepper.gamma_limit(request)
         reservation = len(prepared.prompt_ids) + prepared.max_new_tokens + gamma + 1
         budget = self.config.kv_token_budget
@@ -275,12 +312,15 @@ class Engine:
             elif len(self._waiting) < self.config.max_queue:
                 self._waiting.append(running)
             else:
-                raise OverloadedError(
-                    f"{len(self._running)} requests running and {len(self._waiting)} waiting",
-                    retry_after_s=1.0,
-                )
+                raise self._overloaded_locked()
             self._cond.notify()
         return handle
+
+    def _overloaded_locked(self) -> OverloadedError:
+        return OverloadedError(
+            f"{len(self._running)} requests running and {len(self._waiting)} waiting",
+            retry_after_s=1.0,
+        )
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -291,14 +331,17 @@ class Engine:
                 live_draft_sequences=self.draft.live_sequences,
                 reserved_tokens=self._reserved,
                 last_gamma=self.stepper.last_gamma,
+                preparing=self._preparing,
             )
 
     def stop_accepting(self) -> None:
         self._stopping = True
 
     def abort_all(self, err: BaseException) -> None:
-        """End every request with ``err`` at its next step (shutdown after the grace period)."""
+        """End every request with ``err`` at its next step (shutdown after the grace period),
+        and refuse the calls still being tokenized."""
         with self._cond:
+            self._admitting = False
             for running in [*self._running, *self._waiting]:
                 running.handle.abort_error = err
             self._cond.notify_all()
@@ -307,6 +350,7 @@ class Engine:
         """Cancel everything and stop the worker."""
         with self._cond:
             self._stopping = True
+            self._admitting = False
             for running in [*self._running, *self._waiting]:
                 running.handle.cancelled = True
             self._cond.notify_all()
@@ -330,10 +374,10 @@ class Engine:
                 with self._cond:
                     while True:
                         self._admit_locked()
-                        if self._running or (self._stopping and not self._waiting):
+                        if self._running or self._done_locked():
                             break
                         self._cond.wait()
-                    if self._stopping and not self._running and not self._waiting:
+                    if not self._running and self._done_locked():
                         return
                     batch = list(self._running)
                 for running in batch:
@@ -343,6 +387,11 @@ class Engine:
         except BaseException as err:  # the worker itself broke: nothing can be served any more
             log.critical("device worker died", exc_info=True)
             self._die(err)
+
+    def _done_locked(self) -> bool:
+        """Whether the worker may stop: no new calls, none waiting, and none being tokenized
+        that could still be admitted."""
+        return self._stopping and not self._waiting and not (self._preparing and self._admitting)
 
     def _admit_locked(self) -> None:
         """End the waiters that were cancelled or aborted, wherever they are in the queue

@@ -334,15 +334,18 @@ class Stepper:
     def _record(
         self, running: RunningRequest, result: StepResult, start_ns: int, kept: int
     ) -> None:
-        """Count the step in the request's usage and timeline, where accepted draft tokens are
-        those the caller got: of the ``kept`` first emitted ones (the rest fell after EOS, a
-        stop string or the length). The draft's quality estimates take the step as it was."""
+        """Count the step in the request's usage and timeline as far as the output went: of
+        its ``kept`` first emitted tokens (the rest fell after EOS, a stop string or the
+        length). Where the output ends inside the accepted run, the draft tokens after that
+        point count neither as drafted nor as accepted, so a draft that is always right reads
+        α = 1. The draft's quality estimates take the step as it was."""
         accepted = min(result.num_accepted, kept)
+        drafted = result.num_drafted if kept > result.num_accepted else kept
         usage = running.handle.usage
         usage.target_forward_passes += result.num_forwards
-        usage.draft_tokens += result.num_drafted
+        usage.draft_tokens += drafted
         usage.accepted_draft_tokens += accepted
-        for position in range(result.num_drafted):
+        for position in range(drafted):
             if position >= len(usage.drafted_by_position):
                 usage.drafted_by_position.append(0)
                 usage.accepted_by_position.append(0)
@@ -356,7 +359,7 @@ class Stepper:
         running.handle.timeline.steps.append(
             StepRecord(
                 start_ns=start_ns,
-                gamma=result.num_drafted,
+                gamma=drafted,
                 accepted=accepted,
                 emitted=kept,
                 draft_s=result.draft_seconds,

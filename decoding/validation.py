@@ -76,16 +76,24 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
     return PreparedRequest(prompt_ids, max_new)
 
 
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """A plain prompt's ids as ``tokenizer(text)``, vLLM and TGI make them: with the
+    tokenizer's own special tokens (a Llama BOS; Qwen's add none). A chat template writes them
+    into its text, and so may a client that renders one itself: text that starts with the BOS
+    gets no second one."""
+    bos: str | None = getattr(tokenizer, "bos_token", None)
+    own_bos = bos is not None and bos != "" and text.startswith(bos)
+    return list(tokenizer.encode(text, add_special_tokens=not own_bos))
+
+
 def _prompt_ids(request: GenerationRequest, tokenizer: Any, limits: Limits) -> tuple[int, ...]:
     if request.prompt is not None:
         if not request.prompt:
             raise InvalidRequestError("prompt", "must not be empty")
-        # As ``tokenizer(prompt)``, vLLM and TGI encode it: with the tokenizer's own special
-        # tokens (a Llama BOS; Qwen's add none). A chat template writes them into its text.
-        ids = tokenizer.encode(request.prompt)
-        if not ids:
+        encoded = encode_prompt(tokenizer, request.prompt)
+        if not encoded:
             raise InvalidRequestError("prompt", "encodes to no tokens")
-        return tuple(ids)
+        return tuple(encoded)
     if request.messages is not None:
         if not request.messages:
             raise InvalidRequestError("messages", "must hold at least one message")

@@ -40,7 +40,7 @@ class RunningServer:
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             stats = self.engine.stats()
-            if not (stats.running or stats.waiting):
+            if not (stats.running or stats.waiting or stats.preparing):
                 return
             await asyncio.sleep(0.02)
 

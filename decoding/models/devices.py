@@ -64,16 +64,18 @@ def resolve_draft_dtype(
     name: str | None, device: torch.device, target_dtype: torch.dtype
 ) -> torch.dtype:
     """The draft's dtype: ``name`` as :func:`resolve_dtype` reads it, except that None (or
-    empty) means the target's, and ``"auto"`` means bfloat16 wherever it runs fast: on CUDA,
-    and on a CPU whose oneDNN runs bfloat16 linear layers (the fast path prepacks them; see
-    :func:`decoding.fast.model.can_pack_weights`); elsewhere the target's. The draft only
-    proposes tokens, so its precision changes speed, never the output."""
+    empty) means the target's, and ``"auto"`` means bfloat16 wherever it runs natively: a
+    CUDA device that supports it (Ampere or newer), or a CPU whose oneDNN runs bfloat16 linear
+    layers (the fast path prepacks them; see :func:`decoding.fast.model.can_pack_weights`);
+    elsewhere the target's. The draft only proposes tokens, so its precision changes speed,
+    never the output."""
     if name is None or not name.strip():
         return target_dtype
     if name.strip().lower() != "auto":
         return resolve_dtype(name, device)
-    if device.type == "cuda":
-        return torch.bfloat16
+    if device.type == "cuda":  # the current device's answer: one node's GPUs are alike
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else target_dtype
     if device.type == "cpu":
         from decoding.fast.model import can_pack_weights
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -210,18 +211,21 @@ async def test_eos_inside_an_accepted_run_stops_there(same_pair) -> None:
         engine.close()
     assert ids_of(chunks) == free_run[: first + 1]
     assert chunks[-1].finish_reason == FinishReason.EOS
-    # Usage counts the accepted draft tokens the caller got, not those after EOS: draft ==
-    # target, so every step's whole draft is accepted, and each step but the last (cut inside
-    # its accepted run, at EOS) also emits the target's own next token.
+    # Usage counts the draft as far as the output went, not past EOS: draft == target, so
+    # every step's whole draft is accepted (α = 1), and each step but the last (cut inside its
+    # accepted run, at EOS) also emits the target's own next token.
     usage = chunks[-1].usage
-    assert usage.draft_tokens > usage.accepted_draft_tokens
-    assert usage.accepted_draft_tokens == usage.completion_tokens - (
+    assert usage.draft_tokens == usage.accepted_draft_tokens == usage.completion_tokens - (
         usage.target_forward_passes - 1
     )
-    assert sum(usage.accepted_by_position) == usage.accepted_draft_tokens
+    assert usage.acceptance_rate == 1.0
+    assert sum(usage.accepted_by_position) == sum(usage.drafted_by_position) == (
+        usage.accepted_draft_tokens
+    )
     steps = handle.timeline.steps
     assert sum(step.emitted for step in steps) == usage.completion_tokens
     assert sum(step.accepted for step in steps) == usage.accepted_draft_tokens
+    assert sum(step.gamma for step in steps) == usage.draft_tokens
 
 
 @pytest.mark.parametrize(("gamma", "decode_steps"), [(5, 1), (0, 4)])
@@ -397,18 +401,36 @@ async def test_a_cancelled_waiter_leaves_the_queue_at_once(same_pair, monkeypatc
         engine.close()
 
 
+class SlowPrepare:
+    """Tokenizing made to take ``seconds``: ``calls`` are the ids of the requests tokenized
+    (in the order they finished), ``most`` how many were tokenized at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+        import decoding.engine as engine_module
+
+        self._real = engine_module.prepare
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._now = 0
+        self.most = 0
+        self.calls: list[str] = []
+        monkeypatch.setattr(engine_module, "prepare", self)
+
+    def __call__(self, request, *args):
+        with self._lock:
+            self._now += 1
+            self.most = max(self.most, self._now)
+        time.sleep(self._seconds)
+        with self._lock:
+            self._now -= 1
+            self.calls.append(request.request_id)
+        return self._real(request, *args)
+
+
 async def test_submit_async_tokenizes_off_the_event_loop(engine, monkeypatch) -> None:
     """A prompt that takes long to tokenize (megabytes of text) stalls nothing else on the
     caller's event loop."""
-    import decoding.engine as engine_module
-
-    real_prepare = engine_module.prepare
-
-    def slow_prepare(*args):
-        time.sleep(0.5)
-        return real_prepare(*args)
-
-    monkeypatch.setattr(engine_module, "prepare", slow_prepare)
+    SlowPrepare(monkeypatch, 0.5)
     ticks = 0
 
     async def tick() -> None:
@@ -428,6 +450,75 @@ async def test_submit_async_tokenizes_off_the_event_loop(engine, monkeypatch) ->
     assert len(ids_of([chunk async for chunk in handle])) == 3
     with pytest.raises(InvalidRequestError, match="prompt"):  # errors still surface
         await engine.submit_async(GenerationRequest(request_id="bad", prompt=""))
+
+
+async def test_tokenizing_is_bounded_and_skipped_for_a_call_cancelled_before_its_turn(
+    engine, monkeypatch
+) -> None:
+    from decoding.engine import TOKENIZING_THREADS
+
+    slow = SlowPrepare(monkeypatch, 0.3)
+    submit = [asyncio.create_task(engine.submit_async(GenerationRequest(
+        request_id=f"t{i}", prompt="def f():", max_new_tokens=2)))
+        for i in range(TOKENIZING_THREADS + 1)]
+    await asyncio.sleep(0.1)  # the first ones are tokenizing, the last waits its turn
+    assert engine.stats().preparing == TOKENIZING_THREADS + 1
+    submit[-1].cancel()
+    for task in submit[:-1]:
+        assert len(ids_of([chunk async for chunk in await task])) == 2
+    await asyncio.sleep(0.5)  # time enough for a third tokenizing to end
+    assert sorted(slow.calls) == [f"t{i}" for i in range(TOKENIZING_THREADS)]
+    assert slow.most == TOKENIZING_THREADS
+    assert engine.stats().preparing == 0
+
+
+async def test_a_full_queue_refuses_a_call_before_tokenizing_it(same_pair, monkeypatch) -> None:
+    engine = make_engine(same_pair, max_concurrent_requests=1, max_queue=1)
+    try:
+        request = GenerationRequest(request_id="q", prompt_token_ids=PROMPT_IDS,
+                                    max_new_tokens=100)
+        first, second = engine.submit(request), engine.submit(request)
+        slow = SlowPrepare(monkeypatch, 0.0)
+        with pytest.raises(OverloadedError):
+            await engine.submit_async(request)
+        assert slow.calls == [] and engine.stats().preparing == 0
+        for handle in (first, second):
+            await handle.aclose()
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
+async def test_a_call_being_tokenized_when_the_drain_begins_is_served(
+    engine, monkeypatch
+) -> None:
+    """It was accepted before the drain: it runs (the worker waits for it), while a call
+    still being tokenized when the drain ends is refused."""
+    from decoding.errors import ShuttingDownError
+
+    SlowPrepare(monkeypatch, 0.3)
+    early = asyncio.create_task(engine.submit_async(GenerationRequest(
+        request_id="early", prompt="def f():", max_new_tokens=3)))
+    await asyncio.sleep(0.1)
+    engine.stop_accepting()
+    with pytest.raises(ShuttingDownError):
+        await engine.submit_async(GenerationRequest(request_id="late", prompt="x"))
+    assert engine.stats().preparing == 1
+    assert len(ids_of([chunk async for chunk in await early])) == 3
+    assert engine.stats().preparing == 0
+
+    drained = make_engine(engine.pair)
+    try:
+        cut = asyncio.create_task(drained.submit_async(GenerationRequest(
+            request_id="cut", prompt="def f():", max_new_tokens=3)))
+        await asyncio.sleep(0.1)
+        drained.stop_accepting()
+        drained.abort_all(ShuttingDownError("the grace period is over"))
+        with pytest.raises(ShuttingDownError):
+            await cut
+        await wait_until_idle(drained)
+    finally:
+        drained.close()
 
 
 @pytest.mark.parametrize(

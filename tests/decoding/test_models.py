@@ -88,13 +88,18 @@ def test_resolve_dtype_refuses_bad_names(name: str) -> None:
         resolve_dtype(name, torch.device("cpu"))
 
 
-def test_the_draft_dtype_is_the_targets_unless_given_and_auto_picks_a_fast_one() -> None:
+def test_the_draft_dtype_is_the_targets_unless_given_and_auto_picks_a_fast_one(
+    monkeypatch,
+) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for unset in (None, "", " "):
         assert resolve_draft_dtype(unset, cpu, torch.float32) == torch.float32
         assert resolve_draft_dtype(unset, cuda, torch.float16) == torch.float16
     assert resolve_draft_dtype("float32", cuda, torch.bfloat16) == torch.float32
-    assert resolve_draft_dtype("auto", cuda, torch.float32) == torch.bfloat16
+    for native, expected in ((True, torch.bfloat16), (False, torch.float16)):  # Ampere; a V100
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native)
+        assert resolve_draft_dtype("auto", cuda, torch.float16) == expected
     fast_bf16 = can_pack_weights(cpu, torch.bfloat16)
     assert resolve_draft_dtype("AUTO", cpu, torch.float32) == (
         torch.bfloat16 if fast_bf16 else torch.float32

@@ -42,6 +42,8 @@ def test_a_prompt_gets_the_tokenizers_bos_and_chat_messages_get_it_once() -> Non
     plain = tokenizer.encode(text, add_special_tokens=False)
     prompt = prepare(GenerationRequest(request_id="p", prompt=text), tokenizer, LIMITS)
     assert prompt.prompt_ids == (bos_id, *plain)  # as tokenizer(text) and vLLM give it
+    rendered = prepare(GenerationRequest(request_id="r", prompt=BOS + text), tokenizer, LIMITS)
+    assert rendered.prompt_ids == prompt.prompt_ids  # a prompt with its own BOS gets no second
     chat = prepare(GenerationRequest(request_id="c", messages=(ChatMessage("user", text),)),
                    tokenizer, LIMITS)
     assert chat.prompt_ids[0] == bos_id and chat.prompt_ids.count(bos_id) == 1

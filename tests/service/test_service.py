@@ -87,6 +87,26 @@ async def test_health_answers_while_a_long_prompt_is_tokenized(served, monkeypat
     assert len((await slow).token_ids) == 2
 
 
+async def test_a_call_being_tokenized_when_the_drain_begins_completes(
+    same_pair, monkeypatch
+) -> None:
+    from tests.conftest import make_engine
+    from tests.decoding.test_engine import SlowPrepare
+    from tests.service.conftest import serve
+
+    SlowPrepare(monkeypatch, 0.5)
+    s = await serve(make_engine(same_pair))
+    try:
+        call = asyncio.ensure_future(
+            s.stub.Generate(pb.GenerateRequest(prompt="def f():", max_new_tokens=4))
+        )
+        await asyncio.sleep(0.2)  # it is being tokenized now
+        await s.running.shutdown(grace=5)
+        assert len((await call).token_ids) == 4
+    finally:
+        await s.channel.close()
+
+
 async def test_model_info(served) -> None:
     info = await served.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.vocab_size == served.engine.info.vocab_size
