@@ -61,7 +61,8 @@ def _digest(value: str) -> bytes:
 
 def _denial(details: str, request_id: str) -> grpc.RpcMethodHandler:
     """A handler that refuses the call: UNAUTHENTICATED, with an ``x-request-id`` as every
-    response has (a new id, since the request is never read; the refusal's log line has it).
+    Generate response has (a new id, since the request is never read; the refusal's log line
+    has it).
     A stream-stream handler fits every kind of call: on the wire the server cannot tell them
     apart, and it aborts before reading a message, so the request is never even deserialized."""
 

@@ -21,8 +21,8 @@ class Settings:
     draft: str = "default"
     device: str = "auto"  # cpu, cuda, cuda:N, auto
     dtype: str = "auto"  # float32, bfloat16, float16, auto (bf16 on GPU, float32 on CPU)
-    # auto: bfloat16 on CUDA and on CPUs with oneDNN bfloat16, else as dtype; empty: as dtype.
-    # The draft only proposes, so its precision never changes the output.
+    # auto: bfloat16 on GPUs that run it natively and on CPUs with oneDNN bfloat16, else as
+    # dtype; empty: as dtype. The draft only proposes, so its precision never changes output.
     draft_dtype: str = "auto"
     cache_dir: str = ""  # empty: $TANDEM_CACHE or ~/.cache/tandem
     # serving
@@ -72,8 +72,8 @@ HELP = {
     "draft": "draft model, same forms; must share the target's vocabulary",
     "device": "cpu, cuda, cuda:N or auto",
     "dtype": "float32, bfloat16, float16 or auto",
-    "draft_dtype": "the draft's dtype: auto (bfloat16 on CUDA and on CPUs whose oneDNN runs "
-    "it, else --dtype's), empty for --dtype's, or a dtype; it never changes the output",
+    "draft_dtype": "the draft's dtype: auto (bfloat16 on GPUs and CPUs that run it natively, "
+    "else --dtype's), empty for --dtype's, or a dtype; it never changes the output",
     "cache_dir": "model cache folder (default $TANDEM_CACHE or ~/.cache/tandem)",
     "host": "address to listen on",
     "port": "gRPC port (0 picks a free one)",
