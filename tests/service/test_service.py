@@ -64,15 +64,9 @@ async def test_health_answers_while_a_long_prompt_is_tokenized(served, monkeypat
     holds up neither health checks nor other calls."""
     import time
 
-    import decoding.engine as engine_module
+    from tests.decoding.test_engine import SlowPrepare
 
-    real_prepare = engine_module.prepare
-
-    def slow_prepare(*args):
-        time.sleep(1.0)
-        return real_prepare(*args)
-
-    monkeypatch.setattr(engine_module, "prepare", slow_prepare)
+    SlowPrepare(monkeypatch, 1.0)
     # The client shares the server's event loop here: a blocked loop would hold up both.
     started = time.monotonic()
     slow = asyncio.ensure_future(
