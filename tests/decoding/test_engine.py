@@ -401,6 +401,14 @@ async def test_a_cancelled_waiter_leaves_the_queue_at_once(same_pair, monkeypatc
         engine.close()
 
 
+async def until(condition, timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds (polling the event loop), or fail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 class SlowPrepare:
     """Tokenizing made to take ``seconds``: ``calls`` are the ids of the requests tokenized
     (in the order they finished), ``most`` how many were tokenized at once."""
@@ -457,16 +465,20 @@ async def test_tokenizing_is_bounded_and_skipped_for_a_call_cancelled_before_its
 ) -> None:
     from decoding.engine import TOKENIZING_THREADS
 
-    slow = SlowPrepare(monkeypatch, 0.3)
-    submit = [asyncio.create_task(engine.submit_async(GenerationRequest(
-        request_id=f"t{i}", prompt="def f():", max_new_tokens=2)))
-        for i in range(TOKENIZING_THREADS + 1)]
-    await asyncio.sleep(0.1)  # the first ones are tokenizing, the last waits its turn
-    assert engine.stats().preparing == TOKENIZING_THREADS + 1
+    slow = SlowPrepare(monkeypatch, 1.0)  # long enough for the first ones to overlap
+
+    def submit_one(i: int) -> asyncio.Task:
+        return asyncio.create_task(engine.submit_async(GenerationRequest(
+            request_id=f"t{i}", prompt="def f():", max_new_tokens=2)))
+
+    submit = [submit_one(i) for i in range(TOKENIZING_THREADS)]
+    await until(lambda: slow.most == TOKENIZING_THREADS)  # these are tokenizing now
+    submit.append(submit_one(TOKENIZING_THREADS))  # this one waits its turn
+    await until(lambda: engine.stats().preparing == TOKENIZING_THREADS + 1)
     submit[-1].cancel()
     for task in submit[:-1]:
         assert len(ids_of([chunk async for chunk in await task])) == 2
-    await asyncio.sleep(0.5)  # time enough for a third tokenizing to end
+    await asyncio.sleep(1.2)  # time enough for a third tokenizing to end
     assert sorted(slow.calls) == [f"t{i}" for i in range(TOKENIZING_THREADS)]
     assert slow.most == TOKENIZING_THREADS
     assert engine.stats().preparing == 0
@@ -499,7 +511,7 @@ async def test_a_call_being_tokenized_when_the_drain_begins_is_served(
     SlowPrepare(monkeypatch, 0.3)
     early = asyncio.create_task(engine.submit_async(GenerationRequest(
         request_id="early", prompt="def f():", max_new_tokens=3)))
-    await asyncio.sleep(0.1)
+    await until(lambda: engine.stats().preparing == 1)
     engine.stop_accepting()
     with pytest.raises(ShuttingDownError):
         await engine.submit_async(GenerationRequest(request_id="late", prompt="x"))
@@ -511,7 +523,7 @@ async def test_a_call_being_tokenized_when_the_drain_begins_is_served(
     try:
         cut = asyncio.create_task(drained.submit_async(GenerationRequest(
             request_id="cut", prompt="def f():", max_new_tokens=3)))
-        await asyncio.sleep(0.1)
+        await until(lambda: drained.stats().preparing == 1)
         drained.stop_accepting()
         drained.abort_all(ShuttingDownError("the grace period is over"))
         with pytest.raises(ShuttingDownError):

@@ -64,19 +64,19 @@ async def test_health_answers_while_a_long_prompt_is_tokenized(served, monkeypat
     holds up neither health checks nor other calls."""
     import time
 
-    from tests.decoding.test_engine import SlowPrepare
+    from tests.decoding.test_engine import SlowPrepare, until
 
     SlowPrepare(monkeypatch, 1.0)
     # The client shares the server's event loop here: a blocked loop would hold up both.
-    started = time.monotonic()
     slow = asyncio.ensure_future(
         served.stub.Generate(pb.GenerateRequest(prompt="def f():", max_new_tokens=2))
     )
-    await asyncio.sleep(0.2)  # the slow call is being tokenized now
+    await until(lambda: served.engine.stats().preparing == 1)  # being tokenized now
+    started = time.monotonic()
     health = health_pb2_grpc.HealthStub(served.channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    assert time.monotonic() - started < 0.8
+    assert time.monotonic() - started < 0.5
     assert not slow.done()
     assert len((await slow).token_ids) == 2
 
@@ -85,7 +85,7 @@ async def test_a_call_being_tokenized_when_the_drain_begins_completes(
     same_pair, monkeypatch
 ) -> None:
     from tests.conftest import make_engine
-    from tests.decoding.test_engine import SlowPrepare
+    from tests.decoding.test_engine import SlowPrepare, until
     from tests.service.conftest import serve
 
     SlowPrepare(monkeypatch, 0.5)
@@ -94,7 +94,7 @@ async def test_a_call_being_tokenized_when_the_drain_begins_completes(
         call = asyncio.ensure_future(
             s.stub.Generate(pb.GenerateRequest(prompt="def f():", max_new_tokens=4))
         )
-        await asyncio.sleep(0.2)  # it is being tokenized now
+        await until(lambda: s.engine.stats().preparing == 1)  # it is being tokenized now
         await s.running.shutdown(grace=5)
         assert len((await call).token_ids) == 4
     finally:
