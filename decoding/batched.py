@@ -27,6 +27,8 @@ import torch
 
 from decoding.clock import StepClock
 from decoding.fast.runner import PAD_TOKEN
+from decoding.logprobs import logprob_rows, unpack
+from decoding.params import TokenLogprob
 from decoding.sampling import (
     Acceptance,
     accept_sampled_rows,
@@ -80,11 +82,13 @@ def speculative_step_batch(
         [s.target for s in states], fed, widths, lengths=lengths, transient=True
     )
     committed = _commit(states, drafts, target_logits, widths)
+    logprobs = _step_logprobs(states, target_logits, widths, [e for e, _ in committed])
     clock.mark()
     drafting, verifying = clock.gaps()
     return [
-        StepResult(emitted, gamma, accepted, drafting, verifying)
-        for (emitted, accepted), gamma in zip(committed, gammas, strict=True)
+        StepResult(emitted, gamma, accepted, drafting, verifying, logprobs=row_logprobs)
+        for (emitted, accepted), gamma, row_logprobs in zip(committed, gammas, logprobs,
+                                                            strict=True)
     ]
 
 
@@ -97,17 +101,62 @@ def plain_steps_batch(
     pending: list[list[int]] | torch.Tensor = [s.tokens[s.target.length :] for s in states]
     sequences = [state.target for state in states]
     chosen: list[torch.Tensor] = []
+    wanting = [i for i, state in enumerate(states) if state.top_logprobs is not None]
+    top = max((states[i].top_logprobs or 0 for i in wanting), default=0)
+    scored: list[torch.Tensor] = []  # each step's logprob rows of the requests that want them
     for _ in range(steps):
         logits = target.forward_packed(sequences, pending, [1] * len(states), transient=True)
         tokens = _draw(logits, states, [[] for _ in states])
         chosen.append(tokens)
+        if wanting:  # read before the next forward, which may overwrite ``logits``
+            picked = _subset(wanting, len(states), logits.device)
+            scored.append(logprob_rows(logits[picked], tokens[picked], top))
         pending = tokens.view(-1, 1)
     rows: list[list[int]] = torch.stack(chosen, dim=1).tolist()  # [B, steps]
     for state, emitted in zip(states, rows, strict=True):
         state.tokens.extend(emitted)
+    logprobs: list[list[TokenLogprob] | None] = [None] * len(states)
+    if wanting:
+        per_step = torch.stack(scored, dim=1).tolist()  # [len(wanting), steps, 1 + 2 top]
+        for i, scores in zip(wanting, per_step, strict=True):
+            logprobs[i] = unpack(scores, rows[i], states[i].top_logprobs or 0, top)
     clock.mark()
     (verifying,) = clock.gaps()
-    return [StepResult(emitted, 0, 0, 0.0, verifying, num_forwards=steps) for emitted in rows]
+    return [
+        StepResult(emitted, 0, 0, 0.0, verifying, num_forwards=steps, logprobs=row_logprobs)
+        for emitted, row_logprobs in zip(rows, logprobs, strict=True)
+    ]
+
+
+def _subset(rows: list[int], count: int, device: torch.device) -> slice | torch.Tensor:
+    """An index of ``rows`` among ``count``: a slice when they are all of them."""
+    return slice(None) if len(rows) == count else to_device(rows, device)
+
+
+def _step_logprobs(
+    states: list[SequenceState],
+    logits: torch.Tensor,
+    widths: list[int],
+    emitted: list[list[int]],
+) -> list[list[TokenLogprob] | None]:
+    """The log-probabilities of each emitted token of the requests that want them, from the
+    packed target ``logits`` (row i's ``widths[i]`` end to end; its k-th emitted token was
+    chosen from its k-th): one computation and one read-back for all of them."""
+    wanting = [i for i, state in enumerate(states) if state.top_logprobs is not None]
+    result: list[list[TokenLogprob] | None] = [None] * len(states)
+    if not wanting:
+        return result
+    top = max(states[i].top_logprobs or 0 for i in wanting)
+    starts = list(accumulate(widths, initial=0))
+    positions = [starts[i] + k for i in wanting for k in range(len(emitted[i]))]
+    tokens = [token for i in wanting for token in emitted[i]]
+    device = logits.device
+    rows = logprob_rows(logits[to_device(positions, device)], to_device(tokens, device), top)
+    scores = iter(rows.tolist())
+    for i in wanting:
+        own = [next(scores) for _ in emitted[i]]
+        result[i] = unpack(own, emitted[i], states[i].top_logprobs or 0, top)
+    return result
 
 
 @dataclass

@@ -75,6 +75,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     speculation: SpeculationParams = field(default_factory=SpeculationParams)
     deadline: float | None = None  # time.monotonic() after which the request is abandoned
+    logprobs: bool = False  # return the target's log-probability of every output token
+    top_logprobs: int = 0  # and of this many most likely tokens at each position (needs logprobs)
 
 
 @dataclass
@@ -100,6 +102,17 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability under the target model, from its raw logits (before
+    temperature, top-k and top-p), and the ``top`` most likely tokens at its position with
+    theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
     """What one speculative step emitted: its token ids and text delta.
 
@@ -110,3 +123,4 @@ class Chunk:
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when requested

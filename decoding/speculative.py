@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding.clock import StepClock
-from decoding.params import SamplingParams
+from decoding.logprobs import logprob_rows, unpack
+from decoding.params import SamplingParams, TokenLogprob
 from decoding.runner import KVSequence
 from decoding.sampling import (
     Acceptance,
@@ -40,6 +41,9 @@ class SequenceState:
     # Who drafts: the draft model by default. Any proposer keeps the output exact, since the
     # target decides every token; it must return draft probabilities when sampling.
     proposer: Proposer = field(default_factory=lambda: propose)
+    # The alternatives per position to return with each output token's log-probability;
+    # None: no log-probabilities (see decoding.logprobs).
+    top_logprobs: int | None = None
 
 
 Proposer = Callable[[SequenceState, int], tuple[torch.Tensor, torch.Tensor | None]]
@@ -53,6 +57,7 @@ class StepResult:
     draft_seconds: float  # as the device ran them (see decoding.clock)
     verify_seconds: float  # the target's forward and the acceptance
     num_forwards: int = 1  # target forward passes (more than one: see plain_steps)
+    logprobs: list[TokenLogprob] | None = None  # one per emitted token, if the request wants them
 
 
 def propose(state: SequenceState, gamma: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -131,9 +136,16 @@ def speculative_step(state: SequenceState, gamma: int) -> StepResult:
     clock.mark()
     target_logits = verify(state, draft_tokens)
     emitted, num_accepted = commit(state, draft_tokens, draft_probs, target_logits)
+    logprobs = None
+    if state.top_logprobs is not None:  # emitted token k was chosen from row k
+        rows = logprob_rows(
+            target_logits[: len(emitted)], to_device(emitted, target_logits.device),
+            state.top_logprobs,
+        )
+        logprobs = unpack(rows.tolist(), emitted, state.top_logprobs)
     clock.mark()
     drafting, verifying = clock.gaps()
-    return StepResult(emitted, gamma, num_accepted, drafting, verifying)
+    return StepResult(emitted, gamma, num_accepted, drafting, verifying, logprobs=logprobs)
 
 
 def plain_steps(state: SequenceState, steps: int) -> StepResult:
@@ -146,15 +158,21 @@ def plain_steps(state: SequenceState, steps: int) -> StepResult:
     clock = StepClock(state.target.device)
     pending: list[int] | torch.Tensor = state.tokens[state.target.length :]
     chosen: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
     for _ in range(steps):
         logits = state.target.forward(pending, num_logits=1)  # [1, vocab]
         pending = draw(state, logits, [])
         chosen.append(pending)
+        if state.top_logprobs is not None:
+            rows.append(logprob_rows(logits, pending, state.top_logprobs))
     emitted: list[int] = torch.cat(chosen).tolist()
     state.tokens.extend(emitted)  # the target holds all but the last, as after any step
+    logprobs = None
+    if state.top_logprobs is not None:
+        logprobs = unpack(torch.cat(rows).tolist(), emitted, state.top_logprobs)
     clock.mark()
     (verifying,) = clock.gaps()
-    return StepResult(emitted, 0, 0, 0.0, verifying, num_forwards=steps)
+    return StepResult(emitted, 0, 0, 0.0, verifying, num_forwards=steps, logprobs=logprobs)
 
 
 def commit(

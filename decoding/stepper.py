@@ -198,7 +198,8 @@ class Stepper:
 
     def _start_sequences(self, running: RunningRequest) -> None:
         prompt = list(running.prepared.prompt_ids)
-        seed = running.request.sampling.seed
+        request = running.request
+        seed = request.sampling.seed
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
         target = self.target.new_sequence()
@@ -211,9 +212,10 @@ class Stepper:
             tokens=prompt,
             target=target,
             draft=draft,
-            sampling=running.request.sampling,
+            sampling=request.sampling,
             generator=generator,
             proposer=self.proposer,
+            top_logprobs=request.top_logprobs if request.logprobs else None,
         )
 
     # ---- steps -----------------------------------------------------------------------------
@@ -325,10 +327,11 @@ class Stepper:
         usage = running.handle.usage
         usage.completion_tokens = len(running.output)
         text = running.detokenizer.delta(final=finish is not None)
+        logprobs = None if result.logprobs is None else tuple(result.logprobs[: len(emitted)])
         if finish is None:
-            running.handle._put(Chunk(tuple(emitted), text))
+            running.handle._put(Chunk(tuple(emitted), text, logprobs=logprobs))
         else:
-            running.handle._put(Chunk(tuple(emitted), text, finish, usage))
+            running.handle._put(Chunk(tuple(emitted), text, finish, usage, logprobs))
             self._finish(running, _END)
 
     def _record(

@@ -14,6 +14,10 @@ from decoding.params import GenerationRequest
 
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a request may ask for at each position (OpenAI's and vLLM's default
+limit)."""
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -46,6 +50,7 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
     prompt_ids = _prompt_ids(request, tokenizer, limits)
 
     _check_stop(request.stop, limits)
+    _check_logprobs(request)
     gamma = request.speculation.num_speculative_tokens
     if gamma is not None and not 0 <= gamma <= limits.max_speculative_tokens:
         raise InvalidRequestError(
@@ -136,3 +141,13 @@ def _check_stop(stop: tuple[str, ...], limits: Limits) -> None:
             raise InvalidRequestError(
                 f"stop[{i}]", f"longer than {limits.max_stop_string_length} characters"
             )
+
+
+def _check_logprobs(request: GenerationRequest) -> None:
+    top = request.top_logprobs
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(
+            "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}"
+        )
+    if top and not request.logprobs:
+        raise InvalidRequestError("top_logprobs", "needs logprobs to be true")

@@ -551,6 +551,9 @@ async def test_a_call_being_tokenized_when_the_drain_begins_is_served(
          "speculation.num_speculative_tokens"),
         ({"messages": (ChatMessage("wizard", "hi"),)}, "messages[0].role"),
         ({"messages": ()}, "messages"),
+        ({"prompt": "x", "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"prompt": "x", "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ({"prompt": "x", "top_logprobs": 2}, "top_logprobs"),
     ],
 )
 async def test_invalid_requests_name_the_field_and_the_engine_goes_on(engine, fields, field):
