@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-speculative-tokens", type=int, default=None, help="γ (default: adaptive; 0 = off)"
     )
+    parser.add_argument(
+        "--logprobs", type=int, default=None, metavar="N",
+        help="print each token's log-probability under the target, with its N most likely "
+        "alternatives (0: none), to stderr",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     parser.add_argument("--token", default=None, help="bearer token, if the server wants one")
     parser.add_argument(
@@ -52,6 +57,11 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
         request.max_new_tokens = args.max_new_tokens
     if args.num_speculative_tokens is not None:
         request.speculation.num_speculative_tokens = args.num_speculative_tokens
+    if args.logprobs is not None:
+        if args.logprobs < 0:
+            raise SystemExit("--logprobs must be at least 0")
+        request.logprobs = True
+        request.top_logprobs = args.logprobs
     return request
 
 
@@ -76,12 +86,14 @@ def run(args: argparse.Namespace) -> int:
     with channel_for(args) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         try:
+            logprobs: list[pb.TokenLogprob] = []
             if args.stream:
                 usage, finish = pb.Usage(), 0
                 stream = stub.GenerateStream(request, timeout=args.timeout, metadata=metadata)
                 for message in stream:
                     sys.stdout.write(message.text)
                     sys.stdout.flush()
+                    logprobs.extend(message.logprobs)
                     if message.HasField("usage"):
                         usage, finish = message.usage, message.finish_reason
                 sys.stdout.write("\n")
@@ -91,9 +103,14 @@ def run(args: argparse.Namespace) -> int:
                 response = stub.Generate(unary, timeout=args.timeout, metadata=metadata)
                 print(response.text)
                 usage, finish = response.usage, response.finish_reason
+                logprobs.extend(response.logprobs)
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
+    for entry in logprobs:
+        top = " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in entry.top_logprobs)
+        print(f"[logprob token={entry.token_id} {entry.logprob:.4f}"
+              + (f" top {top}]" if top else "]"), file=sys.stderr)
     print(
         f"[finish={FINISH_NAMES.get(finish, '?')} prompt_tokens={usage.prompt_tokens} "
         f"completion_tokens={usage.completion_tokens} draft_tokens={usage.draft_tokens} "

@@ -13,6 +13,7 @@ from decoding.params import (
     GenerationRequest,
     SamplingParams,
     SpeculationParams,
+    TokenLogprob,
     Usage,
 )
 from service._proto.tandem.v1 import generation_pb2 as pb
@@ -77,6 +78,8 @@ def to_request(
             )
         ),
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+        logprobs=message.logprobs,
+        top_logprobs=message.top_logprobs,
     )
 
 
@@ -94,9 +97,21 @@ def to_usage(usage: Usage) -> pb.Usage:
     )
 
 
+def to_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top_logprobs=[pb.TopLogprob(token_id=i, logprob=v) for i, v in lp.top],
+        )
+        for lp in logprobs or ()
+    ]
+
+
 def to_stream_response(request_id: str, chunk: Chunk) -> pb.GenerateStreamResponse:
     response = pb.GenerateStreamResponse(
-        request_id=request_id, text=chunk.text, token_ids=chunk.token_ids
+        request_id=request_id, text=chunk.text, token_ids=chunk.token_ids,
+        logprobs=to_logprobs(chunk.logprobs),
     )
     if chunk.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[chunk.finish_reason]
@@ -111,6 +126,7 @@ def to_response(request_id: str, chunks: list[Chunk]) -> pb.GenerateResponse:
         request_id=request_id,
         text="".join(c.text for c in chunks),
         token_ids=[t for c in chunks for t in c.token_ids],
+        logprobs=[lp for c in chunks for lp in to_logprobs(c.logprobs)],
     )
     if last.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[last.finish_reason]

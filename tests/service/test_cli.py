@@ -29,6 +29,27 @@ async def test_generate_prints_the_text(served) -> None:
         assert "completion_tokens=12" in err.decode() or "finish=eos" in err.decode()
 
 
+async def test_generate_prints_logprobs(served) -> None:
+    request = pb.GenerateRequest(prompt="def add(a, b):", max_new_tokens=5, logprobs=True,
+                                 top_logprobs=1)
+    expected = await served.stub.Generate(request)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "generate", "def add(a, b):",
+        "--address", served.address, "--max-new-tokens", "5", "--logprobs", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    lines = [line for line in err.decode().splitlines() if line.startswith("[logprob ")]
+    assert lines == [
+        f"[logprob token={e.token_id} {e.logprob:.4f} top "
+        f"{e.top_logprobs[0].token_id}:{e.top_logprobs[0].logprob:.4f}]"
+        for e in expected.logprobs
+    ]
+    assert len(lines) == len(expected.token_ids) > 0
+
+
 async def test_generate_reports_errors(served) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.cli", "generate", "x", "--address", served.address,

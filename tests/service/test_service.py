@@ -40,6 +40,27 @@ async def test_unary_and_stream_agree(served) -> None:
     assert unary.usage.draft_tokens == unary.usage.accepted_draft_tokens > 0
 
 
+async def test_logprobs_come_with_their_tokens(served) -> None:
+    """One entry per token, unary and streamed alike; greedy tokens are the most likely."""
+    unary_request = greedy(n=12)
+    unary_request.logprobs, unary_request.top_logprobs = True, 2
+    unary = await served.stub.Generate(unary_request)
+    stream_request = greedy(n=12, cls=pb.GenerateStreamRequest)
+    stream_request.logprobs, stream_request.top_logprobs = True, 2
+    messages = [m async for m in served.stub.GenerateStream(stream_request)]
+    for message in messages:
+        assert [lp.token_id for lp in message.logprobs] == list(message.token_ids)
+    streamed = [lp for m in messages for lp in m.logprobs]
+    assert list(unary.logprobs) == streamed
+    assert [lp.token_id for lp in unary.logprobs] == list(unary.token_ids)
+    for entry in unary.logprobs:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token_id == entry.token_id
+        assert entry.top_logprobs[0].logprob == entry.logprob >= entry.top_logprobs[1].logprob
+    assert not (await served.stub.Generate(greedy(n=4))).logprobs
+
+
 async def test_request_id_is_echoed_or_generated(served) -> None:
     request = greedy(n=2)
     request.request_id = "caller-42"
@@ -201,6 +222,9 @@ def _invalid_cases():
         "γ above the maximum": (
             make(prompt_token_ids=ids, speculation=pb.SpeculationParams(num_speculative_tokens=9)),
             "speculation.num_speculative_tokens"),
+        "too many top_logprobs": (make(prompt="x", logprobs=True, top_logprobs=21),
+                                  "top_logprobs"),
+        "top_logprobs without logprobs": (make(prompt="x", top_logprobs=3), "top_logprobs"),
         "unknown chat role": (
             make(messages=[pb.ChatMessage(role="wizard", content="hi")]),
             "messages[0].role"),
