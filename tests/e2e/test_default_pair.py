@@ -86,14 +86,28 @@ async def test_greedy_64_tokens_equal_the_targets_own(pair, engine, capsys) -> N
 
 
 async def test_fixed_gamma_and_speculation_off_agree(pair, engine) -> None:
+    """The same tokens, and the same log-probabilities: the target's own (one cache-free HF
+    forward over the prompt and the output), at γ = 4 as with speculation off."""
     ids = tuple(chat_ids(pair))
-    outputs = []
+    outputs, logprobs = [], []
     for gamma in (0, 4):
         handle = engine.submit(GenerationRequest(
             request_id=f"g{gamma}", prompt_token_ids=ids, max_new_tokens=24,
-            speculation=SpeculationParams(gamma)))
-        outputs.append([t for c in [c async for c in handle] for t in c.token_ids])
+            speculation=SpeculationParams(gamma), logprobs=True, top_logprobs=2))
+        chunks = [c async for c in handle]
+        outputs.append([t for c in chunks for t in c.token_ids])
+        logprobs.append([lp for c in chunks for lp in c.logprobs or ()])
     assert outputs[0] == outputs[1]
+    with torch.inference_mode():
+        logits = pair.target.model(torch.tensor([[*ids, *outputs[0]]])).logits[0].float()
+    reference = torch.log_softmax(logits, dim=-1)[len(ids) - 1 : -1]
+    for given in logprobs:
+        assert [lp.token_id for lp in given] == outputs[0]
+        expected = reference[torch.arange(len(outputs[0])), outputs[0]]
+        torch.testing.assert_close(
+            torch.tensor([lp.logprob for lp in given]), expected, rtol=0, atol=2e-3
+        )
+        assert [[i for i, _ in lp.top] for lp in given] == reference.topk(2).indices.tolist()
 
 
 async def test_server_streams_the_same_text_as_unary(engine) -> None:
