@@ -60,11 +60,12 @@ class IncrementalDetokenizer:
         # Only a match ending in the new text is new. The previous text's trailing U+FFFD were
         # incomplete bytes that this token may have completed, so they do not count as seen.
         seen = len(self._text.rstrip(REPLACEMENT))
-        for stop in self._stop:
-            at = text.find(stop, max(0, seen - len(stop) + 1))
-            if at != -1:
-                # A later-listed stop could start earlier in the same new text: take the earliest.
-                text, self.stopped = text[:at], True
+        # The earliest match of any stop wins, each searched in the uncut text: one listed
+        # later may start before, and end after, the start of another's match.
+        found = [text.find(stop, max(0, seen - len(stop) + 1)) for stop in self._stop]
+        matches = [at for at in found if at != -1]
+        if matches:
+            text, self.stopped = text[: min(matches)], True
         self._text = text
         return self.stopped
 

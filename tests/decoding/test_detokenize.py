@@ -61,6 +61,19 @@ def test_earliest_of_several_stop_strings_wins(tokenizer) -> None:
     assert "".join(deltas) == "naïve "
 
 
+@pytest.mark.parametrize("stops", [("va", "al"), ("al", "va"), ("alu", "v"), ("lue", "valu")])
+def test_overlapping_stop_strings_completed_by_one_token_cut_at_the_earliest(
+    tokenizer, stops
+) -> None:
+    """One token ("value") completes two stop strings that overlap: whichever is listed
+    first, the text is cut where the earlier one starts."""
+    (token,) = tokenizer.encode("value", add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, stops)
+    assert detokenizer.add(token)
+    expected = min("value".find(stop) for stop in stops)
+    assert detokenizer.delta(final=True) == "value"[:expected]
+
+
 def test_text_that_could_start_a_stop_string_is_held_back(tokenizer) -> None:
     ids = tokenizer.encode("abc abd", add_special_tokens=False)
     detokenizer = IncrementalDetokenizer(tokenizer, ("abd!",))
