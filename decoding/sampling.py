@@ -31,7 +31,11 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     # Shift first (softmax does not care): a tiny temperature then sends every other logit to
     # -inf instead of overflowing the largest one to inf, which made softmax NaN.
-    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
+    # A temperature below float32's smallest normal number (possible from Python, not from
+    # the float32 proto field) would become 0 on the device, and 0 / 0 NaN: it samples like
+    # greedy either way.
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

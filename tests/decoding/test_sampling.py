@@ -111,6 +111,14 @@ def test_temperature_sharpens_and_flattens() -> None:
     assert greedy.tolist() == [[0.0, 0.0, 1.0]]
 
 
+@pytest.mark.parametrize("temperature", [1e-50, 1e-40, 1e-20])
+def test_a_temperature_too_small_for_float32_samples_like_greedy(temperature: float) -> None:
+    """1e-50 is 0 in float32: dividing by it made every probability NaN (0 / 0)."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.9]])
+    probs = processed_probs(logits, SamplingParams(temperature=temperature))
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
