@@ -252,7 +252,12 @@ class Engine:
         self._check_accepting()
         with self._cond:
             self._admit_locked()  # cancelled waiters out of the count
-            if len(self._waiting) >= self.config.max_queue:
+            # The calls being tokenized are on their way to the same places: a burst must not
+            # all pass this check, each be tokenized, and then be refused.
+            places = self.config.max_queue + max(
+                0, self.config.max_concurrent_requests - len(self._running)
+            )
+            if len(self._waiting) + self._preparing >= places:
                 raise self._overloaded_locked()
             self._preparing += 1
         skip = threading.Event()
@@ -436,19 +441,22 @@ class Engine:
             stepper.guarded(running, stepper.step)
 
     def _finish(self, running: RunningRequest, item: Any) -> None:
+        """End ``running`` with ``item`` (its last chunk, an error, or just the end marker).
+        Its caches and its place are given back first, so a caller that has read its last
+        chunk never finds itself still counted (and a call it makes next refused)."""
         running.finished = True
         running.ready = False
         if running.state is not None:
             running.state.target.release()
             running.state.draft.release()
         running.handle.timeline.finished_ns = time.time_ns()
-        running.handle._put(item)
-        if item is not _END:
-            running.handle._put(_END)
         with self._cond:
             if running in self._running:
                 self._running.remove(running)
                 self._reserved -= running.reservation
+        running.handle._put(item)
+        if item is not _END:
+            running.handle._put(_END)
 
     def _die(self, err: BaseException) -> None:
         self.failed = err

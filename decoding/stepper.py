@@ -61,7 +61,7 @@ class RunningRequest:
 
 
 Finish = Callable[[RunningRequest, Any], None]
-"""``finish(running, item)``: end a request with ``item`` (the end marker or an error), release
+"""``finish(running, item)``: end a request with ``item`` (its last chunk, an error or the end marker), release
 its caches and drop it from the running set."""
 
 
@@ -330,9 +330,8 @@ class Stepper:
         logprobs = None if result.logprobs is None else tuple(result.logprobs[: len(emitted)])
         if finish is None:
             running.handle._put(Chunk(tuple(emitted), text, logprobs=logprobs))
-        else:
-            running.handle._put(Chunk(tuple(emitted), text, finish, usage, logprobs))
-            self._finish(running, _END)
+        else:  # the last chunk goes out once the request has given its place back
+            self._finish(running, Chunk(tuple(emitted), text, finish, usage, logprobs))
 
     def _record(
         self, running: RunningRequest, result: StepResult, start_ns: int, kept: int
@@ -341,11 +340,13 @@ class Stepper:
         its ``kept`` first emitted tokens (the rest fell after EOS, a stop string or the
         length). Where the output ends inside the accepted run, the draft tokens after that
         point count neither as drafted nor as accepted, so a draft that is always right reads
-        α = 1. The draft's quality estimates take the step as it was."""
+        α = 1; where it ends inside a group of plain steps, the forwards after it do not count.
+        The draft's quality estimates take the step as it was."""
         accepted = min(result.num_accepted, kept)
         drafted = result.num_drafted if kept > result.num_accepted else kept
         usage = running.handle.usage
-        usage.target_forward_passes += result.num_forwards
+        # A group of plain steps emits a token per forward: those past the end count not.
+        usage.target_forward_passes += min(result.num_forwards, kept)
         usage.draft_tokens += drafted
         usage.accepted_draft_tokens += accepted
         for position in range(drafted):

@@ -501,6 +501,52 @@ async def test_a_full_queue_refuses_a_call_before_tokenizing_it(same_pair, monke
         engine.close()
 
 
+async def test_a_burst_is_refused_before_tokenizing_beyond_the_places_left(
+    same_pair, monkeypatch
+) -> None:
+    """Calls still being tokenized count against the queue: of a burst of 12 with one
+    request running, one slot free and a queue of 2, at most 3 are tokenized; the rest are
+    refused at once."""
+    engine = make_engine(same_pair, max_concurrent_requests=2, max_queue=2)
+    try:
+        busy = engine.submit(GenerationRequest(request_id="busy", prompt_token_ids=PROMPT_IDS,
+                                               max_new_tokens=100))
+        slow = SlowPrepare(monkeypatch, 0.2)
+        burst = [asyncio.create_task(engine.submit_async(GenerationRequest(
+            request_id=f"b{i}", prompt_token_ids=PROMPT_IDS, max_new_tokens=2)))
+            for i in range(12)]
+        results = await asyncio.gather(*burst, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, OverloadedError)]
+        served = [r for r in results if not isinstance(r, BaseException)]
+        assert len(refused) == 9 and len(served) == 3, results
+        assert len(slow.calls) == 3
+        for handle in served:
+            assert len(ids_of([chunk async for chunk in handle])) == 2
+        await busy.aclose()
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
+async def test_a_finished_request_is_no_longer_counted_when_its_caller_sees_the_end(
+    same_pair,
+) -> None:
+    """With one place and no queue, calls made one after another, each once the last one's
+    stream has ended, are never refused: the place is given back before the last chunk."""
+    engine = make_engine(same_pair, max_concurrent_requests=1, max_queue=0)
+    try:
+        for i in range(60):
+            handle = engine.submit(GenerationRequest(request_id=f"s{i}",
+                                                     prompt_token_ids=PROMPT_IDS,
+                                                     max_new_tokens=1 + i % 3))
+            async for chunk in handle:
+                if chunk.finish_reason is not None:
+                    stats = engine.stats()
+                    assert stats.running == stats.reserved_tokens == 0, stats
+    finally:
+        engine.close()
+
+
 async def test_a_call_being_tokenized_when_the_drain_begins_is_served(
     engine, monkeypatch
 ) -> None:
@@ -742,6 +788,8 @@ async def test_plain_steps_taken_together_change_nothing_but_the_grouping(
         engine.close()
     assert ids_of(chunks) == free_run[: free_run.index(free_run[6]) + 1]
     assert chunks[-1].finish_reason == FinishReason.EOS
+    # The forwards of the group after the EOS are not counted.
+    assert chunks[-1].usage.target_forward_passes == len(ids_of(chunks))
 
 
 async def test_a_seeded_adaptive_sample_drafts_where_it_would_one_step_at_a_time(
