@@ -20,6 +20,9 @@ fills one exponential variate per vocabulary entry from the request's generator)
 with CUDA graphs the forward of a small model costs well under a millisecond, so this outside
 share is what bounds tokens/s there.
 
+``--top-logprobs N`` makes every request ask for its tokens' log-probabilities with N
+alternatives (the API's ``logprobs`` / ``top_logprobs``), to show what that adds to a step.
+
 Every step starts from the same state (each sequence is rolled back to its prompt after it),
 so all calls of one case do the same work. ``--profile`` prints cProfile's top functions for
 one case instead.
@@ -115,7 +118,7 @@ class Setup:
     """B requests on a target and a draft runner, prefilled with a prompt each."""
 
     def __init__(self, target: StaticRunner, draft: StaticRunner, batch: int, vocab: int,
-                 temperature: float) -> None:
+                 temperature: float, top_logprobs: int | None = None) -> None:
         self.target, self.draft = target, draft
         generator = torch.Generator().manual_seed(1234)
         self.prompts = [
@@ -129,6 +132,7 @@ class Setup:
                 draft=draft.new_sequence(),  # type: ignore[arg-type]
                 sampling=SamplingParams(temperature=temperature, seed=row),
                 generator=torch.Generator().manual_seed(row),
+                top_logprobs=top_logprobs,
             )
             for row, prompt in enumerate(self.prompts)
         ]
@@ -202,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         "each prepacked call costs more than the plain one, which only adds to the forward)",
     )
     parser.add_argument(
+        "--top-logprobs", type=int, default=None, metavar="N",
+        help="every request asks for log-probabilities with N alternatives (default: none)",
+    )
+    parser.add_argument(
         "--profile", metavar="CASE", default=None,
         help="cProfile one case instead, e.g. 'sampled,8,spec g=4'",
     )
@@ -218,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile is not None:
         mode, batch_text, case = args.profile.split(",", 2)
         setup = Setup(target, draft, int(batch_text), args.vocab,
-                      1.0 if mode == "sampled" else 0.0)
+                      1.0 if mode == "sampled" else 0.0, args.top_logprobs)
         call = cases(setup)[case]
         measure(call, setup.reset, clock, calls=args.warmup, warmup=0)
         profiler = cProfile.Profile()
@@ -232,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, float32; "
           f"target and draft: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
-          f"median of {args.calls} calls; prepacked weights: {args.pack_weights}")
+          f"median of {args.calls} calls; prepacked weights: {args.pack_weights}; "
+          f"top_logprobs: {args.top_logprobs}")
     print("us per call (share outside the model's forward)")
     columns = [(mode, name) for mode in ("greedy", "sampled") for name in CASES
                if not (mode == "sampled" and name == "forward")]
@@ -242,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     for batch, alone in runs:
         row = []
         for mode, name in columns:
-            setup = Setup(target, draft, batch, args.vocab, 1.0 if mode == "sampled" else 0.0)
+            setup = Setup(target, draft, batch, args.vocab, 1.0 if mode == "sampled" else 0.0,
+                          args.top_logprobs)
             call = cases(setup, alone)[name]
             timing = measure(call, setup.reset, clock, args.calls, args.warmup)
             setup.release()
