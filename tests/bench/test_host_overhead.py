@@ -21,3 +21,11 @@ def test_one_case_is_profiled(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--profile", "sampled,2,spec g=4", "--calls", "2", "--warmup", "1"]
     assert host_overhead.main(args) == 0
     assert "function calls" in capsys.readouterr().out
+
+
+def test_top_logprobs_makes_every_step_score_its_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--profile", "greedy,2,spec g=4", "--calls", "2", "--warmup", "1"]
+    assert host_overhead.main(args) == 0
+    assert "logprob_rows" not in capsys.readouterr().out
+    assert host_overhead.main([*args, "--top-logprobs", "2"]) == 0
+    assert "logprob_rows" in capsys.readouterr().out
