@@ -23,9 +23,16 @@ def test_one_case_is_profiled(capsys: pytest.CaptureFixture[str]) -> None:
     assert "function calls" in capsys.readouterr().out
 
 
-def test_top_logprobs_makes_every_step_score_its_tokens(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["--profile", "greedy,2,spec g=4", "--calls", "2", "--warmup", "1"]
-    assert host_overhead.main(args) == 0
-    assert "logprob_rows" not in capsys.readouterr().out
-    assert host_overhead.main([*args, "--top-logprobs", "2"]) == 0
-    assert "logprob_rows" in capsys.readouterr().out
+
+def test_top_logprobs_makes_every_step_score_its_tokens() -> None:
+    shape = {"layers": 1, "hidden": 32, "vocab": 300}
+    target = host_overhead.StaticRunner(host_overhead.tiny_qwen2(0, **shape), num_slots=2,
+                                        max_len=64)
+    draft = host_overhead.StaticRunner(host_overhead.tiny_qwen2(1, **shape), num_slots=2,
+                                       max_len=64)
+    for top, scored in ((None, False), (2, True)):
+        setup = host_overhead.Setup(target, draft, 2, 300, 0.0, top)
+        results = host_overhead.cases(setup)["spec g=4"]()
+        assert all((result.logprobs is not None) == scored for result in results)
+        assert all(len(r.logprobs[0].top) == 2 for r in results if r.logprobs)
+        setup.release()
