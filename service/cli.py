@@ -31,9 +31,18 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "serve":
+        from decoding.errors import ModelLoadError
         from service.app import serve
 
-        return serve(settings_module.from_namespace(args))
+        settings = settings_module.from_namespace(args)
+        problems = settings_module.unreadable_files(settings)
+        if problems:
+            raise SystemExit("invalid settings: " + "; ".join(problems))
+        try:
+            return serve(settings)
+        except ModelLoadError as err:  # a bad name, device or pair: one line, no traceback
+            print(f"tandem serve: {err}", file=sys.stderr)
+            return 1
     if args.command == "generate":
         return client.run(args)
     if args.command == "models":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -97,7 +98,7 @@ HELP = {
     "step_spans": "record each speculative step as a child span (else as a span event)",
     "log_format": "text or json",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "log_content": "allow prompts and outputs in DEBUG logs",
+    "log_content": "reserved for prompts and outputs in DEBUG logs; no effect yet",
     "auth_token_file": "file holding the bearer token clients must send (or TANDEM_AUTH_TOKEN)",
     "auth_exempt_health": "let health checks through without a token",
     "tls_cert": "server certificate (PEM) for TLS",
@@ -113,6 +114,17 @@ CHOICES = {
     "fast_path": ["auto", "on", "off"],
 }
 
+
+MINIMA: dict[str, int | float] = {
+    "port": 0, "metrics_port": 0, "max_speculative_tokens": 1, "default_max_new_tokens": 1,
+    "max_new_tokens_limit": 1, "max_stop_strings": 0, "max_concurrent_requests": 1,
+    "max_queue": 0, "kv_token_budget": 0, "max_context": 2, "prefill_chunk": 0,
+    "decode_steps": 0, "max_message_bytes": 1, "shutdown_grace_seconds": 0,
+}
+"""The smallest value each numeric flag takes; ports are also at most 65535."""
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""The devices ``decoding.models.resolve_device`` knows (it checks that a CUDA one exists)."""
 
 ENV_OVERRIDES = {"cache_dir": "TANDEM_CACHE"}  # the name decoding.models reads too
 
@@ -197,7 +209,62 @@ def from_namespace(args: argparse.Namespace) -> Settings:
         raise SystemExit("--tls-cert and --tls-key must be given together")
     if settings.tls_client_ca and not settings.tls_cert:
         raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+    problems = out_of_range(settings)
+    if problems:
+        raise SystemExit("invalid settings: " + "; ".join(problems))
     return settings
+
+
+def _names(field_name: str) -> str:
+    return f"--{field_name.replace('_', '-')} ({env_name(field_name)})"
+
+
+def out_of_range(settings: Settings) -> list[str]:
+    """What is wrong with values that parse but cannot work, each naming its flag and
+    variable: checked before the models load, so a bad value costs no minutes of loading."""
+    problems = []
+    for name, least in MINIMA.items():
+        value = getattr(settings, name)
+        if value < least:
+            problems.append(f"{_names(name)} must be at least {least}, got {value}")
+    for name in ("port", "metrics_port"):
+        if getattr(settings, name) > 65535:
+            problems.append(f"{_names(name)} must be at most 65535, got {getattr(settings, name)}")
+    fixed = settings.fixed_speculative_tokens
+    if fixed is not None and fixed > settings.max_speculative_tokens:
+        problems.append(
+            f"{_names('num_speculative_tokens')} ({fixed}) must not exceed "
+            f"{_names('max_speculative_tokens')} ({settings.max_speculative_tokens})"
+        )
+    if settings.default_max_new_tokens > settings.max_new_tokens_limit:
+        problems.append(
+            f"{_names('default_max_new_tokens')} ({settings.default_max_new_tokens}) must not "
+            f"exceed {_names('max_new_tokens_limit')} ({settings.max_new_tokens_limit})"
+        )
+    if not _DEVICE.fullmatch(settings.device.strip().lower()):
+        problems.append(
+            f"{_names('device')} must be auto, cpu, cuda or cuda:N, got {settings.device!r}"
+        )
+    return problems
+
+
+def unreadable_files(settings: Settings) -> list[str]:
+    """The token and TLS files that are set but cannot be read (or, for the token, are
+    empty), each naming its flag and variable: ``tandem serve`` checks them before loading
+    the models."""
+    problems = []
+    for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(settings, name)
+        if not path:
+            continue
+        try:
+            text = Path(path).read_bytes()
+        except OSError as err:
+            problems.append(f"{_names(name)}: cannot read {path!r}: {err.strerror or err}")
+            continue
+        if name == "auth_token_file" and not text.strip():
+            problems.append(f"{_names(name)}: {path!r} is empty")
+    return problems
 
 
 def parse(argv: list[str], env: Mapping[str, str] | None = None) -> Settings:

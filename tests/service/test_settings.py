@@ -59,3 +59,69 @@ def test_other_commands_still_run_beside_an_invalid_environment(monkeypatch, cap
 )
 def test_grpc_address_brackets_ipv6(host: str, address: str) -> None:
     assert grpc_address(host, 5) == address
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--port", "99999"], "--port (TANDEM_PORT) must be at most 65535, got 99999"),
+        (["--metrics-port", "-1"], "--metrics-port (TANDEM_METRICS_PORT) must be at least 0"),
+        (["--max-queue", "-5"], "--max-queue (TANDEM_MAX_QUEUE) must be at least 0, got -5"),
+        (["--max-concurrent-requests", "0"], "--max-concurrent-requests"),
+        (["--max-speculative-tokens", "0"], "--max-speculative-tokens"),
+        (["--max-context", "0"], "--max-context (TANDEM_MAX_CONTEXT) must be at least 2"),
+        (["--default-max-new-tokens", "0"], "--default-max-new-tokens"),
+        (["--max-new-tokens-limit", "0"], "--max-new-tokens-limit"),
+        (["--prefill-chunk", "-3"], "--prefill-chunk"),
+        (["--decode-steps", "-1"], "--decode-steps"),
+        (["--kv-token-budget", "-1"], "--kv-token-budget"),
+        (["--max-message-bytes", "0"], "--max-message-bytes"),
+        (["--shutdown-grace-seconds", "-1"], "--shutdown-grace-seconds"),
+        (["--num-speculative-tokens", "20"], "(20) must not exceed --max-speculative-tokens"),
+        (["--default-max-new-tokens", "300", "--max-new-tokens-limit", "200"],
+         "(300) must not exceed --max-new-tokens-limit"),
+        (["--device", "gpu"], "--device (TANDEM_DEVICE) must be auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_values_that_parse_but_cannot_work_are_refused_naming_flag_and_variable(
+    argv: list[str], says: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    assert says in str(exit_.value.code)
+
+
+def test_values_from_the_environment_are_range_checked_too() -> None:
+    with pytest.raises(SystemExit, match=r"--max-queue \(TANDEM_MAX_QUEUE\) must be at least 0"):
+        parse([], env={"TANDEM_MAX_QUEUE": "-1"})
+    edges = parse(["--port", "65535", "--device", "CUDA:1", "--num-speculative-tokens", "8",
+                   "--max-queue", "0", "--default-max-new-tokens", "2048"])
+    assert (edges.port, edges.device, edges.fixed_speculative_tokens) == (65535, "CUDA:1", 8)
+
+
+def test_serve_refuses_unreadable_files_before_loading_models(tmp_path, monkeypatch) -> None:
+    import service.app
+
+    def no_loading(settings):
+        raise AssertionError("models loaded")
+
+    monkeypatch.setattr(service.app, "serve", no_loading)
+    empty = tmp_path / "token"
+    empty.write_text("  \n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--auth-token-file", str(empty), "--tls-cert", str(tmp_path / "no"),
+                  "--tls-key", str(tmp_path / "no")])
+    message = str(exit_.value.code)
+    assert f"--auth-token-file (TANDEM_AUTH_TOKEN_FILE): {str(empty)!r} is empty" in message
+    assert "--tls-cert (TANDEM_TLS_CERT): cannot read" in message
+    assert "--tls-key (TANDEM_TLS_KEY): cannot read" in message
+
+
+def test_a_model_that_cannot_load_is_one_line(tmp_path, capsys) -> None:
+    code = cli.main(["serve", "--target", str(tmp_path / "missing"), "--draft",
+                     str(tmp_path / "missing"), "--device", "cpu", "--metrics-port", "0",
+                     "--tracing", "none"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("tandem serve: target source "), err
