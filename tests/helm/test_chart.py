@@ -274,6 +274,7 @@ def test_yamllint_rendered(render, values_name: str) -> None:
         ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas"),
         ({"probes": {"type": "exec"}}, "probes.exec.command"),
         ({"telemetry": {"metricsPort": 50051}}, "must differ"),
+        ({"speculative": {"numTokens": 9, "maxTokens": 8}}, "must not exceed"),
     ],
 )
 def test_guards(chart: helm.Chart, values: dict[str, Any], message: str) -> None:

@@ -145,10 +145,20 @@ def test_env_from_values(render) -> None:
     # Metrics off: no metrics port on the pod or the Service.
     assert [p["name"] for p in rendered.server["ports"]] == ["grpc"]
     assert [p["name"] for p in rendered.one("Service")["spec"]["ports"]] == ["grpc"]
-    # The init container sees the same model, cache and extra settings.
     assert env["HF_HOME"] == "/weights/huggingface"
-    init_env = rendered.env(rendered.pod["initContainers"][0])
-    assert init_env["TANDEM_TARGET"] == "/models/target.gguf"
+    # Neither model is the default pair: no init container fetches it.
+    assert "initContainers" not in rendered.pod
+
+
+def test_the_init_container_sees_the_servers_model_settings(render) -> None:
+    rendered = render({
+        "model": {"target": "default", "draft": "/models/draft.gguf"},
+        "modelCache": {"mountPath": "/weights"},
+        "extraEnv": [{"name": "HF_HUB_OFFLINE", "value": "1"}],
+    })
+    (init,) = rendered.pod["initContainers"]
+    init_env = rendered.env(init)
+    assert init_env["TANDEM_DRAFT"] == rendered.env()["TANDEM_DRAFT"] == "/models/draft.gguf"
     assert init_env["TANDEM_CACHE"] == "/weights"
     assert init_env["HF_HUB_OFFLINE"] == "1"
 
@@ -188,7 +198,7 @@ def mounted_file(rendered: Rendered, env_name: str) -> tuple[str, str]:
 
 def test_secrets_are_files_never_env(all_on: Rendered) -> None:
     pod = all_on.pod
-    for container in pod["containers"] + pod["initContainers"]:
+    for container in pod["containers"] + pod.get("initContainers", []):
         assert "envFrom" not in container
         for item in container.get("env", []):
             assert "secretKeyRef" not in item.get("valueFrom", {}), item

@@ -146,7 +146,8 @@ def test_nothing_runs_as_root(render, values_name: str) -> None:
     rendered = render(VALUE_SETS[values_name])
     pod = rendered.pod
     containers = pod["containers"] + pod.get("initContainers", [])
-    assert len(containers) == 2  # the server and the fetch init container
+    # The server, and the fetch init container where the default pair is served.
+    assert len(containers) == (2 if values_name == "default" else 1)
     for container in containers:
         name = container["name"]
         user = effective(container, pod, "runAsUser")
@@ -191,6 +192,16 @@ def test_model_cache_volumes(render, default: Rendered, all_on: Rendered) -> Non
 
     no_class = render({"modelCache": {"persistence": {"enabled": True, "storageClassName": "-"}}})
     assert no_class.one("PersistentVolumeClaim")["spec"]["storageClassName"] == ""
+
+    # `tandem models fetch` fetches only the default pair: no init container for another.
+    custom = render({"model": {"target": "Qwen/Qwen2.5-7B-Instruct",
+                               "draft": "Qwen/Qwen2.5-0.5B-Instruct"}})
+    assert "initContainers" not in custom.pod
+    half = render({"model": {"target": "/var/cache/tandem/mine", "draft": "default"}})
+    assert [c["name"] for c in half.pod["initContainers"]] == ["fetch-models"]
+    custom_no_cache = render({"model": {"target": "/weights/t", "draft": "/weights/d"},
+                              "modelCache": {"enabled": False}})
+    assert "initContainers" not in custom_no_cache.pod
 
     baked = render({"modelCache": {"enabled": False}, "modelFetch": {"enabled": False}})
     assert "initContainers" not in baked.pod

@@ -107,8 +107,11 @@ so any render fails.
 {{- if and .Values.tls.clientCA.enabled (not .Values.tls.enabled) }}
 {{- fail "tls.clientCA.enabled (mutual TLS) needs tls.enabled" }}
 {{- end }}
-{{- if and .Values.modelFetch.enabled (not .Values.modelCache.enabled) }}
+{{- if and (include "tandem.fetchesModels" .) (not .Values.modelCache.enabled) }}
 {{- fail "modelFetch.enabled needs modelCache.enabled: the init container writes the weights into that volume" }}
+{{- end }}
+{{- if and (ne (toString .Values.speculative.numTokens) "auto") (gt (int .Values.speculative.numTokens) (int .Values.speculative.maxTokens)) }}
+{{- fail "speculative.numTokens must not exceed speculative.maxTokens (the server refuses to start)" }}
 {{- end }}
 {{- if and .Values.serviceMonitor.enabled (not (include "tandem.metricsEnabled" .)) }}
 {{- fail "serviceMonitor.enabled needs telemetry.metricsPort > 0" }}
@@ -186,4 +189,15 @@ where the cache is, and the operator's extras.
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/*
+Whether the init container fetches the default pair: modelFetch.enabled, and
+model.target or model.draft is "default" (`tandem models fetch` fetches only
+that pair; other sources load when the server starts). Empty when not.
+*/}}
+{{- define "tandem.fetchesModels" -}}
+{{- if and .Values.modelFetch.enabled (or (eq (toString .Values.model.target) "default") (eq (toString .Values.model.draft) "default")) -}}
+true
+{{- end -}}
 {{- end }}
