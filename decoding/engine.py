@@ -253,11 +253,14 @@ class Engine:
         with self._cond:
             self._admit_locked()  # cancelled waiters out of the count
             # The calls being tokenized are on their way to the same places: a burst must not
-            # all pass this check, each be tokenized, and then be refused.
-            places = self.config.max_queue + max(
+            # all pass this check, each be tokenized, and then be refused. A free slot is a
+            # place only while nobody waits for it (a waiter held back by the KV budget, or a
+            # budget spent, keeps new calls out of the free slots).
+            budget = self.config.kv_token_budget
+            free = 0 if self._waiting or (budget and self._reserved >= budget) else max(
                 0, self.config.max_concurrent_requests - len(self._running)
             )
-            if len(self._waiting) + self._preparing >= places:
+            if len(self._waiting) + self._preparing >= self.config.max_queue + free:
                 raise self._overloaded_locked()
             self._preparing += 1
         skip = threading.Event()
@@ -442,21 +445,23 @@ class Engine:
 
     def _finish(self, running: RunningRequest, item: Any) -> None:
         """End ``running`` with ``item`` (its last chunk, an error, or just the end marker).
-        Its caches and its place are given back first, so a caller that has read its last
-        chunk never finds itself still counted (and a call it makes next refused)."""
+        Its caches and its place are given back before the item goes out, so a caller that
+        has read its last chunk never finds itself still counted (and a call it makes next
+        refused), and in the same step, so a drain that sees no request running has every
+        last item already on its way."""
         running.finished = True
         running.ready = False
         if running.state is not None:
             running.state.target.release()
             running.state.draft.release()
         running.handle.timeline.finished_ns = time.time_ns()
-        with self._cond:
+        with self._cond:  # one step: a drain never sees it gone before its last item is out
             if running in self._running:
                 self._running.remove(running)
                 self._reserved -= running.reservation
-        running.handle._put(item)
-        if item is not _END:
-            running.handle._put(_END)
+            running.handle._put(item)
+            if item is not _END:
+                running.handle._put(_END)
 
     def _die(self, err: BaseException) -> None:
         self.failed = err

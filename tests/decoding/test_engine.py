@@ -528,6 +528,59 @@ async def test_a_burst_is_refused_before_tokenizing_beyond_the_places_left(
         engine.close()
 
 
+async def test_a_full_queue_before_free_slots_refuses_a_call_before_tokenizing_it(
+    same_pair, monkeypatch
+) -> None:
+    """Slots are free but the KV budget holds the queue's head back: a new call cannot take
+    a free slot, so with the queue full it is refused without being tokenized."""
+    engine = make_engine(same_pair, max_concurrent_requests=4, max_queue=1,
+                         kv_token_budget=len(PROMPT_IDS) + 100 + 8 + 1)
+    try:
+        request = GenerationRequest(request_id="kv", prompt_token_ids=PROMPT_IDS,
+                                    max_new_tokens=100)
+        first, second = engine.submit(request), engine.submit(request)
+        assert (engine.stats().running, engine.stats().waiting) == (1, 1)
+        slow = SlowPrepare(monkeypatch, 0.0)
+        with pytest.raises(OverloadedError):
+            await engine.submit_async(request)
+        assert slow.calls == [] and engine.stats().preparing == 0
+        for handle in (first, second):
+            await handle.aclose()
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
+async def test_no_request_is_counted_gone_before_its_last_chunk_is_out(
+    same_pair, monkeypatch
+) -> None:
+    """What a drain relies on: once ``stats()`` shows nothing running, every finished
+    request's last chunk is already on its way (a worker slow to put it is waited for)."""
+    from decoding.handle import RequestHandle
+
+    real_put = RequestHandle._put
+    out: list[bool] = []
+
+    def slow_put(self, item) -> None:
+        if getattr(item, "finish_reason", None) is not None:
+            time.sleep(0.3)  # the worker stalls just before the last chunk goes out
+            real_put(self, item)
+            out.append(True)
+        else:
+            real_put(self, item)
+
+    monkeypatch.setattr(RequestHandle, "_put", slow_put)
+    engine = make_engine(same_pair)
+    try:
+        handle = engine.submit(GenerationRequest(request_id="last", prompt_token_ids=PROMPT_IDS,
+                                                 max_new_tokens=3))
+        await until(lambda: engine.stats().running == 0)
+        assert out == [True]
+        assert ids_of([chunk async for chunk in handle]) != []
+    finally:
+        engine.close()
+
+
 async def test_a_finished_request_is_no_longer_counted_when_its_caller_sees_the_end(
     same_pair,
 ) -> None:
