@@ -47,7 +47,7 @@ class Settings:
     shutdown_grace_seconds: float = 30.0
     # telemetry
     metrics_port: int = 9464  # Prometheus /metrics; 0 turns it off
-    tracing: str = "otlp"  # otlp, console, none
+    tracing: str = "auto"  # auto (otlp if an OTLP endpoint is set, else none), otlp, console, none
     step_spans: bool = True  # one child span per speculative step; False: span events
     log_format: str = "text"  # text or json
     log_level: str = "INFO"
@@ -94,7 +94,9 @@ HELP = {
     "max_message_bytes": "largest request message accepted",
     "shutdown_grace_seconds": "time calls in flight get after SIGTERM",
     "metrics_port": "Prometheus /metrics port (0 = off)",
-    "tracing": "span export: otlp (OTEL_EXPORTER_OTLP_* variables), console or none",
+    "tracing": "span export: auto (otlp where OTEL_EXPORTER_OTLP_ENDPOINT or "
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, else none), otlp (OTEL_EXPORTER_OTLP_* "
+    "variables), console or none",
     "step_spans": "record each speculative step as a child span (else as a span event)",
     "log_format": "text or json",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
@@ -106,7 +108,7 @@ HELP = {
     "tls_client_ca": "CA (PEM) that client certificates must chain to: mutual TLS",
 }
 CHOICES = {
-    "tracing": ["otlp", "console", "none"],
+    "tracing": ["auto", "otlp", "console", "none"],
     "log_format": ["text", "json"],
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "draft_dtype": ["", "auto", "float32", "bfloat16", "float16"],

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,6 +31,8 @@ from service.metrics import Metrics, metric_views
 from service.servicer import CallRecord
 from service.settings import Settings
 from service.spans import record_call_spans
+
+log = logging.getLogger(__name__)
 
 REQUEST_LOG = logging.getLogger("tandem.requests")
 
@@ -135,6 +137,18 @@ def log_request(record: CallRecord) -> None:
     )
 
 
+OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+def tracing_mode(tracing: str, env: Mapping[str, str]) -> str:
+    """``--tracing`` as it applies: ``auto`` is ``otlp`` where an OTLP endpoint is configured
+    (one of :data:`OTLP_ENDPOINT_VARIABLES`), else ``none``, so that a server started without
+    a collector does not log a failed export every few seconds."""
+    if tracing != "auto":
+        return tracing
+    return "otlp" if any(env.get(name) for name in OTLP_ENDPOINT_VARIABLES) else "none"
+
+
 def setup_telemetry(
     settings: Settings,
     info: EngineInfo,
@@ -153,11 +167,13 @@ def setup_telemetry(
 
     tracer_provider: TracerProvider | None = None
     processors = list(span_processors or [])
-    if settings.tracing == "otlp":
+    tracing = tracing_mode(settings.tracing, os.environ)
+    log.info("span export: %s", tracing)
+    if tracing == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         processors.append(BatchSpanProcessor(OTLPSpanExporter()))
-    elif settings.tracing == "console":
+    elif tracing == "console":
         processors.append(BatchSpanProcessor(ConsoleSpanExporter()))
     if processors:
         tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER

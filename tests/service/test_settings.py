@@ -23,7 +23,7 @@ def test_environment_values_are_parsed_as_the_flags_are() -> None:
     ("name", "value", "says"),
     [
         ("TANDEM_PORT", "abc", "invalid literal for int()"),
-        ("TANDEM_TRACING", "jaeger", "must be one of 'otlp', 'console', 'none'"),
+        ("TANDEM_TRACING", "jaeger", "must be one of 'auto', 'otlp', 'console', 'none'"),
         ("TANDEM_LOG_LEVEL", "loud", "must be one of"),
         ("TANDEM_STEP_SPANS", "maybe", "not a boolean"),
         ("TANDEM_NUM_SPECULATIVE_TOKENS", "-1", "must be 'auto' or a non-negative integer"),

@@ -362,7 +362,8 @@ async def test_otlp_export_keeps_parent_links(same_pair, monkeypatch) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "tandem-test")
     trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     try:
-        async with Observed(same_pair, tracing="otlp") as o:
+        # auto: the endpoint above is set, so spans go over OTLP
+        async with Observed(same_pair, tracing="auto") as o:
             await o.served.stub.Generate(
                 greedy(), metadata=[("traceparent", f"00-{trace_id}-{parent_id}-01")])
             o.telemetry.tracer_provider.force_flush()
@@ -379,3 +380,15 @@ async def test_otlp_export_keeps_parent_links(same_pair, monkeypatch) -> None:
     resource = receiver.requests[0].resource_spans[0].resource
     assert any(a.key == "service.name" and a.value.string_value == "tandem-test"
                for a in resource.attributes)
+
+
+def test_auto_tracing_exports_over_otlp_only_where_an_endpoint_is_set() -> None:
+    from service.telemetry import tracing_mode
+
+    assert tracing_mode("auto", {}) == "none"
+    assert tracing_mode("auto", {"OTEL_EXPORTER_OTLP_ENDPOINT": ""}) == "none"
+    assert tracing_mode("auto", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}) == "otlp"
+    assert tracing_mode("auto", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"}) == "otlp"
+    for explicit in ("otlp", "console", "none"):
+        assert tracing_mode(explicit, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}) == explicit
+        assert tracing_mode(explicit, {}) == explicit
