@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bench", description="Benchmarks for the Tandem speculative-decoding service."
+        prog="tandem bench", description="Benchmarks for the Tandem speculative-decoding service."
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
