@@ -23,7 +23,7 @@ from decoding.adaptive import AcceptanceEstimate, AdaptiveGamma, CostModel, Step
 from decoding.batched import CATCH_UP_IN_BATCH, plain_steps_batch, speculative_step_batch
 from decoding.detokenize import IncrementalDetokenizer
 from decoding.errors import DeviceOutOfMemoryError
-from decoding.handle import _END, RequestHandle, StepRecord
+from decoding.handle import RequestHandle, StepRecord
 from decoding.params import Chunk, FinishReason, GenerationRequest
 from decoding.speculative import (
     Proposer,
@@ -61,8 +61,8 @@ class RunningRequest:
 
 
 Finish = Callable[[RunningRequest, Any], None]
-"""``finish(running, item)``: end a request with ``item`` (its last chunk, an error or the end marker), release
-its caches and drop it from the running set."""
+"""``finish(running, item)``: end a request with ``item`` (its last chunk, an error or the end
+marker), release its caches and drop it from the running set."""
 
 
 class Stepper:
