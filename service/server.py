@@ -85,7 +85,9 @@ async def start_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(engine, observer), server)
+    pb_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(engine, observer, keep_output=settings.log_content), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

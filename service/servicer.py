@@ -34,6 +34,7 @@ class CallRecord:
     end_ns: int = 0
     finish_reason: FinishReason | None = None
     error: BaseException | None = field(default=None, repr=False)
+    output: list[str] = field(default_factory=list, repr=False)  # text deltas, if kept
 
 
 class CallObserver(Protocol):
@@ -50,9 +51,13 @@ class _NoObserver:
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, engine: Engine, observer: CallObserver | None = None) -> None:
+    def __init__(
+        self, engine: Engine, observer: CallObserver | None = None, keep_output: bool = False
+    ) -> None:
+        """``keep_output``: keep each call's text in its record (``--log-content``)."""
         self._engine = engine
         self._observer = observer or _NoObserver()
+        self._keep_output = keep_output
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -112,6 +117,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if not record.first_token_ns and chunk.token_ids:
                     record.first_token_ns = time.time_ns()
                 record.finish_reason = chunk.finish_reason or record.finish_reason
+                if self._keep_output:
+                    record.output.append(chunk.text)
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
             # gRPC cancels the handler when the client cancels or its deadline passes, and

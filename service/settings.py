@@ -100,7 +100,7 @@ HELP = {
     "step_spans": "record each speculative step as a child span (else as a span event)",
     "log_format": "text or json",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "log_content": "reserved for prompts and outputs in DEBUG logs; no effect yet",
+    "log_content": "log each call's prompt and output at DEBUG (with --log-level DEBUG)",
     "auth_token_file": "file holding the bearer token clients must send (or TANDEM_AUTH_TOKEN)",
     "auth_exempt_health": "let health checks through without a token",
     "tls_cert": "server certificate (PEM) for TLS",

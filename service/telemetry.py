@@ -89,6 +89,7 @@ class Telemetry:
     meter_provider: MeterProvider
     metrics: Metrics
     step_spans: bool = True
+    log_content: bool = False  # a DEBUG line with each call's prompt and output
     interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
     _closers: list[Callable[[], object]] = field(default_factory=list)
 
@@ -102,6 +103,8 @@ class Telemetry:
                 self.tracer_provider.get_tracer("tandem"), record, self.info, self.step_spans
             )
         log_request(record)
+        if self.log_content:
+            log_content(record)
 
     def shutdown(self) -> None:
         for close in self._closers:
@@ -109,6 +112,25 @@ class Telemetry:
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+def log_content(record: CallRecord) -> None:
+    """``--log-content``: the call's prompt and output text, at DEBUG (never in spans or
+    metrics, and not at all without the flag)."""
+    request = record.request
+    prompt: object = None
+    if request is not None:
+        if request.prompt is not None:
+            prompt = request.prompt
+        elif request.messages is not None:
+            prompt = [{"role": m.role, "content": m.content} for m in request.messages]
+        else:
+            prompt = list(request.prompt_token_ids or ())
+    REQUEST_LOG.debug(
+        "request content",
+        extra={"request_id": record.request_id, "prompt": prompt,
+               "output": "".join(record.output)},
+    )
 
 
 def log_request(record: CallRecord) -> None:
@@ -211,6 +233,7 @@ def setup_telemetry(
         meter_provider=meter_provider,
         metrics=metrics,
         step_spans=settings.step_spans,
+        log_content=settings.log_content,
         interceptors=interceptors,
         _closers=closers,
     )

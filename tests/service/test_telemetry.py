@@ -50,7 +50,7 @@ class Observed:
     async def __aenter__(self):
         self.served = await serve(self.engine, telemetry=self.telemetry,
                                   **{k: v for k, v in self.settings.__dict__.items()
-                                     if k in ("metrics_port", "step_spans", "host")})
+                                     if k in ("metrics_port", "step_spans", "host", "log_content")})
         return self
 
     async def __aexit__(self, *exc):
@@ -308,7 +308,7 @@ async def test_health_checks_make_no_spans(same_pair) -> None:
 
 async def test_canary_never_reaches_spans_metrics_or_logs(same_pair, caplog) -> None:
     canary = f"canary-{uuid.uuid4().hex}"
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)  # not even at DEBUG, without --log-content
     async with Observed(same_pair) as o:
         await o.served.stub.Generate(pb.GenerateRequest(prompt=f"def {canary}():",
                                                         max_new_tokens=8))
@@ -319,6 +319,22 @@ async def test_canary_never_reaches_spans_metrics_or_logs(same_pair, caplog) -> 
     dumped += [r.getMessage() + str(r.__dict__) for r in caplog.records]
     assert any("request finished" in d for d in dumped)  # the log line is there...
     assert all(canary not in d for d in dumped)  # ...and the canary is not
+
+
+async def test_log_content_logs_prompt_and_output_at_debug_only(same_pair, caplog) -> None:
+    canary = f"canary-{uuid.uuid4().hex}"
+    caplog.set_level(logging.DEBUG)
+    async with Observed(same_pair, log_content=True) as o:
+        reply = await o.served.stub.Generate(pb.GenerateRequest(prompt=f"def {canary}():",
+                                                                max_new_tokens=8))
+        stream = [m async for m in o.served.stub.GenerateStream(pb.GenerateStreamRequest(
+            messages=[pb.ChatMessage(role="user", content=canary)], max_new_tokens=5))]
+    contents = [r for r in caplog.records if r.getMessage() == "request content"]
+    assert [r.levelno for r in contents] == [logging.DEBUG] * 2
+    assert contents[0].prompt == f"def {canary}():" and contents[0].output == reply.text
+    assert contents[1].prompt == [{"role": "user", "content": canary}]
+    assert contents[1].output == "".join(m.text for m in stream)
+    assert all(canary not in s.to_json() for s in o.spans.get_finished_spans())
 
 
 def free_port() -> int:
