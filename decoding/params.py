@@ -52,7 +52,7 @@ class SpeculationParams:
 
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens or the context window
-    STOP = "stop"  # a stop string
+    STOP = "stop"  # a stop string or one of the request's stop_token_ids
     EOS = "eos"  # an end-of-sequence token
 
 
@@ -75,6 +75,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     speculation: SpeculationParams = field(default_factory=SpeculationParams)
     deadline: float | None = None  # time.monotonic() after which the request is abandoned
+    stop_token_ids: tuple[int, ...] = ()  # ids that end generation (kept in the output)
+    ignore_eos: bool = False  # go on past the model's EOS tokens (to max_new_tokens or a stop)
     logprobs: bool = False  # return the target's log-probability of every output token
     top_logprobs: int = 0  # and of this many most likely tokens at each position (needs logprobs)
 

@@ -308,16 +308,17 @@ class Stepper:
             self.guarded(running, functools.partial(self._emit, result=result, start_ns=start_ns))
 
     def _emit(self, running: RunningRequest, result: StepResult, start_ns: int) -> None:
-        """Hand the step's tokens to the caller, stopping at EOS, a stop string or the length,
-        and record the step."""
+        """Hand the step's tokens to the caller, stopping at EOS (unless the request ignores
+        it), a stop string, one of its stop_token_ids or the length, and record the step."""
         finish: FinishReason | None = None
         emitted: list[int] = []
+        request = running.request
         for token in result.emitted:
             emitted.append(token)
             running.output.append(token)
-            if token in self.eos_token_ids:
+            if token in self.eos_token_ids and not request.ignore_eos:
                 finish = FinishReason.EOS
-            elif running.detokenizer.add(token):
+            elif running.detokenizer.add(token) or token in request.stop_token_ids:
                 finish = FinishReason.STOP
             elif len(running.output) >= running.prepared.max_new_tokens:
                 finish = FinishReason.LENGTH

@@ -14,6 +14,9 @@ from decoding.params import GenerationRequest
 
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 
+MAX_STOP_TOKEN_IDS = 64
+"""The most stop_token_ids one request may give."""
+
 MAX_TOP_LOGPROBS = 20
 """The most alternatives a request may ask for at each position (OpenAI's and vLLM's default
 limit)."""
@@ -50,6 +53,7 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
     prompt_ids = _prompt_ids(request, tokenizer, limits)
 
     _check_stop(request.stop, limits)
+    _check_stop_token_ids(request.stop_token_ids, limits)
     _check_logprobs(request)
     gamma = request.speculation.num_speculative_tokens
     if gamma is not None and not 0 <= gamma <= limits.max_speculative_tokens:
@@ -151,3 +155,16 @@ def _check_logprobs(request: GenerationRequest) -> None:
         )
     if top and not request.logprobs:
         raise InvalidRequestError("top_logprobs", "needs logprobs to be true")
+
+
+def _check_stop_token_ids(ids: tuple[int, ...], limits: Limits) -> None:
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequestError(
+            "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}"
+        )
+    for i, token in enumerate(ids):
+        if not 0 <= token < limits.vocab_size:
+            raise InvalidRequestError(
+                f"stop_token_ids[{i}]",
+                f"{token} is outside the vocabulary [0, {limits.vocab_size})",
+            )

@@ -25,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument(
+        "--stop-token-id", action="append", type=int, default=[], dest="stop_token_ids",
+        help="a token id that ends generation (repeatable)",
+    )
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="go on past the model's end-of-sequence tokens"
+    )
+    parser.add_argument(
         "--num-speculative-tokens", type=int, default=None, help="γ (default: adaptive; 0 = off)"
     )
     parser.add_argument(
@@ -45,7 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
-    request = pb.GenerateStreamRequest(stop=args.stop)
+    if any(token < 0 for token in args.stop_token_ids):
+        raise SystemExit("--stop-token-id must be at least 0")
+    request = pb.GenerateStreamRequest(
+        stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos
+    )
     if args.chat:
         request.messages.add(role="user", content=args.prompt)
     else:

@@ -78,6 +78,8 @@ def to_request(
             )
         ),
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+        stop_token_ids=tuple(message.stop_token_ids),
+        ignore_eos=message.ignore_eos,
         logprobs=message.logprobs,
         top_logprobs=message.top_logprobs,
     )

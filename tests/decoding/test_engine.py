@@ -228,6 +228,39 @@ async def test_eos_inside_an_accepted_run_stops_there(same_pair) -> None:
     assert sum(step.gamma for step in steps) == usage.draft_tokens
 
 
+async def test_a_stop_token_id_inside_an_accepted_run_ends_there(same_pair) -> None:
+    """The stop token is returned (as vLLM does), nothing after it; its log-probability too."""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    free_run = reference_greedy(pair, PROMPT_IDS, 20)
+    stop_id = free_run[4]
+    engine = make_engine(pair, fast_path="on")
+    try:
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=20,
+                               speculation=SpeculationParams(6), stop_token_ids=(stop_id,),
+                               logprobs=True)
+    finally:
+        engine.close()
+    assert ids_of(chunks) == free_run[: free_run.index(stop_id) + 1]
+    assert chunks[-1].finish_reason == FinishReason.STOP
+    assert [lp.token_id for c in chunks for lp in c.logprobs] == ids_of(chunks)
+
+
+async def test_ignore_eos_goes_on_to_max_new_tokens(same_pair) -> None:
+    free_run = reference_greedy(dataclasses.replace(same_pair, eos_token_ids=()), PROMPT_IDS, 20)
+    pair = dataclasses.replace(same_pair, eos_token_ids=(free_run[3],))
+    engine = make_engine(pair)
+    try:
+        ignoring = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=20,
+                                 ignore_eos=True)
+        stopping = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=20)
+    finally:
+        engine.close()
+    assert ids_of(ignoring) == free_run
+    assert ignoring[-1].finish_reason == FinishReason.LENGTH
+    assert ids_of(stopping) == free_run[: free_run.index(free_run[3]) + 1]
+    assert stopping[-1].finish_reason == FinishReason.EOS
+
+
 @pytest.mark.parametrize(("gamma", "decode_steps"), [(5, 1), (0, 4)])
 async def test_stop_string_inside_an_accepted_run_cuts_the_text(
     same_pair, gamma: int, decode_steps: int
@@ -653,6 +686,8 @@ async def test_a_call_being_tokenized_when_the_drain_begins_is_served(
         ({"prompt": "x", "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"prompt": "x", "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
         ({"prompt": "x", "top_logprobs": 2}, "top_logprobs"),
+        ({"prompt": "x", "stop_token_ids": (3, 99999)}, "stop_token_ids[1]"),
+        ({"prompt": "x", "stop_token_ids": (3,) * 65}, "stop_token_ids"),
     ],
 )
 async def test_invalid_requests_name_the_field_and_the_engine_goes_on(engine, fields, field):

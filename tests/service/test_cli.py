@@ -65,3 +65,15 @@ def test_a_client_certificate_needs_its_key() -> None:
     add_arguments(parser)
     with pytest.raises(SystemExit, match="--cert and --key must be given together"):
         channel_for(parser.parse_args(["x", "--cert", "client.pem"]))
+
+
+def test_stop_token_ids_and_ignore_eos_flags() -> None:
+    from service.client import build_request
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    request = build_request(parser.parse_args(
+        ["x", "--stop-token-id", "5", "--stop-token-id", "9", "--ignore-eos"]))
+    assert list(request.stop_token_ids) == [5, 9] and request.ignore_eos
+    plain = build_request(parser.parse_args(["x"]))
+    assert not plain.stop_token_ids and not plain.ignore_eos

@@ -61,6 +61,17 @@ async def test_logprobs_come_with_their_tokens(served) -> None:
     assert not (await served.stub.Generate(greedy(n=4))).logprobs
 
 
+async def test_stop_token_ids_and_ignore_eos_travel(served) -> None:
+    request = greedy(n=10)
+    request.ignore_eos = True
+    free = list((await served.stub.Generate(request)).token_ids)
+    assert len(free) == 10
+    request.stop_token_ids.append(free[5])
+    stopped = await served.stub.Generate(request)
+    assert list(stopped.token_ids) == free[: free.index(free[5]) + 1]
+    assert stopped.finish_reason == pb.FINISH_REASON_STOP
+
+
 async def test_request_id_is_echoed_or_generated(served) -> None:
     request = greedy(n=2)
     request.request_id = "caller-42"
@@ -225,6 +236,8 @@ def _invalid_cases():
         "too many top_logprobs": (make(prompt="x", logprobs=True, top_logprobs=21),
                                   "top_logprobs"),
         "top_logprobs without logprobs": (make(prompt="x", top_logprobs=3), "top_logprobs"),
+        "stop token id outside the vocabulary": (make(prompt="x", stop_token_ids=[10**6]),
+                                                 "stop_token_ids[0]"),
         "unknown chat role": (
             make(messages=[pb.ChatMessage(role="wizard", content="hi")]),
             "messages[0].role"),

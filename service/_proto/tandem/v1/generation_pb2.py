@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"S\n\x11SpeculationParams\x12#\n\x16num_speculative_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x19\n\x17_num_speculative_tokens\"\xcf\x02\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x31\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1c.tandem.v1.SpeculationParams\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\t\n\x07_promptB\x11\n\x0f_max_new_tokens\"\xd5\x02\n\x15GenerateStreamRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x31\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1c.tandem.v1.SpeculationParams\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\t\n\x07_promptB\x11\n\x0f_max_new_tokens\"\xff\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x04 \x01(\r\x12\x1d\n\x15target_forward_passes\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x02\x12\x1c\n\x14mean_accepted_length\x18\x07 \x01(\x02\x12\x1c\n\x14\x61\x63\x63\x65pted_by_position\x18\x08 \x03(\r\x12\x1b\n\x13\x64rafted_by_position\x18\t \x03(\r\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xc3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\xc9\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\x15\n\x13GetModelInfoRequest\"\xf7\x02\n\x14GetModelInfoResponse\x12\x14\n\x0ctarget_model\x18\x01 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_window\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x13\n\x0b\x64raft_dtype\x18\x07 \x01(\t\x12&\n\x1e\x64\x65\x66\x61ult_num_speculative_tokens\x18\x08 \x01(\r\x12\x1c\n\x14\x61\x64\x61ptive_speculation\x18\t \x01(\x08\x12\"\n\x1amax_num_speculative_tokens\x18\n \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x0b \x01(\r\x12\x18\n\x10max_stop_strings\x18\x0c \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\r \x01(\r\x12\x11\n\tmax_queue\x18\x0e \x01(\r*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\x82\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .tandem.v1.GenerateStreamRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12O\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x1f.tandem.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"S\n\x11SpeculationParams\x12#\n\x16num_speculative_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x42\x19\n\x17_num_speculative_tokens\"\xfb\x02\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x31\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1c.tandem.v1.SpeculationParams\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\t\n\x07_promptB\x11\n\x0f_max_new_tokens\"\x81\x03\n\x15GenerateStreamRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x31\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1c.tandem.v1.SpeculationParams\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\t\n\x07_promptB\x11\n\x0f_max_new_tokens\"\xff\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x04 \x01(\r\x12\x1d\n\x15target_forward_passes\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x02\x12\x1c\n\x14mean_accepted_length\x18\x07 \x01(\x02\x12\x1c\n\x14\x61\x63\x63\x65pted_by_position\x18\x08 \x03(\r\x12\x1b\n\x13\x64rafted_by_position\x18\t \x03(\r\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xc3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\xc9\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"\x15\n\x13GetModelInfoRequest\"\xf7\x02\n\x14GetModelInfoResponse\x12\x14\n\x0ctarget_model\x18\x01 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_window\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x13\n\x0b\x64raft_dtype\x18\x07 \x01(\t\x12&\n\x1e\x64\x65\x66\x61ult_num_speculative_tokens\x18\x08 \x01(\r\x12\x1c\n\x14\x61\x64\x61ptive_speculation\x18\t \x01(\x08\x12\"\n\x1amax_num_speculative_tokens\x18\n \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x0b \x01(\r\x12\x18\n\x10max_stop_strings\x18\x0c \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\r \x01(\r\x12\x11\n\tmax_queue\x18\x0e \x01(\r*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\x82\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12 .tandem.v1.GenerateStreamRequest\x1a!.tandem.v1.GenerateStreamResponse0\x01\x12O\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x1f.tandem.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2209
-  _globals['_FINISHREASON']._serialized_end=2327
+  _globals['_FINISHREASON']._serialized_start=2297
+  _globals['_FINISHREASON']._serialized_end=2415
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_SAMPLINGPARAMS']._serialized_start=88
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECULATIONPARAMS']._serialized_start=236
   _globals['_SPECULATIONPARAMS']._serialized_end=319
   _globals['_GENERATEREQUEST']._serialized_start=322
-  _globals['_GENERATEREQUEST']._serialized_end=657
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=660
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1001
-  _globals['_USAGE']._serialized_start=1004
-  _globals['_USAGE']._serialized_end=1259
-  _globals['_TOKENLOGPROB']._serialized_start=1261
-  _globals['_TOKENLOGPROB']._serialized_end=1355
-  _globals['_TOPLOGPROB']._serialized_start=1357
-  _globals['_TOPLOGPROB']._serialized_end=1404
-  _globals['_GENERATERESPONSE']._serialized_start=1407
-  _globals['_GENERATERESPONSE']._serialized_end=1602
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1605
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1806
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1808
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1829
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1832
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2207
-  _globals['_GENERATIONSERVICE']._serialized_start=2330
-  _globals['_GENERATIONSERVICE']._serialized_end=2588
+  _globals['_GENERATEREQUEST']._serialized_end=701
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=704
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=1089
+  _globals['_USAGE']._serialized_start=1092
+  _globals['_USAGE']._serialized_end=1347
+  _globals['_TOKENLOGPROB']._serialized_start=1349
+  _globals['_TOKENLOGPROB']._serialized_end=1443
+  _globals['_TOPLOGPROB']._serialized_start=1445
+  _globals['_TOPLOGPROB']._serialized_end=1492
+  _globals['_GENERATERESPONSE']._serialized_start=1495
+  _globals['_GENERATERESPONSE']._serialized_end=1690
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1693
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1894
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1896
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1917
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1920
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2295
+  _globals['_GENERATIONSERVICE']._serialized_start=2418
+  _globals['_GENERATIONSERVICE']._serialized_end=2676
 # @@protoc_insertion_point(module_scope)
