@@ -517,23 +517,6 @@ async def test_tokenizing_is_bounded_and_skipped_for_a_call_cancelled_before_its
     assert engine.stats().preparing == 0
 
 
-async def test_a_full_queue_refuses_a_call_before_tokenizing_it(same_pair, monkeypatch) -> None:
-    engine = make_engine(same_pair, max_concurrent_requests=1, max_queue=1)
-    try:
-        request = GenerationRequest(request_id="q", prompt_token_ids=PROMPT_IDS,
-                                    max_new_tokens=100)
-        first, second = engine.submit(request), engine.submit(request)
-        slow = SlowPrepare(monkeypatch, 0.0)
-        with pytest.raises(OverloadedError):
-            await engine.submit_async(request)
-        assert slow.calls == [] and engine.stats().preparing == 0
-        for handle in (first, second):
-            await handle.aclose()
-        await wait_until_idle(engine)
-    finally:
-        engine.close()
-
-
 async def test_a_burst_is_refused_before_tokenizing_beyond_the_places_left(
     same_pair, monkeypatch
 ) -> None:
@@ -561,15 +544,23 @@ async def test_a_burst_is_refused_before_tokenizing_beyond_the_places_left(
         engine.close()
 
 
-async def test_a_full_queue_before_free_slots_refuses_a_call_before_tokenizing_it(
-    same_pair, monkeypatch
+@pytest.mark.parametrize(
+    "limits",
+    [
+        dict(max_concurrent_requests=1, max_queue=1),
+        # Slots are free, but the KV budget holds the queue's head back: a new call could not
+        # take a free slot either.
+        dict(max_concurrent_requests=4, max_queue=1,
+             kv_token_budget=len(PROMPT_IDS) + 100 + 8 + 1),
+    ],
+    ids=["no-slot", "budget-spent"],
+)
+async def test_a_full_queue_refuses_a_call_before_tokenizing_it(
+    same_pair, monkeypatch, limits
 ) -> None:
-    """Slots are free but the KV budget holds the queue's head back: a new call cannot take
-    a free slot, so with the queue full it is refused without being tokenized."""
-    engine = make_engine(same_pair, max_concurrent_requests=4, max_queue=1,
-                         kv_token_budget=len(PROMPT_IDS) + 100 + 8 + 1)
+    engine = make_engine(same_pair, **limits)
     try:
-        request = GenerationRequest(request_id="kv", prompt_token_ids=PROMPT_IDS,
+        request = GenerationRequest(request_id="q", prompt_token_ids=PROMPT_IDS,
                                     max_new_tokens=100)
         first, second = engine.submit(request), engine.submit(request)
         assert (engine.stats().running, engine.stats().waiting) == (1, 1)
