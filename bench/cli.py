@@ -220,7 +220,7 @@ def _batching_command(args: argparse.Namespace) -> int:
     result = run_batching(
         workload_from_args(args), target=args.target, draft=args.draft, device=args.device,
         dtype=args.dtype, gammas=_gamma_list(args.speculation),
-        decode_steps=args.decode_steps or None,
+        decode_steps=args.decode_steps or None, draft_dtype=args.draft_dtype,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batching.json").write_text(json.dumps(result, indent=2))

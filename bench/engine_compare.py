@@ -187,14 +187,16 @@ def run_batching(
     dtype: str,
     gammas: Sequence[int | None],
     decode_steps: int | None = None,
+    draft_dtype: str | None = None,
 ) -> dict[str, Any]:
     """The same N requests one after another, then all at once (batched steps on the fast
     path): aggregate tokens/s of each, and whether the outputs are the same.
-    ``decode_steps``: the engine's (None: its default)."""
+    ``decode_steps``: the engine's (None: its default); ``draft_dtype``: as ``load_pair``'s
+    (None: the target's)."""
     from decoding.engine import Engine, EngineConfig
     from decoding.models import load_pair
 
-    pair = load_pair(target, draft, device=device, dtype=dtype)
+    pair = load_pair(target, draft, device=device, dtype=dtype, draft_dtype=draft_dtype)
     prompt_ids = [prompt_token_ids(pair.tokenizer, p) for p in workload.prompts]
     max_new = workload.max_new_tokens
     engine = Engine(pair, EngineConfig(
@@ -221,12 +223,15 @@ def run_batching(
     finally:
         engine.close()
     return {"target": pair.target.name, "draft": pair.draft.name, "device": str(pair.device),
-            "dtype": str(pair.dtype).removeprefix("torch."), "workload": workload.describe(),
+            "dtype": str(pair.dtype).removeprefix("torch."),
+            "draft_dtype": str(pair.draft_dtype).removeprefix("torch."),
+            "workload": workload.describe(),
             "decode_steps": engine.stepper.decode_steps, "rows": rows}
 
 
 def format_batching(result: dict[str, Any]) -> str:
-    lines = [f"{result['target']} + {result['draft']} on {result['device']}, {result['dtype']}",
+    lines = [f"{result['target']} + {result['draft']} on {result['device']}, {result['dtype']}"
+             f" (draft {result.get('draft_dtype', result['dtype'])})",
              f"{'speculation':<18}{'requests':>9}{'one by one':>12}{'together':>10}{'gain':>7}"
              f"{'same':>6}"]
     for row in result["rows"]:

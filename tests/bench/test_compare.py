@@ -41,3 +41,20 @@ def test_batching_runs_requests_alone_and_together(tiny_dirs) -> None:
     assert all(row["same_outputs"] for row in result["rows"])
     assert all(row["concurrent_tokens_per_s"] > 0 for row in result["rows"])
     assert "together" in format_batching(result)
+
+
+def test_batching_command_loads_the_draft_in_the_dtype_asked(tiny_dirs, tmp_path) -> None:
+    """`bench batching --draft-dtype` used to be accepted and ignored (the draft ran in the
+    target's dtype)."""
+    import json
+
+    from bench.cli import main
+    from tests.tiny_models import make_tiny_pair
+
+    target, draft = make_tiny_pair(tmp_path / "pair", ctx=1024)  # room for humaneval prompts
+    assert main(["batching", "--workload", "humaneval", "--num-prompts", "2",
+                 "--max-new-tokens", "3", "--target", str(target), "--draft", str(draft),
+                 "--device", "cpu", "--dtype", "float32", "--draft-dtype", "bfloat16",
+                 "--speculation", "off", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "batching.json").read_text())
+    assert (result["dtype"], result["draft_dtype"]) == ("float32", "bfloat16")
