@@ -213,8 +213,16 @@ def build_model(
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of every parameter (a tied embedding counted once): what one decode step reads."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """What one batch-1 decode step reads of the weights: every parameter (a tied embedding
+    counted once, since the output head reads it whole), except an untied input embedding,
+    of which a step gathers one row per token. (Until 2026-11-27 this counted every
+    parameter, as issue 8's table does: a lower limit, and shares of it 7% (7B) to 15% (1.5B)
+    higher than this one gives.)"""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    if embed is not model.get_output_embeddings().weight:
+        total -= embed.numel() * embed.element_size()
+    return total
 
 
 def make_pair(target: Any, draft: Any, names: tuple[str, str], vocab: int) -> ModelPair:

@@ -240,3 +240,20 @@ def test_runs_with_only_torch_and_transformers(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_are_what_a_decode_step_reads(tied: bool) -> None:
+    """An untied input embedding is gathered a row per token, not read whole; a tied one is
+    read whole by the output head (and counted once)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from bench.gpu import weight_bytes
+
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+    ))
+    every = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = 300 * 32 * 4
+    assert weight_bytes(model) == (every if tied else every - embedding)
