@@ -757,12 +757,16 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
         "concurrency": None,
         "skipped": budget.skipped,
         "plots": [],
+        "complete": False,  # True once every section has run (a stopped run keeps False)
     }
 
     def save() -> None:
         results["elapsed_s"] = budget.elapsed()
         path = cfg.out / RESULTS_JSON
-        path.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+        # Whole or not at all: a stop while writing must not leave half a file.
+        partial = path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
+        os.replace(partial, path)
 
     log(f"{results['machine'].get('gpu', device)}, {dtype}, targets {keys}")
     bandwidth = copy_bandwidth(device, cfg.copy_mib)
@@ -797,22 +801,22 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
             bench_target(
                 key, pair, prompts, cfg, bytes_per_s, budget, save, section, profile, then
             )
+            if section.get("costs") and "draft_step_ms" not in results["draft"]:
+                results["draft"]["draft_step_ms"] = section["costs"]["draft_step_ms"]
         except Exception as exc:  # one target's failure must not lose the others' figures
             log(f"{key} failed: {exc!r}\n{traceback.format_exc()}")
             section["error"] = repr(exc)
+        finally:
             save()
             del pair, target
-            continue
-        if section.get("costs") and "draft_step_ms" not in results["draft"]:
-            results["draft"]["draft_step_ms"] = section["costs"]["draft_step_ms"]
-        save()
-        del pair, target
-        if device.type == "cuda":
-            # A closed engine is freed only by the cycle collector (its stepper's callbacks
-            # refer back to it): collect before handing its cache and graphs back.
-            gc.collect()
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                # A closed engine is freed only by the cycle collector (its stepper's
+                # callbacks refer back to it): collect before handing its cache and graphs
+                # back, after a failure too (the next target needs the memory).
+                gc.collect()
+                torch.cuda.empty_cache()
     results["plots"] = [str(p.name) for p in write_plots(results, cfg.out)]
+    results["complete"] = True
     save()
     return results
 
@@ -925,7 +929,10 @@ def format_table(results: dict[str, Any]) -> str:
         f"copy bandwidth {_fmt(bandwidth.get('best_gb_s'))} GB/s, "
         f"draft {draft.get('shape', {}).get('name')} step {_fmt(draft.get('draft_step_ms'), '.2f')}"
         f" ms, {results['config']['max_new_tokens']} new tokens x {results['config']['prompts']}"
-        f" prompts (HF: {results['config']['hf_prompts'] or 'all'}), greedy, batch 1",
+        f" prompts (HF: {results['config'].get('hf_prompts') or 'all'}), greedy, batch 1"
+        + ("" if results.get("complete", True) else
+           f"; run stopped after {_fmt(results.get('elapsed_s'))} s, machine date "
+           f"{machine.get('date', '?')}"),
         "(α meas: per-token acceptance; MAL: tokens per target pass; =HF / =off: output equals"
         " HF's target-alone greedy / Tandem's speculation-off output; step ms: wall time per"
         " target forward (a step, or each plain step of a group), of it drafting + verifying)",
