@@ -141,7 +141,10 @@ def _baseline_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--draft", default="default", help="folder, .gguf, hub id or default")
     group.add_argument("--device", default="cpu")
     group.add_argument("--dtype", default="float32")
-    group.add_argument("--draft-dtype", help="the draft's dtype (default: --dtype)")
+    group.add_argument(
+        "--draft-dtype",
+        help="the draft's dtype (default: --dtype; for `all`, the server's draft dtype)",
+    )
     group.add_argument(
         "--methods", type=_methods, default="hf_target,hf_assisted", help="%(default)s"
     )
@@ -187,6 +190,8 @@ def _all_command(args: argparse.Namespace) -> int:
         print("bench: baselines are greedy; skipped at --temperature > 0", file=sys.stderr)
         baselines = None
     else:
+        if args.draft_dtype is None:  # HF assisted gets the draft the server runs
+            args.draft_dtype = serving["model_info"].get("draft_dtype") or None
         baselines = _run_baselines(args, workload)
     results: dict[str, Any] = {"serving": serving, "baselines": baselines}
     if baselines is not None:
@@ -297,6 +302,8 @@ def compare_with_target(serving: dict[str, Any], baselines: dict[str, Any]) -> l
                 "run": f"{run['speculation']} c={run['concurrency']}",
                 "against": "hf_target",
                 "same_dtype": server_dtype == baselines["dtype"],
+                "same_draft_dtype": serving["model_info"].get("draft_dtype")
+                == baselines.get("draft_dtype"),
                 "prompt_tokens_match": prompt_tokens_match,
                 **to_jsonable(comparison),
             }

@@ -94,7 +94,7 @@ async def test_all_writes_sane_results_and_plots(
     # The server's greedy output is the target's own, token for token (float32, CPU).
     assert len(results["comparison"]) == len(runs)
     for row in results["comparison"]:
-        assert row["same_dtype"] and row["prompt_tokens_match"], row
+        assert row["same_dtype"] and row["same_draft_dtype"] and row["prompt_tokens_match"], row
         assert row["identical"] is True and row["compared"] == NUM_PROMPTS, row
 
     for name in (THROUGHPUT_PNG, LATENCY_PNG, ACCEPTANCE_PNG, SPEEDUP_PNG):
