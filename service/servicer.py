@@ -14,6 +14,7 @@ import grpc
 from decoding.engine import Engine
 from decoding.handle import RequestHandle
 from decoding.params import Chunk, FinishReason, GenerationRequest
+from decoding.validation import MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS
 from service import converters
 from service._proto.tandem.v1 import generation_pb2 as pb
 from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
@@ -95,6 +96,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             max_stop_strings=config.max_stop_strings,
             max_concurrent_requests=config.max_concurrent_requests,
             max_queue=config.max_queue,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
+            max_stop_token_ids=MAX_STOP_TOKEN_IDS,
         )
 
     async def _chunks(

@@ -139,6 +139,7 @@ async def test_model_info(served) -> None:
     assert info.context_window == 128
     assert info.device == "cpu" and info.dtype == "float32"
     assert info.max_num_speculative_tokens == 8 and info.adaptive_speculation
+    assert (info.max_top_logprobs, info.max_stop_token_ids) == (20, 64)
 
 
 async def test_health_and_reflection(served) -> None:

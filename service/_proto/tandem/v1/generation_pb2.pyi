@@ -177,7 +177,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("target_model", "draft_model", "vocab_size", "context_window", "device", "dtype", "draft_dtype", "default_num_speculative_tokens", "adaptive_speculation", "max_num_speculative_tokens", "max_new_tokens_limit", "max_stop_strings", "max_concurrent_requests", "max_queue")
+    __slots__ = ("target_model", "draft_model", "vocab_size", "context_window", "device", "dtype", "draft_dtype", "default_num_speculative_tokens", "adaptive_speculation", "max_num_speculative_tokens", "max_new_tokens_limit", "max_stop_strings", "max_concurrent_requests", "max_queue", "max_top_logprobs", "max_stop_token_ids")
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,8 @@ class GetModelInfoResponse(_message.Message):
     MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     target_model: str
     draft_model: str
     vocab_size: int
@@ -206,4 +208,6 @@ class GetModelInfoResponse(_message.Message):
     max_stop_strings: int
     max_concurrent_requests: int
     max_queue: int
-    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_window: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., draft_dtype: _Optional[str] = ..., default_num_speculative_tokens: _Optional[int] = ..., adaptive_speculation: _Optional[bool] = ..., max_num_speculative_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
+    max_top_logprobs: int
+    max_stop_token_ids: int
+    def __init__(self, target_model: _Optional[str] = ..., draft_model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., context_window: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., draft_dtype: _Optional[str] = ..., default_num_speculative_tokens: _Optional[int] = ..., adaptive_speculation: _Optional[bool] = ..., max_num_speculative_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ...) -> None: ...
