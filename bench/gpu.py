@@ -394,7 +394,8 @@ def run_engine(
         "drafted": drafted,
         "accepted": accepted,
         "mean_accepted_length": tokens / passes if passes else None,
-        "gamma_mean": sum(g * k for g, k in gammas.items()) / steps if steps else None,
+        # Per target forward: a group of plain steps (one record) is that many forwards at γ 0.
+        "gamma_mean": sum(g * k for g, k in gammas.items()) / passes if passes else None,
         "gamma_mode": gammas.most_common(1)[0][0] if gammas else None,
         "gamma_hist": {str(g): k for g, k in sorted(gammas.items())},
         "steps": steps,
@@ -643,7 +644,10 @@ def controlled_run(
     row = _row(name, run, limit, reference)
     costs = engine.costs
     measured = run["measured_alpha"]
-    best = costs.best_gamma(measured, cfg.max_gamma) if measured is not None else 0
+    # The formula's own best (γ 0 unless some γ beats plain decoding), not the engine's
+    # threshold for drafting at all (MIN_SPEEDUP), under which this used to read 1.0.
+    best = (costs.best_gamma(measured, cfg.max_gamma, min_speedup=1.0)
+            if measured is not None else 0)
     row.update(
         alpha=alpha,
         gamma="adaptive" if gamma is None else gamma,
