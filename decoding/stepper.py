@@ -257,11 +257,12 @@ class Stepper:
         start_ns = time.time_ns()
         started = time.perf_counter()
         steps = self._plain_steps([running]) if gamma == 0 else 1
+        catch_up_s = self._catch_up_s([running.state], [gamma], batched=False)
         if steps > 1:
             result = plain_steps(running.state, steps)
         else:
             result = speculative_step(running.state, gamma)
-        self.step_costs.observe([gamma], (time.perf_counter() - started) / steps)
+        self.step_costs.observe([gamma], (time.perf_counter() - started) / steps, catch_up_s)
         self._emit(running, result, start_ns)
 
     def step_batch(self, ready: list[RunningRequest]) -> None:
@@ -284,6 +285,7 @@ class Stepper:
         saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
                  for s in states]
         steps = self._plain_steps(ready) if max(gammas) == 0 else 1
+        catch_up_s = self._catch_up_s(states, gammas, batched=True)
         start_ns = time.time_ns()
         try:
             started = time.perf_counter()
@@ -291,7 +293,7 @@ class Stepper:
                 results = plain_steps_batch(states, steps, self.target)
             else:
                 results = speculative_step_batch(states, gammas, self.draft, self.target, choose)
-            self.step_costs.observe(gammas, (time.perf_counter() - started) / steps)
+            self.step_costs.observe(gammas, (time.perf_counter() - started) / steps, catch_up_s)
         except Exception:
             log.warning("batched step failed; stepping its requests one by one", exc_info=True)
             for state, (tokens, target_length, draft_length, rng) in zip(states, saved,
@@ -306,6 +308,24 @@ class Stepper:
         self.last_gamma = max(gammas)
         for running, result in zip(ready, results, strict=True):
             self.guarded(running, functools.partial(self._emit, result=result, start_ns=start_ns))
+
+    def _catch_up_s(
+        self, states: list[SequenceState], gammas: list[int], batched: bool
+    ) -> float:
+        """The predicted cost of feeding lagging drafts before a step drafts: in a batch, a
+        draft more than :data:`CATCH_UP_IN_BATCH` behind is fed alone first (all its tokens
+        but the last); alone, the first draft forward is as wide as the lag."""
+        draft = self.costs.draft
+        total = 0.0
+        for state, gamma in zip(states, gammas, strict=True):
+            lag = len(state.tokens) - state.draft.length
+            if gamma <= 0 or lag <= 1:
+                continue
+            if not batched:
+                total += draft(lag) - draft(1)
+            elif lag > CATCH_UP_IN_BATCH:
+                total += draft(lag - 1)
+        return total
 
     def _emit(self, running: RunningRequest, result: StepResult, start_ns: int) -> None:
         """Hand the step's tokens to the caller, stopping at EOS (unless the request ignores

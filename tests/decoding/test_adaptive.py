@@ -112,9 +112,11 @@ def forwards_cost_at_no_acceptance(costs: CostModel, prior_alpha: float, new_tok
 @pytest.mark.parametrize("prior_alpha", [0.0, 0.7])
 def test_adaptive_gamma_costs_little_where_the_draft_never_agrees(prior_alpha: float) -> None:
     """Issue 8's goal at α = 0 is 0.95x speculation off for the 7B target. On run 5's costs
-    the decisions alone (probes and first steps at the server's prior) stay within 4% of plain
-    decoding; for the 1.5B target, where no short probe could pay, they cost nothing."""
-    assert forwards_cost_at_no_acceptance(run5_costs("7b"), prior_alpha) < 1.04
+    the decisions alone (probes and first steps at the server's prior) stay within 4.5% of
+    plain decoding (0.957x; with a per-request estimate of shorter memory 3.8%, but batches
+    then lost up to 25%); for the 1.5B target, where no short probe could pay, they cost
+    nothing."""
+    assert forwards_cost_at_no_acceptance(run5_costs("7b"), prior_alpha) < 1.045
     assert forwards_cost_at_no_acceptance(run5_costs("1.5b"), prior_alpha) == pytest.approx(1.0)
 
 
@@ -219,6 +221,56 @@ def test_step_costs_correct_only_what_speculation_really_costs_more() -> None:
     for _ in range(20):  # speculation cheaper than predicted is not rewarded
         steps.observe([3, 1, 0, 2], 0.5 * steps.predicted([3, 1, 0, 2]))
     assert steps.overhead(3) == steps.overhead(4) == 1.0  # 3 rounds up to 4
+
+
+def test_a_catch_up_is_not_read_as_speculation_overhead() -> None:
+    """A speculative step after plain ones first feeds the lagging draft; that forward is
+    charged where the catch-up is decided, so a step that costs exactly its forwards plus its
+    catch-up reads no overhead (it read 1.08 in a simulation on run 5's costs, enough to turn
+    a paying γ to 0 for good)."""
+    from decoding.adaptive import StepCosts
+
+    costs = run5_costs("7b")
+    steps = StepCosts(costs, min_samples=1)
+    catch_up = costs.draft(7)
+    for _ in range(5):
+        steps.observe([2, 2], steps.predicted([2, 2]) + catch_up, catch_up_s=catch_up)
+        steps.observe([0, 0], steps.predicted([0, 0]))
+    assert steps.overhead(2) == pytest.approx(1.0)
+
+
+def test_the_stepper_charges_a_lagging_drafts_catch_up_to_the_catch_up() -> None:
+    from decoding.batched import CATCH_UP_IN_BATCH
+    from decoding.stepper import Stepper
+
+    class Sequence:
+        def __init__(self, length: int) -> None:
+            self.length = length
+
+    class State:
+        def __init__(self, tokens: int, draft: int) -> None:
+            self.tokens, self.draft = [0] * tokens, Sequence(draft)
+
+    costs = run5_costs("7b")
+    stepper = Stepper.__new__(Stepper)
+    stepper.costs = costs
+    lagging, level = State(20, 12), State(20, 20 - CATCH_UP_IN_BATCH)
+    batch = stepper._catch_up_s([lagging, level, lagging], [2, 2, 0], batched=True)
+    assert batch == pytest.approx(costs.draft(7))  # the lagging drafter alone; γ 0 feeds none
+    alone = stepper._catch_up_s([lagging], [2], batched=False)
+    assert alone == pytest.approx(costs.draft(8) - costs.draft(1))  # a first forward 8 wide
+
+
+def test_a_short_unlucky_run_does_not_end_a_requests_speculation() -> None:
+    """Three rejected one-token drafts in a row at a true α of 0.7 (a 2.7% chance each time,
+    common over a batch of requests) leave the estimate above 0.5: the request still drafts.
+    With the memory of about 10 judged tokens it fell to 0.44, its γ to 0, and in a batch the
+    others' with it (a simulation against run 5's costs)."""
+    adaptive = AdaptiveGamma(run5_costs("7b"), max_gamma=8, prior_alpha=0.7)
+    for _ in range(3):
+        adaptive.observe(1, 0)
+    assert adaptive.alpha > 0.5
+    assert adaptive.next_gamma(remaining=100) > 0
 
 
 def test_overhead_turns_a_paying_gamma_off() -> None:
