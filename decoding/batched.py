@@ -101,8 +101,7 @@ def plain_steps_batch(
     pending: list[list[int]] | torch.Tensor = [s.tokens[s.target.length :] for s in states]
     sequences = [state.target for state in states]
     chosen: list[torch.Tensor] = []
-    wanting = [i for i, state in enumerate(states) if state.top_logprobs is not None]
-    top = max((states[i].top_logprobs or 0 for i in wanting), default=0)
+    wanting, top = _wanting_logprobs(states)
     scored: list[torch.Tensor] = []  # each step's logprob rows of the requests that want them
     for _ in range(steps):
         logits = target.forward_packed(sequences, pending, [1] * len(states), transient=True)
@@ -128,6 +127,13 @@ def plain_steps_batch(
     ]
 
 
+def _wanting_logprobs(states: list[SequenceState]) -> tuple[list[int], int]:
+    """The rows whose requests want log-probabilities, and the most alternatives any of them
+    wants (computed for all, each row unpacking its own)."""
+    wanting = [i for i, state in enumerate(states) if state.top_logprobs is not None]
+    return wanting, max((states[i].top_logprobs or 0 for i in wanting), default=0)
+
+
 def _subset(rows: list[int], count: int, device: torch.device) -> slice | torch.Tensor:
     """An index of ``rows`` among ``count``: a slice when they are all of them."""
     return slice(None) if len(rows) == count else to_device(rows, device)
@@ -142,11 +148,10 @@ def _step_logprobs(
     """The log-probabilities of each emitted token of the requests that want them, from the
     packed target ``logits`` (row i's ``widths[i]`` end to end; its k-th emitted token was
     chosen from its k-th): one computation and one read-back for all of them."""
-    wanting = [i for i, state in enumerate(states) if state.top_logprobs is not None]
+    wanting, top = _wanting_logprobs(states)
     result: list[list[TokenLogprob] | None] = [None] * len(states)
     if not wanting:
         return result
-    top = max(states[i].top_logprobs or 0 for i in wanting)
     starts = list(accumulate(widths, initial=0))
     positions = [starts[i] + k for i in wanting for k in range(len(emitted[i]))]
     tokens = [token for i in wanting for token in emitted[i]]
