@@ -263,19 +263,78 @@ class StepCosts:
         return capped(best)
 
 
+class ProbeSchedule:
+    """When a request whose estimate says γ = 0 drafts anyway (a probe), to learn whether the
+    draft agrees: once ``every`` steps have passed since the last probe (:attr:`probe_due`),
+    the first request that asks probes. A probe that accepts nothing doubles the wait, up to
+    ``max_every``; one that accepts halves it, down to the first wait (but see below).
+
+    A request of an engine that steps requests one by one, or one that must plan alone (a
+    seeded sample), has its own,
+    counting its own plain steps. The requests a batching engine steps together share one,
+    counting the batch's steps: one probe per ``every`` steps of the batch whatever its size,
+    and the backoff outlives each request. A probe pads every row's verify to two positions
+    (on run 5's 7B costs at batch 16, a step 1.36x as long), so 16 requests each probing every
+    8 of their own steps would probe twice per step between them.
+
+    An accepted probe halves the wait only where what the last ten or so probes accepted, all
+    requests together, would make speculation pay at the batch size it was made at: where the
+    draft agrees often but not often enough, a wait that fell at every accepted probe kept
+    probes coming every few steps. (Simulated against run 5's costs, 1.5B target, 2 requests,
+    α = 0.8: 0.948x speculation off with such a wait, 0.982x with this one.)"""
+
+    def __init__(self, every: int = 8, max_every: int = 256) -> None:
+        self._base = self.every = every
+        self._max_every = max_every
+        self._count = 0
+        self.probe_due = False
+        # What the last ten or so probes accepted, all requests together.
+        self.acceptance = AcceptanceEstimate(prior_alpha=0.5, prior_weight=2.0, decay=0.9)
+
+    def step(self) -> None:
+        """A step begins (:meth:`took` counts the rest of a group of plain steps)."""
+        self._count += 1
+        self.probe_due = self._count >= self.every
+
+    def took(self, steps: int) -> None:
+        """The step :meth:`step` began took ``steps`` plain steps at once."""
+        self._count += max(0, steps - 1)
+
+    def steps_left(self) -> int:
+        """Steps until a probe is due, the next one included."""
+        return max(1, self.every - self._count)
+
+    def start(self) -> None:
+        """A request probes in this step: the next one is ``every`` steps away."""
+        self._count = 0
+        self.probe_due = False
+
+    def result(self, drafted: int, accepted: int, pays: Callable[[float], bool]) -> None:
+        """A probe drafted ``drafted`` tokens and ``accepted`` of them; ``pays(α)``: whether
+        speculation would pay for the step it was made in at an acceptance α."""
+        self.acceptance.observe(drafted, accepted)
+        if accepted and pays(self.acceptance.alpha):
+            self.every = max(self._base, self.every // 2)
+        else:
+            self.every = min(self.every * 2, self._max_every)
+
+
 class AdaptiveGamma:
     """Per-request γ: the γ of best expected speedup at the request's estimated α.
 
     The estimate starts from the server's recent acceptance (``prior_alpha``). While γ is 0
-    nothing is learned, so every ``probe_every`` plain steps one step drafts the γ, at most
-    ``max_probe_gamma``, that would pay best at a high acceptance (``probe_alpha``): a probe is
-    there to learn whether the draft agrees at all; the first rejection ends what it can teach,
-    and on a GPU each extra draft token of a failed probe is a wasted draft step. If no γ that
-    short would pay even then, no probe is made: speculation would not pay before the probes
-    had paid for themselves (with run 5's H200 costs for the 1.5B target and the 0.5B draft, c
-    = 0.62, only γ >= 3 promised 1.1x, at α = 0.9). A probe that accepts nothing doubles the
-    wait before the next one (up to ``max_probe_every``), so text the draft cannot follow
-    costs little.
+    nothing is learned, so when its :class:`ProbeSchedule` says so, one step drafts the γ, at
+    most ``max_probe_gamma``, that would pay best at a high acceptance (``probe_alpha``): a
+    probe is there to learn whether the draft agrees at all; the first rejection ends what it
+    can teach, and on a GPU each extra draft token of a failed probe is a wasted draft step.
+    If no γ that short would pay even then, at the batch size of the step, no probe is made:
+    speculation would not pay before the probes had paid for themselves (with run 5's H200
+    costs for the 1.5B target and the 0.5B draft, c = 0.62, only γ >= 3 promised 1.1x, at
+    α = 0.9).
+
+    In a batch a probe is not capped with the others (:attr:`probing`): judged at the estimate
+    that had made its γ 0, it was always cancelled, and a server whose acceptance estimate had
+    fallen to 0 never drafted again while two or more requests ran.
     """
 
     def __init__(
@@ -287,6 +346,7 @@ class AdaptiveGamma:
         probe_alpha: float = 0.9,
         max_probe_every: int = 256,
         max_probe_gamma: int = 1,
+        schedule: ProbeSchedule | None = None,
     ) -> None:
         self._costs = costs
         self._max_gamma = max_gamma
@@ -294,19 +354,24 @@ class AdaptiveGamma:
         # at α 0.7, and in a batch one unlucky run turned its γ, and then (through the cap
         # on the batch) everyone's, to 0 for good (a simulation against run 5's costs).
         self.estimate = AcceptanceEstimate(prior_alpha, prior_weight=10.0, decay=0.97)
-        self._base_probe_every = self._probe_every = probe_every
-        self._max_probe_every = max_probe_every
+        self._owns_schedule = schedule is None  # else the engine counts the batch's steps
+        self._schedule = schedule or ProbeSchedule(probe_every, max_probe_every)
         self._probe_alpha = probe_alpha
-        self._probe_gamma = costs.best_gamma(probe_alpha, min(max_gamma, max_probe_gamma))
-        self._plain_steps = 0
+        self._max_probe_gamma = min(max_gamma, max_probe_gamma)
         self._probing = False
-        # Why the last next_gamma chose what it did: "declined" (a paying γ whose catch-up
-        # would not pay), "counted" (0, counted toward the next probe), else "other".
-        self._last = "other"
+        self._probed_at = (1, 1.0)  # the batch and overhead of the last probe
+        # Why the last next_gamma gave 0: a paying γ whose catch-up would not pay (declined),
+        # a step counted toward the next probe (counted).
+        self._declined = self._counted = False
 
     @property
     def alpha(self) -> float:
         return self.estimate.alpha
+
+    @property
+    def probing(self) -> bool:
+        """Whether the γ the last :meth:`next_gamma` gave is a probe."""
+        return self._probing
 
     def next_gamma(
         self, batch: int = 1, overhead: float = 1.0, catch_up: int = 0, remaining: int = 0
@@ -316,21 +381,27 @@ class AdaptiveGamma:
         saving over ``remaining`` does not pay for the catch-up is 0 (see
         :meth:`CostModel.catch_up_pays`)."""
         gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch, overhead=overhead)
-        self._last = "other"
+        self._declined = self._counted = self._probing = False
         if gamma > 0:
             pays = self._pays(self.alpha, gamma, catch_up, remaining, batch, overhead)
-            if not pays:
-                self._last = "declined"
+            self._declined = not pays
             return gamma if pays else 0
-        if self._probe_gamma > 0:
-            self._plain_steps += 1
-            if self._plain_steps >= self._probe_every and self._pays(
-                self._probe_alpha, self._probe_gamma, catch_up, remaining, batch, overhead
-            ):
-                self._plain_steps = 0
-                self._probing = True
-                return self._probe_gamma
-            self._last = "counted"
+        probe = self._costs.best_gamma(
+            self._probe_alpha, self._max_probe_gamma, batch, overhead=overhead
+        )
+        if probe <= 0:
+            return 0
+        schedule = self._schedule
+        if self._owns_schedule:
+            schedule.step()
+        if schedule.probe_due and self._pays(
+            self._probe_alpha, probe, catch_up, remaining, batch, overhead
+        ):
+            schedule.start()
+            self._probing = True
+            self._probed_at = (batch, overhead)
+            return probe
+        self._counted = True
         return 0
 
     def plain_steps_allowed(self, exact: bool = False) -> int:
@@ -344,17 +415,17 @@ class AdaptiveGamma:
         order. Count the steps taken with :meth:`took_plain_steps`. (After a γ > 0 that a
         batch's cap made 0, any number: only adjustable requests' γ is capped, and such a
         step counts toward no probe.)"""
-        if self._last == "declined" and exact:
+        if self._declined and exact:
             return 1
-        if self._last == "counted":
-            return max(1, self._probe_every - self._plain_steps)
+        if self._counted:
+            return self._schedule.steps_left()
         return sys.maxsize
 
     def took_plain_steps(self, steps: int) -> None:
         """Count a group of ``steps`` plain steps begun by a :meth:`next_gamma` of 0 (which
-        counted the first) toward the next probe."""
-        if self._last == "counted" and steps > 1:
-            self._plain_steps += steps - 1
+        counted the first) toward the next probe (a shared schedule: the engine counts)."""
+        if self._counted and self._owns_schedule:
+            self._schedule.took(steps)
 
     def would_draft(
         self, batch: int = 1, overhead: float = 1.0, catch_up: int = 0, remaining: int = 0
@@ -372,12 +443,10 @@ class AdaptiveGamma:
     def observe(self, drafted: int, accepted: int) -> None:
         if self._probing and drafted:
             self._probing = False
-            failed = accepted == 0
-            self._probe_every = (
-                min(self._probe_every * 2, self._max_probe_every)
-                if failed
-                else self._base_probe_every
-            )
+            costs, max_gamma = self._costs, self._max_gamma
+            batch, overhead = self._probed_at
+            self._schedule.result(drafted, accepted, lambda alpha: costs.best_gamma(
+                alpha, max_gamma, batch, overhead=overhead) > 0)
         self.estimate.observe(drafted, accepted)
 
 

@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from decoding.adaptive import AcceptanceEstimate, AdaptiveGamma, CostModel, StepCosts
+from decoding.adaptive import (
+    AcceptanceEstimate,
+    AdaptiveGamma,
+    CostModel,
+    ProbeSchedule,
+    StepCosts,
+)
 from decoding.batched import CATCH_UP_IN_BATCH, plain_steps_batch, speculative_step_batch
 from decoding.detokenize import IncrementalDetokenizer
 from decoding.errors import DeviceOutOfMemoryError
@@ -98,6 +104,9 @@ class Stepper:
         self._running_count = running_count  # requests admitted and not finished, right now
         # The server's recent acceptance: the prior of each new request's adaptive γ.
         self.acceptance = AcceptanceEstimate(prior_alpha=0.7, prior_weight=4.0, decay=0.99)
+        # When the requests stepped together probe (see ProbeSchedule), counted here per
+        # batched step; stepped one by one, each request counts its own.
+        self.probes = ProbeSchedule() if batched else None
         # What steps really cost against the cost model: corrects adaptive γ.
         self.step_costs = StepCosts(costs)
         self.last_gamma = 0
@@ -117,9 +126,11 @@ class Stepper:
     def adaptive_for(self, request: GenerationRequest) -> AdaptiveGamma | None:
         if self.fixed_gamma(request) is not None:
             return None
-        if plans_alone(request):
+        if plans_alone(request):  # its own probe schedule, too
             return AdaptiveGamma(self.costs, self.max_gamma)
-        return AdaptiveGamma(self.costs, self.max_gamma, prior_alpha=self.acceptance.alpha)
+        return AdaptiveGamma(
+            self.costs, self.max_gamma, prior_alpha=self.acceptance.alpha, schedule=self.probes
+        )
 
     def _batch(self) -> int:
         """The batch a step is costed at: every running request on the fast path, those still
@@ -249,14 +260,20 @@ class Stepper:
                 steps = min(steps, running.adaptive.plain_steps_allowed(exact))
         return max(1, steps)
 
-    def step(self, running: RunningRequest, gamma: int | None = None) -> None:
-        """One speculative step of one request (several plain ones where γ = 0)."""
+    def step(
+        self, running: RunningRequest, gamma: int | None = None, batch_of_one: bool = False
+    ) -> None:
+        """One speculative step of one request (several plain ones where γ = 0);
+        ``batch_of_one``: the batched step's only request (its plain steps count toward the
+        shared probe schedule)."""
         assert running.state is not None
         gamma = self._gamma(running) if gamma is None else gamma
         self.last_gamma = gamma
         start_ns = time.time_ns()
         started = time.perf_counter()
         steps = self._plain_steps([running]) if gamma == 0 else 1
+        if batch_of_one and self.probes is not None:
+            self.probes.took(steps)
         catch_up_s = self._catch_up_s([running.state], [gamma], batched=False)
         if steps > 1:
             result = plain_steps(running.state, steps)
@@ -271,20 +288,27 @@ class Stepper:
         # Batched drafting runs the draft model itself; another proposer drafts alone, unless
         # it can pick each position's token inside the batched loop (``choose``).
         choose = None if self.proposer is propose else getattr(self.proposer, "choose", None)
+        if self.probes is not None and ready:
+            self.probes.step()
         if len(ready) <= 1 or (self.proposer is not propose and choose is None):
+            alone = functools.partial(self.step, batch_of_one=len(ready) == 1)
             for running in ready:
-                self.guarded(running, self.step)
+                self.guarded(running, alone)
             return
         states = [r.state for r in ready if r.state is not None]
         gammas = self.step_costs.cap_for_batch(
             [self._gamma(r) for r in ready],
             [self._alpha(r) for r in ready],
-            # A fixed γ is what the request asked for; a seeded sample's γ is its own alone.
-            [r.adaptive is not None and not plans_alone(r.request) for r in ready],
+            # A fixed γ is what the request asked for; a seeded sample's γ is its own alone; a
+            # probe is there to learn what the estimates the cap would judge it by do not know.
+            [r.adaptive is not None and not plans_alone(r.request) and not r.adaptive.probing
+             for r in ready],
         )
         saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
                  for s in states]
         steps = self._plain_steps(ready) if max(gammas) == 0 else 1
+        if self.probes is not None:
+            self.probes.took(steps)
         catch_up_s = self._catch_up_s(states, gammas, batched=True)
         start_ns = time.time_ns()
         try:

@@ -69,6 +69,39 @@ def test_failed_probes_back_off() -> None:
     assert gaps == sorted(gaps) and gaps[-1] >= 32  # 2, 4, 8, ... plain steps between probes
 
 
+def test_requests_stepped_together_probe_once_per_so_many_of_the_batchs_steps() -> None:
+    """Four requests at γ 0 sharing one schedule (the engine counts the batch's steps): one
+    probe per 4 steps between them, not one each; a failed probe doubles the wait for all.
+    An accepted one halves it (not below the first wait), unless what the recent probes
+    accepted all together would not make speculation pay: a draft that agrees often, but
+    not often enough, is not probed every few steps."""
+    from decoding.adaptive import ProbeSchedule
+
+    flat = CostModel(draft_s={1: 0.2, 4: 0.21}, target_s={1: 1.0, 4: 1.02, 8: 1.05, 16: 1.1})
+    schedule = ProbeSchedule(every=4, max_every=64)
+    requests = [AdaptiveGamma(flat, 8, prior_alpha=0.0, schedule=schedule) for _ in range(4)]
+    probes_at: list[int] = []
+    for step in range(40):
+        schedule.step()
+        gammas = [request.next_gamma(4, remaining=1000) for request in requests]
+        assert sum(g > 0 for g in gammas) <= 1
+        if any(gammas):
+            probes_at.append(step)
+            assert [r.probing for r in requests] == [g > 0 for g in gammas]
+        for request, gamma in zip(requests, gammas, strict=True):
+            request.observe(gamma, 0)
+    assert probes_at == [3, 11, 27]  # waits 4, 8, 16
+    assert schedule.every == 32
+    schedule.result(1, 1, pays=lambda alpha: True)
+    assert schedule.every == 16
+    for _ in range(5):
+        schedule.result(1, 1, pays=lambda alpha: True)
+    assert schedule.every == 4
+    for _ in range(5):  # accepted, at a pooled acceptance that stays short of paying
+        schedule.result(1, 1, pays=lambda alpha: alpha > 0.99)
+    assert schedule.every == 64
+
+
 def test_probes_while_plain_and_only_when_it_could_pay() -> None:
     adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0, probe_every=4)
     gammas = [adaptive.next_gamma() for _ in range(8)]

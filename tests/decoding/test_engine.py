@@ -911,3 +911,37 @@ async def test_a_seeded_adaptive_sample_drafts_where_it_would_one_step_at_a_time
 def test_decode_steps_below_one_are_refused(same_pair) -> None:
     with pytest.raises(ValueError, match="decode_steps"):
         make_engine(same_pair, decode_steps=0)
+
+
+async def test_requests_together_recover_from_a_server_estimate_of_no_acceptance(
+    same_pair,
+) -> None:
+    """A server whose acceptance estimate has fallen to 0 starts each request at γ 0; only
+    probes can show that the draft agrees now (here it is the target itself). With two
+    requests stepped together, each probe was capped at the estimate that had made its γ 0,
+    so none ever drafted (a simulation against run 5's costs: 1.000x speculation off where a
+    fixed γ gave 1.27-1.71x). Probes now go through; what they accept lifts the estimates
+    until the requests draft on their own. Every output is the target's own."""
+    from decoding.adaptive import AcceptanceEstimate, StepCosts
+
+    # A GPU-like card: drafting and verifying a few more positions cost little. (Here the
+    # draft is the target: its steps really cost what the target's do, and the correction
+    # from measured step times would rightly end speculation. It is left out.)
+    costs = CostModel(draft_s={1: 0.0002, 2: 0.0002}, target_s={1: 0.002, 4: 0.00204, 18: 0.0022})
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=2), costs=costs)
+    engine.stepper.acceptance = AcceptanceEstimate(prior_alpha=0.0)
+    engine.stepper.step_costs = StepCosts(costs, min_samples=10**9)
+    request = GenerationRequest(request_id="r", prompt_token_ids=PROMPT_IDS, max_new_tokens=120)
+    try:
+        with engine._cond:  # admitted together, before the worker's first round
+            handles = [engine.submit(request) for _ in range(2)]
+        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
+    finally:
+        engine.close()
+    assert outputs == [reference_greedy(pair, PROMPT_IDS, 120)] * 2
+    for handle in handles:
+        gammas = [step.gamma for step in handle.timeline.steps]
+        assert gammas[0] == 0, gammas  # the estimate starts at the server's 0
+        assert max(gammas) > 1, gammas  # beyond one-token probes: drafting on its own
+        assert handle.usage.accepted_draft_tokens == handle.usage.draft_tokens > 8
