@@ -110,6 +110,7 @@ class Stepper:
         # What steps really cost against the cost model: corrects adaptive γ.
         self.step_costs = StepCosts(costs)
         self.last_gamma = 0
+        self._steps_taken = 1  # plain steps the last step() took (see _step_each)
 
     # ---- γ ---------------------------------------------------------------------------------
 
@@ -143,6 +144,8 @@ class Stepper:
         # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
         # prompt + max_new_tokens <= context window, so this also keeps the caches inside it.
         remaining = running.prepared.max_new_tokens - len(running.output)
+        if running.adaptive is not None and remaining <= 1:
+            return 0  # no room to draft: not asked, so no probe is spent on it
         if running.adaptive is not None:
             # What the draft must be fed alone before it drafts (a short lag rides along).
             lag = len(state.tokens) - state.draft.length
@@ -260,20 +263,15 @@ class Stepper:
                 steps = min(steps, running.adaptive.plain_steps_allowed(exact))
         return max(1, steps)
 
-    def step(
-        self, running: RunningRequest, gamma: int | None = None, batch_of_one: bool = False
-    ) -> None:
-        """One speculative step of one request (several plain ones where γ = 0);
-        ``batch_of_one``: the batched step's only request (its plain steps count toward the
-        shared probe schedule)."""
+    def step(self, running: RunningRequest, gamma: int | None = None) -> None:
+        """One speculative step of one request (several plain ones where γ = 0)."""
         assert running.state is not None
         gamma = self._gamma(running) if gamma is None else gamma
         self.last_gamma = gamma
         start_ns = time.time_ns()
         started = time.perf_counter()
         steps = self._plain_steps([running]) if gamma == 0 else 1
-        if batch_of_one and self.probes is not None:
-            self.probes.took(steps)
+        self._steps_taken = steps
         catch_up_s = self._catch_up_s([running.state], [gamma], batched=False)
         if steps > 1:
             result = plain_steps(running.state, steps)
@@ -291,9 +289,7 @@ class Stepper:
         if self.probes is not None and ready:
             self.probes.step()
         if len(ready) <= 1 or (self.proposer is not propose and choose is None):
-            alone = functools.partial(self.step, batch_of_one=len(ready) == 1)
-            for running in ready:
-                self.guarded(running, alone)
+            self._step_each(ready)
             return
         states = [r.state for r in ready if r.state is not None]
         gammas = self.step_costs.cap_for_batch(
@@ -307,8 +303,6 @@ class Stepper:
         saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
                  for s in states]
         steps = self._plain_steps(ready) if max(gammas) == 0 else 1
-        if self.probes is not None:
-            self.probes.took(steps)
         catch_up_s = self._catch_up_s(states, gammas, batched=True)
         start_ns = time.time_ns()
         try:
@@ -318,6 +312,8 @@ class Stepper:
             else:
                 results = speculative_step_batch(states, gammas, self.draft, self.target, choose)
             self.step_costs.observe(gammas, (time.perf_counter() - started) / steps, catch_up_s)
+            if self.probes is not None:
+                self.probes.took(steps)
         except Exception:
             log.warning("batched step failed; stepping its requests one by one", exc_info=True)
             for state, (tokens, target_length, draft_length, rng) in zip(states, saved,
@@ -326,12 +322,23 @@ class Stepper:
                 state.target.rollback(min(target_length, state.target.length))
                 state.draft.rollback(min(draft_length, state.draft.length))
                 state.generator.set_state(rng)
-            for running, gamma in zip(ready, gammas, strict=True):
-                self.guarded(running, functools.partial(self.step, gamma=gamma))
+            self._step_each(ready, gammas)
             return
         self.last_gamma = max(gammas)
         for running, result in zip(ready, results, strict=True):
             self.guarded(running, functools.partial(self._emit, result=result, start_ns=start_ns))
+
+    def _step_each(self, ready: list[RunningRequest], gammas: list[int] | None = None) -> None:
+        """Step each request alone (at ``gammas``, else its own γ), as one step of the batch:
+        the shared probe schedule counts its longest group of plain steps."""
+        longest = 1
+        for i, running in enumerate(ready):
+            self._steps_taken = 1
+            work = self.step if gammas is None else functools.partial(self.step, gamma=gammas[i])
+            self.guarded(running, work)
+            longest = max(longest, self._steps_taken)
+        if self.probes is not None and ready:
+            self.probes.took(longest)
 
     def _catch_up_s(
         self, states: list[SequenceState], gammas: list[int], batched: bool
