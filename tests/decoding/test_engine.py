@@ -945,3 +945,73 @@ async def test_requests_together_recover_from_a_server_estimate_of_no_acceptance
         assert gammas[0] == 0, gammas  # the estimate starts at the server's 0
         assert max(gammas) > 1, gammas  # beyond one-token probes: drafting on its own
         assert handle.usage.accepted_draft_tokens == handle.usage.draft_tokens > 8
+
+
+async def test_no_probe_is_spent_on_a_request_with_one_token_left(same_pair) -> None:
+    """Two requests of 8 tokens, one token per step: the shared probe schedule falls due at
+    the batch's eighth step, where each has one token left and no room to draft. Neither is
+    asked for γ, so the probe stays due for the next steps; it used to be taken by the first
+    request, cut to γ 0 by its length, and lost."""
+    from decoding.adaptive import AcceptanceEstimate, StepCosts
+
+    costs = CostModel(draft_s={1: 1e-6, 2: 1e-6}, target_s={1: 1.0, 4: 1.02, 18: 1.1})
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=2,
+                                       decode_steps=1), costs=costs)
+    engine.stepper.acceptance = AcceptanceEstimate(prior_alpha=0.0)
+    engine.stepper.step_costs = StepCosts(costs, min_samples=10**9)
+    request = GenerationRequest(request_id="r", prompt_token_ids=PROMPT_IDS, max_new_tokens=8)
+    try:
+        with engine._cond:  # admitted together, before the worker's first round
+            handles = [engine.submit(request) for _ in range(2)]
+        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
+    finally:
+        engine.close()
+    assert outputs == [reference_greedy(pair, PROMPT_IDS, 8)] * 2
+    assert [len(h.timeline.steps) for h in handles] == [8, 8]  # one token a step, no drafts
+    assert engine.stepper.probes is not None and engine.stepper.probes.probe_due
+
+
+async def test_a_failed_batched_group_counts_only_the_steps_taken(different_pair,
+                                                                  monkeypatch) -> None:
+    """The shared probe schedule counts the batch's steps. When a batched group of plain
+    steps fails and its requests are stepped one by one, only what they then take counts:
+    counting the whole failed group as well brought the next probe that much early. Here the
+    draft disagrees, so every step emits one token per request whether it probes or not, and
+    the steps counted equal the tokens each request emitted."""
+    import decoding.stepper as stepper_module
+    from decoding.adaptive import AcceptanceEstimate, StepCosts
+
+    costs = CostModel(draft_s={1: 1e-6, 2: 1e-6}, target_s={1: 1.0, 4: 1.02, 18: 1.1})
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=2,
+                                       decode_steps=8), costs=costs)
+    engine.stepper.acceptance = AcceptanceEstimate(prior_alpha=0.0)
+    engine.stepper.step_costs = StepCosts(costs, min_samples=10**9)
+    probes = engine.stepper.probes
+    assert probes is not None
+    counted = []
+    step, took = probes.step, probes.took
+    monkeypatch.setattr(probes, "step", lambda: (counted.append(1), step())[1])
+    monkeypatch.setattr(probes, "took", lambda n: (counted.append(n - 1), took(n))[1])
+    real = stepper_module.plain_steps_batch
+    calls = []
+
+    def failing_once(states, steps, target):
+        calls.append(steps)
+        if len(calls) == 1:  # the group up to the first due probe
+            raise RuntimeError("a batched group failed")
+        return real(states, steps, target)
+
+    monkeypatch.setattr(stepper_module, "plain_steps_batch", failing_once)
+    request = GenerationRequest(request_id="r", prompt_token_ids=PROMPT_IDS, max_new_tokens=40)
+    try:
+        with engine._cond:  # admitted together, before the worker's first round
+            handles = [engine.submit(request) for _ in range(2)]
+        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
+    finally:
+        engine.close()
+    assert outputs == [reference_greedy(pair, PROMPT_IDS, 40)] * 2
+    assert len(calls) > 2 and calls[0] > 1  # the failed call was a group
+    assert all(h.usage.accepted_draft_tokens == 0 for h in handles)
+    assert sum(counted) == 40
