@@ -26,6 +26,13 @@ marginal promise does not cover: on the CPU with 4 requests together, adaptive �
 speculation off where, with the costs measured in a run before, the formula promised it a small
 gain."""
 
+PROBE_MARGIN = 1.15
+"""An accepted probe shortens the wait for the next only where the probes' pooled acceptance
+promises this much more than :data:`MIN_SPEEDUP`: near the threshold the pooled estimate (about
+30 probes) crosses it by chance, and each crossing brought probes back every few steps (on the
+CPU, in :mod:`bench.policy` against run 5's costs, 2 requests at α = 0.5 ran at 0.967x
+speculation off with no margin and a pooled memory of 10 probes, 0.974x with these)."""
+
 CATCH_UP_MARGIN = 2.0
 """Feed the draft tokens it has not seen (a whole prompt) only where drafting promises to save
 at least this many times what feeding them costs: the saving is counted over every token the
@@ -94,6 +101,15 @@ class CostModel:
         speculative step really costs than the forwards it is made of (see :class:`StepCosts`)."""
         step_s = gamma * self.draft(batch) + self.target(batch * (gamma + 1))
         return self.expected_tokens(alpha, gamma) * self.target(batch) / (step_s * overhead)
+
+    def lone_speedup(
+        self, alpha: float, gamma: int, batch: int = 1, overhead: float = 1.0
+    ) -> float:
+        """The expected speedup of a step of ``batch`` requests in which only one drafts γ
+        (the others verify as many positions, padded, for one token each)."""
+        step_s = (gamma * self.draft(1) + self.target(batch * (gamma + 1))) * overhead
+        tokens = batch - 1 + self.expected_tokens(alpha, gamma)
+        return tokens * self.target(batch) / (batch * step_s)
 
     def best_gamma(
         self,
@@ -267,29 +283,27 @@ class ProbeSchedule:
     """When a request whose estimate says γ = 0 drafts anyway (a probe), to learn whether the
     draft agrees: once ``every`` steps have passed since the last probe (:attr:`probe_due`),
     the first request that asks probes. A probe that accepts nothing doubles the wait, up to
-    ``max_every``; one that accepts halves it, down to the first wait (but see below).
+    ``max_every``. One that accepts halves it, down to the first wait, where what the last 30
+    or so probes accepted, all requests together, would make speculation pay (with a margin,
+    :data:`PROBE_MARGIN`) at the batch size it was made at; else the wait stays. Where the
+    draft agrees often but not often enough, a wait that fell at every accepted probe kept
+    probes coming every few steps, each a wasted step.
 
     A request of an engine that steps requests one by one, or one that must plan alone (a
-    seeded sample), has its own,
-    counting its own plain steps. The requests a batching engine steps together share one,
-    counting the batch's steps: one probe per ``every`` steps of the batch whatever its size,
-    and the backoff outlives each request. A probe pads every row's verify to two positions
-    (on run 5's 7B costs at batch 16, a step 1.36x as long), so 16 requests each probing every
-    8 of their own steps would probe twice per step between them.
-
-    An accepted probe halves the wait only where what the last ten or so probes accepted, all
-    requests together, would make speculation pay at the batch size it was made at: where the
-    draft agrees often but not often enough, a wait that fell at every accepted probe kept
-    probes coming every few steps. (Simulated against run 5's costs, 1.5B target, 2 requests,
-    α = 0.8: 0.948x speculation off with such a wait, 0.982x with this one.)"""
+    seeded sample), has its own, counting its own plain steps. The requests a batching engine
+    steps together share one, counting the batch's steps: one probe per ``every`` steps of
+    the batch whatever its size, and the backoff outlives each request. A probe pads every
+    row's verify to two positions and feeds its draft what it has not seen (on run 5's 7B
+    costs, about one plain step's time each at batch 2), so 16 requests each probing every 8
+    of their own steps would probe twice per step between them."""
 
     def __init__(self, every: int = 8, max_every: int = 256) -> None:
         self._base = self.every = every
         self._max_every = max_every
         self._count = 0
         self.probe_due = False
-        # What the last ten or so probes accepted, all requests together.
-        self.acceptance = AcceptanceEstimate(prior_alpha=0.5, prior_weight=2.0, decay=0.9)
+        # What the last 30 or so probes accepted, all requests together.
+        self.acceptance = AcceptanceEstimate(prior_alpha=0.5, prior_weight=4.0, decay=0.97)
 
     def step(self) -> None:
         """A step begins (:meth:`took` counts the rest of a group of plain steps)."""
@@ -313,10 +327,10 @@ class ProbeSchedule:
         """A probe drafted ``drafted`` tokens and ``accepted`` of them; ``pays(α)``: whether
         speculation would pay for the step it was made in at an acceptance α."""
         self.acceptance.observe(drafted, accepted)
-        if accepted and pays(self.acceptance.alpha):
-            self.every = max(self._base, self.every // 2)
-        else:
+        if not accepted:
             self.every = min(self.every * 2, self._max_every)
+        elif pays(self.acceptance.alpha):
+            self.every = max(self._base, self.every // 2)
 
 
 class AdaptiveGamma:
@@ -331,6 +345,13 @@ class AdaptiveGamma:
     speculation would not pay before the probes had paid for themselves (with run 5's H200
     costs for the 1.5B target and the 0.5B draft, c = 0.62, only γ >= 3 promised 1.1x, at
     α = 0.9).
+
+    A probe whose token is accepted is followed by another at once, until one is rejected,
+    where such a probe pays for itself with this request drafting alone in its batch
+    (:meth:`CostModel.lone_speedup` at ``probe_alpha``; one request alone on run 5's 7B costs,
+    not two or more): one accepted token moves an estimate that remembers about 30 judged
+    tokens by little. (On the CPU, :mod:`bench.policy` against those costs, one request at
+    α = 0.9 starting from a server estimate of 0: 1.513x speculation off without, 1.749x with.)
 
     In a batch a probe is not capped with the others (:attr:`probing`): judged at the estimate
     that had made its γ 0, it was always cancelled, and a server whose acceptance estimate had
@@ -359,6 +380,7 @@ class AdaptiveGamma:
         self._probe_alpha = probe_alpha
         self._max_probe_gamma = min(max_gamma, max_probe_gamma)
         self._probing = False
+        self._streak = self._streaking = False
         self._probed_at = (1, 1.0)  # the batch and overhead of the last probe
         # Why the last next_gamma gave 0: a paying γ whose catch-up would not pay (declined),
         # a step counted toward the next probe (counted).
@@ -383,6 +405,7 @@ class AdaptiveGamma:
         gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch, overhead=overhead)
         self._declined = self._counted = self._probing = False
         if gamma > 0:
+            self._streak = False
             pays = self._pays(self.alpha, gamma, catch_up, remaining, batch, overhead)
             self._declined = not pays
             return gamma if pays else 0
@@ -392,6 +415,14 @@ class AdaptiveGamma:
         if probe <= 0:
             return 0
         schedule = self._schedule
+        streak = self._streak and self._costs.lone_speedup(
+            self._probe_alpha, probe, batch, overhead) >= MIN_SPEEDUP
+        if streak and self._pays(self._probe_alpha, probe, catch_up, remaining, batch, overhead):
+            self._probing = True
+            self._probed_at = (batch, overhead)
+            self._streaking = True
+            return probe
+        self._streak = False
         if self._owns_schedule:
             schedule.step()
         if schedule.probe_due and self._pays(
@@ -399,6 +430,7 @@ class AdaptiveGamma:
         ):
             schedule.start()
             self._probing = True
+            self._streaking = False
             self._probed_at = (batch, overhead)
             return probe
         self._counted = True
@@ -443,10 +475,13 @@ class AdaptiveGamma:
     def observe(self, drafted: int, accepted: int) -> None:
         if self._probing and drafted:
             self._probing = False
-            costs, max_gamma = self._costs, self._max_gamma
-            batch, overhead = self._probed_at
-            self._schedule.result(drafted, accepted, lambda alpha: costs.best_gamma(
-                alpha, max_gamma, batch, overhead=overhead) > 0)
+            self._streak = accepted > 0
+            if not self._streaking:
+                costs, max_gamma = self._costs, self._max_gamma
+                batch, overhead = self._probed_at
+                self._schedule.result(drafted, accepted, lambda alpha: costs.best_gamma(
+                    alpha, max_gamma, batch, overhead=overhead,
+                    min_speedup=MIN_SPEEDUP * PROBE_MARGIN) > 0)
         self.estimate.observe(drafted, accepted)
 
 

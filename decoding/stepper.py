@@ -109,6 +109,8 @@ class Stepper:
         self.probes = ProbeSchedule() if batched else None
         # What steps really cost against the cost model: corrects adaptive γ.
         self.step_costs = StepCosts(costs)
+        # What steps are timed by, for the step-cost correction (a simulation swaps in its own).
+        self.clock: Callable[[], float] = time.perf_counter
         self.last_gamma = 0
         self._steps_taken = 1  # plain steps the last step() took (see _step_each)
 
@@ -269,7 +271,7 @@ class Stepper:
         gamma = self._gamma(running) if gamma is None else gamma
         self.last_gamma = gamma
         start_ns = time.time_ns()
-        started = time.perf_counter()
+        started = self.clock()
         steps = self._plain_steps([running]) if gamma == 0 else 1
         self._steps_taken = steps
         catch_up_s = self._catch_up_s([running.state], [gamma], batched=False)
@@ -277,7 +279,7 @@ class Stepper:
             result = plain_steps(running.state, steps)
         else:
             result = speculative_step(running.state, gamma)
-        self.step_costs.observe([gamma], (time.perf_counter() - started) / steps, catch_up_s)
+        self.step_costs.observe([gamma], (self.clock() - started) / steps, catch_up_s)
         self._emit(running, result, start_ns)
 
     def step_batch(self, ready: list[RunningRequest]) -> None:
@@ -306,12 +308,12 @@ class Stepper:
         catch_up_s = self._catch_up_s(states, gammas, batched=True)
         start_ns = time.time_ns()
         try:
-            started = time.perf_counter()
+            started = self.clock()
             if steps > 1:
                 results = plain_steps_batch(states, steps, self.target)
             else:
                 results = speculative_step_batch(states, gammas, self.draft, self.target, choose)
-            self.step_costs.observe(gammas, (time.perf_counter() - started) / steps, catch_up_s)
+            self.step_costs.observe(gammas, (self.clock() - started) / steps, catch_up_s)
             if self.probes is not None:
                 self.probes.took(steps)
         except Exception:

@@ -73,8 +73,8 @@ def test_requests_stepped_together_probe_once_per_so_many_of_the_batchs_steps() 
     """Four requests at γ 0 sharing one schedule (the engine counts the batch's steps): one
     probe per 4 steps between them, not one each; a failed probe doubles the wait for all.
     An accepted one halves it (not below the first wait), unless what the recent probes
-    accepted all together would not make speculation pay: a draft that agrees often, but
-    not often enough, is not probed every few steps."""
+    accepted all together would not make speculation pay (then it stays): a draft that agrees
+    often, but not often enough, is not probed every few steps."""
     from decoding.adaptive import ProbeSchedule
 
     flat = CostModel(draft_s={1: 0.2, 4: 0.21}, target_s={1: 1.0, 4: 1.02, 8: 1.05, 16: 1.1})
@@ -97,9 +97,34 @@ def test_requests_stepped_together_probe_once_per_so_many_of_the_batchs_steps() 
     for _ in range(5):
         schedule.result(1, 1, pays=lambda alpha: True)
     assert schedule.every == 4
+    schedule.result(1, 0, pays=lambda alpha: True)
+    assert schedule.every == 8
     for _ in range(5):  # accepted, at a pooled acceptance that stays short of paying
         schedule.result(1, 1, pays=lambda alpha: alpha > 0.99)
-    assert schedule.every == 64
+    assert schedule.every == 8
+
+
+def test_an_accepted_probe_is_followed_by_another_where_that_pays_alone() -> None:
+    """One request on run 5's 7B costs: after an accepted probe the next step probes again,
+    and again while they are accepted; a rejected one ends that, and the next waits for the
+    schedule. In a batch of 8, where one row drafting alone slows the whole step, an accepted
+    probe is followed by none."""
+    costs = run5_costs("7b")
+    assert costs.lone_speedup(0.9, 1, 1) > 1.1 > costs.lone_speedup(0.9, 1, 8)
+    alone = AdaptiveGamma(costs, max_gamma=8, prior_alpha=0.0, probe_every=4)
+    gammas = []
+    for step in range(12):
+        gamma = alone.next_gamma(remaining=1000)
+        gammas.append(gamma)
+        alone.observe(gamma, 1 if gamma and step < 6 else 0)  # accepted until step 6
+    assert gammas == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1, 0], gammas  # the schedule: 4 steps
+    batched = AdaptiveGamma(costs, max_gamma=8, prior_alpha=0.0, probe_every=4)
+    gammas = []
+    for _ in range(8):
+        gamma = batched.next_gamma(8, remaining=1000)
+        gammas.append(gamma)
+        batched.observe(gamma, gamma)
+    assert gammas == [0, 0, 0, 1, 0, 0, 0, 1], gammas
 
 
 def test_probes_while_plain_and_only_when_it_could_pay() -> None:
