@@ -913,6 +913,33 @@ def test_decode_steps_below_one_are_refused(same_pair) -> None:
         make_engine(same_pair, decode_steps=0)
 
 
+def collapsed_engine(pair, costs: CostModel, **config) -> Engine:
+    """A batching engine whose server acceptance estimate has fallen to 0, at ``costs``,
+    without the correction from measured step times (tiny CPU models' steps cost nothing
+    like ``costs``)."""
+    from decoding.adaptive import AcceptanceEstimate, StepCosts
+
+    engine = Engine(dataclasses.replace(pair, eos_token_ids=()),
+                    EngineConfig(fast_path="on", max_concurrent_requests=2, **config),
+                    costs=costs)
+    engine.stepper.acceptance = AcceptanceEstimate(prior_alpha=0.0)
+    engine.stepper.step_costs = StepCosts(costs, min_samples=10**9)
+    return engine
+
+
+async def together(engine: Engine, tokens: int) -> tuple[list, list[list[int]]]:
+    """Two requests for PROMPT_IDS admitted in the same round; their handles and outputs."""
+    request = GenerationRequest(request_id="r", prompt_token_ids=PROMPT_IDS,
+                                max_new_tokens=tokens)
+    try:
+        with engine._cond:  # admitted together, before the worker's next round
+            handles = [engine.submit(request) for _ in range(2)]
+        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
+    finally:
+        engine.close()
+    return handles, list(outputs)
+
+
 async def test_requests_together_recover_from_a_server_estimate_of_no_acceptance(
     same_pair,
 ) -> None:
@@ -922,23 +949,12 @@ async def test_requests_together_recover_from_a_server_estimate_of_no_acceptance
     so none ever drafted (a simulation against run 5's costs: 1.000x speculation off where a
     fixed γ gave 1.27-1.71x). Probes now go through; what they accept lifts the estimates
     until the requests draft on their own. Every output is the target's own."""
-    from decoding.adaptive import AcceptanceEstimate, StepCosts
-
     # A GPU-like card: drafting and verifying a few more positions cost little. (Here the
-    # draft is the target: its steps really cost what the target's do, and the correction
-    # from measured step times would rightly end speculation. It is left out.)
+    # draft is the target: its steps really cost what the target's do.)
     costs = CostModel(draft_s={1: 0.0002, 2: 0.0002}, target_s={1: 0.002, 4: 0.00204, 18: 0.0022})
-    pair = dataclasses.replace(same_pair, eos_token_ids=())
-    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=2), costs=costs)
-    engine.stepper.acceptance = AcceptanceEstimate(prior_alpha=0.0)
-    engine.stepper.step_costs = StepCosts(costs, min_samples=10**9)
-    request = GenerationRequest(request_id="r", prompt_token_ids=PROMPT_IDS, max_new_tokens=120)
-    try:
-        with engine._cond:  # admitted together, before the worker's first round
-            handles = [engine.submit(request) for _ in range(2)]
-        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
-    finally:
-        engine.close()
+    engine = collapsed_engine(same_pair, costs)
+    pair = engine.pair
+    handles, outputs = await together(engine, 120)
     assert outputs == [reference_greedy(pair, PROMPT_IDS, 120)] * 2
     for handle in handles:
         gammas = [step.gamma for step in handle.timeline.steps]
@@ -952,21 +968,10 @@ async def test_no_probe_is_spent_on_a_request_with_one_token_left(same_pair) -> 
     the batch's eighth step, where each has one token left and no room to draft. Neither is
     asked for γ, so the probe stays due for the next steps; it used to be taken by the first
     request, cut to γ 0 by its length, and lost."""
-    from decoding.adaptive import AcceptanceEstimate, StepCosts
-
     costs = CostModel(draft_s={1: 1e-6, 2: 1e-6}, target_s={1: 1.0, 4: 1.02, 18: 1.1})
-    pair = dataclasses.replace(same_pair, eos_token_ids=())
-    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=2,
-                                       decode_steps=1), costs=costs)
-    engine.stepper.acceptance = AcceptanceEstimate(prior_alpha=0.0)
-    engine.stepper.step_costs = StepCosts(costs, min_samples=10**9)
-    request = GenerationRequest(request_id="r", prompt_token_ids=PROMPT_IDS, max_new_tokens=8)
-    try:
-        with engine._cond:  # admitted together, before the worker's first round
-            handles = [engine.submit(request) for _ in range(2)]
-        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
-    finally:
-        engine.close()
+    engine = collapsed_engine(same_pair, costs, decode_steps=1)
+    pair = engine.pair
+    handles, outputs = await together(engine, 8)
     assert outputs == [reference_greedy(pair, PROMPT_IDS, 8)] * 2
     assert [len(h.timeline.steps) for h in handles] == [8, 8]  # one token a step, no drafts
     assert engine.stepper.probes is not None and engine.stepper.probes.probe_due
@@ -980,14 +985,10 @@ async def test_a_failed_batched_group_counts_only_the_steps_taken(different_pair
     draft disagrees, so every step emits one token per request whether it probes or not, and
     the steps counted equal the tokens each request emitted."""
     import decoding.stepper as stepper_module
-    from decoding.adaptive import AcceptanceEstimate, StepCosts
 
     costs = CostModel(draft_s={1: 1e-6, 2: 1e-6}, target_s={1: 1.0, 4: 1.02, 18: 1.1})
-    pair = dataclasses.replace(different_pair, eos_token_ids=())
-    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=2,
-                                       decode_steps=8), costs=costs)
-    engine.stepper.acceptance = AcceptanceEstimate(prior_alpha=0.0)
-    engine.stepper.step_costs = StepCosts(costs, min_samples=10**9)
+    engine = collapsed_engine(different_pair, costs, decode_steps=8)
+    pair = engine.pair
     probes = engine.stepper.probes
     assert probes is not None
     counted = []
@@ -1004,13 +1005,7 @@ async def test_a_failed_batched_group_counts_only_the_steps_taken(different_pair
         return real(states, steps, target)
 
     monkeypatch.setattr(stepper_module, "plain_steps_batch", failing_once)
-    request = GenerationRequest(request_id="r", prompt_token_ids=PROMPT_IDS, max_new_tokens=40)
-    try:
-        with engine._cond:  # admitted together, before the worker's first round
-            handles = [engine.submit(request) for _ in range(2)]
-        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
-    finally:
-        engine.close()
+    handles, outputs = await together(engine, 40)
     assert outputs == [reference_greedy(pair, PROMPT_IDS, 40)] * 2
     assert len(calls) > 2 and calls[0] > 1  # the failed call was a group
     assert all(h.usage.accepted_draft_tokens == 0 for h in handles)
