@@ -106,6 +106,10 @@ class CostedRunner:
     def device(self) -> torch.device:
         return self.inner.device
 
+    @property
+    def max_len(self) -> int:
+        return int(self.inner.max_len)
+
     def charge(self, tokens: int) -> None:
         self.clock.seconds += self._cost(tokens)
 

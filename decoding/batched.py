@@ -229,10 +229,7 @@ def _propose(
     The drawn tokens stay on the device and feed the next position's forward from there, so
     the host queues the whole loop without waiting for the device."""
     drafts = _Drafts(list(gammas), [[] for _ in states])
-    for state, gamma in zip(states, gammas, strict=True):
-        lag = len(state.tokens) - state.draft.length
-        if gamma and lag > CATCH_UP_IN_BATCH:
-            state.draft.forward(state.tokens[state.draft.length : -1], num_logits=1)
+    _catch_up([s for s, gamma in zip(states, gammas, strict=True) if gamma], draft)
     if choose is not None:
         drafts.host = [[] for _ in states]
     for position in range(max(gammas, default=0)):
@@ -255,6 +252,30 @@ def _propose(
             for i in rows:
                 drafts.host[i].append(choose(states[i], position))
     return drafts
+
+
+def _catch_up(drafting: list[SequenceState], draft: BatchRunner) -> None:
+    """Feed each drafting row's draft what it lags by, all but the last token, where that is
+    more than :data:`CATCH_UP_IN_BATCH`: in one forward over those rows, padded to the longest
+    (a row whose cache slot has no room for that padding is fed alone). Rows fall behind
+    together: a batch whose γ was 0 for a few groups of plain steps catches up all at once,
+    and one forward over 16 rows of 16 tokens costs about what a few one-row forwards do (on
+    run 5's H200 costs, by the cost model: 8.7 ms against 34 ms fed one by one)."""
+    lagging = [s for s in drafting if len(s.tokens) - s.draft.length > CATCH_UP_IN_BATCH]
+    if not lagging:
+        return
+    width = max(len(s.tokens) - 1 - s.draft.length for s in lagging)
+    room = getattr(draft, "max_len", 0)
+    together = [s for s in lagging if s.draft.length + width <= room]
+    if len(together) > 1:
+        draft.forward_packed([s.draft for s in together],
+                             [s.tokens[s.draft.length : -1] for s in together],
+                             [1] * len(together), transient=True)  # the logits are not needed
+    else:
+        together = []
+    for state in lagging:
+        if not any(state is s for s in together):
+            state.draft.forward(state.tokens[state.draft.length : -1], num_logits=1)
 
 
 def _still_drafting(

@@ -345,20 +345,20 @@ class Stepper:
     def _catch_up_s(
         self, states: list[SequenceState], gammas: list[int], batched: bool
     ) -> float:
-        """The predicted cost of feeding lagging drafts before a step drafts: in a batch, a
-        draft more than :data:`CATCH_UP_IN_BATCH` behind is fed alone first (all its tokens
-        but the last); alone, the first draft forward is as wide as the lag."""
+        """The predicted cost of feeding lagging drafts before a step drafts: in a batch, the
+        drafts more than :data:`CATCH_UP_IN_BATCH` behind are fed first (all their tokens but
+        the last), in one forward padded to the longest where there are several
+        (:func:`decoding.batched._catch_up`); alone, the first draft forward is as wide as
+        the lag."""
         draft = self.costs.draft
-        total = 0.0
-        for state, gamma in zip(states, gammas, strict=True):
-            lag = len(state.tokens) - state.draft.length
-            if gamma <= 0 or lag <= 1:
-                continue
-            if not batched:
-                total += draft(lag) - draft(1)
-            elif lag > CATCH_UP_IN_BATCH:
-                total += draft(lag - 1)
-        return total
+        lags = [len(state.tokens) - state.draft.length
+                for state, gamma in zip(states, gammas, strict=True) if gamma > 0]
+        if not batched:
+            return sum(draft(lag) - draft(1) for lag in lags if lag > 1)
+        behind = [lag - 1 for lag in lags if lag > CATCH_UP_IN_BATCH]
+        if len(behind) > 1:
+            return draft(len(behind) * max(behind))
+        return sum(draft(lag) for lag in behind)
 
     def _emit(self, running: RunningRequest, result: StepResult, start_ns: int) -> None:
         """Hand the step's tokens to the caller, stopping at EOS (unless the request ignores

@@ -246,3 +246,69 @@ def test_plain_steps_at_once_are_the_steps_one_by_one(pair, graphs: bool) -> Non
     assert [s.generator.get_state().tolist() for s in batched] == [
         s.generator.get_state().tolist() for s in alone
     ]
+
+
+def test_lagging_drafts_catch_up_in_one_forward(pair) -> None:
+    """Rows whose drafts fell behind by different amounts (after plain steps, which do not
+    feed the draft) are fed what they lag by in one draft forward, padded to the longest,
+    before drafting; each request's step is still what it is alone, and each draft ends at
+    the same length as alone. A row without room for the padding is fed alone."""
+    size = len(SETTINGS)
+    target, draft = _runners(pair, graphs=False)
+    batched = _states(target, draft, seed=7)
+    alone = _states(*_runners(pair, graphs=False), seed=7)
+    for states in (batched, alone):
+        for k, state in enumerate(states):  # rows 3..3+size-1 tokens behind
+            plain_steps(state, 3 + k)
+    widths: list[list[int]] = []
+    forward_packed = draft.forward_packed
+
+    def counting(sequences, tokens, num_logits, **kwargs):
+        widths.append([len(row) for row in tokens] if isinstance(tokens, list) else [])
+        return forward_packed(sequences, tokens, num_logits, **kwargs)
+
+    draft.forward_packed = counting  # type: ignore[method-assign]
+    results = speculative_step_batch(batched, [3] * size, draft, target)
+    singles = [speculative_step(state, 3) for state in alone]
+    assert [(r.emitted, r.num_accepted) for r in results] == [
+        (s.emitted, s.num_accepted) for s in singles]
+    assert widths[0] == [3 + k for k in range(size)]  # every lagging row, in one forward
+    assert [s.draft.length for s in batched] == [s.draft.length for s in alone]
+
+
+def test_a_draft_without_room_for_the_padding_catches_up_alone() -> None:
+    """Rows pad to the longest catch-up; a row whose slot cannot hold that many more tokens
+    is fed alone (a lone lagging row too), the others together, and a row within
+    CATCH_UP_IN_BATCH of its sequence is not fed at all."""
+    from types import SimpleNamespace
+
+    from decoding.batched import _catch_up
+
+    calls: list[tuple[str, list[int]]] = []
+
+    class Draft:
+        def __init__(self, length: int) -> None:
+            self.length = length
+
+        def forward(self, tokens, num_logits=None):
+            calls.append(("alone", [len(tokens)]))
+            self.length += len(tokens)
+
+    class Runner:
+        max_len = 128
+
+        def forward_packed(self, sequences, tokens, num_logits, **kwargs):
+            calls.append(("together", [len(row) for row in tokens]))
+            for sequence, row in zip(sequences, tokens, strict=True):
+                sequence.length += len(row)
+
+    def state(tokens: int, draft: int) -> SimpleNamespace:
+        return SimpleNamespace(tokens=[0] * tokens, draft=Draft(draft))
+
+    near_end, far_behind, behind, level = state(110, 100), state(64, 3), state(20, 10), state(9, 8)
+    _catch_up([near_end, far_behind, behind, level], Runner())  # type: ignore[list-item]
+    assert calls == [("together", [60, 9]), ("alone", [9])]
+    assert [s.draft.length for s in (near_end, far_behind, behind, level)] == [109, 63, 19, 8]
+    calls.clear()
+    _catch_up([state(30, 10)], Runner())  # type: ignore[list-item]
+    assert calls == [("alone", [19])]
