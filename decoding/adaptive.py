@@ -249,6 +249,7 @@ class StepCosts:
         alphas: list[float],
         adjustable: list[bool],
         min_speedup: float = MIN_SPEEDUP,
+        level: list[bool] | None = None,
     ) -> list[int]:
         """The requests' own γs, capped where that makes the whole batched step pay more.
 
@@ -259,13 +260,22 @@ class StepCosts:
         batch 4, such steps took 1.4x as long as plain ones). This tries every cap c on the
         ``adjustable`` requests' γ (the others keep theirs) and takes the one of most expected
         tokens per predicted second (overhead included), unless it promises less than
-        ``min_speedup`` over the cap 0."""
+        ``min_speedup`` over the cap 0.
+
+        An adjustable request whose draft is ``level`` with its sequence drafts c whatever
+        its own γ: the step verifies its row that wide anyway, so its own draft tokens cost
+        only a wider draft batch. (With run 5's 7B costs and 16 requests at α = 0.8, the
+        estimates of a few fell below paying; the cap then judged the whole batch by padding
+        them and stopped everyone drafting, the drafts fell behind, and adaptive γ ran at
+        0.90x speculation off where a fixed γ of 1 gave 1.04x: ``bench.policy``.)"""
         if not any(g > 0 and free for g, free in zip(gammas, adjustable, strict=True)):
             return gammas
         overhead = self.overhead(len(gammas))
+        rides = level if level is not None else [False] * len(gammas)
 
         def capped(cap: int) -> list[int]:
-            return [min(g, cap) if free else g for g, free in zip(gammas, adjustable, strict=True)]
+            return [(cap if ride else min(g, cap)) if free else g
+                    for g, free, ride in zip(gammas, adjustable, rides, strict=True)]
 
         def rate(row_gammas: list[int]) -> float:
             tokens = sum(self._costs.expected_tokens(a, g)

@@ -301,6 +301,7 @@ class Stepper:
             # probe is there to learn what the estimates the cap would judge it by do not know.
             [r.adaptive is not None and not plans_alone(r.request) and not r.adaptive.probing
              for r in ready],
+            level=[len(s.tokens) - s.draft.length <= CATCH_UP_IN_BATCH for s in states],
         )
         saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
                  for s in states]

@@ -429,3 +429,21 @@ def test_a_draft_step_is_timed_as_drafting_chains_it() -> None:
     assert not any(tensor for _, tensor in target.fed)
     assert set(costs.draft_s) == {1, 2, 64} and all(s > 0 for s in costs.draft_s.values())
     assert target.live_sequences == draft.live_sequences == 0
+
+
+def test_level_drafts_ride_along_where_the_batch_verifies_wide_anyway() -> None:
+    """Sixteen requests on run 5's 7B costs, six of whose estimates fell below paying: with
+    them padded as plain rows the cap stops everyone drafting; with their drafts level they
+    draft the batch's γ too, and the batch drafts. A request whose draft lags does not ride
+    along (it would first be fed what it lags by), and one that is not adjustable keeps its
+    own γ."""
+    from decoding.adaptive import StepCosts
+
+    steps = StepCosts(run5_costs("7b"))
+    gammas, alphas = [1] * 10 + [0] * 6, [0.7] * 10 + [0.6] * 6
+    assert steps.cap_for_batch(gammas, alphas, [True] * 16) == [0] * 16
+    assert steps.cap_for_batch(gammas, alphas, [True] * 16, level=[True] * 16) == [1] * 16
+    lagging = [True] * 15 + [False]
+    assert steps.cap_for_batch(gammas, alphas, [True] * 16, level=lagging) == [1] * 15 + [0]
+    fixed = [True] * 15 + [False]
+    assert steps.cap_for_batch(gammas, alphas, fixed, level=[True] * 16) == [1] * 15 + [0]
