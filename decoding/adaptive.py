@@ -333,6 +333,11 @@ class ProbeSchedule:
         self._count = 0
         self.probe_due = False
 
+    def observe(self, drafted: int, accepted: int) -> None:
+        """A probe outside the schedule (one following an accepted probe): it counts toward
+        the pooled acceptance only."""
+        self.acceptance.observe(drafted, accepted)
+
     def result(self, drafted: int, accepted: int, pays: Callable[[float], bool]) -> None:
         """A probe drafted ``drafted`` tokens and ``accepted`` of them; ``pays(α)``: whether
         speculation would pay for the step it was made in at an acceptance α."""
@@ -486,7 +491,9 @@ class AdaptiveGamma:
         if self._probing and drafted:
             self._probing = False
             self._streak = accepted > 0
-            if not self._streaking:
+            if self._streaking:
+                self._schedule.observe(drafted, accepted)
+            else:
                 costs, max_gamma = self._costs, self._max_gamma
                 batch, overhead = self._probed_at
                 self._schedule.result(drafted, accepted, lambda alpha: costs.best_gamma(
