@@ -1010,3 +1010,30 @@ async def test_a_failed_batched_group_counts_only_the_steps_taken(different_pair
     assert len(calls) > 2 and calls[0] > 1  # the failed call was a group
     assert all(h.usage.accepted_draft_tokens == 0 for h in handles)
     assert sum(counted) == 40
+
+
+async def test_a_request_riding_along_never_drafts_past_its_last_token(same_pair) -> None:
+    """Beside a request that drafts, an adaptive request whose draft is level drafts the
+    batch's γ (its row is verified that wide anyway); at its last token it has no room to
+    draft, and it does not, whatever the batch's γ. Every output is the target's own."""
+    from decoding.adaptive import StepCosts
+
+    costs = CostModel(draft_s={1: 0.0002, 2: 0.0002}, target_s={1: 0.002, 4: 0.00204, 18: 0.0022})
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=2), costs=costs)
+    engine.stepper.step_costs = StepCosts(costs, min_samples=10**9)
+    long = GenerationRequest(request_id="long", prompt_token_ids=PROMPT_IDS, max_new_tokens=60)
+    short = GenerationRequest(request_id="short", prompt_token_ids=PROMPT_IDS, max_new_tokens=9)
+    try:
+        with engine._cond:  # admitted together, before the worker's next round
+            handles = [engine.submit(long), engine.submit(short)]
+        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
+    finally:
+        engine.close()
+    assert outputs == [reference_greedy(pair, PROMPT_IDS, n) for n in (60, 9)]
+    steps = handles[1].timeline.steps
+    assert max(step.gamma for step in steps) > 0  # it drafted with the batch
+    emitted = 0
+    for step in steps:
+        assert step.gamma <= 9 - emitted - 1, [(s.gamma, s.emitted) for s in steps]
+        emitted += step.emitted
