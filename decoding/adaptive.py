@@ -250,6 +250,7 @@ class StepCosts:
         adjustable: list[bool],
         min_speedup: float = MIN_SPEEDUP,
         level: list[bool] | None = None,
+        limits: list[int] | None = None,
     ) -> list[int]:
         """The requests' own γs, capped where that makes the whole batched step pay more.
 
@@ -263,8 +264,9 @@ class StepCosts:
         ``min_speedup`` over the cap 0.
 
         An adjustable request whose draft is ``level`` with its sequence drafts c whatever
-        its own γ: the step verifies its row that wide anyway, so its own draft tokens cost
-        only a wider draft batch. (With run 5's 7B costs and 16 requests at α = 0.8, the
+        its own γ, up to its ``limits`` entry (the draft tokens it has room for before its
+        max_new_tokens): the step verifies its row that wide anyway, so its own draft tokens
+        cost only a wider draft batch. (With run 5's 7B costs and 16 requests at α = 0.8, the
         estimates of a few fell below paying; the cap then judged the whole batch by padding
         them and stopped everyone drafting, the drafts fell behind, and adaptive γ ran at
         0.90x speculation off where a fixed γ of 1 gave 1.04x: ``bench.policy``.)"""
@@ -272,10 +274,11 @@ class StepCosts:
             return gammas
         overhead = self.overhead(len(gammas))
         rides = level if level is not None else [False] * len(gammas)
+        room = limits if limits is not None else [sys.maxsize] * len(gammas)
 
         def capped(cap: int) -> list[int]:
-            return [(cap if ride else min(g, cap)) if free else g
-                    for g, free, ride in zip(gammas, adjustable, rides, strict=True)]
+            return [(min(cap, limit) if ride else min(g, cap)) if free else g
+                    for g, free, ride, limit in zip(gammas, adjustable, rides, room, strict=True)]
 
         def rate(row_gammas: list[int]) -> float:
             tokens = sum(self._costs.expected_tokens(a, g)

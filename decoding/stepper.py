@@ -302,11 +302,9 @@ class Stepper:
             [r.adaptive is not None and not plans_alone(r.request) and not r.adaptive.probing
              for r in ready],
             level=[len(s.tokens) - s.draft.length <= CATCH_UP_IN_BATCH for s in states],
+            # Riding along, as its own γ (_gamma), never past its max_new_tokens.
+            limits=[max(0, r.prepared.max_new_tokens - len(r.output) - 1) for r in ready],
         )
-        # A request riding along with the batch's γ never drafts past its max_new_tokens
-        # either (its own γ was clamped in _gamma).
-        gammas = [min(g, r.prepared.max_new_tokens - len(r.output) - 1) if g else 0
-                  for g, r in zip(gammas, ready, strict=True)]
         saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
                  for s in states]
         steps = self._plain_steps(ready) if max(gammas) == 0 else 1

@@ -447,3 +447,7 @@ def test_level_drafts_ride_along_where_the_batch_verifies_wide_anyway() -> None:
     assert steps.cap_for_batch(gammas, alphas, [True] * 16, level=lagging) == [1] * 15 + [0]
     fixed = [True] * 15 + [False]
     assert steps.cap_for_batch(gammas, alphas, fixed, level=[True] * 16) == [1] * 15 + [0]
+    # A request at its last token has no room to draft, riding along or not.
+    last = [8] * 15 + [0]
+    assert steps.cap_for_batch(gammas, alphas, [True] * 16, level=[True] * 16,
+                               limits=last) == [1] * 15 + [0]
