@@ -44,6 +44,13 @@ CATCH_UP_IN_BATCH = 2
 does not pad every row of the batched draft forward."""
 
 
+GRAPHED_CATCH_UP_ROWS = 4
+"""With CUDA graphs, the fewest lagging drafts that catch up in one forward: one row's catch-up
+replays a captured graph, several rows of different lengths run uncaptured, which costs the
+launch of every kernel. Judgement, not measured: on a GPU no batched catch-up has been timed
+yet; by the cost model one forward over 16 rows of 16 tokens costs a quarter of 16 replays."""
+
+
 class BatchRunner(Protocol):
     def forward_packed(
         self,
@@ -267,7 +274,7 @@ def _catch_up(drafting: list[SequenceState], draft: BatchRunner) -> None:
     width = max(len(s.tokens) - 1 - s.draft.length for s in lagging)
     room = getattr(draft, "max_len", 0)
     together = [s for s in lagging if s.draft.length + width <= room]
-    if len(together) > 1:
+    if len(together) >= (GRAPHED_CATCH_UP_ROWS if getattr(draft, "graphs", None) else 2):
         draft.forward_packed([s.draft for s in together],
                              [s.tokens[s.draft.length : -1] for s in together],
                              [1] * len(together), transient=True)  # the logits are not needed

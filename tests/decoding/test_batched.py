@@ -312,3 +312,15 @@ def test_a_draft_without_room_for_the_padding_catches_up_alone() -> None:
     calls.clear()
     _catch_up([state(30, 10)], Runner())  # type: ignore[list-item]
     assert calls == [("alone", [19])]
+    # With CUDA graphs a few rows replay their own graphs; from GRAPHED_CATCH_UP_ROWS on,
+    # one uncaptured forward.
+    from decoding.batched import GRAPHED_CATCH_UP_ROWS
+
+    graphed = Runner()
+    graphed.graphs = object()  # type: ignore[attr-defined]
+    calls.clear()
+    _catch_up([state(30, 10) for _ in range(GRAPHED_CATCH_UP_ROWS - 1)], graphed)  # type: ignore[misc]
+    assert [kind for kind, _ in calls] == ["alone"] * (GRAPHED_CATCH_UP_ROWS - 1)
+    calls.clear()
+    _catch_up([state(30, 10) for _ in range(GRAPHED_CATCH_UP_ROWS)], graphed)  # type: ignore[misc]
+    assert calls == [("together", [19] * GRAPHED_CATCH_UP_ROWS)]
