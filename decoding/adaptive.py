@@ -359,10 +359,11 @@ class AdaptiveGamma:
     most ``max_probe_gamma``, that would pay best at a high acceptance (``probe_alpha``): a
     probe is there to learn whether the draft agrees at all; the first rejection ends what it
     can teach, and on a GPU each extra draft token of a failed probe is a wasted draft step.
-    If no γ that short would pay even then, at the batch size of the step, no probe is made:
-    speculation would not pay before the probes had paid for themselves (with run 5's H200
-    costs for the 1.5B target and the 0.5B draft, c = 0.62, only γ >= 3 promised 1.1x, at
-    α = 0.9).
+    Where speculation would not promise :data:`MIN_SPEEDUP` times :data:`PROBE_MARGIN` even at
+    that acceptance, at the batch size of the step, no probe is made: it would not pay before
+    the probes had paid for themselves. (Run 5's H200 costs for the 1.5B target and the 0.5B
+    draft, c = 0.62: at most 1.06x alone and 1.18x for 2 requests, at α = 0.9. Probing at
+    1.1x, 2 requests ran at 0.946-0.980x speculation off in ``bench.policy``.)
 
     A probe whose token is accepted is followed by another at once, until one is rejected,
     where such a probe pays for itself with this request drafting alone in its batch
@@ -427,9 +428,13 @@ class AdaptiveGamma:
             pays = self._pays(self.alpha, gamma, catch_up, remaining, batch, overhead)
             self._declined = not pays
             return gamma if pays else 0
-        probe = self._costs.best_gamma(
-            self._probe_alpha, self._max_probe_gamma, batch, overhead=overhead
+        # Worth probing only where speculation, found to be this good, would pay with the
+        # margin pooled probes must show too; the probe itself drafts one or few tokens.
+        worth = self._costs.best_gamma(
+            self._probe_alpha, self._max_gamma, batch, overhead=overhead,
+            min_speedup=MIN_SPEEDUP * PROBE_MARGIN,
         )
+        probe = min(self._max_probe_gamma, worth)
         if probe <= 0:
             return 0
         schedule = self._schedule
