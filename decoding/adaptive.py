@@ -362,8 +362,9 @@ class AdaptiveGamma:
     Where speculation would not promise :data:`MIN_SPEEDUP` times :data:`PROBE_MARGIN` even at
     that acceptance, at the batch size of the step, no probe is made: it would not pay before
     the probes had paid for themselves. (Run 5's H200 costs for the 1.5B target and the 0.5B
-    draft, c = 0.62: at most 1.06x alone and 1.18x for 2 requests, at α = 0.9. Probing at
-    1.1x, 2 requests ran at 0.946-0.980x speculation off in ``bench.policy``.)
+    draft, c = 0.62: at most 1.11x alone and 1.18x for 2 requests, at α = 0.9. Probing where a
+    one-token draft promised 1.1x, 2 requests ran at 0.946-0.980x speculation off in
+    ``bench.policy``.)
 
     A probe whose token is accepted is followed by another at once, until one is rejected,
     where such a probe pays for itself with this request drafting alone in its batch
