@@ -451,3 +451,21 @@ def test_level_drafts_ride_along_where_the_batch_verifies_wide_anyway() -> None:
     last = [8] * 15 + [0]
     assert steps.cap_for_batch(gammas, alphas, [True] * 16, level=[True] * 16,
                                limits=last) == [1] * 15 + [0]
+
+
+def test_an_accepted_probe_that_pays_for_itself_shortens_the_wait() -> None:
+    """One request alone on run 5's 7B costs, where a one-token probe at α 0.9 pays for itself:
+    after two failed probes (wait 4 -> 8 -> 16) an accepted one halves the wait though the
+    pooled probe acceptance (1 of 3) would not make drafting pay."""
+    adaptive = AdaptiveGamma(run5_costs("7b"), max_gamma=8, prior_alpha=0.0, probe_every=4)
+    outcomes = iter([0, 0, 1])
+    while True:
+        gamma = adaptive.next_gamma(remaining=1000)
+        if gamma:
+            accepted = next(outcomes)
+            adaptive.observe(gamma, accepted)
+            if accepted:
+                break
+        else:
+            adaptive.observe(0, 0)
+    assert adaptive._schedule.every == 8
