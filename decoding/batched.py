@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 
 from decoding.clock import StepClock
-from decoding.fast.runner import PAD_TOKEN
+from decoding.fast.runner import MAX_CATCH_UP_REPLAYS, PAD_TOKEN
 from decoding.logprobs import logprob_rows, unpack
 from decoding.params import TokenLogprob
 from decoding.sampling import (
@@ -45,10 +45,11 @@ does not pad every row of the batched draft forward."""
 
 
 GRAPHED_CATCH_UP_ROWS = 4
-"""With CUDA graphs, the fewest lagging drafts that catch up in one forward: one row's catch-up
-replays a captured graph, several rows of different lengths run uncaptured, which costs the
-launch of every kernel. Judgement, not measured: on a GPU no batched catch-up has been timed
-yet; by the cost model one forward over 16 rows of 16 tokens costs a quarter of 16 replays."""
+"""Where one row's catch-up replays captured graphs, the fewest lagging drafts that catch up in
+one forward: several rows of different lengths run uncaptured, which costs the launch of every
+kernel (a catch-up longer than the graphs cover runs uncaptured alone too). Judgement, not
+measured: on a GPU no batched catch-up has been timed yet; by the cost model one forward over
+16 rows of 16 tokens costs a quarter of 16 replays."""
 
 
 class BatchRunner(Protocol):
@@ -274,7 +275,7 @@ def _catch_up(drafting: list[SequenceState], draft: BatchRunner) -> None:
     width = max(len(s.tokens) - 1 - s.draft.length for s in lagging)
     room = getattr(draft, "max_len", 0)
     together = [s for s in lagging if s.draft.length + width <= room]
-    if len(together) >= (GRAPHED_CATCH_UP_ROWS if getattr(draft, "graphs", None) else 2):
+    if len(together) >= (GRAPHED_CATCH_UP_ROWS if _replays_alone(draft, width) else 2):
         draft.forward_packed([s.draft for s in together],
                              [s.tokens[s.draft.length : -1] for s in together],
                              [1] * len(together), transient=True)  # the logits are not needed
@@ -283,6 +284,14 @@ def _catch_up(drafting: list[SequenceState], draft: BatchRunner) -> None:
     for state in lagging:
         if not any(state is s for s in together):
             state.draft.forward(state.tokens[state.draft.length : -1], num_logits=1)
+
+
+def _replays_alone(draft: BatchRunner, width: int) -> bool:
+    """Whether one row's catch-up of ``width`` tokens runs as captured graph replays (else it
+    runs uncaptured as well, and several rows are better fed in one forward)."""
+    graphs = getattr(draft, "graphs", None)
+    return bool(graphs is not None and getattr(draft, "catch_up_in_graphs", False)
+                and width <= MAX_CATCH_UP_REPLAYS * graphs.widest(1))
 
 
 def _still_drafting(

@@ -317,10 +317,16 @@ def test_a_draft_without_room_for_the_padding_catches_up_alone() -> None:
     from decoding.batched import GRAPHED_CATCH_UP_ROWS
 
     graphed = Runner()
-    graphed.graphs = object()  # type: ignore[attr-defined]
+    graphed.graphs = SimpleNamespace(widest=lambda batch: 8)  # type: ignore[attr-defined]
+    graphed.catch_up_in_graphs = True  # type: ignore[attr-defined]
+    graphed.max_len = 1024
     calls.clear()
     _catch_up([state(30, 10) for _ in range(GRAPHED_CATCH_UP_ROWS - 1)], graphed)  # type: ignore[misc]
     assert [kind for kind, _ in calls] == ["alone"] * (GRAPHED_CATCH_UP_ROWS - 1)
     calls.clear()
     _catch_up([state(30, 10) for _ in range(GRAPHED_CATCH_UP_ROWS)], graphed)  # type: ignore[misc]
     assert calls == [("together", [19] * GRAPHED_CATCH_UP_ROWS)]
+    # Longer than the graphs cover (4 replays of 8 here), a row alone runs uncaptured too.
+    calls.clear()
+    _catch_up([state(50, 10) for _ in range(2)], graphed)  # type: ignore[misc]
+    assert calls == [("together", [39, 39])]
