@@ -30,8 +30,9 @@ PROBE_MARGIN = 1.15
 """An accepted probe shortens the wait for the next only where the probes' pooled acceptance
 promises this much more than :data:`MIN_SPEEDUP`: near the threshold the pooled estimate (about
 30 probes) crosses it by chance, and each crossing brought probes back every few steps (on the
-CPU, in :mod:`bench.policy` against run 5's costs, 2 requests at α = 0.5 ran at 0.967x
-speculation off with no margin and a pooled memory of 10 probes, 0.974x with these)."""
+CPU, in :mod:`bench.policy` against run 5's costs, before riding along and this margin on
+probing itself, 2 requests at α = 0.5 ran at 0.967x speculation off with no margin and a pooled
+memory of 10 probes, 0.974x with these)."""
 
 CATCH_UP_MARGIN = 2.0
 """Feed the draft tokens it has not seen (a whole prompt) only where drafting promises to save
@@ -406,6 +407,8 @@ class AdaptiveGamma:
         self._probing = False
         self._streak = self._streaking = False
         self._probed_at = (1, 1.0)  # the batch and overhead of the last probe
+        self._probe_key: tuple[int, float] | None = None  # see _probe_gamma
+        self._probe = 0
         # Why the last next_gamma gave 0: a paying γ whose catch-up would not pay (declined),
         # a step counted toward the next probe (counted).
         self._declined = self._counted = False
@@ -433,36 +436,39 @@ class AdaptiveGamma:
             pays = self._pays(self.alpha, gamma, catch_up, remaining, batch, overhead)
             self._declined = not pays
             return gamma if pays else 0
-        # Worth probing only where speculation, found to be this good, would pay with the
-        # margin pooled probes must show too; the probe itself drafts one or few tokens.
-        worth = self._costs.best_gamma(
-            self._probe_alpha, self._max_gamma, batch, overhead=overhead,
-            min_speedup=MIN_SPEEDUP * PROBE_MARGIN,
-        )
-        probe = min(self._max_probe_gamma, worth)
+        probe = self._probe_gamma(batch, overhead)
         if probe <= 0:
             return 0
-        schedule = self._schedule
+        probe_pays = functools.partial(
+            self._pays, self._probe_alpha, probe, catch_up, remaining, batch, overhead
+        )
         streak = self._streak and self._costs.lone_speedup(
-            self._probe_alpha, probe, batch, overhead) >= MIN_SPEEDUP
-        if streak and self._pays(self._probe_alpha, probe, catch_up, remaining, batch, overhead):
-            self._probing = True
-            self._probed_at = (batch, overhead)
-            self._streaking = True
-            return probe
-        self._streak = False
-        if self._owns_schedule:
-            schedule.step()
-        if schedule.probe_due and self._pays(
-            self._probe_alpha, probe, catch_up, remaining, batch, overhead
-        ):
-            schedule.start()
-            self._probing = True
-            self._streaking = False
-            self._probed_at = (batch, overhead)
-            return probe
-        self._counted = True
-        return 0
+            self._probe_alpha, probe, batch, overhead) >= MIN_SPEEDUP and probe_pays()
+        if not streak:
+            self._streak = False
+            if self._owns_schedule:
+                self._schedule.step()
+            if not (self._schedule.probe_due and probe_pays()):
+                self._counted = True
+                return 0
+            self._schedule.start()
+        self._probing, self._streaking = True, streak
+        self._probed_at = (batch, overhead)
+        return probe
+
+    def _probe_gamma(self, batch: int, overhead: float) -> int:
+        """The probe's γ at this batch size and overhead, 0 where probing is not worth it:
+        where speculation, found to be this good, would not pay with the margin pooled probes
+        must show too. Asked at every plain step, and the same until the batch or the measured
+        overhead changes: the last answer is kept."""
+        key = (batch, overhead)
+        if self._probe_key != key:
+            worth = self._costs.best_gamma(
+                self._probe_alpha, self._max_gamma, batch, overhead=overhead,
+                min_speedup=MIN_SPEEDUP * PROBE_MARGIN,
+            )
+            self._probe_key, self._probe = key, min(self._max_probe_gamma, worth)
+        return self._probe
 
     def plain_steps_allowed(self, exact: bool = False) -> int:
         """After :meth:`next_gamma` gave 0: how many plain steps, that one included, the

@@ -281,8 +281,9 @@ def _catch_up(drafting: list[SequenceState], draft: BatchRunner) -> None:
                              [1] * len(together), transient=True)  # the logits are not needed
     else:
         together = []
+    fed = {id(s) for s in together}
     for state in lagging:
-        if not any(state is s for s in together):
+        if id(state) not in fed:
             state.draft.forward(state.tokens[state.draft.length : -1], num_logits=1)
 
 

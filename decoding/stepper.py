@@ -146,9 +146,9 @@ class Stepper:
         # Never emit past max_new_tokens: a step emits up to γ+1 tokens (gpt-fast's clamp).
         # prompt + max_new_tokens <= context window, so this also keeps the caches inside it.
         remaining = running.prepared.max_new_tokens - len(running.output)
-        if running.adaptive is not None and remaining <= 1:
-            return 0  # no room to draft: not asked, so no probe is spent on it
         if running.adaptive is not None:
+            if remaining <= 1:
+                return 0  # no room to draft: not asked, so no probe is spent on it
             # What the draft must be fed alone before it drafts (a short lag rides along).
             lag = len(state.tokens) - state.draft.length
             catch_up = lag - 1 if lag > CATCH_UP_IN_BATCH else 0
