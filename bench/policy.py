@@ -219,8 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=4, help="as with CUDA graphs")
     parser.add_argument("--max-gamma", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run each speculating cell with this many proposer seeds (the "
+                             "acceptance draws) and print the mean, with min-max when more "
+                             "than one")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     levels = [int(x) for x in args.requests.split(",")]
     alphas = [float(x) for x in args.alphas.split(",")]
     priors = [float(x) for x in args.priors.split(",")]
@@ -232,24 +238,35 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     cells: list[dict[str, Any]] = []
 
-    def cell(n: int, gamma: int | None, alpha: float, prior: float) -> dict[str, Any]:
-        result = run_cell(setup, n, gamma, alpha, prior, args.rounds, args.max_new_tokens)
+    def cell(n: int, gamma: int | None, alpha: float, prior: float, seed: int = 0) -> float:
+        result = run_cell(setup, n, gamma, alpha, prior, args.rounds, args.max_new_tokens,
+                          seed=seed)
         result.update(requests=n, gamma="adaptive" if gamma is None else gamma, alpha=alpha,
-                      prior=prior)
+                      prior=prior, seed=seed)
         cells.append(result)
-        return result
+        return float(result["tokens_per_s"])
+
+    def over_seeds(n: int, gamma: int | None, alpha: float, prior: float, off: float) -> str:
+        """Throughput over speculation off: the mean over the seeds, then min-max."""
+        ratios = [cell(n, gamma, alpha, prior, seed) / off for seed in range(args.seeds)]
+        text = f"{sum(ratios) / len(ratios):.3f}"
+        if len(ratios) > 1:
+            text += f" ({min(ratios):.3f}-{max(ratios):.3f})"
+        return text
+
+    width = 6 if args.seeds == 1 else 20
 
     print(f"{args.costs.name} [{args.target}], forward time only; x speculation off", flush=True)
-    print(f"{'n':>3} {'alpha':>5} " + " ".join(f"{f'g={g}':>6}" for g in fixed)
-          + " " + " ".join(f"{f'prior {p:g}':>10}" for p in priors), flush=True)
+    print(f"{'n':>3} {'alpha':>5} " + " ".join(f"{f'g={g}':>{width}}" for g in fixed)
+          + " " + " ".join(f"{f'prior {p:g}':>{max(width, 10)}}" for p in priors), flush=True)
     try:
         for n in levels:
-            off = cell(n, 0, 0.0, 0.7)["tokens_per_s"]
+            off = cell(n, 0, 0.0, 0.7)  # no draws: one seed
             for alpha in alphas:
-                row = [cell(n, g, alpha, 0.7)["tokens_per_s"] / off for g in fixed]
-                adaptive = [cell(n, None, alpha, p)["tokens_per_s"] / off for p in priors]
-                print(f"{n:3d} {alpha:5.2f} " + " ".join(f"{x:6.3f}" for x in row) + " "
-                      + " ".join(f"{x:10.3f}" for x in adaptive), flush=True)
+                row = [over_seeds(n, g, alpha, 0.7, off) for g in fixed]
+                adaptive = [over_seeds(n, None, alpha, p, off) for p in priors]
+                print(f"{n:3d} {alpha:5.2f} " + " ".join(f"{x:>{width}}" for x in row) + " "
+                      + " ".join(f"{x:>{max(width, 10)}}" for x in adaptive), flush=True)
     finally:
         setup.engine.close()
     print(f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)

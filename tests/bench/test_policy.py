@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -63,3 +64,26 @@ def test_adaptive_gamma_recovers_in_a_batch_and_costs_little_where_nothing_is_ac
     off = rate(0, 0.0)
     assert rate(None, 0.9) > 1.1 * off
     assert rate(None, 0.0) > 0.95 * off
+
+
+def test_seeds_run_each_speculating_cell_per_seed_and_print_the_spread(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "policy.json"
+    policy.main(["--requests", "1", "--alphas", "0.9", "--priors", "0.7", "--fixed", "2",
+                 "--seeds", "3", "--rounds", "1", "--max-new-tokens", "24",
+                 "--prompt-len", "8", "--out", str(out)])
+    cells = json.loads(out.read_text())["cells"]
+    by_kind: dict[str, list[int]] = {}
+    for cell in cells:
+        by_kind.setdefault(str(cell["gamma"]), []).append(cell["seed"])
+    assert by_kind == {"0": [0], "2": [0, 1, 2], "adaptive": [0, 1, 2]}
+    rates = {cell["tokens_per_s"] for cell in cells if cell["gamma"] == 2}
+    assert len(rates) > 1  # the seeds draw differently
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.count("(") == 2 and row.split()[:2] == ["1", "0.90"]
+
+
+def test_seeds_must_be_positive() -> None:
+    with pytest.raises(SystemExit):
+        policy.main(["--seeds", "0"])
