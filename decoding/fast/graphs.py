@@ -85,11 +85,16 @@ class DecodeGraphs:
             self.widths[1] = sorted({*self.widths.get(1, []), *single_widths})
             self.batch_sizes = sorted({1, *self.batch_sizes})
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
-        with torch.inference_mode(), torch.cuda.device(self._device_index):
-            for kv_len in self.kv_lengths:
-                for batch, batch_widths in self.widths.items():
-                    for width in batch_widths:
-                        self._graphs[batch, width, kv_len] = self._capture(batch, width, kv_len)
+        try:
+            with torch.inference_mode(), torch.cuda.device(self._device_index):
+                for kv_len in self.kv_lengths:
+                    for batch, batch_widths in self.widths.items():
+                        for width in batch_widths:
+                            self._graphs[batch, width, kv_len] = self._capture(
+                                batch, width, kv_len)
+        except BaseException:
+            cache.free(self.scratch_slot)  # the caller may try again, or run without graphs
+            raise
 
     def widest(self, batch: int) -> int:
         """The widest graph for ``batch`` rows (0 if there is none)."""

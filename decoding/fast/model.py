@@ -455,6 +455,12 @@ class FastDecoder:
         inv_freq = 1.0 / (rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         self.inv_freq = inv_freq.to(self.device)
 
+    def run_eagerly(self) -> None:
+        """Run the elementwise functions uncompiled from now on (after a failure that may
+        have been the compiled ones': the same functions, each op its own kernel)."""
+        self.pointwise = _Pointwise.eager()
+        self.compiled = False
+
     def new_cache(self, num_slots: int, max_len: int) -> StaticKVCache:
         """A cache shaped for this model, on its device and in its dtype."""
         return StaticKVCache(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,17 +82,40 @@ class StaticRunner:
         self._pick_cache: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
         self.graphs: DecodeGraphs | None = None
         self.catch_up_in_graphs = bool(graph_catch_up_widths)
+        # Why capturing graphs failed, once, where it did (see _capture_graphs).
+        self.graph_failure: str | None = None
         if cuda_graphs:
             from decoding.fast.graphs import DecodeGraphs
 
+            self.graphs = self._capture_graphs(lambda: DecodeGraphs(
+                self.decoder, self.cache, graph_batch_sizes, graph_widths, GRAPH_KV_LENGTHS,
+                graph_catch_up_widths,
+            ))
+
+    def _capture_graphs(self, capture: Callable[[], DecodeGraphs]) -> DecodeGraphs | None:
+        """``capture()``'s graphs; where it fails, without them. Capturing is the first call
+        of the compiled functions at the real shapes, so a failure may be theirs, and an eager
+        forward would call them too: where the decoder is compiled, it is then made to run
+        eagerly and capturing is tried once more. What failed is kept in ``graph_failure``."""
+        try:
+            return capture()
+        except (RuntimeError, torch.OutOfMemoryError) as exc:  # includes compile errors
+            failure: BaseException = exc
+        if self.decoder.compiled:
+            log.warning("CUDA graph capture failed with the compiled functions, so they run "
+                        "uncompiled from now on; capturing again: %r", failure)
+            self.graph_failure = f"compiled: {failure!r}"
+            self.decoder.run_eagerly()
             try:
-                self.graphs = DecodeGraphs(
-                    self.decoder, self.cache, graph_batch_sizes, graph_widths, GRAPH_KV_LENGTHS,
-                    graph_catch_up_widths,
-                )
-            except (RuntimeError, torch.OutOfMemoryError) as exc:  # capture refused: run eagerly
-                log.warning("CUDA graph capture failed, so every forward runs eagerly: %r", exc)
-                self.graphs = None
+                return capture()
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                failure = exc
+        log.warning("CUDA graph capture failed, so every forward runs eagerly: %r", failure)
+        self.graph_failure = (
+            f"{self.graph_failure}; uncompiled: {failure!r}" if self.graph_failure
+            else repr(failure)
+        )
+        return None
 
     @property
     def live_sequences(self) -> int:

@@ -142,6 +142,54 @@ def test_graphed_forwards_equal_eager_ones(pair) -> None:
         graphed.forward_packed(two, torch.tensor([[1, 2], [3, 4]]), [1, 1], lengths=[1, 1])
 
 
+class _FailingGraphs(EagerGraphs):
+    """Stand-in graphs whose capture fails, as a compile error at a real shape would, while
+    ``fails(decoder)`` says so."""
+
+    def __init__(self, fails: Callable[[FastDecoder], bool], *args, **kwargs) -> None:
+        self._fails = fails
+        super().__init__(*args, **kwargs)
+
+    def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
+        if self._fails(self.decoder):
+            raise RuntimeError("BackendCompilerFailed (stand-in)")
+        return super()._capture(batch, width, kv_len)
+
+
+def test_a_capture_that_fails_compiled_is_retried_uncompiled(pair) -> None:
+    """Capturing runs the compiled functions at the real shapes for the first time; where it
+    fails the decoder runs uncompiled from then on (an eager forward would call the same
+    compiled functions) and capturing is tried again; the failed try's scratch slot is
+    given back. Where it fails uncompiled too, the runner has no graphs and says why."""
+    runner = StaticRunner(pair[0], num_slots=3, max_len=64)
+    free = runner.cache.free_slots
+    decoder = runner.decoder
+    decoder.compiled = True  # as torch.compile leaves it (not compiled here: CPU time)
+    marker = decoder.pointwise
+
+    def capture(fails: Callable[[FastDecoder], bool]) -> Callable[[], DecodeGraphs]:
+        return lambda: _FailingGraphs(fails, decoder, runner.cache, (1, 2), (1,), (64,))
+
+    graphs = runner._capture_graphs(capture(lambda d: d.compiled))
+    assert graphs is not None and not decoder.compiled and decoder.pointwise is not marker
+    assert runner.graph_failure is not None and runner.graph_failure.startswith("compiled:")
+    assert runner.cache.free_slots == free - 1  # one scratch slot, the second try's
+    runner.graphs = graphs
+    sequence = runner.new_sequence()
+    logits = runner.forward_batch([sequence], [[5, 6, 7]], [1])[0]
+    expected = pair[0](torch.tensor([[5, 6, 7]])).logits[0, -1:]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=ATOL)
+    sequence.release()
+
+    other = StaticRunner(pair[1], num_slots=3, max_len=64)
+    other.decoder.compiled = True
+    free = other.cache.free_slots
+    never = other._capture_graphs(lambda: _FailingGraphs(
+        lambda d: True, other.decoder, other.cache, (1,), (1,), (64,)))
+    assert never is None and other.cache.free_slots == free
+    assert other.graph_failure is not None and "; uncompiled: " in other.graph_failure
+
+
 def test_a_catch_up_runs_as_graph_replays_of_the_widest(pair) -> None:
     """One sequence fed up to MAX_CATCH_UP_REPLAYS x the widest catch-up graph runs as that
     many replays (the last chunk padded into a graph); beyond that, or for more logits, or
