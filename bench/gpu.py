@@ -345,6 +345,23 @@ async def _concurrent(
     return list(outputs), handles, time.perf_counter() - start
 
 
+def per_forward_ms(records: Sequence[Any], refill_s: float) -> tuple[float, float]:
+    """Drafting and verifying, ms per target forward, from the requests' step records, the
+    oracle's refills (``refill_s``, inside drafting) left out. The rows of a batched step share
+    its record time and its draft and verify times: each step counts once (so does a refill
+    inside it), its forwards as its busiest row's (a group of plain steps: one per token)."""
+    by_step: dict[int, tuple[float, float, int]] = {}
+    for step in records:
+        forwards = step.emitted if step.gamma == 0 else 1
+        seen = by_step.get(step.start_ns)
+        by_step[step.start_ns] = (step.draft_s, step.verify_s,
+                                  max(forwards, seen[2] if seen else 0))
+    forwards_run = max(sum(f for _, _, f in by_step.values()), 1)
+    drafting = max(0.0, sum(d for d, _, _ in by_step.values()) - refill_s)
+    return (drafting * 1e3 / forwards_run,
+            sum(v for _, v, _ in by_step.values()) * 1e3 / forwards_run)
+
+
 def run_engine(
     engine: Engine,
     prompts: Sequence[Sequence[int]],
@@ -376,9 +393,7 @@ def run_engine(
     # verifying (+ accepting), and the rest of the engine's loop (scheduling, detokenizing,
     # handing chunks to asyncio), in ms per target forward: a speculative step is one, a group
     # of plain steps taken at once (the engine's decode_steps) one per token.
-    drafting = max(0.0, sum(step.draft_s for step in records) - refill)
-    draft_ms = drafting * 1e3 / max(passes, 1)
-    verify_ms = sum(step.verify_s for step in records) * 1e3 / max(passes, 1)
+    draft_ms, verify_ms = per_forward_ms(records, refill)
     # Per-token acceptance (Leviathan's α, what ControlledProposer sets): accepted draft tokens
     # over the draft tokens the target actually judged (the accepted ones, plus the first
     # rejected one of each step that rejected). accepted/drafted also counts the tokens after
@@ -470,6 +485,39 @@ def describe_costs(costs: Any) -> dict[str, Any]:
     return described
 
 
+def describe_fast_path(engine: Any) -> dict[str, Any]:
+    """Whether each model runs in CUDA graphs and compiled, why capture failed where it did,
+    and how many plain steps go at once: a run that fell back to a slower path says so in
+    its results, not only in a log line."""
+    described: dict[str, Any] = {
+        "decode_steps": getattr(getattr(engine, "stepper", None), "decode_steps", None)}
+    for name in ("target", "draft"):
+        runner = getattr(engine, name, None)
+        decoder = getattr(runner, "decoder", None)
+        described[name] = None if decoder is None else {
+            "graphs": getattr(runner, "graphs", None) is not None,
+            "compiled": bool(decoder.compiled),
+            "graph_failure": getattr(runner, "graph_failure", None),
+        }
+    return described
+
+
+def _fast_path_line(detail: dict[str, Any] | None) -> str | None:
+    """One line of :func:`describe_fast_path` for the table; None where there is nothing."""
+    if not detail:
+        return None
+    parts = []
+    for name in ("target", "draft"):
+        model = detail.get(name)
+        parts.append(f"{name} " + ("not on the fast path" if model is None else
+                                   f"graphs {_yes(model['graphs'])}, compiled "
+                                   f"{_yes(model['compiled'])}"))
+    line = "  fast path: " + "; ".join(parts) + f"; decode steps {detail.get('decode_steps')}"
+    failures = [f"{name}: {detail[name]['graph_failure']}" for name in ("target", "draft")
+                if detail.get(name) and detail[name].get("graph_failure")]
+    return line + "".join(f"\n  graph capture failed, {f}" for f in failures)
+
+
 def _equal(outputs: Sequence[Sequence[int]], reference: Sequence[Sequence[int]] | None) -> Any:
     """Whether the outputs equal the reference's, over the prompts the reference covers."""
     if reference is None:
@@ -543,6 +591,8 @@ def bench_target(
     log(f"{key}: engine built (graphs captured, costs measured) in "
         f"{section['costs']['measure_seconds']:.1f} s")
     section["fast_path"] = getattr(engine, "batched", None)
+    section["fast_path_detail"] = describe_fast_path(engine)
+    log(f"{key}: " + (_fast_path_line(section["fast_path_detail"]) or "").strip())
     try:
         off = run_engine(engine, prompts, n, 0)
         rows.append(_row("tandem_off", off, limit, reference))
@@ -949,6 +999,9 @@ def format_table(results: dict[str, Any]) -> str:
             f" tok/s ({section.get('weight_bytes', 0) / 1e9:.2f} GB of weights),"
             f" c = {_fmt(costs.get('c'), '.2f')}, target step {_fmt(target_ms, '.2f')} ms"
         )
+        fast_path = _fast_path_line(section.get("fast_path_detail"))
+        if fast_path:
+            lines.append(fast_path)
         lines.append(f"  {'method':<20}{'tok/s':>9}{'% limit':>9}{'x off':>7}{'α meas':>8}"
                      f"{'γ mean':>8}{'MAL':>6}{'=HF':>5}{'=off':>5}  step ms (draft+verify)")
         if section.get("error"):

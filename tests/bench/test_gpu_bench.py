@@ -18,6 +18,7 @@ import torch
 from bench import gpu
 from bench.drafters import ControlledProposer, GreedyOracle
 from decoding.engine import Engine, EngineConfig
+from decoding.handle import StepRecord
 from decoding.params import SamplingParams
 from decoding.speculative import SequenceState
 
@@ -199,6 +200,10 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
         assert rows["tandem_alpha_0.9"]["step_draft_ms"] > 0
         assert rows["tandem_alpha_0_g3"]["measured_alpha"] == 0.0
         assert rows["tandem_alpha_0.9_g3"]["measured_alpha"] > 0.6
+        # On a CPU: the fast path, uncompiled, without graphs, nothing failed; 2 steps at once.
+        plain = {"graphs": False, "compiled": False, "graph_failure": None}
+        assert section["fast_path_detail"] == {
+            "decode_steps": 2, "target": plain, "draft": plain}
     profile = (out / results["targets"]["tiny-s"]["profile"]).read_text()  # the first target's
     assert "tiny-s:" in profile and "sorted by self_cpu_time_total" in profile
     assert "aten::" in profile  # the operators the engine's worker ran were recorded
@@ -214,6 +219,19 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "tandem_off" in table and "aggregate tok/s" in table
+    assert table.count("fast path: target graphs no, compiled no; draft graphs no, compiled no;"
+                       " decode steps 2") == 2  # one line per target
+
+
+def test_the_table_says_where_a_model_fell_back_from_graphs() -> None:
+    detail = {"decode_steps": 1, "draft": {"graphs": True, "compiled": True,
+                                           "graph_failure": None},
+              "target": {"graphs": False, "compiled": False,
+                         "graph_failure": "compiled: RuntimeError('x'); uncompiled: OOM"}}
+    line = gpu._fast_path_line(detail)
+    assert line == ("  fast path: target graphs no, compiled no; draft graphs yes, compiled yes;"
+                    " decode steps 1\n  graph capture failed, target: compiled: "
+                    "RuntimeError('x'); uncompiled: OOM")
 
 
 def test_runs_with_only_torch_and_transformers(tmp_path: Path) -> None:
@@ -257,3 +275,14 @@ def test_weight_bytes_are_what_a_decode_step_reads(tied: bool) -> None:
     every = sum(p.numel() * p.element_size() for p in model.parameters())
     embedding = 300 * 32 * 4
     assert weight_bytes(model) == (every if tied else every - embedding)
+
+
+def test_a_batched_steps_times_count_once_however_many_rows_it_has() -> None:
+    """Two requests stepped together: a speculative step (draft 10 ms, a 4 ms oracle refill
+    inside it; verify 20 ms), then a group of 3 plain steps (30 ms). Per target forward (1 + 3):
+    drafting 1.5 ms, verifying 12.5 ms, the refill taken out once."""
+    records = [StepRecord(start_ns=t, gamma=g, accepted=a, emitted=e, draft_s=d, verify_s=v)
+               for t, g, a, e, d, v in [(1, 2, 1, 2, 0.010, 0.020), (1, 2, 2, 3, 0.010, 0.020),
+                                        (2, 0, 0, 3, 0.0, 0.030), (2, 0, 0, 2, 0.0, 0.030)]]
+    draft_ms, verify_ms = gpu.per_forward_ms(records, refill_s=0.004)
+    assert draft_ms == pytest.approx(1.5) and verify_ms == pytest.approx(12.5)
