@@ -24,7 +24,8 @@ from decoding.speculative import SequenceState, plain_steps, speculative_step
 
 VOCAB = 300
 ATOL = 1e-5
-SETTINGS = [  # mixed on purpose: greedy rows, repeated settings apart, top-k, top-p
+SETTINGS = [  # mixed on purpose: greedy rows, repeated settings apart, top-k, top-p, and
+    # rows that differ in temperature alone (sampled rows are grouped by their settings)
     SamplingParams(),
     SamplingParams(temperature=1.0),
     SamplingParams(temperature=0.7, top_k=20),
@@ -32,6 +33,7 @@ SETTINGS = [  # mixed on purpose: greedy rows, repeated settings apart, top-k, t
     SamplingParams(temperature=1.0),
     SamplingParams(),
     SamplingParams(temperature=0.5, top_k=50, top_p=0.8),
+    SamplingParams(temperature=0.3),
 ]
 
 

@@ -60,6 +60,59 @@ def test_a_wrong_rule_fails_the_same_check() -> None:
     assert p_value < 1e-6
 
 
+# A context-free pair: the target's and the draft's distributions at each position do not
+# depend on the tokens before it, so the first two tokens out must be distributed as the
+# target's rows 0 and 1 independently.
+TARGET_ROWS = torch.tensor([[0.05, 0.40, 0.10, 0.30, 0.15, 0.00],
+                            [0.30, 0.05, 0.05, 0.10, 0.10, 0.40],
+                            [1 / 6] * 6])
+DRAFT_ROWS = torch.tensor([[0.30, 0.10, 0.30, 0.05, 0.05, 0.20],
+                           [0.05, 0.40, 0.30, 0.10, 0.10, 0.05]])
+
+
+def _first_two_tokens(rule: str, n: int, seed: int) -> torch.Tensor:
+    """Counts [vocab, vocab] of the first two tokens emitted by γ = 2 steps under ``rule``
+    (``accept_sampled``, or ``accept_sampled_rows`` with the request beside another); where a
+    step emits one token, a γ = 1 step from position 1 gives the second."""
+    generator, other = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(-seed)
+
+    def accept(drafts: torch.Tensor, draft: torch.Tensor, target: torch.Tensor) -> Acceptance:
+        if rule == "accept_sampled":
+            return accept_sampled(drafts, draft, target, generator)
+        gamma = len(drafts)  # beside a request at γ = 1 with tokens of its own
+        both = accept_sampled_rows(torch.cat([drafts, torch.tensor([2])]),
+                                   torch.cat([draft, DRAFT_ROWS[:1]]),
+                                   torch.cat([target, TARGET_ROWS[:2]]), [gamma, 1],
+                                   [generator, other])
+        return both[0]
+
+    counts = torch.zeros(VOCAB, VOCAB)
+    for _ in range(n):
+        drafts = torch.cat([sample(DRAFT_ROWS[0:1], generator), sample(DRAFT_ROWS[1:2], generator)])
+        result = accept(drafts, DRAFT_ROWS, TARGET_ROWS)
+        out = [*drafts[: result.num_accepted].tolist(), result.bonus_token]
+        if len(out) < 2:
+            draft = sample(DRAFT_ROWS[1:2], generator)
+            second = accept(draft, DRAFT_ROWS[1:2], TARGET_ROWS[1:])
+            out.append(int(draft[0]) if second.num_accepted else second.bonus_token)
+        counts[out[0], out[1]] += 1
+    return counts
+
+
+@pytest.mark.parametrize("rule", ["accept_sampled", "accept_sampled_rows"])
+def test_the_first_two_tokens_of_a_step_follow_the_target_jointly(rule: str) -> None:
+    """The first token's distribution (above) does not show a rule that is right at the first
+    draft position and wrong after it: one uniform for every position, or counting accepted
+    tokens rather than the accepted prefix (found by mutating the code)."""
+    n = 30_000
+    counts = _first_two_tokens(rule, n, seed=0).flatten()
+    expected = (TARGET_ROWS[0][:, None] * TARGET_ROWS[1][None, :]).flatten() * n
+    support = expected > 0
+    assert counts[~support].sum() == 0  # no pair the target never makes
+    _, p_value = chisquare(counts[support].numpy(), expected[support].numpy())
+    assert p_value > 0.001, p_value
+
+
 def test_full_acceptance_samples_the_bonus_from_the_target() -> None:
     generator = torch.Generator().manual_seed(1)
     same = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5, 0.5, 0.0]])
