@@ -513,8 +513,8 @@ def _fast_path_line(detail: dict[str, Any] | None) -> str | None:
                                    f"graphs {_yes(model['graphs'])}, compiled "
                                    f"{_yes(model['compiled'])}"))
     line = "  fast path: " + "; ".join(parts) + f"; decode steps {detail.get('decode_steps')}"
-    failures = [f"{name}: {detail[name]['graph_failure']}" for name in ("target", "draft")
-                if detail.get(name) and detail[name].get("graph_failure")]
+    failures = [f"{name}: {detail[name]['graph_failure'][:300]}" for name in ("target", "draft")
+                if detail.get(name) and detail[name].get("graph_failure")]  # whole in the JSON
     return line + "".join(f"\n  graph capture failed, {f}" for f in failures)
 
 

@@ -97,23 +97,24 @@ class StaticRunner:
         of the compiled functions at the real shapes, so a failure may be theirs, and an eager
         forward would call them too: where the decoder is compiled, it is then made to run
         eagerly and capturing is tried once more. What failed is kept in ``graph_failure``."""
+        # Only the failure's text is kept: the exception's traceback would keep the failed
+        # try's graphs, and the device memory they hold, alive through the second try.
         try:
             return capture()
         except (RuntimeError, torch.OutOfMemoryError) as exc:  # includes compile errors
-            failure: BaseException = exc
+            failure = repr(exc)
         if self.decoder.compiled:
             log.warning("CUDA graph capture failed with the compiled functions, so they run "
-                        "uncompiled from now on; capturing again: %r", failure)
-            self.graph_failure = f"compiled: {failure!r}"
+                        "uncompiled from now on; capturing again: %s", failure)
+            self.graph_failure = f"compiled: {failure}"
             self.decoder.run_eagerly()
             try:
                 return capture()
             except (RuntimeError, torch.OutOfMemoryError) as exc:
-                failure = exc
-        log.warning("CUDA graph capture failed, so every forward runs eagerly: %r", failure)
+                failure = repr(exc)
+        log.warning("CUDA graph capture failed, so every forward runs eagerly: %s", failure)
         self.graph_failure = (
-            f"{self.graph_failure}; uncompiled: {failure!r}" if self.graph_failure
-            else repr(failure)
+            f"{self.graph_failure}; uncompiled: {failure}" if self.graph_failure else failure
         )
         return None
 

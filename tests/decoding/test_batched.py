@@ -8,6 +8,8 @@ replay the decoder eagerly, so everything but the capture itself runs here.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -169,11 +171,21 @@ def test_a_capture_that_fails_compiled_is_retried_uncompiled(pair) -> None:
     decoder.compiled = True  # as torch.compile leaves it (not compiled here: CPU time)
     marker = decoder.pointwise
 
+    tries: list[weakref.ref[_FailingGraphs]] = []
+
     def capture(fails: Callable[[FastDecoder], bool]) -> Callable[[], DecodeGraphs]:
-        return lambda: _FailingGraphs(fails, decoder, runner.cache, (1, 2), (1,), (64,))
+        def build() -> DecodeGraphs:
+            gc.collect()  # a failed try's graphs (their device memory, on a GPU) are gone
+            assert all(done() is None for done in tries)
+            graphs = object.__new__(_FailingGraphs)
+            tries.append(weakref.ref(graphs))
+            graphs.__init__(fails, decoder, runner.cache, (1, 2), (1,), (64,))
+            return graphs
+        return build
 
     graphs = runner._capture_graphs(capture(lambda d: d.compiled))
-    assert graphs is not None and not decoder.compiled and decoder.pointwise is not marker
+    assert len(tries) == 2 and graphs is not None
+    assert not decoder.compiled and decoder.pointwise is not marker
     assert runner.graph_failure is not None and runner.graph_failure.startswith("compiled:")
     assert runner.cache.free_slots == free - 1  # one scratch slot, the second try's
     runner.graphs = graphs
