@@ -52,7 +52,7 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
         )
     prompt_ids = _prompt_ids(request, tokenizer, limits)
 
-    _check_stop(request.stop, limits)
+    _check_stop(request.stop, limits, tokenizer)
     _check_stop_token_ids(request.stop_token_ids, limits)
     _check_logprobs(request)
     gamma = request.speculation.num_speculative_tokens
@@ -133,11 +133,12 @@ def _prompt_ids(request: GenerationRequest, tokenizer: Any, limits: Limits) -> t
     return tuple(ids)
 
 
-def _check_stop(stop: tuple[str, ...], limits: Limits) -> None:
+def _check_stop(stop: tuple[str, ...], limits: Limits, tokenizer: Any) -> None:
     if len(stop) > limits.max_stop_strings:
         raise InvalidRequestError(
             "stop", f"at most {limits.max_stop_strings} stop strings, got {len(stop)}"
         )
+    special = special_tokens(tokenizer) if stop else {}
     for i, text in enumerate(stop):
         if not text:
             raise InvalidRequestError(f"stop[{i}]", "must not be empty")
@@ -145,6 +146,23 @@ def _check_stop(stop: tuple[str, ...], limits: Limits) -> None:
             raise InvalidRequestError(
                 f"stop[{i}]", f"longer than {limits.max_stop_string_length} characters"
             )
+        if text in special:  # it would be accepted and never match
+            raise InvalidRequestError(
+                f"stop[{i}]",
+                f"{text!r} is special token {special[text]}, which the output text never holds "
+                f"(special tokens are not detokenized); give {special[text]} in stop_token_ids",
+            )
+
+
+def special_tokens(tokenizer: Any) -> dict[str, int]:
+    """The text of each token that the output text leaves out (decoded with
+    ``skip_special_tokens``: the tokenizer's added tokens marked special), with its id."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = {token.content: token_id for token_id, token in added.items()
+               if getattr(token, "special", False)}
+    for text in getattr(tokenizer, "all_special_tokens", ()):
+        special.setdefault(text, tokenizer.convert_tokens_to_ids(text))
+    return special
 
 
 def _check_logprobs(request: GenerationRequest) -> None:

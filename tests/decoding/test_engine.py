@@ -670,6 +670,7 @@ async def test_a_call_being_tokenized_when_the_drain_begins_is_served(
         ({"prompt_token_ids": (1,) * 200}, "prompt_token_ids"),
         ({"prompt": "x", "stop": ("",)}, "stop[0]"),
         ({"prompt": "x", "stop": ("a",) * 9}, "stop"),
+        ({"prompt": "x", "stop": ("a", "<|im_start|>")}, "stop[1]"),  # never in the text
         ({"prompt": "x", "speculation": SpeculationParams(99)},
          "speculation.num_speculative_tokens"),
         ({"messages": (ChatMessage("wizard", "hi"),)}, "messages[0].role"),

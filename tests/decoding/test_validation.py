@@ -4,11 +4,14 @@ which writes any BOS itself."""
 
 from __future__ import annotations
 
+import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from decoding.errors import InvalidRequestError
 from decoding.params import ChatMessage, GenerationRequest
-from decoding.validation import Limits, prepare
+from decoding.validation import Limits, prepare, special_tokens
+from tests.tiny_models import make_tiny_tokenizer
 
 BOS = "<s>"
 LIMITS = Limits(vocab_size=400, context_window=256, max_speculative_tokens=8,
@@ -50,3 +53,20 @@ def test_a_prompt_gets_the_tokenizers_bos_and_chat_messages_get_it_once() -> Non
     ids = (5, 6, 7)  # token ids are taken as they are
     assert prepare(GenerationRequest(request_id="i", prompt_token_ids=ids), tokenizer,
                    LIMITS).prompt_ids == ids
+
+
+def test_a_stop_string_that_is_a_special_token_is_refused_with_its_id() -> None:
+    """The output text is detokenized without special tokens, so such a stop string would be
+    accepted and never match; the error says which id to give in stop_token_ids instead.
+    Text that merely contains one is the client's to give."""
+    tokenizer = make_tiny_tokenizer()
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")  # special, not in all_special_tokens
+    assert special_tokens(tokenizer) == {"<|endoftext|>": 0, "<|im_start|>": start,
+                                         "<|im_end|>": tokenizer.eos_token_id}
+    with pytest.raises(InvalidRequestError) as err:
+        prepare(GenerationRequest(request_id="r", prompt="x", stop=("\n", "<|im_start|>")),
+                tokenizer, LIMITS)
+    assert err.value.field == "stop[1]"
+    assert f"special token {start}" in str(err.value) and "stop_token_ids" in str(err.value)
+    prepare(GenerationRequest(request_id="r", prompt="x", stop=("<|im_start|>user",)),
+            tokenizer, LIMITS)
