@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
 
 from decoding.detokenize import REPLACEMENT, IncrementalDetokenizer
 from tests.tiny_models import make_tiny_tokenizer
@@ -83,3 +85,29 @@ def test_text_that_could_start_a_stop_string_is_held_back(tokenizer) -> None:
         shown += detokenizer.delta()
     assert shown == "abc "  # "abd" might still become "abd!"
     assert shown + detokenizer.delta(final=True) == "abc abd"
+
+
+def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece-style, as Llama's and Mistral's: characters outside the vocabulary become
+    <0xXX> byte tokens, and an incomplete UTF-8 sequence decodes to one U+FFFD per byte."""
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "▁": 3}
+    vocab.update({f"<0x{b:02X}>": 4 + b for b in range(256)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def test_several_incomplete_bytes_are_all_held_back() -> None:
+    """After 1, 2 and 3 of an emoji's 4 byte tokens the text ends in as many U+FFFD: none is
+    shown, and the emoji comes out whole. (Mutant: only one trailing U+FFFD held back.)"""
+    tokenizer = byte_fallback_tokenizer()
+    ids = [1, *(4 + b for b in "🙂".encode()), 2]  # "a🙂b"
+    assert tokenizer.decode(ids[:3]) == "a" + REPLACEMENT * 2
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas = []
+    for token in ids:
+        detokenizer.add(token)
+        deltas.append(detokenizer.delta())
+    deltas.append(detokenizer.delta(final=True))
+    assert all(REPLACEMENT not in delta for delta in deltas), deltas
+    assert "".join(deltas) == "a🙂b"

@@ -10,9 +10,15 @@ import time
 import pytest
 import torch
 
+import decoding.stepper as stepper_module
 from decoding.adaptive import CostModel
 from decoding.engine import Engine, EngineConfig
-from decoding.errors import DeadlineExceededError, InvalidRequestError, OverloadedError
+from decoding.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    OverloadedError,
+    ShuttingDownError,
+)
 from decoding.models import ModelPair
 from decoding.params import (
     ChatMessage,
@@ -21,6 +27,7 @@ from decoding.params import (
     SamplingParams,
     SpeculationParams,
 )
+from decoding.speculative import propose
 from tests.conftest import make_engine
 
 PROMPT_IDS = (10, 57, 203, 99, 14, 250, 31)
@@ -1038,3 +1045,162 @@ async def test_a_request_riding_along_never_drafts_past_its_last_token(same_pair
     for step in steps:
         assert step.gamma <= 9 - emitted - 1, [(s.gamma, s.emitted) for s in steps]
         emitted += step.emitted
+
+
+# ---- gaps a mutation review found (each test fails on the mutant it names) -------------------
+
+
+async def test_a_step_never_drafts_past_max_new_tokens(same_pair, monkeypatch) -> None:
+    """A step emits up to γ+1 tokens, so its γ is at most the tokens left less one (gpt-fast's
+    clamp); else the target verifies a position past max_new_tokens, past the context window
+    where prompt + max_new_tokens fills it. (Mutant: a clamp to the tokens left.)"""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    seen: list[tuple[int, int]] = []  # (γ, tokens still to emit)
+    real = stepper_module.speculative_step
+
+    def spy(state, gamma):
+        seen.append((gamma, 9 - (len(state.tokens) - len(PROMPT_IDS))))
+        return real(state, gamma)
+
+    monkeypatch.setattr(stepper_module, "speculative_step", spy)
+    engine = make_engine(pair)
+    try:
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=9,
+                               speculation=SpeculationParams(5))
+    finally:
+        engine.close()
+    assert len(ids_of(chunks)) == 9 and len(seen) >= 2
+    assert all(gamma <= remaining - 1 for gamma, remaining in seen), seen
+    assert chunks[-1].usage.draft_tokens == 5 + 2  # 6 tokens, then γ = 2 for the last 3
+
+
+def _last_draft_token_wrong(vocab: int):
+    """The draft model's proposals with the last token of each changed: with the target's own
+    weights, every step accepts all but the last."""
+    def proposer(state, gamma):
+        tokens, probs = propose(state, gamma)
+        if gamma:
+            tokens = tokens.clone()
+            tokens[-1] = (tokens[-1] + 1) % vocab
+        return tokens, probs
+    return proposer
+
+
+async def test_usage_where_the_output_ends_at_the_last_accepted_draft_token(same_pair) -> None:
+    """Every step drafts 4 and the 4th is rejected. Where EOS is the 3rd token the output
+    ends at the last accepted draft token: the rejected one after it counts neither as drafted
+    nor as accepted (mutant: `>=` for `>`). Per position, a rejected position counts as drafted
+    and not accepted (mutant: `<=` for `<`)."""
+    free_run = reference_greedy(same_pair, PROMPT_IDS, 12)
+    assert free_run.index(free_run[2]) == 2
+    pair = dataclasses.replace(same_pair, eos_token_ids=(free_run[2],))
+    engine = make_engine(pair)
+    engine.proposer = _last_draft_token_wrong(pair.target.vocab_size)
+    try:
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=12,
+                               speculation=SpeculationParams(4))
+        long = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=9,
+                             speculation=SpeculationParams(4), ignore_eos=True)
+    finally:
+        engine.close()
+    assert ids_of(chunks) == free_run[:3] and chunks[-1].finish_reason == FinishReason.EOS
+    usage = chunks[-1].usage
+    assert (usage.draft_tokens, usage.accepted_draft_tokens) == (3, 3)
+    usage = long[-1].usage  # 4 + 4 + 1 tokens: two steps drafting 4, accepting 3
+    assert ids_of(long) == reference_greedy(same_pair, PROMPT_IDS, 9)
+    assert (usage.draft_tokens, usage.accepted_draft_tokens) == (8, 6)
+    assert usage.drafted_by_position == [2, 2, 2, 2]
+    assert usage.accepted_by_position == [2, 2, 2, 0]
+
+
+async def test_a_stop_token_is_returned_with_its_text(same_pair) -> None:
+    """The stop token is returned, as vLLM does, and its text with it: the text is the token
+    ids' text. (Mutant: the stop token ids checked before the token reaches the
+    detokenizer.)"""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    free_run = reference_greedy(pair, PROMPT_IDS, 20)
+
+    def decode(ids: list[int]) -> str:
+        return str(pair.tokenizer.decode(ids, skip_special_tokens=True))
+
+    stop_id = next(t for t in free_run[2:] if decode([t]).strip())
+    engine = make_engine(pair)
+    try:
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=20,
+                               speculation=SpeculationParams(4), stop_token_ids=(stop_id,))
+    finally:
+        engine.close()
+    assert chunks[-1].finish_reason == FinishReason.STOP and ids_of(chunks)[-1] == stop_id
+    assert "".join(c.text for c in chunks) == decode(ids_of(chunks))
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+async def test_a_batched_step_failing_after_it_ran_changes_no_output(
+    different_pair, monkeypatch, seeded: bool
+) -> None:
+    """A batched step that fails after it advanced the tokens, the caches and the random
+    generators: each request is put back as it was and stepped alone, so the outputs are
+    those of a run without the failure. (The fault tests' failures come before the step runs,
+    leaving nothing to restore. Mutants: the tokens, or the generators, not restored.)"""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    requests = [
+        GenerationRequest(
+            request_id=f"r{i}", prompt_token_ids=PROMPT_IDS[i:], max_new_tokens=16,
+            speculation=SpeculationParams(3),
+            sampling=SamplingParams(temperature=0.8, top_k=50, seed=100 + i) if seeded
+            else SamplingParams(),
+        )
+        for i in range(2)
+    ]
+
+    async def run(fail: bool) -> list[list[int]]:
+        engine = make_engine(pair, fast_path="on", max_concurrent_requests=2)
+        failed = []
+        real = stepper_module.speculative_step_batch
+
+        def failing_once(states, gammas, draft, target, choose=None):
+            results = real(states, gammas, draft, target, choose)
+            if fail and not failed:
+                failed.append(gammas)
+                raise RuntimeError("failed after the step ran")
+            return results
+
+        monkeypatch.setattr(stepper_module, "speculative_step_batch", failing_once)
+        try:
+            with engine._cond:  # admitted together, stepped as one batch
+                handles = [engine.submit(r) for r in requests]
+            outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
+            await wait_until_idle(engine)
+        finally:
+            engine.close()
+        assert failed or not fail
+        return list(outputs)
+
+    expected = await run(fail=False)
+    assert await run(fail=True) == expected
+    if not seeded:
+        assert expected == [reference_greedy(pair, r.prompt_token_ids, 16) for r in requests]
+
+
+async def test_a_waiter_aborted_at_shutdown_gets_the_error(same_pair, monkeypatch) -> None:
+    """abort_all ends running requests and waiters alike with the error, not with a bare end
+    of stream (a unary call would then have no chunk to answer with). (Mutant: a waiter given
+    only the end.)"""
+    from tests.steps import before_steps
+
+    before_steps(monkeypatch, lambda states: time.sleep(0.01))
+    engine = make_engine(same_pair, max_concurrent_requests=1, max_queue=1)
+    try:
+        request = GenerationRequest(request_id="w", prompt_token_ids=PROMPT_IDS,
+                                    max_new_tokens=100)
+        running, waiting = engine.submit(request), engine.submit(request)
+        assert (engine.stats().running, engine.stats().waiting) == (1, 1)
+        engine.stop_accepting()
+        engine.abort_all(ShuttingDownError("the grace period is over"))
+        for handle in (running, waiting):
+            with pytest.raises(ShuttingDownError):
+                async for _ in handle:
+                    pass
+        await wait_until_idle(engine)
+    finally:
+        engine.close()

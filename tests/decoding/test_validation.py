@@ -70,3 +70,24 @@ def test_a_stop_string_that_is_a_special_token_is_refused_with_its_id() -> None:
     assert f"special token {start}" in str(err.value) and "stop_token_ids" in str(err.value)
     prepare(GenerationRequest(request_id="r", prompt="x", stop=("<|im_start|>user",)),
             tokenizer, LIMITS)
+
+
+def test_limits_hold_at_their_edges() -> None:
+    """A prompt filling the context window leaves no room for a token; token ids run to
+    vocab_size - 1; max_stop_strings stop strings are allowed, one more is not. (Mutants: each
+    bound off by one.)"""
+    def request(**fields) -> GenerationRequest:
+        return GenerationRequest(request_id="r", **fields)
+
+    with pytest.raises(InvalidRequestError) as err:
+        prepare(request(prompt_token_ids=(1,) * 256), None, LIMITS)
+    assert err.value.field == "prompt_token_ids"
+    assert prepare(request(prompt_token_ids=(1,) * 255), None, LIMITS).max_new_tokens == 1
+    with pytest.raises(InvalidRequestError) as err:
+        prepare(request(prompt_token_ids=(1, 400)), None, LIMITS)
+    assert err.value.field == "prompt_token_ids[1]"
+    assert prepare(request(prompt_token_ids=(1, 399)), None, LIMITS).prompt_ids == (1, 399)
+    assert prepare(request(prompt_token_ids=(1,), stop=("a",) * 4), None, LIMITS)
+    with pytest.raises(InvalidRequestError) as err:
+        prepare(request(prompt_token_ids=(1,), stop=("a",) * 5), None, LIMITS)
+    assert err.value.field == "stop"

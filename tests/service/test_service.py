@@ -262,3 +262,20 @@ async def test_invalid_input_is_invalid_argument_naming_the_field(served, case: 
     assert served.engine.stats().running == 0
     # and the server keeps serving
     assert len((await served.stub.Generate(greedy(n=2))).token_ids) == 2
+
+
+def test_unset_sampling_fields_and_ignore_eos_reach_the_engine_as_sent() -> None:
+    """An unset seed is no seed (each call samples afresh and may plan γ with the batch), not
+    seed 0; a seed of 0 that was sent is kept; ignore_eos travels. (Mutants: the seed copied
+    whether set or not; ignore_eos dropped.)"""
+    from service import converters
+
+    request = converters.to_request(pb.GenerateRequest(prompt="x"), "rid", None)
+    assert request.sampling.seed is None and request.ignore_eos is False
+    assert (request.sampling.temperature, request.sampling.top_p, request.sampling.top_k) == (
+        0.0, 1.0, 0)
+    seeded = pb.GenerateRequest(prompt="x", ignore_eos=True)
+    seeded.sampling.temperature = 0.7
+    seeded.sampling.seed = 0
+    request = converters.to_request(seeded, "rid", None)
+    assert request.sampling.seed == 0 and request.ignore_eos is True

@@ -209,6 +209,31 @@ async def test_a_passed_deadline_is_recorded_as_such(same_pair, monkeypatch) -> 
     assert o.counter("tandem.requests", grpc_code="DEADLINE_EXCEEDED") == 2
 
 
+async def test_a_deadline_passing_while_the_prompt_is_tokenized_is_recorded_as_such(
+    same_pair, monkeypatch
+) -> None:
+    """Before the engine has the call it cannot end it at its deadline: gRPC cancels the
+    handler, and grpc.aio's time_remaining() is then 0, never below. (Mutant: a deadline
+    taken as passed only below 0, which recorded CANCELLED; the test above caught it only
+    where the engine's own deadline check came second.)"""
+    from tests.decoding.test_engine import SlowPrepare
+
+    SlowPrepare(monkeypatch, 1.0)
+    async with Observed(same_pair) as o:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await o.served.stub.Generate(pb.GenerateRequest(prompt="def f():", max_new_tokens=2),
+                                         timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(250):
+            if o.by_name("tandem.generate"):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.0)  # the tokenizing thread finishes
+        await wait_until_idle(o.engine)
+    [root] = o.by_name("tandem.generate")
+    assert root.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+
+
 async def test_a_stream_closed_by_grpc_is_recorded_cancelled(same_pair) -> None:
     """When a client goes away mid-stream gRPC may close the handler's generator (rather
     than cancel its task): GeneratorExit at the yield. That is a cancelled call, and its
