@@ -286,3 +286,58 @@ def test_image_digest_wins(render) -> None:
     digest = "sha256:" + "a" * 64
     rendered = render({"image": {"repository": "r.example/tandem", "tag": "x", "digest": digest}})
     assert rendered.server["image"] == f"r.example/tandem@{digest}"
+
+
+# ---- gaps a mutation review found (each test fails on the mutant its comment names)
+
+AUTH_EXEC_PROBES = {"auth": {"enabled": True, "token": "t"},
+                    "probes": {"type": "exec", "exec": {"command": ["true"]}}}
+
+
+# H1 (secret volumes mode 0644 instead of 0440)
+def test_secret_files_are_0440(all_on: Rendered) -> None:
+    chart_secrets = {"auth", "tls", "client-ca"}  # (hub-token is the values' extraVolumes)
+    secrets = {v["name"]: v["secret"] for v in all_on.pod["volumes"] if v["name"] in chart_secrets}
+    assert set(secrets) == chart_secrets
+    assert {name: s["defaultMode"] for name, s in secrets.items()} == {
+        "auth": 0o440, "tls": 0o440, "client-ca": 0o440}
+
+
+# H3 (fsGroup gone: the 0440 secret files, owned by root, unreadable to uid 10001)
+def test_the_server_is_in_the_group_that_may_read_the_secrets(render, default: Rendered,
+                                                              all_on: Rendered) -> None:
+    for rendered in (default, all_on):
+        pod_context = rendered.pod["securityContext"]
+        group = rendered.server["securityContext"].get("runAsGroup", pod_context["runAsGroup"])
+        assert pod_context.get("fsGroup") == group == 10001
+
+
+# H2 (`default true` turns auth.exemptHealth=false back into true)
+def test_exempt_health_false_reaches_the_server(render) -> None:
+    from service.settings import parse
+
+    for exempt in (False, True):
+        rendered = render({**AUTH_EXEC_PROBES,
+                           "auth": {**AUTH_EXEC_PROBES["auth"], "exemptHealth": exempt}})
+        env = rendered.env()
+        assert env["TANDEM_AUTH_EXEMPT_HEALTH"] == str(exempt).lower()
+        strings = {k: v for k, v in env.items() if isinstance(v, str)}
+        assert parse([], env=strings).auth_exempt_health is exempt
+
+
+# H4 (checksum over the auth token only: a new TLS certificate or client CA rolls no pods)
+def test_any_secret_change_rolls_pods(render) -> None:
+    base = {"tls": {"enabled": True, "cert": "c1", "key": "k1",
+                    "clientCA": {"enabled": True, "cert": "ca1"}},
+            "probes": {"type": "tcpSocket"}}
+
+    def checksum(tls: dict) -> str:
+        values = {**base, "tls": {**base["tls"], **tls}}
+        return render(values).deployment["spec"]["template"]["metadata"]["annotations"][
+            "checksum/secrets"]
+
+    first = checksum({})
+    assert checksum({"cert": "c2"}) != first
+    assert checksum({"key": "k2"}) != first
+    assert checksum({"clientCA": {"enabled": True, "cert": "ca2"}}) != first
+    assert checksum({}) == first

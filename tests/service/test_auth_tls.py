@@ -7,10 +7,12 @@ must refuse.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -268,3 +270,29 @@ async def test_mutual_tls_with_a_token(same_pair, pki, token_file) -> None:
     ):
         assert await generate_code(channel) == grpc.StatusCode.UNAUTHENTICATED
         assert await generate_code(channel, bearer(TOKEN)) == grpc.StatusCode.OK
+
+
+# ---- gaps a mutation review found (each test fails on the mutant its comment names)
+
+# A1 (token compared with ==, not hmac.compare_digest): equivalent in behaviour, so spied
+async def test_the_token_is_compared_in_constant_time(monkeypatch) -> None:
+    import service.auth as auth
+
+    calls, real = [], hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    interceptor = auth.BearerTokenInterceptor("s3cret", exempt_health=True)
+
+    async def continuation(details):
+        return "handler"
+
+    for token, passes in (("s3cret", True), ("wrong", False)):
+        details = SimpleNamespace(method="/tandem.v1.GenerationService/Generate",
+                                  invocation_metadata=(("authorization", f"Bearer {token}"),))
+        handler = await interceptor.intercept_service(continuation, details)
+        assert (handler == "handler") is passes
+    assert len(calls) == 2

@@ -11,6 +11,8 @@ import pytest
 
 from service._proto.tandem.v1 import generation_pb2 as pb
 from service.client import add_arguments, channel_for
+from tests.conftest import make_engine
+from tests.service.conftest import serve
 
 
 async def test_generate_prints_the_text(served) -> None:
@@ -77,3 +79,50 @@ def test_stop_token_ids_and_ignore_eos_flags() -> None:
     assert list(request.stop_token_ids) == [5, 9] and request.ignore_eos
     plain = build_request(parser.parse_args(["x"]))
     assert not plain.stop_token_ids and not plain.ignore_eos
+
+
+# ---- gaps a mutation review found (each test fails on the mutant its comment names)
+
+def client_args(*argv: str) -> argparse.Namespace:
+    from service.client import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["hello", *argv])
+
+
+# C1 (--top-p dropped), C2 (--num-speculative-tokens dropped)
+def test_generate_flags_become_request_fields() -> None:
+    from service.client import build_request
+
+    request = build_request(client_args("--temperature", "0.5", "--top-p", "0.25", "--top-k",
+                                        "7", "--seed", "11", "--max-new-tokens", "9",
+                                        "--num-speculative-tokens", "0", "--chat"))
+    assert request.sampling.HasField("top_p") and request.sampling.top_p == 0.25
+    assert (request.sampling.temperature, request.sampling.top_k, request.sampling.seed) == (
+        0.5, 7, 11)
+    assert request.max_new_tokens == 9
+    assert request.speculation.HasField("num_speculative_tokens")
+    assert request.speculation.num_speculative_tokens == 0
+    assert [(m.role, m.content) for m in request.messages] == [("user", "hello")]
+    plain = build_request(client_args())
+    assert not plain.sampling.HasField("top_p")
+    assert not plain.speculation.HasField("num_speculative_tokens")
+
+
+# C3 (--token sent without the Bearer scheme)
+async def test_generate_sends_the_token_as_bearer(same_pair, tmp_path, capsys) -> None:
+    from service.client import run
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    s = await serve(make_engine(same_pair), auth_token_file=str(token_file))
+    try:
+        args = client_args("--address", s.address, "--max-new-tokens", "2", "--timeout", "30")
+        assert await asyncio.to_thread(run, args) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        args.token = "s3cret"
+        assert await asyncio.to_thread(run, args) == 0
+    finally:
+        await s.channel.close()
+        await s.running.shutdown(grace=0)

@@ -125,3 +125,38 @@ def test_a_model_that_cannot_load_is_one_line(tmp_path, capsys) -> None:
     assert code == 1
     assert "Traceback" not in err
     assert err.splitlines()[-1].startswith("tandem serve: target source "), err
+
+
+# ---- gaps a mutation review found (each test fails on the mutant its comment names)
+
+# S1 (yes/on no longer true)
+def test_boolean_spellings() -> None:
+    for text in ("1", "true", "yes", "on", "TRUE", " Yes "):
+        assert parse([], env={"TANDEM_LOG_CONTENT": text}).log_content is True, text
+    for text in ("0", "false", "no", "off", ""):
+        assert parse([], env={"TANDEM_STEP_SPANS": text}).step_spans is False, text
+    assert parse(["--step-spans", "yes"]).step_spans is True
+
+
+# S2 (max_stop_strings minimum 1), S3 (num_speculative_tokens 0 refused)
+def test_zero_is_accepted_where_documented() -> None:
+    assert parse(["--max-stop-strings", "0"]).max_stop_strings == 0
+    with pytest.raises(SystemExit, match=r"--max-stop-strings \(TANDEM_MAX_STOP_STRINGS\)"):
+        parse(["--max-stop-strings", "-1"])
+    assert parse(["--num-speculative-tokens", "0"]).fixed_speculative_tokens == 0
+    assert parse([], env={"TANDEM_NUM_SPECULATIVE_TOKENS": "0"}).fixed_speculative_tokens == 0
+
+
+# S4 (client CA without server cert accepted), S5 (cert without key accepted)
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert and --tls-key"),
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key must be given together"),
+        (["--tls-key", "k.pem"], "--tls-cert and --tls-key must be given together"),
+    ],
+)
+def test_tls_flags_must_come_together(argv: list[str], says: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    assert str(exit_.value.code) == says

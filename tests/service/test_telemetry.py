@@ -7,15 +7,20 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 import urllib.request
 import uuid
 from concurrent import futures
+from types import SimpleNamespace
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -433,3 +438,98 @@ def test_auto_tracing_exports_over_otlp_only_where_an_endpoint_is_set() -> None:
     for explicit in ("otlp", "console", "none"):
         assert tracing_mode(explicit, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}) == explicit
         assert tracing_mode(explicit, {}) == explicit
+
+
+# ---- gaps a mutation review found (each test fails on the mutant its comment names)
+
+# gen-ai-metrics.md: gen_ai.server.time_to_first_token's ExplicitBucketBoundaries
+TTFT_SPEC = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+             5.0, 7.5, 10.0)
+
+
+def metric_points(reader: InMemoryMetricReader) -> dict[str, tuple[str, list]]:
+    """name -> (unit, data points)"""
+    out: dict[str, tuple[str, list]] = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                out[metric.name] = (metric.unit, list(metric.data.data_points))
+    return out
+
+
+# T1 (TTFT view with TPOT's buckets), T2 (duration unit ms), T3 (error.type misnamed),
+# T4 (token type "prompt" for "input")
+async def test_genai_metrics_buckets_units_and_attributes(same_pair) -> None:
+    async with Observed(same_pair) as o:
+        reply = await o.served.stub.Generate(greedy())
+        with pytest.raises(grpc.aio.AioRpcError):
+            await o.served.stub.Generate(pb.GenerateRequest(prompt="x", max_new_tokens=0))
+    points = metric_points(o.metrics)
+    for name in ("gen_ai.server.request.duration", "gen_ai.server.time_to_first_token",
+                 "gen_ai.server.time_per_output_token"):
+        assert points[name][0] == "s", name
+    assert points["gen_ai.server.token.usage"][0] == "{token}"
+    (ttft,) = points["gen_ai.server.time_to_first_token"][1]
+    assert tuple(ttft.explicit_bounds) == TTFT_SPEC
+    durations = {p.attributes.get("error.type"): p for p in
+                 points["gen_ai.server.request.duration"][1]}
+    assert set(durations) == {None, "INVALID_ARGUMENT"}
+    usage = {p.attributes["gen_ai.token.type"]: p.sum
+             for p in points["gen_ai.server.token.usage"][1]}
+    assert usage == {"input": len(PROMPT_IDS), "output": reply.usage.completion_tokens}
+
+
+# T5 (queue depth gauge observes running)
+def test_gauges_observe_their_own_engine_stats() -> None:
+    from service.metrics import Metrics
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    stats = SimpleNamespace(running=2, waiting=5, last_gamma=3, reserved_tokens=700)
+    Metrics(provider.get_meter("t"), lambda: stats)
+    values = {name: pts[0].value for name, (_, pts) in metric_points(reader).items()}
+    provider.shutdown()
+    assert values == {"tandem.requests.in_flight": 2, "tandem.queue.depth": 5,
+                      "tandem.spec_decode.gamma": 3, "tandem.kv.reserved_tokens": 700}
+
+
+# T6 (a cancelled call's tandem.generate span not marked ERROR)
+def test_a_cancelled_call_marks_its_span_as_failed() -> None:
+    from service.servicer import CallRecord
+    from service.spans import record_call_spans
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    now = time.time_ns()
+    record = CallRecord("GenerateStream", "rid", now, code=grpc.StatusCode.CANCELLED,
+                        end_ns=now + 1000)
+    info = SimpleNamespace(target_model="t", draft_model="d")
+    record_call_spans(provider.get_tracer("t"), record, info, True)
+    (root,) = exporter.get_finished_spans()
+    assert root.name == "tandem.generate"
+    assert root.status.status_code.name == "ERROR" and root.status.description == "CANCELLED"
+
+
+# T7 (trace_id not zero-padded), T9 (prompt_tokens from completion_tokens)
+async def test_request_log_line_trace_id_and_counts(same_pair, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="tandem.requests")
+    trace_id = "000000000000000000000000000000ab"
+    async with Observed(same_pair) as o:
+        reply = await o.served.stub.Generate(
+            greedy(), metadata=[("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")])
+    (line,) = [r for r in caplog.records if r.getMessage() == "request finished"]
+    assert line.trace_id == trace_id
+    assert (line.prompt_tokens, line.completion_tokens) == (len(PROMPT_IDS),
+                                                            reply.usage.completion_tokens)
+    assert line.status == "OK" and line.finish_reason == "length"
+
+
+# T8 (reflection calls traced)
+async def test_reflection_makes_no_spans(same_pair) -> None:
+    async with Observed(same_pair) as o:
+        stub = reflection_pb2_grpc.ServerReflectionStub(o.served.channel)
+        async for _ in stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+            pass
+    assert o.spans.get_finished_spans() == ()
