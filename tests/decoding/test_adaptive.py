@@ -458,14 +458,20 @@ def test_an_accepted_probe_that_pays_for_itself_shortens_the_wait() -> None:
     after two failed probes (wait 4 -> 8 -> 16) an accepted one halves the wait though the
     pooled probe acceptance (1 of 3) would not make drafting pay."""
     adaptive = AdaptiveGamma(run5_costs("7b"), max_gamma=8, prior_alpha=0.0, probe_every=4)
-    outcomes = iter([0, 0, 1])
+    probe_until_accepted(adaptive, [0, 0, 1])
+    assert adaptive._schedule.every == 8
+
+
+def probe_until_accepted(adaptive: AdaptiveGamma, outcomes: list[int], batch: int = 1) -> None:
+    """Step plainly until each probe comes, giving the probes these accepted counts, up to
+    the first accepted one."""
+    results = iter(outcomes)
     while True:
-        gamma = adaptive.next_gamma(remaining=1000)
+        gamma = adaptive.next_gamma(batch, remaining=1000)
         if gamma:
-            accepted = next(outcomes)
+            accepted = next(results)
             adaptive.observe(gamma, accepted)
             if accepted:
-                break
+                return
         else:
             adaptive.observe(0, 0)
-    assert adaptive._schedule.every == 8

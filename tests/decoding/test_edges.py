@@ -316,21 +316,12 @@ def test_an_accepted_probe_in_a_batch_is_judged_at_that_batch() -> None:
     does not halve the wait as it would alone (test_an_accepted_probe_that_pays_for_itself_
     shortens_the_wait), the pooled acceptance (1 of 3) not paying either."""
     from decoding.adaptive import MIN_SPEEDUP, AdaptiveGamma
-    from tests.decoding.test_adaptive import run5_costs
+    from tests.decoding.test_adaptive import probe_until_accepted, run5_costs
 
     costs = run5_costs("7b")
     assert costs.lone_speedup(0.9, 1, 8) < MIN_SPEEDUP < costs.lone_speedup(0.9, 1, 1)
     adaptive = AdaptiveGamma(costs, max_gamma=8, prior_alpha=0.0, probe_every=4)
-    outcomes = iter([0, 0, 1])
-    while True:
-        gamma = adaptive.next_gamma(8, remaining=1000)
-        if gamma:
-            accepted = next(outcomes)
-            adaptive.observe(gamma, accepted)
-            if accepted:
-                break
-        else:
-            adaptive.observe(0, 0)
+    probe_until_accepted(adaptive, [0, 0, 1], batch=8)
     assert adaptive._schedule.every == 16
 
 
