@@ -2,7 +2,7 @@
 cost model, probes and the KV cache: decisions no test pinned until a mutation review
 (2026-11-27) changed each by a comparison or a term and the suite still passed. Each test here
 fails on the mutant its docstring names (B: batched.py, S: stepper.py, A: adaptive.py, C:
-fast/cache.py); most drive one function with stand-ins rather than the engine."""
+fast/cache.py, G: fast/graphs.py); most drive one function with stand-ins rather than the engine."""
 
 from __future__ import annotations
 
@@ -353,3 +353,22 @@ def test_a_slot_freed_twice_is_refused_and_handed_out_once() -> None:
         cache.free(slot)
     assert cache.free_slots == 2
     assert {cache.allocate(), cache.allocate()} == {0, 1}
+
+
+def test_the_caches_max_len_is_always_a_kv_bucket(pair) -> None:  # noqa: F811
+    """G3: graphs are captured up to the cache's max_len whatever buckets are asked for, so
+    a sequence past the largest bucket asked for still replays a graph (of max_len)."""
+    import torch
+
+    from decoding.fast.model import FastDecoder
+    from tests.decoding.test_batched import EagerGraphs
+
+    decoder = FastDecoder(pair[0])
+    cache = decoder.new_cache(num_slots=2, max_len=64)
+    graphs = EagerGraphs(decoder, cache, (1,), (1,), (16,))
+    assert graphs.kv_lengths == [16, 64]
+    slot = cache.allocate()
+    with torch.inference_mode():  # as the runner runs it
+        assert graphs.run([[5]], [slot], [40]) is not None and graphs.replays == 1
+    assert EagerGraphs(decoder, decoder.new_cache(num_slots=2, max_len=64), (1,), (1,),
+                       ()).kv_lengths == [64]
