@@ -84,6 +84,8 @@ def test_seeds_run_each_speculating_cell_per_seed_and_print_the_spread(
     assert row.count("(") == 2 and row.split()[:2] == ["1", "0.90"]
 
 
-def test_seeds_must_be_positive() -> None:
-    with pytest.raises(SystemExit):
+def test_seeds_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
         policy.main(["--seeds", "0"])
+    assert exit_info.value.code == 2  # argparse's usage error, before any cell runs
+    assert "--seeds must be at least 1" in capsys.readouterr().err
