@@ -84,6 +84,13 @@ class Linear:
     In bfloat16 the packed kernel also beats ``F.linear`` at every width (by 1.4-1.7x on the
     1.5B model's MLP weight, 1-5 rows; bench/RESULTS.md).
     The packed copy is extra memory (one more copy of the weight); the HF module keeps its own.
+
+    ``pad_to``: fewer rows than this are padded with zero rows to this many, and the extra
+    outputs dropped. oneDNN picks its kernel by the row count, and on this project's CPU its
+    kernel for one or two rows was the slower one: the 1.5B model's MLP weight took 4.4 ms for
+    one row and 3.5 for four, and a whole forward of the 1.5B model over one token 231 ms
+    unpadded, 178 padded (:data:`PAD_ROWS_TO`). Each row's output depends on that row alone,
+    so it equals the unpadded one to rounding.
     """
 
     def __init__(
@@ -93,12 +100,36 @@ class Linear:
         self.packed: torch.Tensor | None = _pack(weight) if pack else None
         self.weight: torch.Tensor | None = weight if keep or not pack else None
         self.bias = bias
+        self.pad_to = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            features = x.shape[-1]
+            rows = x.numel() // features if features else 0
+            if 0 < rows < self.pad_to:
+                flat = x.reshape(rows, features)
+                out = self._packed(torch.cat([flat, flat.new_zeros(self.pad_to - rows, features)]))
+                return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+            return self._packed(x)
         assert self.weight is not None
         return F.linear(x, self.weight, self.bias)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+PAD_ROWS_TO = 4
+"""What :class:`FastDecoder` pads fewer rows to, for a packed weight of at least
+:data:`PAD_ROWS_MIN_WEIGHT` elements (see :class:`Linear`). Measured on this project's CPU
+(AVX-512, oneDNN 3.12, 2 threads, in one process alternating, medians of 6): the default pair's
+1.5B target over 1, 2, 3 tokens 231, 273, 202 ms unpadded and 178, 196, 183 padded to 4, its
+0.5B draft (bfloat16) over 1 and 2 tokens 41 and 50 ms unpadded, 38 and 39 padded. Also tried
+in that run: padding each weight to the row count (of 1-8) it ran fastest at alone, timed at
+start-up: 198, 184, 184 ms for the target; not kept, as this rule is simpler and no slower."""
+
+PAD_ROWS_MIN_WEIGHT = 1 << 20
+"""Smaller weights are not padded: a call takes microseconds there, and the tiny test models'
+weights all stay unpadded."""
 
 
 @torch.no_grad()
@@ -388,10 +419,13 @@ class FastDecoder:
         pack_weights: bool | None = None,
         compile: bool = False,
         matmul_attention: bool | None = None,
+        pad_rows: bool = True,
     ) -> None:
         """``pack_weights``: prepack the linear weights for oneDNN (see :class:`Linear`); None
         means wherever :func:`can_pack_weights` says it works (a CPU; float32, or bfloat16 where
-        oneDNN supports it). ``compile``: fuse the elementwise parts of each layer with
+        oneDNN supports it). ``pad_rows``: with packed weights, pad fewer than
+        :data:`PAD_ROWS_TO` rows to that many for the large ones (see :class:`Linear`).
+        ``compile``: fuse the elementwise parts of each layer with
         ``torch.compile`` (for GPUs; compiling happens at each new shape's first call, so warm
         up before timing or capturing graphs).
         ``matmul_attention``: attention as :func:`_matmul_attention` rather than one
@@ -450,6 +484,11 @@ class FastDecoder:
             )
             for layer in base.layers
         ]
+        if pack_weights and pad_rows:
+            for weight in (self.lm_head, *(weight for layer in self.layers for weight in (
+                    layer.qkv, layer.o, layer.gate_up, layer.down))):
+                if weight.packed is not None and weight.packed.numel() >= PAD_ROWS_MIN_WEIGHT:
+                    weight.pad_to = PAD_ROWS_TO
         dim = self.head_dim
         # Computed on the CPU as transformers does, then moved: the same float32 values.
         inv_freq = 1.0 / (rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))

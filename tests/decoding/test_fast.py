@@ -18,7 +18,9 @@ from transformers import (
 
 from decoding.errors import OverloadedError
 from decoding.fast import CacheFullError, FastDecoder, StaticKVCache, StaticRunner, supports
+from decoding.fast import model as fast_model
 from decoding.fast.model import (
+    PAD_ROWS_TO,
     Linear,
     _rms_norm,
     can_pack_weights,
@@ -170,25 +172,73 @@ def test_prepacked_linear_equals_f_linear(rows: tuple[int, int]) -> None:
     torch.testing.assert_close(plain(x), F.linear(x, module.weight, module.bias), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(
+    not can_pack_weights(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch"
+)
+@pytest.mark.parametrize("rows", [(1, 1), (1, 2), (3, 1), (1, 3), (1, 1, 1), (2, 3), (1, 5)])
+def test_a_padded_linear_gives_each_row_its_own_output(rows: tuple[int, ...]) -> None:
+    """Fewer rows than ``pad_to`` run padded with zero rows; the output keeps the input's
+    shape and each row is the unpadded row's output (to rounding: oneDNN may pick another
+    kernel for more rows)."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(48, 80, bias=True)
+    x = torch.randn(*rows, 48)
+    padded = Linear(module.weight, module.bias, pack=True)
+    padded.pad_to = PAD_ROWS_TO
+    calls: list[int] = []
+    inner = padded._packed
+    padded._packed = lambda given: calls.append(given.numel() // 48) or inner(given)  # type: ignore[method-assign]
+    out = padded(x)
+    assert out.shape == (*rows[:-1], rows[-1], 80)
+    torch.testing.assert_close(out, F.linear(x, module.weight, module.bias), rtol=1e-5, atol=1e-5)
+    count = x.numel() // 48
+    assert calls == [max(count, PAD_ROWS_TO)]  # rows the kernel ran
+
+
+def test_only_large_packed_weights_are_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    def pads(decoder: FastDecoder) -> set[int]:
+        return {weight.pad_to for weight in (decoder.lm_head, *(w for layer in decoder.layers
+                for w in (layer.qkv, layer.o, layer.gate_up, layer.down)))}
+
+    assert pads(FastDecoder(qwen2(0))) == {0}  # the tiny model's weights are all small
+    assert pads(FastDecoder(qwen2(0), pack_weights=False)) == {0}
+    # gate_up 128 x 32 and the head 96 x 32 reach it; qkv 64 x 32, down 32 x 64 and o do not.
+    monkeypatch.setattr(fast_model, "PAD_ROWS_MIN_WEIGHT", 3000)
+    decoder = FastDecoder(qwen2(0))
+    if not decoder.packed_weights:
+        pytest.skip("no oneDNN in this torch")
+    assert {(layer.gate_up.pad_to, layer.qkv.pad_to, layer.down.pad_to, layer.o.pad_to)
+            for layer in decoder.layers} == {(PAD_ROWS_TO, 0, 0, 0)}
+    assert decoder.lm_head.pad_to == PAD_ROWS_TO
+    assert pads(FastDecoder(qwen2(0), pad_rows=False)) == {0}
+    assert pads(FastDecoder(qwen2(0), pack_weights=False)) == {0}
+
+
 @pytest.mark.parametrize(
-    ("pack", "matmul_attention"), [(False, False), (True, False), (False, True), (True, True)]
+    ("pack", "matmul_attention", "padded"),
+    [(False, False, False), (True, False, False), (False, True, False), (True, True, False),
+     (True, False, True)],
 )
 def test_prefill_decode_and_a_ragged_batch_by_variant(
-    model, pack: bool, matmul_attention: bool
+    model, pack: bool, matmul_attention: bool, padded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Prepacked weights or not, SDPA or the matmul attention (the CUDA default): the same
-    logits as transformers, alone and in a ragged batch of two."""
+    """Prepacked weights or not, SDPA or the matmul attention (the CUDA default), every packed
+    weight padded to PAD_ROWS_TO rows or not: the same logits as transformers, alone and in a
+    ragged batch of two."""
     if pack and not can_pack_weights(torch.device("cpu"), torch.float32):
         pytest.skip("no oneDNN in this torch")
+    monkeypatch.setattr(fast_model, "PAD_ROWS_MIN_WEIGHT", 0 if padded else 1 << 62)
     tokens = random_tokens(12, seed=11)
     runner = StaticRunner(
         model, num_slots=2, max_len=32, pack_weights=pack, matmul_attention=matmul_attention
     )
     assert runner.decoder.packed_weights == pack
     assert runner.decoder.matmul_attention == matmul_attention
+    assert runner.decoder.layers[0].o.pad_to == (PAD_ROWS_TO if padded else 0)
     sequence = runner.new_sequence()
-    steps = [sequence.forward(tokens[:5], num_logits=5)]
-    steps += [sequence.forward(tokens[5:9], num_logits=4), sequence.forward(tokens[9:], 3)]
+    steps = [sequence.forward(tokens[:5], num_logits=5), sequence.forward(tokens[5:8], 3)]
+    steps += [sequence.forward(tokens[8:10], 2)]  # and one token at a time:
+    steps += [sequence.forward(tokens[k : k + 1], num_logits=1) for k in (10, 11)]
     torch.testing.assert_close(torch.cat(steps), reference_logits(model, tokens), rtol=0, atol=ATOL)
     other = random_tokens(9, seed=12)
     neighbour = runner.new_sequence()
