@@ -545,28 +545,38 @@ def measure_costs(
     extrapolated). A draft step is timed as drafting runs it: ``DRAFT_CHAIN`` forwards, each
     fed the previous one's argmax on the device, then one wait (on a GPU the host queues a
     step while the device runs the last). Each figure is the minimum of ``repeats`` runs:
-    other work on the machine only ever adds time, and a spike must not rule a width out."""
+    other work on the machine only ever adds time, and a spike must not rule a width out. The
+    widths of one batch size are timed in turn, round by round."""
     batched = hasattr(target, "forward_batch") and hasattr(draft, "forward_batch")
     batches = [b for b in (2, 4, 8) if b <= max_batch] if batched else []
 
-    def fastest(runner: Any, batch: int, run: Callable[[list[Any]], float]) -> float:
-        """The least of ``repeats`` timings ``run(sequences)`` of ``batch`` sequences holding
-        ``context`` tokens (rolled back after each), after one that warms up."""
+    def fastest(
+        runner: Any, batch: int, runs: dict[int, Callable[[list[Any]], float]]
+    ) -> dict[int, float]:
+        """For each key of ``runs``, the least of ``repeats`` timings ``run(sequences)`` of
+        ``batch`` sequences holding ``context`` tokens (rolled back after each), after a round
+        that warms up. Each round times every run once, in turn: a slow spell of the machine
+        then falls on all of them alike, not on some widths (on the CPU, timing each width's
+        runs back to back read 5 tokens 26% cheaper than 4 where, taken in turn, they were
+        within 4%: bench/RESULTS.md)."""
         sequences = [runner.new_sequence() for _ in range(batch)]
         try:
             for sequence in sequences:
                 sequence.forward([0] * context, num_logits=1)
-            samples = []
-            for _ in range(repeats + 1):
-                samples.append(run(sequences))
-                for sequence in sequences:
-                    sequence.rollback(context)
-            return min(samples[1:])
+            samples: dict[int, list[float]] = {key: [] for key in runs}
+            for attempt in range(repeats + 1):
+                for key, run in runs.items():
+                    seconds = run(sequences)
+                    for sequence in sequences:
+                        sequence.rollback(context)
+                    if attempt:
+                        samples[key].append(seconds)
+            return {key: min(times) for key, times in samples.items()}
         finally:
             for sequence in sequences:
                 sequence.release()
 
-    def timed(runner: Any, batch: int, width: int, logits: int) -> float:
+    def timed(runner: Any, batch: int, width: int, logits: int) -> Callable[[list[Any]], float]:
         def run(sequences: list[Any]) -> float:
             start = time.perf_counter()
             if batch == 1:
@@ -576,9 +586,9 @@ def measure_costs(
             float(out[-1][0, 0])  # reading a value waits for the device
             return time.perf_counter() - start
 
-        return fastest(runner, batch, run)
+        return run
 
-    def chained(runner: Any, batch: int) -> float:
+    def chained(runner: Any, batch: int) -> Callable[[list[Any]], float]:
         def run(sequences: list[Any]) -> float:
             start = time.perf_counter()
             tokens = torch.zeros(batch, 1, dtype=torch.long, device=runner.device)
@@ -591,16 +601,19 @@ def measure_costs(
             tokens.tolist()  # waits for the device
             return (time.perf_counter() - start) / DRAFT_CHAIN
 
-        return fastest(runner, batch, run)
+        return run
 
-    draft_s = {b: chained(draft, b) for b in [1, *batches]}
-    if catch_up > max(draft_s):
-        draft_s[catch_up] = timed(draft, 1, catch_up, 1)
-    target_s = {k: timed(target, 1, k, k) for k in range(1, max_gamma + 2)}
+    alone = {1: chained(draft, 1)}
+    if catch_up > max(1, *batches):
+        alone[catch_up] = timed(draft, 1, catch_up, 1)
+    draft_s = fastest(draft, 1, alone)
     for b in batches:
-        for width in sorted({1, max_gamma + 1}):
-            if b * width not in target_s:  # one request's verify of that many is measured
-                # already: the model takes both as one size, and a second timing of it (of
-                # other rows) made the curve jump (run 5: 4 tokens above 5)
-                target_s[b * width] = timed(target, b, width, width)
+        draft_s[b] = fastest(draft, b, {b: chained(draft, b)})[b]
+    target_s = fastest(target, 1, {k: timed(target, 1, k, k) for k in range(1, max_gamma + 2)})
+    for b in batches:
+        # One request's verify of as many tokens is measured already: the model takes both as
+        # one size, and a second timing of it (of other rows) made the curve jump (run 5: 4
+        # tokens above 5).
+        widths = [w for w in sorted({1, max_gamma + 1}) if b * w not in target_s]
+        target_s.update(fastest(target, b, {b * w: timed(target, b, w, w) for w in widths}))
     return CostModel(draft_s, target_s)

@@ -431,6 +431,33 @@ def test_a_draft_step_is_timed_as_drafting_chains_it() -> None:
     assert target.live_sequences == draft.live_sequences == 0
 
 
+class _Widths(StaticRunner):
+    """A fast runner that records the width of each forward (tokens per row)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.widths: list[int] = []
+
+    def forward_packed(self, sequences: Any, tokens: Any, num_logits: Any, **kwargs: Any) -> Any:
+        self.widths.append(int(tokens.shape[1]) if isinstance(tokens, torch.Tensor)
+                           else max(len(row) for row in tokens))
+        return super().forward_packed(sequences, tokens, num_logits, **kwargs)
+
+
+def test_the_widths_of_a_batch_size_are_timed_in_turn() -> None:
+    """Round by round, each width once: a slow spell of the machine falls on every width, not
+    on the few timed during it (which is how one CPU start-up read 5 tokens 26% cheaper than
+    4). Batch 1 first (after its context), then each batch size's widths not measured yet."""
+    target = _Widths(qwen2(0), num_slots=4, max_len=160)
+    draft = _Widths(qwen2(1), num_slots=4, max_len=160)
+    measure_costs(target, draft, max_gamma=2, max_batch=2, repeats=2, catch_up=64)
+    # batch 1: the context, then 3 rounds (a warm-up and 2 timed) of widths 1, 2, 3; batch 2
+    # (2 tokens is measured already at batch 1): its two rows' contexts, then 3 rounds of width 3.
+    assert target.widths == [32, *[1, 2, 3] * 3, 32, 32, *[3] * 3]
+    # The draft: a chain of DRAFT_CHAIN one-token forwards and the 64-token catch-up in turn.
+    assert draft.widths == [32, *([1] * DRAFT_CHAIN + [64]) * 3, 32, 32, *[1] * DRAFT_CHAIN * 3]
+
+
 def test_level_drafts_ride_along_where_the_batch_verifies_wide_anyway() -> None:
     """Sixteen requests on run 5's 7B costs, six of whose estimates fell below paying: with
     them padded as plain rows the cap stops everyone drafting; with their drafts level they
