@@ -604,7 +604,7 @@ def measure_costs(
         return run
 
     alone = {1: chained(draft, 1)}
-    if catch_up > max(1, *batches):
+    if catch_up > max([1, *batches]):
         alone[catch_up] = timed(draft, 1, catch_up, 1)
     draft_s = fastest(draft, 1, alone)
     for b in batches:

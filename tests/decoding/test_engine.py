@@ -90,6 +90,29 @@ async def test_greedy_output_is_the_targets_own(request, pair_name: str, gamma, 
         assert usage.acceptance_rate < 0.5
 
 
+@pytest.mark.parametrize(
+    "config",
+    [{"fast_path": "on", "max_concurrent_requests": 1},
+     {"fast_path": "off"},
+     {"fast_path": "on", "max_concurrent_requests": 2}],
+    ids=["one-request", "transformers-path", "batched"],
+)
+async def test_an_engine_that_measures_its_own_costs_starts_and_is_exact(
+    different_pair, config
+) -> None:
+    """Without ``costs=`` the engine times its runners at start-up (every other engine test
+    hands it costs): with nothing to batch (one request at a time, or the transformers path)
+    as well as with batch sizes to time, it starts and serves the target's own greedy output."""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    engine = Engine(pair, EngineConfig(**config))
+    try:
+        assert set(engine.costs.target_s) >= {1, 2}
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=12)
+    finally:
+        engine.close()
+    assert ids_of(chunks) == reference_greedy(pair, PROMPT_IDS, 12)
+
+
 @pytest.mark.parametrize("pair_name", ["same_pair", "different_pair"])
 async def test_a_mixed_batch_is_exact_for_every_request(request, pair_name: str) -> None:
     """Requests of different lengths, γ and start times share batched steps (joining and
