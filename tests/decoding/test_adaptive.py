@@ -458,6 +458,73 @@ def test_the_widths_of_a_batch_size_are_timed_in_turn() -> None:
     assert draft.widths == [32, *([1] * DRAFT_CHAIN + [64]) * 3, 32, 32, *[1] * DRAFT_CHAIN * 3]
 
 
+class _Scripted:
+    """A runner (and its sequences) whose forwards take scripted seconds on a fake clock: the
+    k-th forward of w tokens takes ``seconds[w][k]``; each forward's (start, width) is kept."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, clock: list[float], seconds: dict[int, list[float]],
+                 fail_at: int | None = None) -> None:
+        self.clock, self.seconds, self.fail_at = clock, seconds, fail_at
+        self.fed: list[tuple[int, int]] = []
+        self.live = 0
+
+    def new_sequence(self) -> Any:
+        runner = self
+        runner.live += 1
+
+        class Sequence:
+            length = 0
+
+            def forward(self, tokens: Any, num_logits: int | None = None) -> torch.Tensor:
+                width = len(tokens)
+                if len(runner.fed) == runner.fail_at:
+                    raise RuntimeError("scripted failure")
+                done = sum(1 for _, w in runner.fed if w == width)
+                runner.fed.append((self.length, width))
+                runner.clock[0] += runner.seconds.get(width, [0.0] * 99)[done]
+                self.length += width
+                return torch.zeros(num_logits or width, 8)
+
+            def rollback(self, length: int) -> None:
+                self.length = length
+
+            def release(self) -> None:
+                runner.live -= 1
+
+        return Sequence()
+
+
+def test_each_cost_is_the_least_timed_round_after_a_warm_up(monkeypatch) -> None:
+    """Per width: the warm-up round is not counted (width 3's quick warm-up would win), the
+    least of the timed rounds is; every run starts from the same context (rolled back after
+    each), and a draft step is a chain of DRAFT_CHAIN forwards, timed per forward. With nothing
+    to batch, batch 1 alone is measured."""
+    import types
+
+    import decoding.adaptive as adaptive
+
+    clock = [0.0]
+    monkeypatch.setattr(adaptive, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    target = _Scripted(clock, {1: [100, 5, 3], 2: [100, 4, 6], 3: [0.5, 7, 8]})
+    chain = [100.0] * DRAFT_CHAIN + [2.0] * DRAFT_CHAIN + [1.0] * DRAFT_CHAIN
+    draft = _Scripted(clock, {1: chain, 64: [0.1, 9, 10]})
+    costs = measure_costs(target, draft, max_gamma=2, max_batch=4, repeats=2, catch_up=64)
+    assert costs.target_s == {1: 3, 2: 4, 3: 7}
+    assert costs.draft_s == {1: 1.0, 64: 9}
+    assert target.fed == [(0, 32)] + [(32, w) for w in (1, 2, 3)] * 3
+    assert draft.fed == [(0, 32)] + ([(32 + k, 1) for k in range(DRAFT_CHAIN)] + [(32, 64)]) * 3
+    assert target.live == draft.live == 0
+
+
+def test_a_failing_forward_leaves_no_sequence_behind() -> None:
+    target = _Scripted([0.0], {}, fail_at=3)
+    with pytest.raises(RuntimeError, match="scripted failure"):
+        measure_costs(target, _Scripted([0.0], {}), max_gamma=2, repeats=2)
+    assert target.live == 0
+
+
 def test_level_drafts_ride_along_where_the_batch_verifies_wide_anyway() -> None:
     """Sixteen requests on run 5's 7B costs, six of whose estimates fell below paying: with
     them padded as plain rows the cap stops everyone drafting; with their drafts level they
