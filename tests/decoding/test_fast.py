@@ -176,23 +176,45 @@ def test_prepacked_linear_equals_f_linear(rows: tuple[int, int]) -> None:
     not can_pack_weights(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch"
 )
 @pytest.mark.parametrize("rows", [(1, 1), (1, 2), (3, 1), (1, 3), (1, 1, 1), (2, 3), (1, 5)])
-def test_a_padded_linear_gives_each_row_its_own_output(rows: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_padded_linear_gives_each_row_its_own_output(
+    rows: tuple[int, ...], dtype: torch.dtype
+) -> None:
     """Fewer rows than ``pad_to`` run padded with zero rows; the output keeps the input's
     shape and each row is the unpadded row's output (to rounding: oneDNN may pick another
-    kernel for more rows)."""
+    kernel for more rows), in float32 and in bfloat16 (the draft's dtype on a CPU)."""
+    if not can_pack_weights(torch.device("cpu"), dtype):
+        pytest.skip(f"no oneDNN linear in {dtype} here")
     torch.manual_seed(0)
-    module = torch.nn.Linear(48, 80, bias=True)
-    x = torch.randn(*rows, 48)
+    module = torch.nn.Linear(48, 80, bias=True).to(dtype)
+    x = torch.randn(*rows, 48).to(dtype)
     padded = Linear(module.weight, module.bias, pack=True)
     padded.pad_to = PAD_ROWS_TO
     calls: list[int] = []
     inner = padded._packed
     padded._packed = lambda given: calls.append(given.numel() // 48) or inner(given)  # type: ignore[method-assign]
     out = padded(x)
-    assert out.shape == (*rows[:-1], rows[-1], 80)
-    torch.testing.assert_close(out, F.linear(x, module.weight, module.bias), rtol=1e-5, atol=1e-5)
+    assert out.shape == (*rows[:-1], rows[-1], 80) and out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), F.linear(x, module.weight, module.bias).float(),
+                               rtol=tolerance, atol=tolerance)
     count = x.numel() // 48
     assert calls == [max(count, PAD_ROWS_TO)]  # rows the kernel ran
+
+
+def test_a_padded_linear_takes_the_last_position_of_each_row() -> None:
+    """The head is applied to ``hidden[:, -num_logits:]``, a non-contiguous view: padded, each
+    row's output is still its own."""
+    if not can_pack_weights(torch.device("cpu"), torch.float32):
+        pytest.skip("no oneDNN in this torch")
+    torch.manual_seed(0)
+    module = torch.nn.Linear(48, 80, bias=False)
+    hidden = torch.randn(2, 5, 48)
+    last = hidden[:, -1:]
+    assert not last.is_contiguous()
+    padded = Linear(module.weight, None, pack=True)
+    padded.pad_to = PAD_ROWS_TO
+    torch.testing.assert_close(padded(last), F.linear(last, module.weight), rtol=1e-5, atol=1e-5)
 
 
 def test_only_large_packed_weights_are_padded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,9 +223,9 @@ def test_only_large_packed_weights_are_padded(monkeypatch: pytest.MonkeyPatch) -
                 for w in (layer.qkv, layer.o, layer.gate_up, layer.down)))}
 
     assert pads(FastDecoder(qwen2(0))) == {0}  # the tiny model's weights are all small
-    assert pads(FastDecoder(qwen2(0), pack_weights=False)) == {0}
-    # gate_up 128 x 32 and the head 96 x 32 reach it; qkv 64 x 32, down 32 x 64 and o do not.
-    monkeypatch.setattr(fast_model, "PAD_ROWS_MIN_WEIGHT", 3000)
+    # gate_up 128 x 32 and the head 96 x 32 (exactly the threshold) reach it; qkv 64 x 32,
+    # down 32 x 64 and o do not.
+    monkeypatch.setattr(fast_model, "PAD_ROWS_MIN_WEIGHT", 96 * 32)
     decoder = FastDecoder(qwen2(0))
     if not decoder.packed_weights:
         pytest.skip("no oneDNN in this torch")
