@@ -556,9 +556,9 @@ def measure_costs(
         """For each key of ``runs``, the least of ``repeats`` timings ``run(sequences)`` of
         ``batch`` sequences holding ``context`` tokens (rolled back after each), after a round
         that warms up. Each round times every run once, in turn: a slow spell of the machine
-        then falls on all of them alike, not on some widths (on the CPU, timing each width's
-        runs back to back read 5 tokens 26% cheaper than 4 where, taken in turn, they were
-        within 4%: bench/RESULTS.md)."""
+        then falls on all of them alike, not on some widths (on the CPU, one start-up that
+        timed each width's runs back to back read 5 tokens 26% cheaper than 4; in five that
+        took them in turn, 5 tokens were from 9% cheaper to 4% dearer: bench/RESULTS.md)."""
         sequences = [runner.new_sequence() for _ in range(batch)]
         try:
             for sequence in sequences:
