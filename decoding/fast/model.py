@@ -108,13 +108,14 @@ class Linear:
             rows = x.numel() // features if features else 0
             if 0 < rows < self.pad_to:
                 flat = x.reshape(rows, features)
-                out = self._packed(torch.cat([flat, flat.new_zeros(self.pad_to - rows, features)]))
+                zeros = flat.new_zeros(self.pad_to - rows, features)
+                out = self._run_packed(torch.cat([flat, zeros]))
                 return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
-            return self._packed(x)
+            return self._run_packed(x)
         assert self.weight is not None
         return F.linear(x, self.weight, self.bias)
 
-    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_packed(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 

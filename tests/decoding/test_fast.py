@@ -191,8 +191,9 @@ def test_a_padded_linear_gives_each_row_its_own_output(
     padded = Linear(module.weight, module.bias, pack=True)
     padded.pad_to = PAD_ROWS_TO
     calls: list[int] = []
-    inner = padded._packed
-    padded._packed = lambda given: calls.append(given.numel() // 48) or inner(given)  # type: ignore[method-assign]
+    inner = padded._run_packed
+    padded._run_packed = (  # type: ignore[method-assign]
+        lambda given: calls.append(given.numel() // 48) or inner(given))
     out = padded(x)
     assert out.shape == (*rows[:-1], rows[-1], 80) and out.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
