@@ -9,8 +9,10 @@ speedup; γ = 0 (plain decoding) is chosen whenever no γ beats 1.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -194,25 +196,43 @@ class AcceptanceEstimate:
             self._judged = self._judged * self._decay + judged
 
 
+STEP_COST_WINDOW = 9
+"""How many recent steps of each kind and batch size :class:`StepCosts` keeps: it reads their
+median, so that no single step moves it. The mean it used before was poisoned by one step: on
+the H200 (2026-11-27, run 7) one speculative step that also waited for something else (there,
+a benchmark's oracle) read 22x and 66x its prediction, and turned every γ, probes included, to
+0 for the rest of the run."""
+
+STEP_COST_EXPIRY = 8
+"""Plain steps of a batch size after which its oldest speculative step is forgotten: an overhead
+that stopped speculation can only be measured again by speculating, so once too few speculative
+steps remain (``min_samples``) it is trusted as 1 again and the next steps measure it anew. A
+real overhead then costs ``min_samples`` dearer steps in every few hundred tokens; a stale one
+no longer stops speculation for good."""
+
+
 class StepCosts:
     """What steps really cost against what :class:`CostModel` predicts from their forwards.
 
     The formula counts forward passes; a real speculative step also draws and accepts per
     request, rolls back, pads a batch to its widest row and lets a lagging draft catch up. Per
     batch size (rounded up to a power of two) and kind of step (plain: every γ = 0;
-    speculative), this keeps a decayed mean of measured over predicted seconds, and
-    :meth:`overhead` is the speculative ratio over the plain one (the plain one taken as 1
-    until plain steps of that size were seen): the factor by which speculation really costs
-    more than predicted. It only ever penalises (at least 1), and only after ``min_samples``
-    speculative steps of that size.
+    speculative), this keeps the median of measured over predicted seconds of the last
+    :data:`STEP_COST_WINDOW` steps, and :meth:`overhead` is the speculative ratio over the plain
+    one (the plain one taken as 1 until plain steps of that size were seen): the factor by which
+    speculation really costs more than predicted. It only ever penalises (at least 1), and only
+    while ``min_samples`` speculative steps of that size are remembered; every
+    :data:`STEP_COST_EXPIRY` plain steps of a size forget its oldest speculative one.
     """
 
-    def __init__(self, costs: CostModel, decay: float = 0.8, min_samples: int = 3) -> None:
+    def __init__(self, costs: CostModel, window: int = STEP_COST_WINDOW, min_samples: int = 3,
+                 expiry: int = STEP_COST_EXPIRY) -> None:
         self._costs = costs
-        self._decay = decay
+        self._window = window
         self._min_samples = min_samples
-        self._ratio: dict[tuple[int, bool], float] = {}
-        self._samples: dict[tuple[int, bool], int] = {}
+        self._expiry = expiry
+        self._ratios: dict[tuple[int, bool], collections.deque[float]] = {}
+        self._plain_since: dict[int, int] = {}  # plain steps since a speculative one expired
 
     @staticmethod
     def _bucket(batch: int) -> int:
@@ -232,17 +252,44 @@ class StepCosts:
         them already; counted here as overhead they made the speculative ratio read high after
         every group of plain steps, and once that turned γ to 0 no speculative step could
         correct it)."""
-        key = (self._bucket(len(gammas)), max(gammas) > 0)
+        bucket, speculative = self._bucket(len(gammas)), max(gammas) > 0
         ratio = seconds / (self.predicted(gammas) + catch_up_s)
-        old = self._ratio.get(key)
-        self._ratio[key] = ratio if old is None else self._decay * old + (1 - self._decay) * ratio
-        self._samples[key] = self._samples.get(key, 0) + 1
+        window = self._ratios.setdefault(
+            (bucket, speculative), collections.deque(maxlen=self._window))
+        window.append(ratio)
+        if speculative:
+            self._plain_since[bucket] = 0
+            return
+        since = self._plain_since.get(bucket, 0) + 1
+        spec = self._ratios.get((bucket, True))
+        if since >= self._expiry and spec:
+            spec.popleft()
+            since = 0
+        self._plain_since[bucket] = since
+
+    def _ratio(self, bucket: int, speculative: bool) -> float | None:
+        window = self._ratios.get((bucket, speculative))
+        return statistics.median(window) if window else None
 
     def overhead(self, batch: int) -> float:
         bucket = self._bucket(batch)
-        if self._samples.get((bucket, True), 0) < self._min_samples:
+        if len(self._ratios.get((bucket, True), ())) < self._min_samples:
             return 1.0
-        return max(1.0, self._ratio[bucket, True] / self._ratio.get((bucket, False), 1.0))
+        spec = self._ratio(bucket, True)
+        assert spec is not None
+        return max(1.0, spec / (self._ratio(bucket, False) or 1.0))
+
+    def describe(self) -> dict[str, dict[str, float]]:
+        """What is remembered, per "bucket/plain" and "bucket/spec": the median ratio and how
+        many steps it is of, and per bucket the :meth:`overhead` it gives (for reports)."""
+        def name(key: tuple[int, bool]) -> str:
+            return f"{key[0]}/{'spec' if key[1] else 'plain'}"
+        keys = sorted(k for k, window in self._ratios.items() if window)
+        return {
+            "ratio": {name(k): statistics.median(self._ratios[k]) for k in keys},
+            "samples": {name(k): float(len(self._ratios[k])) for k in keys},
+            "overhead": {str(b): self.overhead(b) for b in sorted({b for b, _ in keys})},
+        }
 
     def cap_for_batch(
         self,

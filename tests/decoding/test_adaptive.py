@@ -266,19 +266,59 @@ def test_step_costs_correct_only_what_speculation_really_costs_more() -> None:
     from decoding.adaptive import StepCosts
 
     costs = CostModel.from_widths(0.1, (1.0,) * 9)
-    steps = StepCosts(costs, decay=0.5, min_samples=3)
+    steps = StepCosts(costs, min_samples=3)
     for _ in range(2):
         steps.observe([2], 2 * steps.predicted([2]))
     assert steps.overhead(1) == 1.0  # too few speculative steps seen yet
     steps.observe([2], 2 * steps.predicted([2]))
     assert steps.overhead(1) == pytest.approx(2.0)
-    for _ in range(20):  # plain steps also run 1.5x their prediction: the excess is 4/3
+    for _ in range(7):  # plain steps also run 1.5x their prediction: the excess is 4/3
         steps.observe([0], 1.5 * steps.predicted([0]))
     assert steps.overhead(1) == pytest.approx(2.0 / 1.5)
     assert steps.overhead(4) == 1.0  # another batch size: nothing seen
     for _ in range(20):  # speculation cheaper than predicted is not rewarded
         steps.observe([3, 1, 0, 2], 0.5 * steps.predicted([3, 1, 0, 2]))
     assert steps.overhead(3) == steps.overhead(4) == 1.0  # 3 rounds up to 4
+
+
+def test_one_slow_step_does_not_stop_speculation() -> None:
+    """On the H200 one speculative step that also waited for something else (a benchmark's
+    oracle) read 66x its prediction; the decayed mean then read a 66x overhead and no step
+    drafted again. The median of the recent steps does not move for one."""
+    from decoding.adaptive import StepCosts
+
+    costs = run5_costs("7b")
+    steps = StepCosts(costs, min_samples=3)
+    for _ in range(4):
+        steps.observe([0], steps.predicted([0]))
+        steps.observe([2], 1.05 * steps.predicted([2]))
+    steps.observe([2], 66 * steps.predicted([2]))
+    assert steps.overhead(1) == pytest.approx(1.05)
+    gamma = AdaptiveGamma(costs, max_gamma=8, prior_alpha=0.8)
+    assert gamma.next_gamma(1, steps.overhead(1)) > 0
+
+
+def test_an_overhead_that_stopped_speculation_is_measured_again() -> None:
+    """Only speculative steps measure the overhead, so one that turned every γ to 0 (probes
+    too) would stand for good: plain steps make the oldest speculative one expire, and once
+    too few are left the overhead is trusted as 1 again, until new steps measure it."""
+    from decoding.adaptive import STEP_COST_EXPIRY, StepCosts
+
+    costs = run5_costs("7b")
+    steps = StepCosts(costs, min_samples=3)
+    for _ in range(3):
+        steps.observe([1], 3 * steps.predicted([1]))
+    gamma = AdaptiveGamma(costs, max_gamma=8, prior_alpha=0.9)
+    assert steps.overhead(1) == pytest.approx(3.0)
+    assert gamma.next_gamma(1, steps.overhead(1)) == 0
+    for _ in range(STEP_COST_EXPIRY - 1):
+        steps.observe([0], steps.predicted([0]))
+    assert steps.overhead(1) == pytest.approx(3.0)  # not yet
+    steps.observe([0], steps.predicted([0]))
+    assert steps.overhead(1) == 1.0  # two left: below min_samples
+    assert gamma.next_gamma(1, steps.overhead(1)) > 0
+    steps.observe([1], 3 * steps.predicted([1]))  # measured again, still dear
+    assert steps.overhead(1) == pytest.approx(3.0)
 
 
 def test_a_catch_up_is_not_read_as_speculation_overhead() -> None:
