@@ -502,6 +502,29 @@ def describe_fast_path(engine: Any) -> dict[str, Any]:
     return described
 
 
+def step_clock(oracle: GreedyOracle) -> Callable[[], float]:
+    """A clock for the engine's step timings that stops while ``oracle`` refills a path."""
+    return lambda: time.perf_counter() - oracle.stats.refill_seconds
+
+
+def describe_policy(engine: Any) -> dict[str, Any] | None:
+    """What adaptive γ has learned on this engine so far: the server's acceptance (the prior of
+    new requests), the shared probe schedule's wait and pooled acceptance, and the step-cost
+    correction's measured-over-predicted ratios per (batch bucket, speculative) with their
+    sample counts and the overhead they give. The engine is reused across runs, so each run
+    starts from what the runs before it taught."""
+    stepper = getattr(engine, "stepper", None)
+    if stepper is None:
+        return None
+    probes = stepper.probes
+    return {
+        "server_alpha": stepper.acceptance.alpha,
+        "probe_every": None if probes is None else probes.every,
+        "probe_alpha": None if probes is None else probes.acceptance.alpha,
+        "step_costs": stepper.step_costs.describe(),
+    }
+
+
 def _fast_path_line(detail: dict[str, Any] | None) -> str | None:
     """One line of :func:`describe_fast_path` for the table; None where there is nothing."""
     if not detail:
@@ -590,6 +613,13 @@ def bench_target(
     section["costs"] = {"measure_seconds": time.perf_counter() - started, **describe_costs(costs)}
     log(f"{key}: engine built (graphs captured, costs measured) in "
         f"{section['costs']['measure_seconds']:.1f} s")
+    stepper = getattr(engine, "stepper", None)
+    if stepper is not None:
+        # The engine times its steps to correct adaptive γ (StepCosts). The oracle's refills
+        # (HF generate, hundreds of ms) happen inside drafting and are this benchmark's work,
+        # not the engine's, as in tokens/s: its clock leaves them out. (In run 7 they made
+        # single steps read 22x and 66x their prediction.)
+        stepper.clock = step_clock(oracle)
     section["fast_path"] = getattr(engine, "batched", None)
     section["fast_path_detail"] = describe_fast_path(engine)
     log(f"{key}: " + (_fast_path_line(section["fast_path_detail"]) or "").strip())
@@ -689,6 +719,7 @@ def controlled_run(
     proposer = ControlledProposer(oracle, alpha, engine.pair.target.vocab_size, seed=cfg.seed + 1)
     engine.proposer = proposer
     refills = oracle.stats.refills
+    policy_before = describe_policy(engine)
     run = run_engine(engine, prompts, cfg.max_new_tokens, gamma, oracle=oracle, warmup_tokens=32)
     name = f"tandem_alpha_{alpha:g}" + ("" if gamma is None else f"_g{gamma}")
     row = _row(name, run, limit, reference)
@@ -708,7 +739,12 @@ def controlled_run(
         predicted_speedup=costs.expected_speedup(measured, best) if measured is not None else None,
         oracle_refills=oracle.stats.refills - refills,
         unknown_proposals=proposer.stats.unknown,
+        policy_before=policy_before,
+        policy_after=describe_policy(engine),
     )
+    log(f"{key}: α = {alpha:g}: {row['tokens_per_s']:.1f} tok/s, γ mean "
+        f"{_fmt(row['gamma_mean'], '.2f')}, drafted {run['drafted']}; policy after "
+        f"{row['policy_after']}")
     return row
 
 
@@ -736,7 +772,7 @@ def bench_concurrency(
             batch = [prompts[i % len(prompts)] for i in range(level)]
             run = run_engine(engine, batch, n, gamma, concurrent=True, oracle=oracle)
             entry = {k: v for k, v in run.items() if k != "outputs"}
-            entry.update(mode=mode, concurrency=level)
+            entry.update(mode=mode, concurrency=level, policy_after=describe_policy(engine))
             single = [r for r in runs if r["mode"] == mode and r["concurrency"] == 1]
             entry["vs_one_stream"] = (
                 run["tokens_per_s"] / single[0]["tokens_per_s"] if single else None

@@ -200,6 +200,11 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
         assert rows["tandem_alpha_0.9"]["step_draft_ms"] > 0
         assert rows["tandem_alpha_0_g3"]["measured_alpha"] == 0.0
         assert rows["tandem_alpha_0.9_g3"]["measured_alpha"] > 0.6
+        # What adaptive γ had learned before and after each controlled run is kept.
+        policy = rows["tandem_alpha_0.9_g3"]["policy_after"]
+        assert policy["step_costs"]["samples"]["1/spec"] >= 3
+        assert 0 <= policy["server_alpha"] <= 1 and policy["probe_every"] >= 1
+        assert rows["tandem_alpha_0"]["policy_before"]["step_costs"]["samples"]["1/plain"] > 0
         # On a CPU: the fast path, uncompiled, without graphs, nothing failed; 2 steps at once.
         plain = {"graphs": False, "compiled": False, "graph_failure": None}
         assert section["fast_path_detail"] == {
@@ -221,6 +226,25 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
     assert "tandem_off" in table and "aggregate tok/s" in table
     assert table.count("fast path: target graphs no, compiled no; draft graphs no, compiled no;"
                        " decode steps 2") == 2  # one line per target
+
+
+def test_the_engines_step_clock_leaves_out_the_oracles_refills() -> None:
+    """The engine corrects adaptive γ by its steps' wall times; a refill (HF generate inside a
+    step's drafting) is the benchmark's work. On the H200 (run 7) single steps that refilled
+    read 22x and 66x their prediction and stopped speculation for the rest of the run."""
+    import time
+
+    def slow_generate(tokens: list[int], n: int) -> list[int]:
+        time.sleep(0.3)
+        return [1] * n
+
+    oracle = GreedyOracle(slow_generate)
+    clock = gpu.step_clock(oracle)
+    started, wall = clock(), time.perf_counter()
+    assert oracle([5, 6, 7], 2) == [1, 1]  # off every path: refilled
+    assert oracle.stats.refills == 1
+    assert time.perf_counter() - wall >= 0.3
+    assert clock() - started < 0.1
 
 
 def test_the_table_says_where_a_model_fell_back_from_graphs() -> None:
