@@ -391,6 +391,10 @@ class Engine:
                 for running in batch:
                     self._advance(running)
                 if self.batched:
+                    live = [r for r in batch if not r.finished]
+                    self.stepper.prefill_batch([r for r in live if not r.is_prefilled])
+                    for running in live:
+                        running.ready = running.is_prefilled and not running.finished
                     self.stepper.step_batch([r for r in batch if r.ready])
         except BaseException as err:  # the worker itself broke: nothing can be served any more
             log.critical("device worker died", exc_info=True)
@@ -425,8 +429,9 @@ class Engine:
         self._reserved += running.reservation
 
     def _advance(self, running: RunningRequest) -> None:
-        """Check the request is still wanted, prefill its next chunk, and step it (one by
-        one) or mark it ready for this round's batched step."""
+        """Check the request is still wanted; stepped one by one, prefill its next chunk and
+        step it (a batching engine prefills and steps this round's requests together after
+        every one had its turn here)."""
         request = running.request
         if running.handle.cancelled:
             return self._finish(running, _END)
@@ -434,13 +439,12 @@ class Engine:
             return self._finish(running, running.handle.abort_error)
         if request.deadline is not None and time.monotonic() > request.deadline:
             return self._finish(running, DeadlineExceededError("the deadline passed"))
+        if self.batched:  # prefilled together (Stepper.prefill_batch), then stepped together
+            return None
         stepper = self.stepper
         if not running.is_prefilled:
             stepper.guarded(running, stepper.prefill)
-        if self.batched:
-            # Stepped together with the others, after every request had its turn here.
-            running.ready = running.is_prefilled and not running.finished
-        elif running.is_prefilled and not running.finished:
+        if running.is_prefilled and not running.finished:
             stepper.guarded(running, stepper.step)
 
     def _finish(self, running: RunningRequest, item: Any) -> None:

@@ -183,6 +183,68 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_steps(
     assert len(during) >= 3, (len(during), len(short.timeline.steps))
 
 
+TOGETHER_PROMPTS = [PROMPT_IDS[:3], PROMPT_IDS, tuple(range(40, 53)), tuple(range(20, 61))]
+
+
+async def _prefilled_together(pair, monkeypatch, fail: bool) -> tuple[list[list[int]], list]:
+    """TOGETHER_PROMPTS admitted at once to a batching engine (γ 2, so the draft sees the
+    prompts too, prefill_chunk 4); their outputs, and the rows of each batched prefill. With
+    ``fail``, the first batched prefill's draft forward fails after the target's ran."""
+    engine = make_engine(pair, fast_path="on", prefill_chunk=4, max_concurrent_requests=4)
+    stepper = engine.stepper
+    real = stepper._prefill_together
+    rows_seen: list[list[int]] = []
+
+    def recorded(rows):
+        rows_seen.append([stop - begin for _, begin, stop in rows])
+        with monkeypatch.context() as patch:
+            if fail and len(rows_seen) == 1:
+                def broken(*args, **kwargs):
+                    raise RuntimeError("draft prefill failed")
+                patch.setattr(stepper.draft, "forward_packed", broken)
+            return real(rows)
+
+    monkeypatch.setattr(stepper, "_prefill_together", recorded)
+    try:
+        with engine._cond:  # admitted together
+            handles = [engine.submit(GenerationRequest(
+                request_id=f"r{i}", prompt_token_ids=prompt, max_new_tokens=12,
+                speculation=SpeculationParams(2))) for i, prompt in enumerate(TOGETHER_PROMPTS)]
+        outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+    assert all(h.timeline.draft_prefill_ns[1] for h in handles)  # the drafts saw the prompts
+    return list(outputs), rows_seen
+
+
+async def test_prompts_arriving_together_are_prefilled_in_one_forward(
+    different_pair, monkeypatch
+) -> None:
+    """Requests admitted in one round prefill their next chunks in one target forward and one
+    draft forward (rows of 2, 4, 4 and 4 tokens: the three-token prompt caches two), not two
+    forwards each; round by round while two or more still prefill, then the longest alone.
+    Each output is still the target's own."""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    outputs, rows = await _prefilled_together(pair, monkeypatch, fail=False)
+    assert rows[0] == [2, 4, 4, 4]
+    assert rows[1] == [2, 4, 4] and rows[2] == [4, 4]  # 6 and 12 of the middle two cached
+    assert all(len(r) >= 2 for r in rows)
+    assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
+
+
+async def test_a_batched_prefill_that_fails_midway_is_redone_one_by_one(
+    different_pair, monkeypatch
+) -> None:
+    """The draft's forward of a batched prefill fails after the target's ran: each request's
+    caches go back to where they were and it is prefilled alone, so the outputs are those
+    of a run without the failure. (Mutant: the target not rolled back.)"""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    outputs, rows = await _prefilled_together(pair, monkeypatch, fail=True)
+    assert rows[0] == [2, 4, 4, 4]
+    assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
+
+
 def test_a_negative_prefill_chunk_is_refused(same_pair) -> None:
     with pytest.raises(ValueError, match="prefill_chunk"):
         make_engine(same_pair, prefill_chunk=-1)
