@@ -417,8 +417,29 @@ def run_engine(
         "step_ms": seconds * 1e3 / max(passes, 1) if not concurrent else None,
         "step_draft_ms": draft_ms,
         "step_verify_ms": verify_ms,
+        # Per request, in ms: the prefill (its target and draft forwards, from the first
+        # chunk's start to the last one's end, other work between chunks included), the wait
+        # from submission to the first step, and the span from submission to the last step.
+        "prefill_ms": _mean_ms(_span(h.timeline.target_prefill_ns) +
+                               _span(h.timeline.draft_prefill_ns) for h in handles),
+        "first_step_ms": _mean_ms(
+            (h.timeline.steps[0].start_ns - h.timeline.submitted_ns if h.timeline.steps else 0)
+            for h in handles),
+        "last_step_ms": _mean_ms(
+            (h.timeline.steps[-1].start_ns - h.timeline.submitted_ns if h.timeline.steps else 0)
+            for h in handles),
         "outputs": outputs,
     }
+
+
+def _span(interval: tuple[int, int]) -> int:
+    start, end = interval
+    return end - start if start and end else 0
+
+
+def _mean_ms(values_ns: Any) -> float | None:
+    values = list(values_ns)
+    return sum(values) / len(values) / 1e6 if values else None
 
 
 # ---- the benchmark -----------------------------------------------------------------------------
@@ -660,17 +681,11 @@ def bench_target(
     return oracle, costs
 
 
-def profile_run(
-    engine: Engine, key: str, prompts: list[list[int]], cfg: GpuBenchConfig, oracle: GreedyOracle
-) -> str:
-    """One prompt, 32 tokens, adaptive γ at controlled α = 0.7, under ``torch.profiler``: the
-    operators and kernels by device time and by host time, to ``profile_<key>.txt``."""
+def profiled(work: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """``work()`` under ``torch.profiler`` (the engine's worker thread included): its result,
+    and the operators and kernels by device time and by host time, as tables."""
     from torch.profiler import ProfilerActivity, profile
 
-    log(f"{key}: profiling a controlled run (α = 0.7)")
-    engine.proposer = ControlledProposer(
-        oracle, 0.7, engine.pair.target.vocab_size, seed=cfg.seed + 2
-    )
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
@@ -682,16 +697,31 @@ def profile_run(
     except (ImportError, TypeError):  # an older torch: device kernels only
         pass
     with profile(activities=activities, **options) as prof:
-        run = run_engine(engine, prompts[:1], 32, None, oracle=oracle, warmup_tokens=4)
+        result = work()
     averages = prof.key_averages()
-    sections = [f"{key}: {run['steps']} steps, {run['tokens_per_s']:.1f} tok/s, step "
-                f"{run['step_ms']:.2f} ms (draft {run['step_draft_ms']:.2f}, verify "
-                f"{run['step_verify_ms']:.2f})"]
+    tables = []
     for sort in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
         try:
-            sections.append(f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=30))
+            tables.append(f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=30))
         except (KeyError, AttributeError, RuntimeError) as exc:  # no CUDA events on a CPU
-            sections.append(f"sorted by {sort}: unavailable ({exc})")
+            tables.append(f"sorted by {sort}: unavailable ({exc})")
+    return result, tables
+
+
+def profile_run(
+    engine: Engine, key: str, prompts: list[list[int]], cfg: GpuBenchConfig, oracle: GreedyOracle
+) -> str:
+    """One prompt, 32 tokens, adaptive γ at controlled α = 0.7, under ``torch.profiler``: the
+    operators and kernels by device time and by host time, to ``profile_<key>.txt``."""
+    log(f"{key}: profiling a controlled run (α = 0.7)")
+    engine.proposer = ControlledProposer(
+        oracle, 0.7, engine.pair.target.vocab_size, seed=cfg.seed + 2
+    )
+    run, tables = profiled(lambda: run_engine(engine, prompts[:1], 32, None, oracle=oracle,
+                                              warmup_tokens=4))
+    sections = [f"{key}: {run['steps']} steps, {run['tokens_per_s']:.1f} tok/s, step "
+                f"{run['step_ms']:.2f} ms (draft {run['step_draft_ms']:.2f}, verify "
+                f"{run['step_verify_ms']:.2f})", *tables]
     text = "\n\n".join(sections)
     path = cfg.out / f"profile_{key}.txt"
     path.write_text(text + "\n")
@@ -778,10 +808,34 @@ def bench_concurrency(
                 run["tokens_per_s"] / single[0]["tokens_per_s"] if single else None
             )
             runs.append(entry)
+            log(f"concurrency {level}, speculation {mode}: {run['tokens_per_s']:.1f} tok/s in "
+                f"{run['seconds']:.3f} s; per request prefill {_fmt(run['prefill_ms'], '.2f')} "
+                f"ms, first step after {_fmt(run['first_step_ms'], '.2f')} ms, last after "
+                f"{_fmt(run['last_step_ms'], '.2f')} ms")
             save()
+            if cfg.profile and mode == "off" and level == max(cfg.concurrency):
+                section["profile"] = profile_concurrency(engine, batch, n, oracle, cfg)
+                save()
     # Steps drafted alone (a request with no other ready beside it); in batched steps the
     # proposer picks each position's token inside the batched drafting loop (``choose``).
     section["proposer_steps"] = proposer.stats.steps
+
+
+def profile_concurrency(engine: Engine, batch: list[list[int]], n: int, oracle: GreedyOracle,
+                        cfg: GpuBenchConfig) -> str:
+    """The widest concurrency run with speculation off again, under ``torch.profiler``, to
+    ``profile_concurrency.txt``: where many streams' time goes."""
+    log(f"profiling concurrency {len(batch)}, speculation off")
+    run, tables = profiled(lambda: run_engine(engine, batch, n, 0, concurrent=True,
+                                              oracle=oracle))
+    head = (f"concurrency {len(batch)}, speculation off, {n} new tokens each: "
+            f"{run['tokens_per_s']:.1f} tok/s in {run['seconds']:.3f} s, {run['steps']} step "
+            f"records; per request prefill {_fmt(run['prefill_ms'], '.2f')} ms, first step after "
+            f"{_fmt(run['first_step_ms'], '.2f')} ms")
+    path = cfg.out / "profile_concurrency.txt"
+    path.write_text("\n\n".join([head, *tables]) + "\n")
+    log(f"profile written to {path}: {head}")
+    return path.name
 
 
 def concurrency_section(engine: Engine, oracle: GreedyOracle, *, key: str,

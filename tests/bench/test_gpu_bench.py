@@ -218,6 +218,11 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
     levels = {(run["mode"], run["concurrency"]) for run in concurrency["runs"]}
     assert levels == {(mode, n) for mode in ("off", "adaptive") for n in (1, 2, 4)}
     assert all(run["tokens_per_s"] > 0 for run in concurrency["runs"])
+    for run in concurrency["runs"]:  # every request prefilled before its first step
+        assert 0 < run["prefill_ms"] < run["first_step_ms"] <= run["last_step_ms"]
+    # --profile also profiles the widest concurrency with speculation off
+    profile = (out / concurrency["profile"]).read_text()
+    assert profile.startswith("concurrency 4, speculation off") and "aten::" in profile
     assert sorted(results["plots"]) == sorted(
         [gpu.TOKENS_PNG, gpu.SPEEDUP_PNG, gpu.CONCURRENCY_PNG])
     for name in results["plots"]:
