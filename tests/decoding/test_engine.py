@@ -186,11 +186,12 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_steps(
 TOGETHER_PROMPTS = [PROMPT_IDS[:3], PROMPT_IDS, tuple(range(40, 53)), tuple(range(20, 61))]
 
 
-async def _prefilled_together(pair, monkeypatch, fail: bool) -> tuple[list[list[int]], list]:
-    """TOGETHER_PROMPTS admitted at once to a batching engine (γ 2, so the draft sees the
-    prompts too, prefill_chunk 4); their outputs, and the rows of each batched prefill. With
+async def _prefilled_together(pair, monkeypatch, fail: bool, prompts=TOGETHER_PROMPTS,
+                              chunk: int = 4) -> tuple[list[list[int]], list]:
+    """``prompts`` admitted at once to a batching engine (γ 2, so the draft sees the prompts
+    too, prefill_chunk ``chunk``); their outputs, and the rows of each batched prefill. With
     ``fail``, the first batched prefill's draft forward fails after the target's ran."""
-    engine = make_engine(pair, fast_path="on", prefill_chunk=4, max_concurrent_requests=4)
+    engine = make_engine(pair, fast_path="on", prefill_chunk=chunk, max_concurrent_requests=4)
     stepper = engine.stepper
     real = stepper._prefill_together
     rows_seen: list[list[int]] = []
@@ -209,7 +210,7 @@ async def _prefilled_together(pair, monkeypatch, fail: bool) -> tuple[list[list[
         with engine._cond:  # admitted together
             handles = [engine.submit(GenerationRequest(
                 request_id=f"r{i}", prompt_token_ids=prompt, max_new_tokens=12,
-                speculation=SpeculationParams(2))) for i, prompt in enumerate(TOGETHER_PROMPTS)]
+                speculation=SpeculationParams(2))) for i, prompt in enumerate(prompts)]
         outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
         await wait_until_idle(engine)
     finally:
@@ -222,15 +223,29 @@ async def test_prompts_arriving_together_are_prefilled_in_one_forward(
     different_pair, monkeypatch
 ) -> None:
     """Requests admitted in one round prefill their next chunks in one target forward and one
-    draft forward (rows of 2, 4, 4 and 4 tokens: the three-token prompt caches two), not two
-    forwards each; round by round while two or more still prefill, then the longest alone.
-    Each output is still the target's own."""
+    draft forward (rows of 4, 4, 4 and 2 tokens, longest first: the three-token prompt caches
+    two), not two forwards each; round by round while two or more still prefill, then the
+    longest alone. Each output is still the target's own."""
     pair = dataclasses.replace(different_pair, eos_token_ids=())
     outputs, rows = await _prefilled_together(pair, monkeypatch, fail=False)
-    assert rows[0] == [2, 4, 4, 4]
-    assert rows[1] == [2, 4, 4] and rows[2] == [4, 4]  # 6 and 12 of the middle two cached
+    assert rows[0] == [4, 4, 4, 2]
+    assert rows[1] == [4, 4, 2] and rows[2] == [4, 4]  # 6 and 12 of the middle two cached
     assert all(len(r) >= 2 for r in rows)
     assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
+
+
+async def test_prompts_of_very_different_lengths_are_not_padded_to_the_longest(
+    different_pair, monkeypatch
+) -> None:
+    """Whole prompts of 40, 6 and 2 tokens to cache (prefill_chunk 0): the 40 alone, since
+    padding the others to it would more than double the tokens (PREFILL_PAD_LIMIT 1.5); the 6
+    and the 2 together (12 padded for 8 real)."""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    prompts = [PROMPT_IDS[:3], PROMPT_IDS, tuple(range(20, 61))]
+    outputs, rows = await _prefilled_together(pair, monkeypatch, fail=False, prompts=prompts,
+                                              chunk=0)
+    assert rows == [[6, 2]]
+    assert outputs == [reference_greedy(pair, p, 12) for p in prompts]
 
 
 async def test_a_batched_prefill_that_fails_midway_is_redone_one_by_one(
@@ -241,7 +256,7 @@ async def test_a_batched_prefill_that_fails_midway_is_redone_one_by_one(
     of a run without the failure. (Mutant: the target not rolled back.)"""
     pair = dataclasses.replace(different_pair, eos_token_ids=())
     outputs, rows = await _prefilled_together(pair, monkeypatch, fail=True)
-    assert rows[0] == [2, 4, 4, 4]
+    assert rows[0] == [4, 4, 4, 2]
     assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
 
 
