@@ -198,17 +198,25 @@ class AcceptanceEstimate:
 
 STEP_COST_WINDOW = 9
 """How many recent steps of each kind and batch size :class:`StepCosts` keeps: it reads their
-median, so that no single step moves it. The mean it used before was poisoned by one step: on
-the H200 (2026-11-27, run 7) one speculative step that also waited for something else (there,
-a benchmark's oracle) read 22x and 66x its prediction, and turned every γ, probes included, to
-0 for the rest of the run."""
+median, so that no single step moves it. The decayed mean it used before was not: on the H200
+(2026-11-27, run 7) single speculative steps that also waited for something else (a benchmark's
+oracle, 1-3 s inside a step of about 8 ms) took the mean to 22.9 and 66.4 times the prediction,
+which turned every γ, probes included, to 0 for the rest of the run."""
 
 STEP_COST_EXPIRY = 8
-"""Plain steps of a batch size after which its oldest speculative step is forgotten: an overhead
-that stopped speculation can only be measured again by speculating, so once too few speculative
-steps remain (``min_samples``) it is trusted as 1 again and the next steps measure it anew. A
-real overhead then costs ``min_samples`` dearer steps in every few hundred tokens; a stale one
-no longer stops speculation for good."""
+"""Plain observations of a batch size (a group of plain steps taken at once counts once), with
+no speculative step of that size between them, after which its speculative steps are forgotten:
+an overhead that stopped speculation can only be measured again by speculating, so it is then
+trusted as 1 until ``min_samples`` new speculative steps measure it anew. Each forgetting
+doubles the wait for the next, up to :data:`STEP_COST_MAX_EXPIRY`, until a speculative step
+comes while ``min_samples`` are remembered (speculation runs at the measured overhead), which
+resets it: a real overhead then costs ``min_samples`` dearer steps per wait, the waits growing,
+and a stale one no longer stops speculation for good. (Forgetting only the oldest step kept the
+window at the edge of ``min_samples``: one speculative step in every 9 observations under a
+real 3x overhead.)"""
+
+STEP_COST_MAX_EXPIRY = 256
+"""The longest wait, in plain observations, before speculative steps are forgotten."""
 
 
 class StepCosts:
@@ -221,18 +229,21 @@ class StepCosts:
     :data:`STEP_COST_WINDOW` steps, and :meth:`overhead` is the speculative ratio over the plain
     one (the plain one taken as 1 until plain steps of that size were seen): the factor by which
     speculation really costs more than predicted. It only ever penalises (at least 1), and only
-    while ``min_samples`` speculative steps of that size are remembered; every
-    :data:`STEP_COST_EXPIRY` plain steps of a size forget its oldest speculative one.
+    while ``min_samples`` speculative steps of that size are remembered (never, with more than
+    ``window``: the correction is off); a run of plain steps makes it forget them
+    (:data:`STEP_COST_EXPIRY`).
     """
 
     def __init__(self, costs: CostModel, window: int = STEP_COST_WINDOW, min_samples: int = 3,
-                 expiry: int = STEP_COST_EXPIRY) -> None:
+                 expiry: int = STEP_COST_EXPIRY, max_expiry: int = STEP_COST_MAX_EXPIRY) -> None:
         self._costs = costs
         self._window = window
         self._min_samples = min_samples
-        self._expiry = expiry
+        self._base_expiry = expiry
+        self._max_expiry = max_expiry
         self._ratios: dict[tuple[int, bool], collections.deque[float]] = {}
-        self._plain_since: dict[int, int] = {}  # plain steps since a speculative one expired
+        self._plain_since: dict[int, int] = {}  # plain observations since a speculative one
+        self._expiry: dict[int, int] = {}  # the current wait per bucket
 
     @staticmethod
     def _bucket(batch: int) -> int:
@@ -256,15 +267,19 @@ class StepCosts:
         ratio = seconds / (self.predicted(gammas) + catch_up_s)
         window = self._ratios.setdefault(
             (bucket, speculative), collections.deque(maxlen=self._window))
-        window.append(ratio)
         if speculative:
+            if len(window) >= self._min_samples:  # speculating at the measured overhead
+                self._expiry[bucket] = self._base_expiry
+            window.append(ratio)
             self._plain_since[bucket] = 0
             return
+        window.append(ratio)
         since = self._plain_since.get(bucket, 0) + 1
         spec = self._ratios.get((bucket, True))
-        if since >= self._expiry and spec:
-            spec.popleft()
-            since = 0
+        wait = self._expiry.get(bucket, self._base_expiry)
+        if since >= wait and spec:
+            spec.clear()
+            self._expiry[bucket] = min(2 * wait, self._max_expiry)
         self._plain_since[bucket] = since
 
     def _ratio(self, bucket: int, speculative: bool) -> float | None:

@@ -300,25 +300,85 @@ def test_one_slow_step_does_not_stop_speculation() -> None:
 
 def test_an_overhead_that_stopped_speculation_is_measured_again() -> None:
     """Only speculative steps measure the overhead, so one that turned every γ to 0 (probes
-    too) would stand for good: plain steps make the oldest speculative one expire, and once
-    too few are left the overhead is trusted as 1 again, until new steps measure it."""
+    too) would stand for good: a run of plain steps makes the speculative ones be forgotten,
+    the overhead is trusted as 1 until new ones measure it, and each forgetting doubles the
+    wait for the next."""
     from decoding.adaptive import STEP_COST_EXPIRY, StepCosts
 
     costs = run5_costs("7b")
     steps = StepCosts(costs, min_samples=3)
+    gamma = AdaptiveGamma(costs, max_gamma=8, prior_alpha=0.9)
+
+    def blocked(ratio: float = 3.0) -> None:
+        for _ in range(3):
+            steps.observe([1], ratio * steps.predicted([1]))
+        assert steps.overhead(1) == pytest.approx(ratio)
+        assert steps.describe()["overhead"]["1"] == pytest.approx(ratio)
+
+    blocked()
+    assert gamma.next_gamma(1, steps.overhead(1)) == 0
+    for wait in (STEP_COST_EXPIRY, 2 * STEP_COST_EXPIRY, 4 * STEP_COST_EXPIRY):
+        for _ in range(wait - 1):
+            steps.observe([0], steps.predicted([0]))
+        assert steps.overhead(1) == pytest.approx(3.0)  # not yet
+        steps.observe([0], steps.predicted([0]))
+        assert steps.overhead(1) == 1.0  # forgotten
+        assert gamma.next_gamma(1, steps.overhead(1)) > 0
+        steps.observe([1], 3 * steps.predicted([1]))
+        assert steps.overhead(1) == 1.0  # one new step is not enough to judge by
+        steps.observe([1], 3 * steps.predicted([1]))
+        steps.observe([1], 3 * steps.predicted([1]))
+        assert steps.overhead(1) == pytest.approx(3.0)  # measured again: still dear
+
+
+def test_a_real_overhead_costs_ever_fewer_speculative_steps() -> None:
+    """Speculating whenever the overhead allows, at a real 3x overhead: three speculative
+    steps to measure it, then three more after each wait, the waits doubling to the cap."""
+    from decoding.adaptive import STEP_COST_EXPIRY, STEP_COST_MAX_EXPIRY, StepCosts
+
+    steps = StepCosts(run5_costs("7b"), min_samples=3)
+    speculated = []
+    for index in range(1200):
+        if steps.overhead(1) < 2:
+            speculated.append(index)
+            steps.observe([1], 3 * steps.predicted([1]))
+        else:
+            steps.observe([0], steps.predicted([0]))
+    bursts = speculated[::3]
+    assert all(speculated[i:i + 3] == list(range(b, b + 3)) for i, b in zip(
+        range(0, len(speculated), 3), bursts, strict=True))
+    gaps = [later - earlier - 3 for earlier, later in itertools.pairwise(bursts)]
+    waits = [min(STEP_COST_EXPIRY * 2 ** k, STEP_COST_MAX_EXPIRY) for k in range(len(gaps))]
+    assert gaps == waits and gaps[-1] == STEP_COST_MAX_EXPIRY
+    assert len(speculated) <= 3 * 9  # of 1,200 steps
+
+
+def test_speculative_steps_in_between_keep_the_overhead() -> None:
+    """The wait counts plain steps since the last speculative one, per batch size, and starts
+    again from the first wait once speculation runs at the measured overhead."""
+    from decoding.adaptive import STEP_COST_EXPIRY, StepCosts
+
+    steps = StepCosts(run5_costs("7b"), min_samples=3)
     for _ in range(3):
         steps.observe([1], 3 * steps.predicted([1]))
-    gamma = AdaptiveGamma(costs, max_gamma=8, prior_alpha=0.9)
+    for _ in range(4):  # a speculative step every STEP_COST_EXPIRY - 1 plain ones
+        for _ in range(STEP_COST_EXPIRY - 1):
+            steps.observe([0], steps.predicted([0]))
+            assert steps.overhead(1) == pytest.approx(3.0)
+        steps.observe([1], 3 * steps.predicted([1]))
+    for _ in range(3 * STEP_COST_EXPIRY):  # plain steps of another batch size
+        steps.observe([0, 0], steps.predicted([0, 0]))
     assert steps.overhead(1) == pytest.approx(3.0)
-    assert gamma.next_gamma(1, steps.overhead(1)) == 0
-    for _ in range(STEP_COST_EXPIRY - 1):
+    # Forgotten once (the next wait doubles), then speculating at the measured overhead
+    # (a fourth step with three remembered): the wait is back to the first.
+    for _ in range(STEP_COST_EXPIRY):
         steps.observe([0], steps.predicted([0]))
-    assert steps.overhead(1) == pytest.approx(3.0)  # not yet
-    steps.observe([0], steps.predicted([0]))
-    assert steps.overhead(1) == 1.0  # two left: below min_samples
-    assert gamma.next_gamma(1, steps.overhead(1)) > 0
-    steps.observe([1], 3 * steps.predicted([1]))  # measured again, still dear
-    assert steps.overhead(1) == pytest.approx(3.0)
+    assert steps.overhead(1) == 1.0
+    for _ in range(4):
+        steps.observe([1], 3 * steps.predicted([1]))
+    for _ in range(STEP_COST_EXPIRY):
+        steps.observe([0], steps.predicted([0]))
+    assert steps.overhead(1) == 1.0
 
 
 def test_a_catch_up_is_not_read_as_speculation_overhead() -> None:
