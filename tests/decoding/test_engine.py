@@ -193,19 +193,28 @@ async def _prefilled_together(pair, monkeypatch, fail: bool, prompts=TOGETHER_PR
     ``fail``, the first batched prefill's draft forward fails after the target's ran."""
     engine = make_engine(pair, fast_path="on", prefill_chunk=chunk, max_concurrent_requests=4)
     stepper = engine.stepper
-    real = stepper._prefill_together
+    real, real_alone = stepper._prefill_together, stepper.prefill
     rows_seen: list[list[int]] = []
+    alone: list[str] = []  # requests prefilled one by one, in order
 
     def recorded(rows):
         rows_seen.append([stop - begin for _, begin, stop in rows])
         with monkeypatch.context() as patch:
             if fail and len(rows_seen) == 1:
-                def broken(*args, **kwargs):
+                draft_forward = stepper.draft.forward_packed
+
+                def broken(*args, **kwargs):  # fails after the draft's caches moved
+                    draft_forward(*args, **kwargs)
                     raise RuntimeError("draft prefill failed")
                 patch.setattr(stepper.draft, "forward_packed", broken)
             return real(rows)
 
+    def recorded_alone(running):
+        alone.append(running.request.request_id)
+        return real_alone(running)
+
     monkeypatch.setattr(stepper, "_prefill_together", recorded)
+    monkeypatch.setattr(stepper, "prefill", recorded_alone)
     try:
         with engine._cond:  # admitted together
             handles = [engine.submit(GenerationRequest(
@@ -216,7 +225,7 @@ async def _prefilled_together(pair, monkeypatch, fail: bool, prompts=TOGETHER_PR
     finally:
         engine.close()
     assert all(h.timeline.draft_prefill_ns[1] for h in handles)  # the drafts saw the prompts
-    return list(outputs), rows_seen
+    return list(outputs), rows_seen, alone
 
 
 async def test_prompts_arriving_together_are_prefilled_in_one_forward(
@@ -227,10 +236,11 @@ async def test_prompts_arriving_together_are_prefilled_in_one_forward(
     two), not two forwards each; round by round while two or more still prefill, then the
     longest alone. Each output is still the target's own."""
     pair = dataclasses.replace(different_pair, eos_token_ids=())
-    outputs, rows = await _prefilled_together(pair, monkeypatch, fail=False)
+    outputs, rows, alone = await _prefilled_together(pair, monkeypatch, fail=False)
     assert rows[0] == [4, 4, 4, 2]
     assert rows[1] == [4, 4, 2] and rows[2] == [4, 4]  # 6 and 12 of the middle two cached
     assert all(len(r) >= 2 for r in rows)
+    assert set(alone) == {"r3"}  # the longest, once the others are done
     assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
 
 
@@ -242,21 +252,23 @@ async def test_prompts_of_very_different_lengths_are_not_padded_to_the_longest(
     and the 2 together (12 padded for 8 real)."""
     pair = dataclasses.replace(different_pair, eos_token_ids=())
     prompts = [PROMPT_IDS[:3], PROMPT_IDS, tuple(range(20, 61))]
-    outputs, rows = await _prefilled_together(pair, monkeypatch, fail=False, prompts=prompts,
-                                              chunk=0)
-    assert rows == [[6, 2]]
+    outputs, rows, alone = await _prefilled_together(pair, monkeypatch, fail=False,
+                                                     prompts=prompts, chunk=0)
+    assert rows == [[6, 2]] and alone == ["r2"]
     assert outputs == [reference_greedy(pair, p, 12) for p in prompts]
 
 
 async def test_a_batched_prefill_that_fails_midway_is_redone_one_by_one(
     different_pair, monkeypatch
 ) -> None:
-    """The draft's forward of a batched prefill fails after the target's ran: each request's
-    caches go back to where they were and it is prefilled alone, so the outputs are those
-    of a run without the failure. (Mutant: the target not rolled back.)"""
+    """The draft's forward of a batched prefill fails after it and the target's ran: each
+    request's caches go back to where they were and it is prefilled alone in that round, so
+    the outputs are those of a run without the failure. (Mutants: the target, or the draft,
+    not rolled back; no request prefilled alone.)"""
     pair = dataclasses.replace(different_pair, eos_token_ids=())
-    outputs, rows = await _prefilled_together(pair, monkeypatch, fail=True)
+    outputs, rows, alone = await _prefilled_together(pair, monkeypatch, fail=True)
     assert rows[0] == [4, 4, 4, 2]
+    assert sorted(alone[:4]) == ["r0", "r1", "r2", "r3"]
     assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
 
 
