@@ -637,9 +637,9 @@ def bench_target(
     stepper = getattr(engine, "stepper", None)
     if stepper is not None:
         # The engine times its steps to correct adaptive γ (StepCosts). The oracle's refills
-        # (HF generate, hundreds of ms) happen inside drafting and are this benchmark's work,
-        # not the engine's, as in tokens/s: its clock leaves them out. (In run 7 they made
-        # single steps read 22x and 66x their prediction.)
+        # (HF generate, 1-3 s each on the H200) happen inside drafting and are this benchmark's
+        # work, not the engine's, as in tokens/s: its clock leaves them out. (In run 7 single
+        # steps with a refill took the engine's decayed mean to 22.9x and 66.4x.)
         stepper.clock = step_clock(oracle)
     section["fast_path"] = getattr(engine, "batched", None)
     section["fast_path_detail"] = describe_fast_path(engine)

@@ -46,7 +46,7 @@ log = logging.getLogger("decoding.engine")
 PREFILL_PAD_LIMIT = 1.5
 """Prompt chunks prefilled in one forward are padded to the longest; they go together only
 while the padded tokens are at most this many times the real ones. On a GPU a short prefill's
-eager forward costs its kernel launches (28-44 ms for the 1.5B target on the H200) far more
+eager forward costs its kernel launches (25-44 ms for the 1.5B target on the H200) far more
 than its tokens, but a long chunk costs its arithmetic, and on a CPU every padded token does."""
 
 
@@ -223,7 +223,7 @@ class Stepper:
         still prefilling, in one round), the target's in one forward over several of them and
         the draft's in one over those whose draft sees the prompt, where :meth:`prefill` would
         run two forwards per request: a burst of 16 prompts was prefilled one by one before
-        anyone's first step (on the H200, 28-44 ms per eager forward of the 1.5B target,
+        anyone's first step (on the H200, 25-44 ms per eager forward of the 1.5B target,
         however few its tokens). Rows are padded to the longest chunk, so they go together
         only while the padded tokens are at most :data:`PREFILL_PAD_LIMIT` times the real
         ones (longest first; a shorter row starts the next forward). A row that would go

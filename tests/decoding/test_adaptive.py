@@ -282,8 +282,8 @@ def test_step_costs_correct_only_what_speculation_really_costs_more() -> None:
 
 
 def test_one_slow_step_does_not_stop_speculation() -> None:
-    """On the H200 one speculative step that also waited for something else (a benchmark's
-    oracle) read 66x its prediction; the decayed mean then read a 66x overhead and no step
+    """On the H200 single speculative steps that also waited for something else (a
+    benchmark's oracle, 1-3 s) took the decayed mean to 66.4x the prediction, and no step
     drafted again. The median of the recent steps does not move for one."""
     from decoding.adaptive import StepCosts
 
