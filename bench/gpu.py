@@ -375,8 +375,7 @@ def run_engine(
     """One untimed warm-up request (all the prompts at once, when they run at once: in run 8,
     warmed up by one prompt, the mode that ran first at 2-8 streams took about 26 ms more per
     request to prefill than the one after it), then the prompts one after another (or all at
-    once).
-    Time the oracle spent refilling a diverged path is left out of the seconds."""
+    once). Time the oracle spent refilling a diverged path is left out of the seconds."""
     warmup = prompts if concurrent else prompts[:1]
     asyncio.run((_concurrent if concurrent else _sequential)(
         engine, warmup, min(warmup_tokens, n), gamma))  # untimed

@@ -187,10 +187,11 @@ TOGETHER_PROMPTS = [PROMPT_IDS[:3], PROMPT_IDS, tuple(range(40, 53)), tuple(rang
 
 
 async def _prefilled_together(pair, monkeypatch, fail: bool, prompts=TOGETHER_PROMPTS,
-                              chunk: int = 4) -> tuple[list[list[int]], list]:
+                              chunk: int = 4) -> tuple[list[list[int]], list, list[str]]:
     """``prompts`` admitted at once to a batching engine (γ 2, so the draft sees the prompts
-    too, prefill_chunk ``chunk``); their outputs, and the rows of each batched prefill. With
-    ``fail``, the first batched prefill's draft forward fails after the target's ran."""
+    too, prefill_chunk ``chunk``); their outputs, the rows of each batched prefill and the
+    requests prefilled alone. With ``fail``, the first batched prefill's draft forward fails
+    after it and the target's ran."""
     engine = make_engine(pair, fast_path="on", prefill_chunk=chunk, max_concurrent_requests=4)
     stepper = engine.stepper
     real, real_alone = stepper._prefill_together, stepper.prefill
