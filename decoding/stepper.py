@@ -49,6 +49,12 @@ while the padded tokens are at most this many times the real ones. On a GPU a sh
 eager forward costs its kernel launches (25-44 ms for the 1.5B target on the H200) far more
 than its tokens, but a long chunk costs its arithmetic, and on a CPU every padded token does."""
 
+PREFILL_BATCH_TOKENS = 4096
+"""The most tokens, padding included, one batched prefill forward takes: its activations (and
+attention's scores over the cached positions) grow with them, where one request's chunk alone
+stays within ``prefill_chunk``. Sixteen 512-token chunks go in two forwards. Judgement, not
+measured; a forward that runs out of device memory anyway falls back to one by one."""
+
 
 @dataclass
 class RunningRequest:
@@ -226,7 +232,8 @@ class Stepper:
         anyone's first step (on the H200, 25-44 ms per eager forward of the 1.5B target,
         however few its tokens). Rows are padded to the longest chunk, so they go together
         only while the padded tokens are at most :data:`PREFILL_PAD_LIMIT` times the real
-        ones (longest first; a shorter row starts the next forward). A row that would go
+        ones and at most :data:`PREFILL_BATCH_TOKENS` (longest first; a row that does not fit
+        starts the next forward). A row that would go
         alone, or has no room for the padding, goes through :meth:`prefill`. If a batched
         forward fails, its requests are put back as they were and prefilled alone, so a
         failure stays with its own request."""
@@ -250,7 +257,9 @@ class Stepper:
                 last = forwards[-1]
                 width = last[0][2] - last[0][1]
                 real = sum(stop - begin for _, begin, stop in last) + row[2] - row[1]
-                if (len(last) + 1) * width <= PREFILL_PAD_LIMIT * real and row[1] + width <= room:
+                padded = (len(last) + 1) * width
+                if (padded <= PREFILL_PAD_LIMIT * real and padded <= PREFILL_BATCH_TOKENS
+                        and row[1] + width <= room):
                     last.append(row)
                     continue
             forwards.append([row])
