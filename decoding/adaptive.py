@@ -209,11 +209,12 @@ no speculative step of that size between them, after which its speculative steps
 an overhead that stopped speculation can only be measured again by speculating, so it is then
 trusted as 1 until ``min_samples`` new speculative steps measure it anew. Each forgetting
 doubles the wait for the next, up to :data:`STEP_COST_MAX_EXPIRY`, until a speculative step
-comes while ``min_samples`` are remembered (speculation runs at the measured overhead), which
-resets it: a real overhead then costs ``min_samples`` dearer steps per wait, the waits growing,
-and a stale one no longer stops speculation for good. (Forgetting only the oldest step kept the
-window at the edge of ``min_samples``: one speculative step in every 9 observations under a
-real 3x overhead.)"""
+comes while the window is full (speculation has run for a while at the measured overhead),
+which resets it: a real overhead then costs ``min_samples`` dearer steps per wait, the waits
+growing, and a stale one no longer stops speculation for good. (Forgetting only the oldest step
+kept the window at the edge of ``min_samples``: one speculative step in every 9 observations
+under a real 3x overhead. Resetting the wait at any speculative step with ``min_samples``
+remembered let the occasional probe keep it at 8-64 under a real overhead.)"""
 
 STEP_COST_MAX_EXPIRY = 256
 """The longest wait, in plain observations, before speculative steps are forgotten."""
@@ -268,7 +269,7 @@ class StepCosts:
         window = self._ratios.setdefault(
             (bucket, speculative), collections.deque(maxlen=self._window))
         if speculative:
-            if len(window) >= self._min_samples:  # speculating at the measured overhead
+            if len(window) >= self._window:  # speculating for a while at the measured overhead
                 self._expiry[bucket] = self._base_expiry
             window.append(ratio)
             self._plain_since[bucket] = 0

@@ -253,6 +253,26 @@ def test_the_engines_step_clock_leaves_out_the_oracles_refills() -> None:
     assert clock() - started < 0.1
 
 
+def test_a_concurrent_run_is_warmed_up_with_all_its_prompts_at_once(
+    bench_pair: Any, prompts: list[list[int]], monkeypatch: Any
+) -> None:
+    """The untimed warm-up of a concurrent run submits every prompt together, so its batch
+    shapes (the batched prefill's among them) are not first met in the timed run."""
+    engine = Engine(bench_pair, EngineConfig(max_speculative_tokens=4))
+    submitted: list[str] = []
+    real = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda request: (
+        submitted.append(request.request_id), real(request))[1])
+    try:
+        gpu.run_engine(engine, prompts[:3], 4, 0, concurrent=True)
+        assert submitted == ["con-0", "con-1", "con-2"] * 2
+        submitted.clear()
+        gpu.run_engine(engine, prompts[:3], 4, 0)  # one by one: one warm-up request
+        assert submitted == ["seq-0", "seq-0", "seq-1", "seq-2"]
+    finally:
+        engine.close()
+
+
 def test_the_table_says_where_a_model_fell_back_from_graphs() -> None:
     detail = {"decode_steps": 1, "draft": {"graphs": True, "compiled": True,
                                            "graph_failure": None},

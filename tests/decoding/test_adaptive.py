@@ -356,7 +356,7 @@ def test_a_real_overhead_costs_ever_fewer_speculative_steps() -> None:
 def test_speculative_steps_in_between_keep_the_overhead() -> None:
     """The wait counts plain steps since the last speculative one, per batch size, and starts
     again from the first wait once speculation runs at the measured overhead."""
-    from decoding.adaptive import STEP_COST_EXPIRY, StepCosts
+    from decoding.adaptive import STEP_COST_EXPIRY, STEP_COST_WINDOW, StepCosts
 
     steps = StepCosts(run5_costs("7b"), min_samples=3)
     for _ in range(3):
@@ -369,16 +369,25 @@ def test_speculative_steps_in_between_keep_the_overhead() -> None:
     for _ in range(3 * STEP_COST_EXPIRY):  # plain steps of another batch size
         steps.observe([0, 0], steps.predicted([0, 0]))
     assert steps.overhead(1) == pytest.approx(3.0)
-    # Forgotten once (the next wait doubles), then speculating at the measured overhead
-    # (a fourth step with three remembered): the wait is back to the first.
+    # Forgotten once (the next wait doubles), then speculating at the measured overhead until
+    # the window is full and once more: the wait is back to the first. A few speculative steps
+    # (probes, say) do not reset it.
     for _ in range(STEP_COST_EXPIRY):
         steps.observe([0], steps.predicted([0]))
     assert steps.overhead(1) == 1.0
-    for _ in range(4):
+    for _ in range(STEP_COST_WINDOW):
         steps.observe([1], 3 * steps.predicted([1]))
     for _ in range(STEP_COST_EXPIRY):
         steps.observe([0], steps.predicted([0]))
+    assert steps.overhead(1) == pytest.approx(3.0)  # the wait is 16
+    for _ in range(STEP_COST_EXPIRY):
+        steps.observe([0], steps.predicted([0]))
     assert steps.overhead(1) == 1.0
+    for _ in range(STEP_COST_WINDOW + 1):
+        steps.observe([1], 3 * steps.predicted([1]))
+    for _ in range(STEP_COST_EXPIRY):
+        steps.observe([0], steps.predicted([0]))
+    assert steps.overhead(1) == 1.0  # reset: forgotten after the first wait again
 
 
 def test_a_catch_up_is_not_read_as_speculation_overhead() -> None:

@@ -262,13 +262,14 @@ async def test_prompts_of_very_different_lengths_are_not_padded_to_the_longest(
 async def test_a_batched_prefill_takes_at_most_its_token_budget(
     different_pair, monkeypatch
 ) -> None:
-    """With room for 12 tokens per batched prefill, the first round's rows of 4, 4, 4 and 2 go
-    in two forwards, [4, 4, 4] and then the 2 alone; each output is still the target's own."""
-    monkeypatch.setattr(stepper_module, "PREFILL_BATCH_TOKENS", 12)
+    """With room for 14 tokens per batched prefill, padding included, the first round's rows of
+    4, 4, 4 and 2 (14 real tokens, 16 padded) go in two forwards, [4, 4, 4] and then the 2
+    alone; each output is still the target's own."""
+    monkeypatch.setattr(stepper_module, "PREFILL_BATCH_TOKENS", 14)
     pair = dataclasses.replace(different_pair, eos_token_ids=())
     outputs, rows, alone = await _prefilled_together(pair, monkeypatch, fail=False)
     assert rows[0] == [4, 4, 4] and alone[0] == "r0"
-    assert all(4 * len(r) <= 12 for r in rows)
+    assert all(4 * len(r) <= 14 for r in rows)
     assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
 
 
