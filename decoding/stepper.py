@@ -200,29 +200,15 @@ class Stepper:
         of them (``prefill_chunk``) per call, the first call also taking the cache slots."""
         if running.state is None:
             self._start_sequences(running)
-        state = running.state
-        assert state is not None
+        begin, stop = self._next_chunk(running)
+        if begin < stop:  # else a one-token prompt: the first step feeds it
+            self._prefill_chunks([(running, begin, stop)])
+
+    def _next_chunk(self, running: RunningRequest) -> tuple[int, int]:
+        """Where the request's next prefill chunk begins and ends in its prompt."""
         end = len(running.prepared.prompt_ids) - 1
-        chunk = self.prefill_chunk or end
-        begin, stop = running.prefilled, min(end, running.prefilled + chunk)
-        if begin >= stop:  # a one-token prompt: the first step feeds it
-            return
-        timeline = running.handle.timeline
-        start = time.time_ns()
-        state.target.forward(state.tokens[begin:stop], num_logits=1)  # the logits are not needed
-        middle = time.time_ns()
-        timeline.target_prefill_ns = (timeline.target_prefill_ns[0] or start, middle)
-        if running.draft_prefill is None:
-            # Decided after the target's first chunk: requests that arrived meanwhile (a burst
-            # comes in one by one) count in the batch this one will step in.
-            running.draft_prefill = self._drafts_from_the_start(running, end)
-        # A draft that will propose from the first step is prefilled with the target, chunk by
-        # chunk (else its first step would feed it the whole prompt alone, stalling the batch).
-        if running.draft_prefill:
-            state.draft.forward(state.tokens[begin:stop], num_logits=1)
-            done = time.time_ns()
-            timeline.draft_prefill_ns = (timeline.draft_prefill_ns[0] or middle, done)
-        running.prefilled = stop
+        begin = running.prefilled
+        return begin, min(end, begin + (self.prefill_chunk or end))
 
     def prefill_batch(self, group: list[RunningRequest]) -> None:
         """The next prefill chunk of every request in ``group`` (a batching engine's requests
@@ -244,9 +230,7 @@ class Stepper:
         for running in group:
             if running.finished or running.state is None:
                 continue
-            end = len(running.prepared.prompt_ids) - 1
-            begin = running.prefilled
-            stop = min(end, begin + (self.prefill_chunk or end))
+            begin, stop = self._next_chunk(running)
             if begin < stop:  # else a one-token prompt: the first step feeds it
                 rows.append((running, begin, stop))
         rows.sort(key=lambda row: row[2] - row[1], reverse=True)
@@ -270,7 +254,7 @@ class Stepper:
             states = [running.state for running, _, _ in together if running.state]
             saved = [(state.target.length, state.draft.length) for state in states]
             try:
-                self._prefill_together(together)
+                self._prefill_chunks(together)
             except Exception:
                 log.warning("batched prefill failed; prefilling its requests one by one",
                             exc_info=True)
@@ -280,31 +264,47 @@ class Stepper:
                 for running, _, _ in together:
                     self.guarded(running, self.prefill)
 
-    def _prefill_together(self, rows: list[tuple[RunningRequest, int, int]]) -> None:
+    def _prefill_chunks(self, rows: list[tuple[RunningRequest, int, int]]) -> None:
+        """Each row's prompt chunk [begin, stop) through the target, then through the drafts
+        that see the prompt: one forward for all rows (one row: its own sequence's forward,
+        which every runner has)."""
+        states: list[SequenceState] = []
+        for running, _, _ in rows:
+            assert running.state is not None
+            states.append(running.state)
+        chunks = [state.tokens[begin:stop]
+                  for state, (_, begin, stop) in zip(states, rows, strict=True)]
         start = time.time_ns()
-        self.target.forward_packed(
-            [r.state.target for r, _, _ in rows if r.state],
-            [r.state.tokens[begin:stop] for r, begin, stop in rows if r.state],
-            [1] * len(rows), transient=True)  # the logits are not needed
+        self._feed(self.target, [state.target for state in states], chunks)
         middle = time.time_ns()
         for running, _, _ in rows:
             timeline = running.handle.timeline
             timeline.target_prefill_ns = (timeline.target_prefill_ns[0] or start, middle)
-            if running.draft_prefill is None:  # as in prefill: after the first target chunk
+            if running.draft_prefill is None:
+                # Decided after the target's first chunk: requests that arrived meanwhile (a
+                # burst comes in one by one) count in the batch this one will step in.
                 running.draft_prefill = self._drafts_from_the_start(
                     running, len(running.prepared.prompt_ids) - 1)
-        drafting = [row for row in rows if row[0].draft_prefill]
+        # A draft that will propose from the first step is prefilled with the target, chunk by
+        # chunk (else its first step would feed it the whole prompt alone, stalling the batch).
+        drafting = [i for i, (running, _, _) in enumerate(rows) if running.draft_prefill]
         if drafting:
-            self.draft.forward_packed(
-                [r.state.draft for r, _, _ in drafting if r.state],
-                [r.state.tokens[begin:stop] for r, begin, stop in drafting if r.state],
-                [1] * len(drafting), transient=True)
+            self._feed(self.draft, [states[i].draft for i in drafting],
+                       [chunks[i] for i in drafting])
             done = time.time_ns()
-            for running, _, _ in drafting:
-                timeline = running.handle.timeline
+            for i in drafting:
+                timeline = rows[i][0].handle.timeline
                 timeline.draft_prefill_ns = (timeline.draft_prefill_ns[0] or middle, done)
         for running, _, stop in rows:
             running.prefilled = stop
+
+    @staticmethod
+    def _feed(runner: Any, sequences: list[Any], chunks: list[list[int]]) -> None:
+        """``chunks`` into ``sequences``, their logits not needed."""
+        if len(sequences) == 1:
+            sequences[0].forward(chunks[0], num_logits=1)
+        else:
+            runner.forward_packed(sequences, chunks, [1] * len(sequences), transient=True)
 
     def _start_sequences(self, running: RunningRequest) -> None:
         prompt = list(running.prepared.prompt_ids)

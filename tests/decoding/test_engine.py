@@ -194,11 +194,13 @@ async def _prefilled_together(pair, monkeypatch, fail: bool, prompts=TOGETHER_PR
     after it and the target's ran."""
     engine = make_engine(pair, fast_path="on", prefill_chunk=chunk, max_concurrent_requests=4)
     stepper = engine.stepper
-    real, real_alone = stepper._prefill_together, stepper.prefill
+    real, real_alone = stepper._prefill_chunks, stepper.prefill
     rows_seen: list[list[int]] = []
     alone: list[str] = []  # requests prefilled one by one, in order
 
     def recorded(rows):
+        if len(rows) == 1:  # prefill: recorded in alone
+            return real(rows)
         rows_seen.append([stop - begin for _, begin, stop in rows])
         with monkeypatch.context() as patch:
             if fail and len(rows_seen) == 1:
@@ -214,7 +216,7 @@ async def _prefilled_together(pair, monkeypatch, fail: bool, prompts=TOGETHER_PR
         alone.append(running.request.request_id)
         return real_alone(running)
 
-    monkeypatch.setattr(stepper, "_prefill_together", recorded)
+    monkeypatch.setattr(stepper, "_prefill_chunks", recorded)
     monkeypatch.setattr(stepper, "prefill", recorded_alone)
     try:
         with engine._cond:  # admitted together
