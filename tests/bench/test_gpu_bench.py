@@ -163,8 +163,23 @@ def test_oracle_follows_recorded_paths() -> None:
     assert oracle([1, 2, 9], 1) is None  # off the path, nothing to continue it with
 
 
-def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) -> None:
+def test_gpu_bench_quick_run_writes_json_and_plots(
+    tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
     out = tmp_path / "gpu"
+    clocks: list[list[float]] = []  # the readings of each engine's step clock
+
+    def recorded_step_clock(oracle: Any) -> Any:
+        real, readings = real_step_clock(oracle), []
+        clocks.append(readings)
+
+        def clock() -> float:
+            readings.append(real())
+            return readings[-1]
+        return clock
+
+    real_step_clock = gpu.step_clock
+    monkeypatch.setattr(gpu, "step_clock", recorded_step_clock)
     assert gpu.main([
         "--quick", "--out", str(out), "--prompts", "2", "--max-new-tokens", "16",
         "--fixed-gamma", "3", "--concurrency", "1,2,4", "--budget-s", "600", "--profile",
@@ -205,10 +220,15 @@ def test_gpu_bench_quick_run_writes_json_and_plots(tmp_path: Path, capsys: Any) 
         assert policy["step_costs"]["samples"]["1/spec"] >= 3
         assert 0 <= policy["server_alpha"] <= 1 and policy["probe_every"] >= 1
         assert rows["tandem_alpha_0"]["policy_before"]["step_costs"]["samples"]["1/plain"] > 0
+        # ... taken before the run: what the run before it left (the same engine)
+        assert rows["tandem_alpha_0.5"]["policy_before"] == rows["tandem_alpha_0_g3"][
+            "policy_after"] != rows["tandem_alpha_0.5"]["policy_after"]
         # On a CPU: the fast path, uncompiled, without graphs, nothing failed; 2 steps at once.
         plain = {"graphs": False, "compiled": False, "graph_failure": None}
         assert section["fast_path_detail"] == {
             "decode_steps": 2, "target": plain, "draft": plain}
+    # Each target's engine timed its steps by the clock that leaves out the oracle's refills.
+    assert len(clocks) == 2 and all(len(readings) > 10 for readings in clocks)
     profile = (out / results["targets"]["tiny-s"]["profile"]).read_text()  # the first target's
     assert "tiny-s:" in profile and "sorted by self_cpu_time_total" in profile
     assert "aten::" in profile  # the operators the engine's worker ran were recorded

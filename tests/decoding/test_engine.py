@@ -289,6 +289,69 @@ async def test_a_batched_prefill_that_fails_midway_is_redone_one_by_one(
     assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
 
 
+async def test_a_chunk_without_room_for_the_padding_is_prefilled_alone(
+    different_pair, monkeypatch
+) -> None:
+    """The runners here take at most 23 tokens per sequence, padding included. A 20-token
+    prompt prefilled 8 at a time is at its last chunk (positions 16-18) when two 12-token
+    prompts arrive with chunks of 8: padded to 8, its chunk would end at 24, so it goes alone
+    and the two go together, and no batched forward fails and falls back. (Mutant: without
+    the room check, the three go together, the runner refuses the forward, and all three are
+    redone one by one.) Each output is still the target's own."""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    engine = make_engine(pair, fast_path="on", prefill_chunk=8, max_concurrent_requests=4)
+    stepper = engine.stepper
+    for runner in (stepper.target, stepper.draft):
+        monkeypatch.setattr(runner, "max_len", 23)
+    real_batch, real_chunks, real_alone = (
+        stepper.prefill_batch, stepper._prefill_chunks, stepper.prefill)
+    rows_seen: list[list[tuple[str, int, int]]] = []
+    alone: list[tuple[str, int]] = []  # (request, where its chunk began)
+    third_round, submitted = threading.Event(), threading.Event()
+
+    def batch(group):
+        real_batch(group)
+        if [r.request.request_id for r in group] == ["first"] and group[0].prefilled == 16:
+            third_round.set()  # the others arrive before the first's last chunk
+            assert submitted.wait(5)
+
+    def chunks(rows):
+        if len(rows) > 1:
+            rows_seen.append([(r.request.request_id, begin, stop) for r, begin, stop in rows])
+        return real_chunks(rows)
+
+    def prefill(running):
+        alone.append((running.request.request_id, running.prefilled))
+        return real_alone(running)
+
+    monkeypatch.setattr(stepper, "prefill_batch", batch)
+    monkeypatch.setattr(stepper, "_prefill_chunks", chunks)
+    monkeypatch.setattr(stepper, "prefill", prefill)
+    first_prompt, other_prompts = tuple(range(30, 50)), [tuple(range(60, 72)),
+                                                         tuple(range(80, 92))]
+
+    def request(name: str, prompt: tuple[int, ...], n: int) -> GenerationRequest:
+        return GenerationRequest(request_id=name, prompt_token_ids=prompt, max_new_tokens=n,
+                                 speculation=SpeculationParams(1))
+    try:
+        first = engine.submit(request("first", first_prompt, 2))
+        assert await asyncio.to_thread(third_round.wait, 5)
+        with engine._cond:  # admitted together
+            others = [engine.submit(request(f"other{i}", prompt, 4))
+                      for i, prompt in enumerate(other_prompts)]
+        submitted.set()
+        outputs = await asyncio.gather(*(collect_handle(h) for h in [first, *others]))
+        await wait_until_idle(engine)
+    finally:
+        submitted.set()
+        engine.close()
+    assert rows_seen[0] == [("other0", 0, 8), ("other1", 0, 8)]
+    assert ("first", 16) in alone
+    assert not [name for name, begin in alone if name != "first"]  # no fallback
+    assert outputs == [reference_greedy(pair, first_prompt, 2),
+                       *[reference_greedy(pair, p, 4) for p in other_prompts]]
+
+
 def test_a_negative_prefill_chunk_is_refused(same_pair) -> None:
     with pytest.raises(ValueError, match="prefill_chunk"):
         make_engine(same_pair, prefill_chunk=-1)
