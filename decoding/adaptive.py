@@ -592,6 +592,13 @@ DRAFT_CHAIN = 4
 """Draft forwards per timed run of :func:`measure_costs`' draft step."""
 
 
+def batch_sizes(max_batch: int) -> list[int]:
+    """1, the powers of two below ``max_batch``, and ``max_batch``: the batch sizes the engine
+    captures graphs for and :func:`measure_costs` times."""
+    return sorted({*(2**i for i in range(max(1, max_batch).bit_length()) if 2**i < max_batch),
+                   max(1, max_batch)})
+
+
 def measure_costs(
     target: Any,
     draft: Any,
@@ -603,7 +610,8 @@ def measure_costs(
 ) -> CostModel:
     """Time the runners as the steps use them, after ``context`` tokens of cache: the draft's
     one-token step and the target's forward over 1..max_gamma+1 positions, and, for runners
-    that batch (``forward_batch``), both at batch sizes 2, 4, 8 up to ``max_batch``; and the
+    that batch (``forward_batch``), both at the batch sizes the engine captures graphs for
+    (powers of two below ``max_batch``, and ``max_batch`` itself); and the
     draft over ``catch_up`` tokens at once (what feeding it a prompt costs; longer ones are
     extrapolated). A draft step is timed as drafting runs it: ``DRAFT_CHAIN`` forwards, each
     fed the previous one's argmax on the device, then one wait (on a GPU the host queues a
@@ -611,7 +619,9 @@ def measure_costs(
     other work on the machine only ever adds time, and a spike must not rule a width out. The
     widths of one batch size are timed in turn, round by round."""
     batched = hasattr(target, "forward_batch") and hasattr(draft, "forward_batch")
-    batches = [b for b in (2, 4, 8) if b <= max_batch] if batched else []
+    # Up to max_batch itself: a batch of 16 was costed from 8 rows and from 9 tokens at batch
+    # 2, where attention reads 2 caches, not 16 (run 8's 7B costs held nothing above 8 rows).
+    batches = batch_sizes(max_batch)[1:] if batched else []
 
     def fastest(
         runner: Any, batch: int, runs: dict[int, Callable[[list[Any]], float]]

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from decoding.adaptive import AcceptanceEstimate, CostModel, StepCosts, measure_costs
+from decoding.adaptive import (
+    AcceptanceEstimate,
+    CostModel,
+    StepCosts,
+    batch_sizes,
+    measure_costs,
+)
 from decoding.detokenize import IncrementalDetokenizer
 from decoding.errors import (
     DeadlineExceededError,
@@ -130,7 +136,7 @@ class Engine:
             # token and at a two-token catch-up, and for one request alone at catch-ups of up
             # to 32 tokens (longer ones as several replays, up to 128). Other shapes run
             # eagerly.
-            batches = sorted({min(2**i, config.max_concurrent_requests) for i in range(8)})
+            batches = batch_sizes(config.max_concurrent_requests)
             verify_widths = tuple(range(1, config.max_speculative_tokens + 2))
             self.target = StaticRunner(
                 pair.target.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from decoding.adaptive import DRAFT_CHAIN, AdaptiveGamma, CostModel, measure_costs
+from decoding.adaptive import (
+    DRAFT_CHAIN,
+    AdaptiveGamma,
+    CostModel,
+    batch_sizes,
+    measure_costs,
+)
 from decoding.fast.runner import StaticRunner
 from tests.decoding.test_batched import qwen2
 
@@ -565,6 +571,18 @@ def test_the_widths_of_a_batch_size_are_timed_in_turn() -> None:
     assert target.widths == [32, *[1, 2, 3] * 3, 32, 32, *[3] * 3]
     # The draft: a chain of DRAFT_CHAIN one-token forwards and the 64-token catch-up in turn.
     assert draft.widths == [32, *([1] * DRAFT_CHAIN + [64]) * 3, 32, 32, *[1] * DRAFT_CHAIN * 3]
+
+
+def test_costs_are_measured_at_every_batch_size_the_engine_runs_in_graphs() -> None:
+    """Powers of two below the concurrency limit and the limit itself (16 requests were costed
+    from 8 rows before); the same sizes as the graphs captured."""
+    assert batch_sizes(1) == [1] and batch_sizes(3) == [1, 2, 3]
+    assert batch_sizes(16) == [1, 2, 4, 8, 16] and batch_sizes(12) == [1, 2, 4, 8, 12]
+    target = _Widths(qwen2(0), num_slots=3, max_len=160)
+    draft = _Widths(qwen2(1), num_slots=3, max_len=160)
+    costs = measure_costs(target, draft, max_gamma=2, max_batch=3, repeats=1, catch_up=64)
+    assert set(costs.draft_s) == {1, 2, 3, 64}
+    assert set(costs.target_s) == {1, 2, 3, 6, 9}  # batch 3 at widths 1 and 3
 
 
 class _Scripted:
