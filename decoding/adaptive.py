@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import math
 import statistics
 import sys
 import time
@@ -92,6 +93,21 @@ class CostModel:
         and each choice asks for the same few sizes (24 interpolations per request at γmax 8)."""
         return {}
 
+    def drafting(self, gamma: int, rows: int = 1, alpha: float = 1.0) -> float:
+        """A step's draft forwards for ``rows`` requests drafting ``gamma`` each, at acceptance
+        ``alpha``. The first feeds each row what its draft lags by, padded to the widest: two
+        tokens after a step that accepted every draft token (the last draft token, which the
+        draft never read, and the bonus token), else one; the others feed one each. So the
+        first is two wide unless no row accepted all γ of its last step (as likely as
+        (1 - α^γ)^rows): in a batch almost never one wide (16 rows at α = 0.7 and γ = 1: in
+        0.3^16 of steps). On run 8's H200 the 0.5B draft took 1.40 ms over 2 rows and 1.34 ms
+        over one; the cost model takes rows and tokens alike."""
+        if gamma <= 0:
+            return 0.0
+        one = self.draft(rows)
+        two_wide = 1.0 - (1.0 - min(1.0, alpha) ** gamma) ** rows
+        return gamma * one + two_wide * (self.draft(2 * rows) - one)
+
     def expected_tokens(self, alpha: float, gamma: int) -> float:
         if alpha >= 1.0:
             return gamma + 1.0
@@ -102,7 +118,7 @@ class CostModel:
     ) -> float:
         """Leviathan's expected speedup over plain decoding; ``overhead``: how much more a
         speculative step really costs than the forwards it is made of (see :class:`StepCosts`)."""
-        step_s = gamma * self.draft(batch) + self.target(batch * (gamma + 1))
+        step_s = self.drafting(gamma, batch, alpha) + self.target(batch * (gamma + 1))
         return self.expected_tokens(alpha, gamma) * self.target(batch) / (step_s * overhead)
 
     def lone_speedup(
@@ -110,7 +126,7 @@ class CostModel:
     ) -> float:
         """The expected speedup of a step of ``batch`` requests in which only one drafts γ
         (the others verify as many positions, padded, for one token each)."""
-        step_s = (gamma * self.draft(1) + self.target(batch * (gamma + 1))) * overhead
+        step_s = (self.drafting(gamma, 1, alpha) + self.target(batch * (gamma + 1))) * overhead
         tokens = batch - 1 + self.expected_tokens(alpha, gamma)
         return tokens * self.target(batch) / (batch * step_s)
 
@@ -152,7 +168,7 @@ class CostModel:
         if gamma <= 0 or catch_up <= 0:
             return gamma > 0
         plain_s = self.target(batch)
-        step_s = (gamma * self.draft(batch) + self.target(batch * (gamma + 1))) * overhead
+        step_s = (self.drafting(gamma, batch, alpha) + self.target(batch * (gamma + 1))) * overhead
         saved_s = remaining * (plain_s - step_s / self.expected_tokens(alpha, gamma)) / batch
         return saved_s > margin * self.draft(catch_up)
 
@@ -188,6 +204,16 @@ class AcceptanceEstimate:
     @property
     def alpha(self) -> float:
         return self._accepted / self._judged
+
+    def upper(self, z: float = 1.0) -> float:
+        """The Wilson score bound ``z`` standard deviations above :attr:`alpha`, counting the
+        (decayed) judged tokens as the sample: far above it while little has been seen (the
+        prior alone: 0.87 for a prior of 0.7 worth 4 tokens), near it once much has."""
+        n, p = self._judged, self.alpha
+        if n <= 0:
+            return 1.0
+        spread = z * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
+        return min(1.0, (p + z * z / (2.0 * n) + spread) / (1.0 + z * z / n))
 
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted:
@@ -250,22 +276,27 @@ class StepCosts:
     def _bucket(batch: int) -> int:
         return 1 << max(0, batch - 1).bit_length()
 
-    def predicted(self, gammas: list[int]) -> float:
+    def predicted(self, gammas: list[int], two_wide: float = 0.0) -> float:
         """The forwards of one step of ``len(gammas)`` requests: one draft forward per draft
         position over the requests still drafting, one target forward over every row padded
-        to the widest."""
-        widest = max(gammas)
-        drafts = sum(self._costs.draft(sum(1 for g in gammas if g > j)) for j in range(widest))
-        return drafts + self._costs.target(len(gammas) * (widest + 1))
+        to the widest. ``two_wide``: whether (or how likely) the first draft forward feeds
+        two tokens per row (see :meth:`CostModel.drafting`)."""
+        costs, widest = self._costs, max(gammas)
+        rows = [sum(1 for g in gammas if g > j) for j in range(widest)]
+        drafts = sum(costs.draft(n) for n in rows)
+        if rows:
+            drafts += two_wide * (costs.draft(2 * rows[0]) - costs.draft(rows[0]))
+        return drafts + costs.target(len(gammas) * (widest + 1))
 
-    def observe(self, gammas: list[int], seconds: float, catch_up_s: float = 0.0) -> None:
+    def observe(self, gammas: list[int], seconds: float, catch_up_s: float = 0.0,
+                two_wide: bool = False) -> None:
         """Record one step that took ``seconds``; ``catch_up_s``: what the forwards feeding a
         lagging draft were predicted to cost (:meth:`CostModel.catch_up_pays` has charged
         them already; counted here as overhead they made the speculative ratio read high after
         every group of plain steps, and once that turned γ to 0 no speculative step could
-        correct it)."""
+        correct it); ``two_wide``: whether its first draft forward fed two tokens per row."""
         bucket, speculative = self._bucket(len(gammas)), max(gammas) > 0
-        ratio = seconds / (self.predicted(gammas) + catch_up_s)
+        ratio = seconds / (self.predicted(gammas, float(two_wide)) + catch_up_s)
         window = self._ratios.setdefault(
             (bucket, speculative), collections.deque(maxlen=self._window))
         if speculative:
@@ -315,6 +346,7 @@ class StepCosts:
         min_speedup: float = MIN_SPEEDUP,
         level: list[bool] | None = None,
         limits: list[int] | None = None,
+        two_behind: list[bool] | None = None,
     ) -> list[int]:
         """The requests' own γs, capped where that makes the whole batched step pay more.
 
@@ -333,12 +365,16 @@ class StepCosts:
         cost only a wider draft batch. (With run 5's 7B costs and 16 requests at α = 0.8, the
         estimates of a few fell below paying; the cap then judged the whole batch by padding
         them and stopped everyone drafting, the drafts fell behind, and adaptive γ ran at
-        0.90x speculation off where a fixed γ of 1 gave 1.04x: ``bench.policy``.)"""
+        0.90x speculation off where a fixed γ of 1 gave 1.04x: ``bench.policy``.)
+
+        ``two_behind``: the requests whose draft lags by two tokens: where one of them drafts,
+        the first draft forward is two tokens wide (:meth:`CostModel.drafting`)."""
         if not any(g > 0 and free for g, free in zip(gammas, adjustable, strict=True)):
             return gammas
         overhead = self.overhead(len(gammas))
         rides = level if level is not None else [False] * len(gammas)
         room = limits if limits is not None else [sys.maxsize] * len(gammas)
+        behind = two_behind if two_behind is not None else [False] * len(gammas)
 
         def capped(cap: int) -> list[int]:
             return [(min(cap, limit) if ride else min(g, cap)) if free else g
@@ -347,7 +383,9 @@ class StepCosts:
         def rate(row_gammas: list[int]) -> float:
             tokens = sum(self._costs.expected_tokens(a, g)
                          for a, g in zip(alphas, row_gammas, strict=True))
-            seconds = self.predicted(row_gammas) * (overhead if max(row_gammas) > 0 else 1.0)
+            wide = any(g > 0 and two for g, two in zip(row_gammas, behind, strict=True))
+            seconds = (self.predicted(row_gammas, float(wide))
+                       * (overhead if max(row_gammas) > 0 else 1.0))
             return tokens / seconds
 
         best = max(range(1, max(gammas) + 1), key=lambda cap: rate(capped(cap)))
@@ -475,6 +513,7 @@ class AdaptiveGamma:
         # Why the last next_gamma gave 0: a paying γ whose catch-up would not pay (declined),
         # a step counted toward the next probe (counted).
         self._declined = self._counted = False
+        self._capped = False  # see capped()
 
     @property
     def alpha(self) -> float:
@@ -494,18 +533,25 @@ class AdaptiveGamma:
         :meth:`CostModel.catch_up_pays`)."""
         gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch, overhead=overhead)
         self._declined = self._counted = self._probing = False
+        fallback = 0  # what a step that does not probe drafts
         if gamma > 0:
-            self._streak = False
             pays = self._pays(self.alpha, gamma, catch_up, remaining, batch, overhead)
             self._declined = not pays
-            return gamma if pays else 0
+            if pays and not self._capped:
+                self._streak = False
+                return gamma
+            # Declined (its catch-up would not pay) or capped by its batch: such steps learn
+            # nothing, so it probes when a probe is due, as at γ 0.
+            fallback = gamma if pays else 0
         probe = self._probe_gamma(batch, overhead)
         if probe <= 0:
-            return 0
+            return fallback
         probe_pays = functools.partial(
             self._pays, self._probe_alpha, probe, catch_up, remaining, batch, overhead
         )
-        streak = self._streak and self._costs.lone_speedup(
+        # A streak only while the estimate says γ 0: a request that would draft (capped or
+        # declined) probes on the schedule, and drafts its own γ where the batch lets it.
+        streak = not gamma and self._streak and self._costs.lone_speedup(
             self._probe_alpha, probe, batch, overhead) >= MIN_SPEEDUP and probe_pays()
         if not streak:
             self._streak = False
@@ -513,7 +559,7 @@ class AdaptiveGamma:
                 self._schedule.step()
             if not (self._schedule.probe_due and probe_pays()):
                 self._counted = True
-                return 0
+                return fallback
             self._schedule.start()
         self._probing, self._streaking = True, streak
         self._probed_at = (batch, overhead)
@@ -533,6 +579,15 @@ class AdaptiveGamma:
             self._probe_key, self._probe = key, min(self._max_probe_gamma, worth)
         return self._probe
 
+    def capped(self, capped: bool) -> None:
+        """Whether the batch's cap (:meth:`StepCosts.cap_for_batch`) made the γ > 0 that the
+        last :meth:`next_gamma` gave 0. While it does, the request learns nothing at its own
+        γ, so it probes when a probe is due, as at γ 0. (In ``bench.policy`` on run 8's 7B
+        costs, with a draft's first forward costed two tokens wide: 16 requests whose estimate
+        of 0.7 gave γ 1 were capped to 0 at every step and never learned that the draft agreed
+        90% of the time.)"""
+        self._capped = capped
+
     def plain_steps_allowed(self, exact: bool = False) -> int:
         """After :meth:`next_gamma` gave 0: how many plain steps, that one included, the
         request may take before it must be asked again, so that it drafts at the same tokens
@@ -542,8 +597,8 @@ class AdaptiveGamma:
         its catch-up to pay, one: that can only get less likely as the draft falls behind
         and the tokens left shrink, but not where the measured catch-up costs are out of
         order. Count the steps taken with :meth:`took_plain_steps`. (After a γ > 0 that a
-        batch's cap made 0, any number: only adjustable requests' γ is capped, and such a
-        step counts toward no probe.)"""
+        batch's cap made 0: up to the step a probe is due where the cap had made it 0 the step
+        before too (see :meth:`capped`), else any number.)"""
         if self._declined and exact:
             return 1
         if self._counted:
@@ -557,12 +612,15 @@ class AdaptiveGamma:
             self._schedule.took(steps)
 
     def would_draft(
-        self, batch: int = 1, overhead: float = 1.0, catch_up: int = 0, remaining: int = 0
+        self, batch: int = 1, overhead: float = 1.0, catch_up: int = 0, remaining: int = 0,
+        alpha: float | None = None,
     ) -> bool:
-        """Whether the next step would draft at the current estimate, a catch-up of
-        ``catch_up`` tokens included (no probe counted): decides whether to prefill the draft."""
-        gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch, overhead=overhead)
-        return self._pays(self.alpha, gamma, catch_up, remaining, batch, overhead)
+        """Whether the next step would draft at the current estimate (or at ``alpha``), a
+        catch-up of ``catch_up`` tokens included (no probe counted): decides whether to
+        prefill the draft."""
+        alpha = self.alpha if alpha is None else alpha
+        gamma = self._costs.best_gamma(alpha, self._max_gamma, batch, overhead=overhead)
+        return self._pays(alpha, gamma, catch_up, remaining, batch, overhead)
 
     def _pays(
         self, alpha: float, gamma: int, catch_up: int, remaining: int, batch: int, overhead: float
@@ -570,6 +628,8 @@ class AdaptiveGamma:
         return self._costs.catch_up_pays(alpha, gamma, catch_up, remaining, batch, overhead)
 
     def observe(self, drafted: int, accepted: int) -> None:
+        if drafted and not self._probing:  # drafted its own γ: not capped any more
+            self._capped = False
         if self._probing and drafted:
             self._probing = False
             self._streak = accepted > 0

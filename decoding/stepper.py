@@ -190,7 +190,8 @@ class Stepper:
             return running.adaptive.would_draft(catch_up=prompt, remaining=remaining)
         batch = self._batch()
         return running.adaptive.would_draft(
-            batch, self.step_costs.overhead(batch), catch_up=prompt, remaining=remaining
+            batch, self.step_costs.overhead(batch), catch_up=prompt, remaining=remaining,
+            alpha=self.acceptance.upper(),
         )
 
     # ---- prefill ---------------------------------------------------------------------------
@@ -388,17 +389,28 @@ class Stepper:
             self._step_each(ready)
             return
         states = [r.state for r in ready if r.state is not None]
+        lags = [len(s.tokens) - s.draft.length for s in states]
+        own = [self._gamma(r) for r in ready]
+        # A fixed γ is what the request asked for; a seeded sample's γ is its own alone; a
+        # probe is there to learn what the estimates the cap would judge it by do not know.
+        adjustable = [r.adaptive is not None and not plans_alone(r.request)
+                      and not r.adaptive.probing for r in ready]
         gammas = self.step_costs.cap_for_batch(
-            [self._gamma(r) for r in ready],
+            own,
             [self._alpha(r) for r in ready],
-            # A fixed γ is what the request asked for; a seeded sample's γ is its own alone; a
-            # probe is there to learn what the estimates the cap would judge it by do not know.
-            [r.adaptive is not None and not plans_alone(r.request) and not r.adaptive.probing
-             for r in ready],
-            level=[len(s.tokens) - s.draft.length <= CATCH_UP_IN_BATCH for s in states],
+            adjustable,
+            level=[lag <= CATCH_UP_IN_BATCH for lag in lags],
             # Riding along, as its own γ (_gamma), never past its max_new_tokens.
             limits=[max(0, r.prepared.max_new_tokens - len(r.output) - 1) for r in ready],
+            two_behind=[1 < lag <= CATCH_UP_IN_BATCH for lag in lags],
         )
+        # The first draft forward feeds each drafting row its lag, padded to the widest (a
+        # lag of more than CATCH_UP_IN_BATCH is caught up first, then fed one).
+        two_wide = any(g > 0 and 1 < lag <= CATCH_UP_IN_BATCH
+                       for g, lag in zip(gammas, lags, strict=True))
+        for running, free, asked, given in zip(ready, adjustable, own, gammas, strict=True):
+            if free and running.adaptive is not None:
+                running.adaptive.capped(asked > 0 and given == 0)
         saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
                  for s in states]
         steps = self._plain_steps(ready) if max(gammas) == 0 else 1
@@ -410,7 +422,8 @@ class Stepper:
                 results = plain_steps_batch(states, steps, self.target)
             else:
                 results = speculative_step_batch(states, gammas, self.draft, self.target, choose)
-            self.step_costs.observe(gammas, (self.clock() - started) / steps, catch_up_s)
+            self.step_costs.observe(gammas, (self.clock() - started) / steps, catch_up_s,
+                                    two_wide)
             if self.probes is not None:
                 self.probes.took(steps)
         except Exception:

@@ -244,7 +244,8 @@ def test_lone_speedup_is_one_drafter_beside_plain_rows() -> None:
     for batch in (1, 2, 4, 8):
         step = costs.draft(1) + costs.target(2 * batch)
         assert costs.lone_speedup(0.0, 1, batch) == pytest.approx(costs.target(batch) / step)
-    step = 2 * costs.draft(1) + costs.target(12)
+    # The drafter's first draft forward two tokens wide after it accepted all γ (0.7²).
+    step = 2 * costs.draft(1) + 0.49 * (costs.draft(2) - costs.draft(1)) + costs.target(12)
     expected = (3 + costs.expected_tokens(0.7, 2)) * costs.target(4) / (4 * step * 1.2)
     assert costs.lone_speedup(0.7, 2, 4, overhead=1.2) == pytest.approx(expected)
 

@@ -28,7 +28,7 @@ from decoding.params import (
     SpeculationParams,
 )
 from decoding.speculative import propose
-from tests.conftest import make_engine
+from tests.conftest import TEST_COSTS, make_engine
 
 PROMPT_IDS = (10, 57, 203, 99, 14, 250, 31)
 
@@ -350,6 +350,97 @@ async def test_a_chunk_without_room_for_the_padding_is_prefilled_alone(
     assert not [name for name, begin in alone if name != "first"]  # no fallback
     assert outputs == [reference_greedy(pair, first_prompt, 2),
                        *[reference_greedy(pair, p, 4) for p in other_prompts]]
+
+
+async def _two_together(engine: Engine, n: int = 12, gamma: int | None = 2
+                        ) -> tuple[list[list[int]], list]:
+    """Two requests for PROMPT_IDS admitted together: their outputs and handles."""
+    with engine._cond:  # admitted together
+        handles = [engine.submit(GenerationRequest(
+            request_id=f"r{i}", prompt_token_ids=PROMPT_IDS, max_new_tokens=n,
+            speculation=SpeculationParams(gamma))) for i in range(2)]
+    outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
+    await wait_until_idle(engine)
+    return list(outputs), handles
+
+
+async def test_the_step_costs_learn_when_a_first_draft_forward_fed_two_tokens_per_row(
+    same_pair, monkeypatch
+) -> None:
+    """The draft has the target's weights, so every draft token is accepted: after the first
+    step each draft lags by two (the last draft token and the bonus token), and the first draft
+    forward of every later speculative step feeds two per row; the step costs are told so,
+    and predict that step with it."""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = make_engine(pair, fast_path="on", max_concurrent_requests=2)
+    seen: list[tuple[int, bool]] = []
+    real = engine.stepper.step_costs.observe
+
+    def observe(gammas, seconds, catch_up_s=0.0, two_wide=False):
+        seen.append((max(gammas), two_wide))
+        return real(gammas, seconds, catch_up_s, two_wide)
+
+    monkeypatch.setattr(engine.stepper.step_costs, "observe", observe)
+    try:
+        outputs, _ = await _two_together(engine)
+    finally:
+        engine.close()
+    wide = [two for gamma, two in seen if gamma > 0]
+    assert len(wide) >= 3 and wide[0] is False and all(wide[1:])
+    assert outputs == [reference_greedy(pair, PROMPT_IDS, 12)] * 2
+
+
+async def test_requests_their_batch_keeps_from_drafting_still_probe(
+    different_pair, monkeypatch
+) -> None:
+    """A batch whose cap makes every adaptive request's γ 0 at every step: told so, the
+    requests probe when the shared schedule says one is due (one token each time), where
+    otherwise their estimate would never move. (Mutant: the stepper does not tell them.)"""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    engine = make_engine(pair, fast_path="on", max_concurrent_requests=2)
+    assert TEST_COSTS.best_gamma(0.7, 8, batch=2) > 0
+
+    def cap(gammas, alphas, adjustable, **_):
+        return [0 if free else gamma for gamma, free in zip(gammas, adjustable, strict=True)]
+
+    monkeypatch.setattr(engine.stepper.step_costs, "cap_for_batch", cap)
+    try:
+        outputs, handles = await _two_together(engine, n=40, gamma=None)
+    finally:
+        engine.close()
+    assert outputs == [reference_greedy(pair, PROMPT_IDS, 40)] * 2
+    drafted = [step.gamma for handle in handles for step in handle.timeline.steps
+               if step.gamma]
+    assert drafted and set(drafted) == {1}  # probes, of one token each
+
+
+async def test_whether_a_draft_sees_the_prompt_is_judged_at_the_servers_upper_bound(
+    same_pair, monkeypatch
+) -> None:
+    """A batching server that has seen little decides whether to feed the drafts the prompts
+    at the top of what its acceptance may be (AcceptanceEstimate.upper, 0.869 on the prior of
+    0.7 alone), not at the estimate: the drafts that see the prompts are how it learns (from
+    the estimate, 16 requests on run 8's 7B costs never fed them, and never learned that the
+    draft agreed 90% of the time)."""
+    from decoding.adaptive import AdaptiveGamma
+
+    asked: list[float | None] = []
+    real = AdaptiveGamma.would_draft
+
+    def would_draft(self, *args, alpha=None, **kwargs):
+        asked.append(alpha)
+        return real(self, *args, alpha=alpha, **kwargs)
+
+    monkeypatch.setattr(AdaptiveGamma, "would_draft", would_draft)
+    engine = make_engine(dataclasses.replace(same_pair, eos_token_ids=()), fast_path="on",
+                         max_concurrent_requests=2)
+    upper = engine.stepper.acceptance.upper()
+    try:
+        await _two_together(engine, gamma=None)
+    finally:
+        engine.close()
+    assert upper == pytest.approx(0.869, abs=1e-3)
+    assert asked == [upper, upper]
 
 
 def test_a_negative_prefill_chunk_is_refused(same_pair) -> None:
@@ -971,7 +1062,8 @@ async def test_a_drafting_request_stops_when_plain_ones_join_its_batch(same_pair
     """A request that drafts alone (tests/decoding/test_adaptive.py's LOADED costs) would make
     three newcomers verify as wide as it drafts, while they, with 8 tokens to make, would not
     win back feeding their 41-token prompts to the draft; while they run beside it its steps
-    are plain, and it drafts again once they have gone. Every output is the target's own."""
+    are plain (but for a probe now and then), and it drafts again once they have gone. Every
+    output is the target's own."""
     from tests.decoding.test_adaptive import LOADED
 
     pair = dataclasses.replace(same_pair, eos_token_ids=())
@@ -996,7 +1088,9 @@ async def test_a_drafting_request_stops_when_plain_ones_join_its_batch(same_pair
     beside = [s.gamma for s in first.timeline.steps if began <= s.start_ns <= ended]
     after = [s.gamma for s in first.timeline.steps if s.start_ns > ended]
     assert first.timeline.steps[0].gamma > 0
-    assert beside and set(beside) == {0}, beside
+    # Plain, but for a one-token probe when the shared schedule calls for one (the batch caps
+    # its own γ, so it learns nothing else there).
+    assert beside and set(beside) <= {0, 1} and beside.count(1) <= 1 + len(beside) // 8, beside
     assert after and max(after) > 0, after
     assert all(h.usage.draft_tokens == 0 for h in others)
 
