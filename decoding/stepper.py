@@ -125,6 +125,7 @@ class Stepper:
         self.clock: Callable[[], float] = time.perf_counter
         self.last_gamma = 0
         self._steps_taken = 1  # plain steps the last step() took (see _step_each)
+        self._asks_first = 0  # which of a batched step's requests is asked for its γ first
 
     # ---- γ ---------------------------------------------------------------------------------
 
@@ -390,7 +391,15 @@ class Stepper:
             return
         states = [r.state for r in ready if r.state is not None]
         lags = [len(s.tokens) - s.draft.length for s in states]
-        own = [self._gamma(r) for r in ready]
+        # Asked in turn from a different request each step: a probe due goes to the first to
+        # ask for one, and a request whose γ the cap keeps at 0 asks at every step, so asked
+        # always first it took every probe, and the others' estimates never moved (bench.policy:
+        # 2 requests from a collapsed estimate at α = 0.9, one never drafted in 128 tokens).
+        own = [0] * len(ready)
+        first = self._asks_first % len(ready)
+        self._asks_first += 1
+        for i in [*range(first, len(ready)), *range(first)]:
+            own[i] = self._gamma(ready[i])
         # A fixed γ is what the request asked for; a seeded sample's γ is its own alone; a
         # probe is there to learn what the estimates the cap would judge it by do not know.
         adjustable = [r.adaptive is not None and not plans_alone(r.request)

@@ -104,9 +104,12 @@ class _CapCalled(Exception):
     pass
 
 
-def _cap_arguments(lags: list[int], left: list[int], probing: list[bool] | None = None) -> dict:
+def _cap_arguments(lags: list[int], left: list[int], probing: list[bool] | None = None,
+                   steps: int = 1, asked: list | None = None) -> dict:
     """What Stepper.step_batch hands StepCosts.cap_for_batch for adaptive, unseeded requests
-    whose drafts lag by ``lags`` and that may still emit ``left`` tokens (a γ of 3 each)."""
+    whose drafts lag by ``lags`` and that may still emit ``left`` tokens (a γ of 3 each), in
+    the last of ``steps`` steps; ``asked``: the requests in the order asked for their γ."""
+    asked = [] if asked is None else asked
     from decoding.speculative import propose
     from decoding.stepper import Stepper
 
@@ -119,7 +122,8 @@ def _cap_arguments(lags: list[int], left: list[int], probing: list[bool] | None 
 
     stepper = Stepper.__new__(Stepper)
     stepper.proposer, stepper.probes, stepper.step_costs = propose, None, Costs()
-    stepper._gamma = lambda running: 3  # type: ignore[method-assign]
+    stepper._asks_first = 0
+    stepper._gamma = lambda running: asked.append(running) or 3  # type: ignore[method-assign]
     stepper._alpha = lambda running: 0.7  # type: ignore[method-assign]
     ready = []
     for k, (lag, remaining) in enumerate(zip(lags, left, strict=True)):
@@ -130,9 +134,21 @@ def _cap_arguments(lags: list[int], left: list[int], probing: list[bool] | None 
             prepared=SimpleNamespace(max_new_tokens=20),
             output=[0] * (20 - remaining),
         ))
-    with pytest.raises(_CapCalled):
-        stepper.step_batch(ready)  # type: ignore[arg-type]
+    for _ in range(steps):
+        with pytest.raises(_CapCalled):
+            stepper.step_batch(ready)  # type: ignore[arg-type]
     return seen
+
+
+def test_a_batch_asks_its_requests_for_their_gamma_from_a_different_one_each_step() -> None:
+    """A probe due goes to the first request to ask for one; a request whose γ the batch's cap
+    keeps at 0 asks at every step, so asked always first it took every probe (bench.policy: 2
+    requests from a collapsed estimate at α = 0.9, one never drafted in 128 tokens). The
+    requests are asked in turn from the next one each step."""
+    asked: list = []
+    _cap_arguments([1, 1, 1], [10, 10, 10], steps=3, asked=asked)
+    ids = {id(running): k for k, running in enumerate(asked[:3])}
+    assert [ids[id(running)] for running in asked] == [0, 1, 2, 1, 2, 0, 2, 0, 1]
 
 
 def test_a_draft_catch_up_in_batch_behind_rides_along() -> None:
