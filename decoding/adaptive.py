@@ -395,9 +395,10 @@ class StepCosts:
 
 
 class ProbeSchedule:
-    """When a request whose estimate says γ = 0 drafts anyway (a probe), to learn whether the
-    draft agrees: once ``every`` steps have passed since the last probe (:attr:`probe_due`),
-    the first request that asks probes. A probe that accepts nothing doubles the wait, up to
+    """When a request whose estimate says γ = 0 (or whose own γ its batch caps to 0, or whose
+    catch-up would not pay) drafts anyway (a probe), to learn whether the draft agrees: once
+    ``every`` steps have passed since the last probe (:attr:`probe_due`), the first request
+    that asks probes. A probe that accepts nothing doubles the wait, up to
     ``max_every``. One that accepts halves it, down to the first wait, where what the last 30
     or so probes accepted, all requests together, would make speculation pay (with a margin,
     :data:`PROBE_MARGIN`) at the batch size it was made at, or where such a probe pays for
@@ -653,10 +654,9 @@ DRAFT_CHAIN = 4
 
 
 def batch_sizes(max_batch: int) -> list[int]:
-    """1, the powers of two below ``max_batch``, and ``max_batch``: the batch sizes the engine
-    captures graphs for and :func:`measure_costs` times."""
-    return sorted({*(2**i for i in range(max(1, max_batch).bit_length()) if 2**i < max_batch),
-                   max(1, max_batch)})
+    """1, 2, 4, … up to ``max_batch`` and ``max_batch`` itself, 128 at most: the batch sizes
+    the engine captures graphs for and :func:`measure_costs` times."""
+    return sorted({min(2**i, max(1, max_batch)) for i in range(8)})
 
 
 def measure_costs(
@@ -679,8 +679,9 @@ def measure_costs(
     other work on the machine only ever adds time, and a spike must not rule a width out. The
     widths of one batch size are timed in turn, round by round."""
     batched = hasattr(target, "forward_batch") and hasattr(draft, "forward_batch")
-    # Up to max_batch itself: a batch of 16 was costed from 8 rows and from 9 tokens at batch
-    # 2, where attention reads 2 caches, not 16 (run 8's 7B costs held nothing above 8 rows).
+    # Up to max_batch itself (it stopped at 8, and run 8's 7B costs held no plain step of more
+    # than 8 rows: 16 came from 8 rows and 2 x 9 tokens). A size whose plain step is as many
+    # tokens as a width already timed at batch 1 is still costed from that one (see below).
     batches = batch_sizes(max_batch)[1:] if batched else []
 
     def fastest(
@@ -737,7 +738,7 @@ def measure_costs(
         return run
 
     alone = {1: chained(draft, 1)}
-    if catch_up > max([1, *batches]):
+    if catch_up > 1 and catch_up not in batches:  # else timed as that many rows, below
         alone[catch_up] = timed(draft, 1, catch_up, 1)
     draft_s = fastest(draft, 1, alone)
     for b in batches:

@@ -455,6 +455,8 @@ class Stepper:
         longest = 1
         for i, running in enumerate(ready):
             self._steps_taken = 1
+            if running.adaptive is not None:  # stepped alone: no cap on its γ
+                running.adaptive.capped(False)
             work = self.step if gammas is None else functools.partial(self.step, gamma=gammas[i])
             self.guarded(running, work)
             longest = max(longest, self._steps_taken)

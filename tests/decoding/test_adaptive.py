@@ -578,10 +578,12 @@ def test_the_widths_of_a_batch_size_are_timed_in_turn() -> None:
 
 
 def test_costs_are_measured_at_every_batch_size_the_engine_runs_in_graphs() -> None:
-    """Powers of two below the concurrency limit and the limit itself (16 requests were costed
-    from 8 rows before); the same sizes as the graphs captured."""
+    """Powers of two below the concurrency limit and the limit itself, 128 at most (16
+    requests were costed from 8 rows before); the same sizes as the graphs captured. A plain
+    step of as many tokens as a width timed at batch 1 is costed from that (here 2 rows)."""
     assert batch_sizes(1) == [1] and batch_sizes(3) == [1, 2, 3]
     assert batch_sizes(16) == [1, 2, 4, 8, 16] and batch_sizes(12) == [1, 2, 4, 8, 12]
+    assert batch_sizes(300) == [1, 2, 4, 8, 16, 32, 64, 128]  # as the graphs always stopped
     target = _Widths(qwen2(0), num_slots=3, max_len=160)
     draft = _Widths(qwen2(1), num_slots=3, max_len=160)
     costs = measure_costs(target, draft, max_gamma=2, max_batch=3, repeats=1, catch_up=64)
@@ -739,6 +741,9 @@ def test_the_step_costs_count_a_two_wide_first_draft_forward() -> None:
     assert cap([1, 1], [0.9, 0.9], [True, True], level=[True, True]) == [1, 1]
     assert cap([1, 1], [0.9, 0.9], [True, True], level=[True, True],
                two_behind=[True, False]) == [0, 0]
+    # A row two behind that does not draft (a fixed γ of 0) widens nothing.
+    assert cap([0, 1], [0.9, 0.9], [False, True], level=[True, True],
+               two_behind=[True, False]) == [0, 1]
 
 
 def _capped_run(costs: CostModel, capped: bool, steps: int = 12) -> list[tuple[int, bool]]:
@@ -778,6 +783,25 @@ def test_a_request_its_batch_caps_to_plain_probes_when_a_probe_is_due() -> None:
     assert adaptive.next_gamma() == own and adaptive.plain_steps_allowed() == 3
     adaptive.observe(own, 1)  # it drafted its own γ: no longer capped
     assert [adaptive.next_gamma() for _ in range(6)] == [own] * 6 and not adaptive.probing
+
+
+def test_a_capped_request_probes_on_the_schedule_only_not_in_a_streak() -> None:
+    """At γ 0 an accepted probe is followed by another at once (a streak) where one request
+    probing alone pays; a request whose own γ the batch caps asks for that γ again instead,
+    and probes only when the schedule says so: in a streak it drafted one token per step,
+    uncapped, and never its own γ (two requests recovering from a collapsed estimate)."""
+    adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.7, probe_every=2)
+    own = adaptive.next_gamma()
+    assert own > 1 and GPU_LIKE.lone_speedup(0.9, 1, 1) >= 1.1  # streaks pay alone
+    adaptive.capped(True)
+    given = []
+    for _ in range(6):
+        given.append((adaptive.next_gamma(), adaptive.probing))
+        if adaptive.probing:
+            adaptive.observe(1, 1)  # accepted
+    # Every other step, as the schedule says; in between its own γ (the estimate rising).
+    assert [probe for _, probe in given] == [False, True] * 3
+    assert all(gamma == 1 if probe else gamma >= own for gamma, probe in given)
 
 
 def test_a_request_whose_catch_up_would_not_pay_probes_where_a_probe_would() -> None:

@@ -159,6 +159,9 @@ def test_a_draft_catch_up_in_batch_behind_rides_along() -> None:
     lags = [1, CATCH_UP_IN_BATCH, CATCH_UP_IN_BATCH + 1]
     seen = _cap_arguments(lags, [10, 10, 10])
     assert seen["level"] == [True, True, False]
+    # Only a draft two behind is fed two tokens in the first draft forward; one further
+    # behind is caught up to one first.
+    assert seen["two_behind"] == [False, True, False]
     assert seen["limits"] == [9, 9, 9]
     assert seen["adjustable"] == [True, True, True]
 
@@ -246,8 +249,13 @@ def test_requests_stepped_one_by_one_count_their_longest_group_of_plain_steps() 
     stepper.step = lambda running, gamma=None: setattr(  # type: ignore[method-assign]
         stepper, "_steps_taken", running.steps)
     stepper.probes.step()
-    stepper._step_each([SimpleNamespace(steps=4), SimpleNamespace(steps=1)])  # type: ignore[list-item]
+    told: list[bool] = []
+    adaptive = SimpleNamespace(capped=told.append)
+    stepper._step_each([SimpleNamespace(steps=4, adaptive=adaptive),  # type: ignore[list-item]
+                        SimpleNamespace(steps=1, adaptive=None)])
     assert stepper.probes.steps_left() == 16 - 4
+    # Stepped alone, no cap holds its γ back: a request the batch had capped drafts its own.
+    assert told == [False]
 
 
 def test_lone_speedup_is_one_drafter_beside_plain_rows() -> None:
