@@ -186,6 +186,7 @@ def run_cell(setup: Setup, requests: int, gamma: int | None, alpha: float, prior
     engine, stepper = setup.engine, setup.engine.stepper
     stepper.acceptance = AcceptanceEstimate(prior_alpha=prior, prior_weight=4.0, decay=0.99)
     stepper.step_costs = StepCosts(setup.costs)
+    stepper._asks_first = 0  # which request a batched step asks first (see Stepper.step_batch)
     if stepper.probes is not None:
         stepper.probes = ProbeSchedule()
     engine.proposer = ControlledProposer(setup.oracle, alpha, setup.vocab, seed=seed)

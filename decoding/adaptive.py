@@ -669,15 +669,16 @@ def measure_costs(
     catch_up: int = 64,
 ) -> CostModel:
     """Time the runners as the steps use them, after ``context`` tokens of cache: the draft's
-    one-token step and the target's forward over 1..max_gamma+1 positions, and, for runners
-    that batch (``forward_batch``), both at the batch sizes the engine captures graphs for
-    (powers of two below ``max_batch``, and ``max_batch`` itself); and the
-    draft over ``catch_up`` tokens at once (what feeding it a prompt costs; longer ones are
-    extrapolated). A draft step is timed as drafting runs it: ``DRAFT_CHAIN`` forwards, each
-    fed the previous one's argmax on the device, then one wait (on a GPU the host queues a
-    step while the device runs the last). Each figure is the minimum of ``repeats`` runs:
-    other work on the machine only ever adds time, and a spike must not rule a width out. The
-    widths of one batch size are timed in turn, round by round."""
+    one-token step and the target's forward over 1..max_gamma+1 positions, and, for runners that
+    batch (``forward_batch``), the draft step and the target over 1 and max_gamma+1 positions
+    per row at the batch sizes the engine captures graphs for (:func:`batch_sizes`; a size of as
+    many tokens as one timed already is not timed again); and the draft over ``catch_up`` tokens
+    at once, what feeding it a prompt costs (timed as that many one-token rows where that is a
+    batch size; longer ones are extrapolated). A draft step is timed as drafting runs it:
+    ``DRAFT_CHAIN`` forwards, each fed the previous one's argmax on the device, then one wait
+    (on a GPU the host queues a step while the device runs the last). Each figure is the minimum
+    of ``repeats`` runs: other work on the machine only ever adds time, and a spike must not
+    rule a width out. The widths of one batch size are timed in turn, round by round."""
     batched = hasattr(target, "forward_batch") and hasattr(draft, "forward_batch")
     # Up to max_batch itself (it stopped at 8, and run 8's 7B costs held no plain step of more
     # than 8 rows: 16 came from 8 rows and 2 x 9 tokens). A size whose plain step is as many

@@ -391,15 +391,20 @@ class Stepper:
             return
         states = [r.state for r in ready if r.state is not None]
         lags = [len(s.tokens) - s.draft.length for s in states]
-        # Asked in turn from a different request each step: a probe due goes to the first to
-        # ask for one, and a request whose γ the cap keeps at 0 asks at every step, so asked
-        # always first it took every probe, and the others' estimates never moved (bench.policy:
-        # 2 requests from a collapsed estimate at α = 0.9, one never drafted in 128 tokens).
+        # Asked in turn, from the one after the last to probe: a probe due goes to the first
+        # to ask for one, and a request whose γ the cap keeps at 0 asks at every step, so
+        # asked always first it took every probe, and the others' estimates never moved
+        # (bench.policy: 2 requests from a collapsed estimate at α = 0.9, one never drafted in
+        # 128 tokens). Turning once per step is not enough: where the probe wait is a multiple
+        # of the batch's steps, the same request is first at every probe.
         own = [0] * len(ready)
         first = self._asks_first % len(ready)
-        self._asks_first += 1
-        for i in [*range(first, len(ready)), *range(first)]:
+        order = [*range(first, len(ready)), *range(first)]
+        for i in order:
             own[i] = self._gamma(ready[i])
+        probed = [i for i in order if ready[i].adaptive is not None and ready[i].adaptive.probing]
+        if probed:
+            self._asks_first = probed[-1] + 1
         # A fixed γ is what the request asked for; a seeded sample's γ is its own alone; a
         # probe is there to learn what the estimates the cap would judge it by do not know.
         adjustable = [r.adaptive is not None and not plans_alone(r.request)
@@ -455,7 +460,7 @@ class Stepper:
         longest = 1
         for i, running in enumerate(ready):
             self._steps_taken = 1
-            if running.adaptive is not None:  # stepped alone: no cap on its γ
+            if gammas is None and running.adaptive is not None:  # alone: no cap on its γ
                 running.adaptive.capped(False)
             work = self.step if gammas is None else functools.partial(self.step, gamma=gammas[i])
             self.guarded(running, work)

@@ -105,10 +105,12 @@ class _CapCalled(Exception):
 
 
 def _cap_arguments(lags: list[int], left: list[int], probing: list[bool] | None = None,
-                   steps: int = 1, asked: list | None = None) -> dict:
+                   steps: int = 1, asked: list | None = None, first_probes: bool = False
+                   ) -> dict:
     """What Stepper.step_batch hands StepCosts.cap_for_batch for adaptive, unseeded requests
     whose drafts lag by ``lags`` and that may still emit ``left`` tokens (a γ of 3 each), in
-    the last of ``steps`` steps; ``asked``: the requests in the order asked for their γ."""
+    the last of ``steps`` steps; ``asked``: the requests in the order asked for their γ;
+    ``first_probes``: the first asked in each step probes."""
     asked = [] if asked is None else asked
     from decoding.speculative import propose
     from decoding.stepper import Stepper
@@ -123,7 +125,14 @@ def _cap_arguments(lags: list[int], left: list[int], probing: list[bool] | None 
     stepper = Stepper.__new__(Stepper)
     stepper.proposer, stepper.probes, stepper.step_costs = propose, None, Costs()
     stepper._asks_first = 0
-    stepper._gamma = lambda running: asked.append(running) or 3  # type: ignore[method-assign]
+
+    def gamma(running: SimpleNamespace) -> int:
+        if first_probes:  # the first asked in each step takes the probe due
+            running.adaptive.probing = len(asked) % len(lags) == 0
+        asked.append(running)
+        return 3
+
+    stepper._gamma = gamma  # type: ignore[method-assign]
     stepper._alpha = lambda running: 0.7  # type: ignore[method-assign]
     ready = []
     for k, (lag, remaining) in enumerate(zip(lags, left, strict=True)):
@@ -140,15 +149,23 @@ def _cap_arguments(lags: list[int], left: list[int], probing: list[bool] | None 
     return seen
 
 
-def test_a_batch_asks_its_requests_for_their_gamma_from_a_different_one_each_step() -> None:
+def test_a_batch_asks_its_requests_for_their_gamma_from_the_one_after_the_last_to_probe(
+) -> None:
     """A probe due goes to the first request to ask for one; a request whose γ the batch's cap
     keeps at 0 asks at every step, so asked always first it took every probe (bench.policy: 2
     requests from a collapsed estimate at α = 0.9, one never drafted in 128 tokens). The
-    requests are asked in turn from the next one each step."""
-    asked: list = []
-    _cap_arguments([1, 1, 1], [10, 10, 10], steps=3, asked=asked)
-    ids = {id(running): k for k, running in enumerate(asked[:3])}
-    assert [ids[id(running)] for running in asked] == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+    requests are asked from the one after the last to probe, so the probes go round; with no
+    probe, the order stays (turning it every step would line the same request up first at
+    every probe wherever the wait is a multiple of the batch's steps)."""
+    def order(first_probes: bool) -> list[int]:
+        asked: list = []
+        _cap_arguments([1, 1, 1], [10, 10, 10], steps=3, asked=asked,
+                       first_probes=first_probes)
+        ids = {id(running): k for k, running in enumerate(asked[:3])}
+        return [ids[id(running)] for running in asked]
+
+    assert order(True) == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+    assert order(False) == [0, 1, 2] * 3
 
 
 def test_a_draft_catch_up_in_batch_behind_rides_along() -> None:
@@ -255,6 +272,10 @@ def test_requests_stepped_one_by_one_count_their_longest_group_of_plain_steps() 
                         SimpleNamespace(steps=1, adaptive=None)])
     assert stepper.probes.steps_left() == 16 - 4
     # Stepped alone, no cap holds its γ back: a request the batch had capped drafts its own.
+    assert told == [False]
+    # Not so after a failed batched step, where each goes alone at the γ the cap gave it.
+    stepper._step_each([SimpleNamespace(steps=1, adaptive=adaptive)],  # type: ignore[list-item]
+                       gammas=[0])
     assert told == [False]
 
 
