@@ -418,3 +418,46 @@ def test_the_caches_max_len_is_always_a_kv_bucket(pair) -> None:  # noqa: F811
         assert graphs.run([[5]], [slot], [40]) is not None and graphs.replays == 1
     assert EagerGraphs(decoder, decoder.new_cache(num_slots=2, max_len=64), (1,), (1,),
                        ()).kv_lengths == [64]
+
+
+def test_a_first_draft_forward_is_two_wide_only_for_a_drafting_row_two_behind(
+    monkeypatch,
+) -> None:
+    """What a batched step tells the step costs: its first draft forward fed two tokens per
+    row only where a drafting row's draft lagged by exactly two. A draft further behind is
+    caught up first and then fed one; a row one behind is fed one."""
+    import decoding.stepper as stepper_module
+    from decoding.speculative import propose
+    from decoding.stepper import Stepper
+
+    told: list[bool] = []
+
+    class Costs:
+        def cap_for_batch(self, gammas, alphas, adjustable, **kwargs):
+            return gammas
+
+        def observe(self, gammas, seconds, catch_up_s=0.0, two_wide=False):
+            told.append(two_wide)
+
+    stepper = Stepper.__new__(Stepper)
+    stepper.proposer, stepper.probes, stepper.step_costs = propose, None, Costs()
+    stepper._asks_first, stepper.clock = 0, lambda: 0.0
+    stepper.draft = stepper.target = None
+    stepper._gamma = lambda running: 2  # type: ignore[method-assign]
+    stepper._alpha = lambda running: 0.7  # type: ignore[method-assign]
+    stepper._catch_up_s = lambda states, gammas, batched: 0.0  # type: ignore[method-assign]
+    stepper.guarded = lambda running, work: None  # type: ignore[method-assign]
+    monkeypatch.setattr(stepper_module, "speculative_step_batch",
+                        lambda states, gammas, draft, target, choose: [None] * len(states))
+
+    def step(lags: list[int]) -> bool:
+        stepper.step_batch([SimpleNamespace(  # type: ignore[list-item]
+            state=SimpleNamespace(tokens=[0] * 50, draft=SimpleNamespace(length=50 - lag),
+                                  target=SimpleNamespace(length=49),
+                                  generator=SimpleNamespace(get_state=lambda: None)),
+            adaptive=None, prepared=SimpleNamespace(max_new_tokens=20), output=[0] * 10,
+        ) for lag in lags])
+        return told[-1]
+
+    assert step([1, 2]) is True
+    assert step([1, 3]) is False and step([3, 3]) is False and step([1, 1]) is False
