@@ -583,10 +583,10 @@ class AdaptiveGamma:
     def capped(self, capped: bool) -> None:
         """Whether the batch's cap (:meth:`StepCosts.cap_for_batch`) made the γ > 0 that the
         last :meth:`next_gamma` gave 0. While it does, the request learns nothing at its own
-        γ, so it probes when a probe is due, as at γ 0. (In ``bench.policy`` on run 8's 7B
-        costs, with a draft's first forward costed two tokens wide: 16 requests whose estimate
-        of 0.7 gave γ 1 were capped to 0 at every step and never learned that the draft agreed
-        90% of the time.)"""
+        γ, so it probes when a probe is due, as at γ 0 (and as one whose catch-up would not
+        pay does). Before, only γ 0 probed: in ``bench.policy`` on run 8's 7B costs, with a
+        draft's first forward costed two tokens wide, 16 requests from the default estimate
+        drafted nothing at α = 0.9, where a fixed γ of 2 gave 1.207x."""
         self._capped = capped
 
     def plain_steps_allowed(self, exact: bool = False) -> int:

@@ -769,8 +769,7 @@ def test_a_request_its_batch_caps_to_plain_probes_when_a_probe_is_due() -> None:
     """Capped to 0 at every step, a request learns nothing at its own γ: it probes (one
     token, not capped) when the shared schedule says one is due (after 4 steps, then after 8:
     the probe was rejected), and up to then asks for its γ. Not told it was capped, it never
-    probes (16 requests at an estimate of 0.7 never learned that their draft agreed 90% of
-    the time, bench.policy on run 8's 7B costs)."""
+    probes."""
     own = GPU_LIKE.best_gamma(0.7, 8)
     assert own > 1
     capped = _capped_run(GPU_LIKE, capped=True)
