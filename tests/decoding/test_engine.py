@@ -420,9 +420,9 @@ async def test_whether_a_draft_sees_the_prompt_is_judged_at_the_servers_upper_bo
     """A batching server that has seen little decides whether to feed the drafts the prompts
     at the top of what its acceptance may be (AcceptanceEstimate.upper, 0.869 on the prior of
     0.7 alone), not at the estimate: the drafts that see the prompts are how it learns
-    (judged at the estimate, 16 requests on run 8's 7B costs fed none of them at α = 0.9, and
-    learned only through probes that each fed a draft its whole prompt: bench.policy, 1.145x
-    speculation off against 1.224x)."""
+    (judged at the estimate, 16 requests on run 8's 7B costs did not feed them at first, and
+    learned only through probes that each fed a draft its whole prompt: bench.policy at
+    α = 0.9, 1.145x speculation off against 1.224x)."""
     from decoding.adaptive import AdaptiveGamma
 
     asked: list[float | None] = []
