@@ -179,10 +179,10 @@ def forwards_cost_at_no_acceptance(costs: CostModel, prior_alpha: float, new_tok
 def test_adaptive_gamma_costs_little_where_the_draft_never_agrees(prior_alpha: float) -> None:
     """Issue 8's goal at α = 0 is 0.95x speculation off for the 7B target. On run 5's costs
     the decisions alone (probes and first steps at the server's prior) stay within 5% of
-    plain decoding (from a prior of 0.7, 0.956x; 0.961x before a request whose catch-up did
-    not pay probed too; with a per-request estimate of shorter memory 3.8%, but batches then
-    lost up to 25%); for the 1.5B target, where no short probe could pay, they cost
-    nothing."""
+    plain decoding (from a prior of 0.7, 0.956x; 0.961x before a step's first draft forward
+    was costed two tokens wide; with a per-request estimate of shorter memory 3.8%, but
+    batches then lost up to 25%); for the 1.5B target, where no short probe could pay, they
+    cost nothing."""
     assert forwards_cost_at_no_acceptance(run5_costs("7b"), prior_alpha) < 1.05
     assert forwards_cost_at_no_acceptance(run5_costs("1.5b"), prior_alpha) == pytest.approx(1.0)
 
