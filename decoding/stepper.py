@@ -221,10 +221,9 @@ class Stepper:
         however few its tokens). Rows are padded to the longest chunk, so they go together
         only while the padded tokens are at most :data:`PREFILL_PAD_LIMIT` times the real
         ones and at most :data:`PREFILL_BATCH_TOKENS` (longest first; a row that does not fit
-        starts the next forward). A row that would go
-        alone, or has no room for the padding, goes through :meth:`prefill`. If a batched
-        forward fails, its requests are put back as they were and prefilled alone, so a
-        failure stays with its own request."""
+        starts the next forward). A row that would go alone, or has no room for the padding,
+        goes through :meth:`prefill`. If a batched forward fails, its requests are put back as
+        they were and prefilled alone, so a failure stays with its own request."""
         for running in group:
             if running.state is None:
                 self.guarded(running, self._start_sequences)
@@ -391,6 +390,9 @@ class Stepper:
             return
         states = [r.state for r in ready if r.state is not None]
         lags = [len(s.tokens) - s.draft.length for s in states]
+        # The first draft forward feeds each drafting row its lag, padded to the widest (a lag
+        # of more than CATCH_UP_IN_BATCH is caught up first, then fed one).
+        two_behind = [1 < lag <= CATCH_UP_IN_BATCH for lag in lags]
         # Asked in turn, from the one after the last to probe: a probe due goes to the first
         # to ask for one, and a request whose γ the cap keeps at 0 asks at every step, so
         # asked always first it took every probe, and the others' estimates never moved
@@ -416,12 +418,9 @@ class Stepper:
             level=[lag <= CATCH_UP_IN_BATCH for lag in lags],
             # Riding along, as its own γ (_gamma), never past its max_new_tokens.
             limits=[max(0, r.prepared.max_new_tokens - len(r.output) - 1) for r in ready],
-            two_behind=[1 < lag <= CATCH_UP_IN_BATCH for lag in lags],
+            two_behind=two_behind,
         )
-        # The first draft forward feeds each drafting row its lag, padded to the widest (a
-        # lag of more than CATCH_UP_IN_BATCH is caught up first, then fed one).
-        two_wide = any(g > 0 and 1 < lag <= CATCH_UP_IN_BATCH
-                       for g, lag in zip(gammas, lags, strict=True))
+        two_wide = any(g > 0 and two for g, two in zip(gammas, two_behind, strict=True))
         for running, free, asked, given in zip(ready, adjustable, own, gammas, strict=True):
             if free and running.adaptive is not None:
                 running.adaptive.capped(asked > 0 and given == 0)
