@@ -45,6 +45,9 @@ class StaticKVCache:
             raise ValueError(f"need num_slots >= 1 and max_len >= 1, got {num_slots}, {max_len}")
         shape = (num_layers, num_slots, num_kv_heads, 2, max_len, head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.arange(max_len, device=device)
+        """0 .. max_len-1 on the cache's device; a forward takes its widths and attended lengths
+        as views of it (see :func:`decoding.fast.model._placement`)."""
         self.keys = self.kv[:, :, :, 0]
         self.values = self.kv[:, :, :, 1]
         self.num_slots = num_slots

@@ -420,6 +420,71 @@ def test_the_cache_refuses_unknown_slots_and_has_the_models_shape() -> None:
         cache.free(0)
 
 
+def test_compiled_functions_keep_the_models_sizes_constant() -> None:
+    """What torch.compile is given to compile: only the sizes that vary between a model's calls
+    (rows, batch, width, attended length) symbolic; the hidden and intermediate sizes, the
+    head counts and the head size constants of the kernel, so that no kernel divides by a size
+    it learns at run time. Recorded by a backend that runs what it is given eagerly; with
+    ``dynamic=True`` every size here was symbolic, the head counts included."""
+    torch._dynamo.reset()
+    graphs: list[dict[str, object]] = []
+
+    def record(graph_module: torch.fx.GraphModule, example_inputs: list[object]):
+        graphs.append({
+            node.name: node.meta.get("example_value")
+            for node in graph_module.graph.nodes if node.op == "placeholder"
+        })
+        return graph_module.forward
+
+    model = qwen2(0)
+    runner = StaticRunner(model, num_slots=2, max_len=32, pack_weights=False,
+                          matmul_attention=True)
+    runner.decoder.pointwise = fast_model._Pointwise.compiled(backend=record)
+    first, second = runner.new_sequence(), runner.new_sequence()
+    tokens = random_tokens(14, seed=21)
+    with torch.inference_mode():
+        first.forward(tokens[:7], num_logits=7)
+        first.forward(tokens[7:8])
+        second.forward(tokens[:4])
+        runner.forward_batch([first, second], [tokens[8:11], tokens[4:6]], [3, 2])
+        runner.forward_batch([first, second], [tokens[11:12], tokens[6:7]], [1, 1])
+    count = len(graphs)
+    with torch.inference_mode():  # other widths, lengths and batches: nothing new to compile
+        runner.forward_batch([first, second], [tokens[12:14], tokens[7:12]], [2, 5])
+        first.forward(tokens[13:14])
+    assert len(graphs) == count
+
+    def size(value: object) -> object:
+        return value if isinstance(value, int) else "symbolic"
+
+    shapes: dict[str, set[tuple[object, ...]]] = {}
+    for inputs in graphs:
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor):  # a number passed in (l_width_, l_heads_)
+                assert not name.startswith("l_"), f"{name} = {value} is not a constant"
+                continue  # the symbol of a varying size, not an argument
+            shapes.setdefault(name, set()).add(tuple(size(n) for n in value.shape))
+    hidden, heads, kv_heads, dim, intermediate = 32, 4, 2, 8, 64
+    constant = {  # input: {dimension: size}
+        "l_x_": {1: hidden}, "l_delta_": {1: hidden}, "l_weight_": {0: hidden},
+        "l_gate_up_": {1: 2 * intermediate},
+        "l_qkv_": {2: (heads + 2 * kv_heads) * dim}, "l_cos_": {2: 1, 3: dim},
+        "l_sin_": {2: 1, 3: dim}, "l_scores_": {1: kv_heads}, "l_mask_": {1: 1},
+        "l_inv_freq_": {0: dim // 2},
+    }
+    assert set(constant) <= set(shapes)
+    for name, dims in constant.items():
+        for shape in shapes[name]:
+            assert all(shape[dim_] == n for dim_, n in dims.items()), (name, shape)
+    varying = {  # input: the dimensions that vary and were seen at more than 1
+        "l_x_": [0], "l_gate_up_": [0], "l_qkv_": [0, 1], "l_scores_": [0, 2, 3],
+        "l_starts_": [0], "l_offsets_": [0], "l_key_positions_": [0],
+    }
+    for name, dims in varying.items():
+        for dim_ in dims:
+            assert any(shape[dim_] == "symbolic" for shape in shapes[name]), (name, dim_)
+
+
 def test_unsupported_models_are_refused_clearly() -> None:
     assert supports(qwen2(0)) and supports(llama(0))
     sliding = Qwen2ForCausalLM(Qwen2Config(
