@@ -338,6 +338,45 @@ def test_ragged_batch_equals_each_sequence_alone(model) -> None:
         torch.testing.assert_close(last[b], alone.forward(singles[b]), rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_batch_reads_the_cache_in_place_or_gathered_alike(
+    model, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attention over a gathered copy of the batch's rows, or over every slot in place (the
+    batch's queries scattered to their slots): the same logits, for rows in any slot order,
+    beside a slot in use that is not in the batch (whose K/V must be left as they were) and a
+    free one."""
+    monkeypatch.setattr(fast_model, "DIRECT_READ_FACTOR", 1 << 20 if direct else 0)
+    calls: list[bool] = []
+    real = fast_model._direct_read
+    monkeypatch.setattr(
+        fast_model, "_direct_read", lambda *args: calls.append(real(*args)) or calls[-1]
+    )
+    runner = StaticRunner(model, num_slots=5, max_len=48)
+    bystander = runner.new_sequence()
+    aside = random_tokens(7, seed=40)
+    bystander.forward(aside[:6])
+    sequences = [runner.new_sequence() for _ in range(3)]
+    prompts = [random_tokens(n, seed=41 + n) for n in (4, 11, 8)]
+    order = [2, 0, 1]  # slots 3, 1, 2: not in slot order
+    calls.clear()  # the bystander's forward read its own slot's view
+    batch = [sequences[b] for b in order]
+    prefill = runner.forward_batch(batch, [prompts[b] for b in order], [2, 2, 2])
+    steps = [random_tokens(n, seed=50 + n) for n in (3, 1, 2)]
+    logits = runner.forward_batch(
+        batch, [steps[b] for b in order], [len(steps[b]) for b in order]
+    )
+    assert set(calls) == {direct}
+    for row, b in enumerate(order):
+        expected = reference_logits(model, prompts[b] + steps[b])
+        n = len(prompts[b])
+        torch.testing.assert_close(prefill[row], expected[n - 2 : n], rtol=0, atol=ATOL)
+        torch.testing.assert_close(logits[row], expected[n:], rtol=0, atol=ATOL)
+    torch.testing.assert_close(  # the bystander's cache is as it left it
+        bystander.forward(aside[6:]), reference_logits(model, aside)[-1:], rtol=0, atol=ATOL
+    )
+
+
 def reference_greedy(model: PreTrainedModel, prompt: list[int], n: int) -> list[int]:
     """The target's own greedy tokens, by full forward passes with no cache at all."""
     tokens = list(prompt)
