@@ -292,6 +292,33 @@ def _split_rotate(
     )
 
 
+def _write_kv(
+    buffer: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor
+) -> None:
+    """Write K and V [B, T, Hkv, 2, D] into one layer's ``buffer`` [slots, Hkv, 2, max_len, D]
+    (see :class:`StaticKVCache`) at (slot b, position b, t): one store for K and V together."""
+    buffer[slots[:, None], :, :, positions] = kv
+
+
+def _rotate_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    buffer: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+) -> torch.Tensor:
+    """:func:`_split_rotate`, its K and V written into the cache (:func:`_write_kv`) where they
+    are computed: compiled, the store is part of the rotation's kernel rather than a kernel of
+    its own (inductor updates the buffer in place; it does not copy it). The queries."""
+    stacked, kv = _split_rotate(qkv, cos, sin, heads, kv_heads, dim)
+    _write_kv(buffer, slots, positions, kv)
+    return stacked
+
+
 def _placement(
     starts: torch.Tensor,
     inv_freq: torch.Tensor,
@@ -360,6 +387,9 @@ class _Pointwise:
     silu_mul: Callable[..., torch.Tensor]
     masked_softmax: Callable[..., torch.Tensor]
     placement: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    rotate_store: Callable[..., torch.Tensor] | None = None
+    """Compiled only: :func:`_rotate_store`. Eager, the K and V are written by
+    :meth:`_Placement.write`, which writes a row known on the host through a view."""
 
     @classmethod
     def eager(cls) -> _Pointwise:
@@ -389,9 +419,10 @@ class _Pointwise:
         def compile_(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
-        rms_norm, add_rms_norm, split_rotate, silu_mul, masked_softmax, placement = (
+        rms_norm, add_rms_norm, split_rotate, silu_mul, masked_softmax, placement, store = (
             compile_(fn) for fn in (
-                _rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax, _placement
+                _rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax, _placement,
+                _rotate_store,
             )
         )
         return cls(
@@ -406,6 +437,9 @@ class _Pointwise:
             placement=lambda starts, inv_freq, offsets, key_positions, group, dtype: placement(
                 _vary(starts, 0), inv_freq, _vary(offsets, 0), _vary(key_positions, 0), group,
                 dtype),
+            rotate_store=lambda qkv, cos, sin, buffer, slots, positions, heads, kv_heads, dim: (
+                store(_vary(qkv, 0, 1), _vary(cos, 0, 1), _vary(sin, 0, 1), buffer,
+                      _vary(slots, 0), _vary(positions, 0, 1), heads, kv_heads, dim)),
         )
 
     def smoke_test(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -418,8 +452,12 @@ class _Pointwise:
             self.add_rms_norm(x, x, weight, 1e-6)
             self.silu_mul(x)
             angles = torch.zeros(2, 1, 1, 4, device=device, dtype=dtype)
-            self.split_rotate(torch.ones(2, 1, 16, device=device, dtype=dtype), angles, angles,
-                              2, 1, 4)
+            qkv = torch.ones(2, 1, 16, device=device, dtype=dtype)
+            self.split_rotate(qkv, angles, angles, 2, 1, 4)
+            if self.rotate_store is not None:
+                buffer = torch.zeros(2, 1, 2, 8, 4, device=device, dtype=dtype)
+                slots = torch.arange(2, device=device)
+                self.rotate_store(qkv, angles, angles, buffer, slots, slots[:, None], 2, 1, 4)
             mask = torch.ones(2, 1, 2, 8, device=device, dtype=torch.bool)
             self.masked_softmax(torch.ones(2, 2, 2, 8, device=device, dtype=dtype), mask, 0.5)
             starts = torch.zeros(2, dtype=torch.long, device=device)
@@ -454,17 +492,22 @@ class _Placement:
     host_row: tuple[int, int] | None  # (slot, start) of a one-row batch, known on the host
     direct: bool = False  # attention reads every slot in place (see DIRECT_READ_FACTOR)
 
-    def store(self, buffer: torch.Tensor, new: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def write(self, buffer: torch.Tensor, new: torch.Tensor) -> None:
         """Write ``new`` K and V [B, T, Hkv, 2, D] into one layer's ``buffer``
-        [slots, Hkv, 2, max_len, D] (see :class:`StaticKVCache`); return each row's first
-        ``kv_len`` positions, [B, Hkv, 2, kv_len, D], or with ``direct`` every slot's, in
-        place: [slots, Hkv, 2, kv_len, D]."""
-        if self.host_row is not None:  # views of the one slot: no index kernels, no gather
+        [slots, Hkv, 2, max_len, D] (see :class:`StaticKVCache`)."""
+        if self.host_row is not None:  # a view of the one slot: no index kernels
             slot, start = self.host_row
             buffer[slot, :, :, start : start + new.shape[1]] = new[0].permute(1, 2, 0, 3)
+        else:
+            _write_kv(buffer, self.slots, self.positions, new)
+
+    def read(self, buffer: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One layer's K and V for attention: each row's first ``kv_len`` positions,
+        [B, Hkv, 2, kv_len, D], or with ``direct`` every slot's, in place:
+        [slots, Hkv, 2, kv_len, D]."""
+        if self.host_row is not None:  # a view of the one slot: no gather
+            slot = self.host_row[0]
             return buffer[slot : slot + 1, :, :, :kv_len]
-        # Indexed by (slot b, position b, t): one store for K and V together.
-        buffer[self.slots[:, None], :, :, self.positions] = new
         # A gathered copy; index_select copies whole rows, where indexing ran a slower kernel.
         whole = buffer if kv_len == buffer.shape[3] else buffer[:, :, :, :kv_len]
         return whole if self.direct else whole.index_select(0, self.slots)
@@ -654,11 +697,17 @@ class FastDecoder:
         kv_len = mask.shape[-1]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         # GQA: the G query heads of one KV head are stacked along the query axis.
-        stacked, kv = self.pointwise.split_rotate(
-            layer.qkv(x).reshape(batch, width, -1), *rotary, heads, kv_heads, dim
-        )  # [B, Hkv, G*T, D], [B, T, Hkv, 2, D]
-
-        rows = place.store(cache.kv[index], kv, kv_len)
+        qkv = layer.qkv(x).reshape(batch, width, -1)
+        buffer = cache.kv[index]
+        ops = self.pointwise
+        if ops.rotate_store is not None:
+            stacked = ops.rotate_store(
+                qkv, *rotary, buffer, place.slots, place.positions, heads, kv_heads, dim
+            )  # [B, Hkv, G*T, D]
+        else:
+            stacked, kv = ops.split_rotate(qkv, *rotary, heads, kv_heads, dim)
+            place.write(buffer, kv)  # [B, T, Hkv, 2, D]
+        rows = place.read(buffer, kv_len)
         row_keys, row_values = rows[:, :, 0], rows[:, :, 1]  # [B or S, Hkv, kv_len, D] each
         if place.direct:  # each row's queries where its slot is, zeros in the other slots
             stacked = stacked.new_zeros((cache.num_slots, *stacked.shape[1:])).index_copy_(

@@ -509,7 +509,7 @@ def test_compiled_functions_keep_the_models_sizes_constant() -> None:
         "l_gate_up_": {1: 2 * intermediate},
         "l_qkv_": {2: (heads + 2 * kv_heads) * dim}, "l_cos_": {2: 1, 3: dim},
         "l_sin_": {2: 1, 3: dim}, "l_scores_": {1: kv_heads}, "l_mask_": {1: 1},
-        "l_inv_freq_": {0: dim // 2},
+        "l_inv_freq_": {0: dim // 2}, "l_buffer_": {0: 2, 1: kv_heads, 2: 2, 3: 32, 4: dim},
     }
     assert set(constant) <= set(shapes)
     for name, dims in constant.items():
@@ -517,7 +517,8 @@ def test_compiled_functions_keep_the_models_sizes_constant() -> None:
             assert all(shape[dim_] == n for dim_, n in dims.items()), (name, shape)
     varying = {  # input: the dimensions that vary and were seen at more than 1
         "l_x_": [0], "l_gate_up_": [0], "l_qkv_": [0, 1], "l_scores_": [0, 2, 3],
-        "l_starts_": [0], "l_offsets_": [0], "l_key_positions_": [0],
+        "l_starts_": [0], "l_offsets_": [0], "l_key_positions_": [0], "l_slots_": [0],
+        "l_positions_": [0, 1],
     }
     for name, dims in varying.items():
         for dim_ in dims:
