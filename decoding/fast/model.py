@@ -398,7 +398,7 @@ class _Pointwise:
         )
 
     @classmethod
-    def compiled(cls, backend: Any = "inductor") -> _Pointwise:
+    def compiled(cls, backend: Any = "inductor", fused_store: bool = True) -> _Pointwise:
         """Each function compiled with only the sizes that vary between a model's calls
         symbolic: the batch, the width, the tokens of a batch (B*T) and the attended length,
         each marked as it comes in (a size of 1 still gets a kernel of its own). Everything
@@ -408,7 +408,7 @@ class _Pointwise:
         a generated kernel then divides by sizes it only learns at run time (as the C++ that
         inductor generates on a CPU shows; on a GPU, run 8 measured the compiled silu-mul at
         16.7 µs a call for 16 rows, 4.9 times its time for one). ``backend``: for tests, which
-        record what is compiled."""
+        record what is compiled. ``fused_store``: compile :func:`_rotate_store` too."""
         # Leave room for a few models in one process: each compiles each function up to four
         # times (a varying size of 1 or more, for each of up to two such sizes).
         config: Any = torch._dynamo.config
@@ -437,9 +437,11 @@ class _Pointwise:
             placement=lambda starts, inv_freq, offsets, key_positions, group, dtype: placement(
                 _vary(starts, 0), inv_freq, _vary(offsets, 0), _vary(key_positions, 0), group,
                 dtype),
-            rotate_store=lambda qkv, cos, sin, buffer, slots, positions, heads, kv_heads, dim: (
-                store(_vary(qkv, 0, 1), _vary(cos, 0, 1), _vary(sin, 0, 1), buffer,
-                      _vary(slots, 0), _vary(positions, 0, 1), heads, kv_heads, dim)),
+            rotate_store=(
+                lambda qkv, cos, sin, buffer, slots, positions, heads, kv_heads, dim: store(
+                    _vary(qkv, 0, 1), _vary(cos, 0, 1), _vary(sin, 0, 1), buffer,
+                    _vary(slots, 0), _vary(positions, 0, 1), heads, kv_heads, dim)
+            ) if fused_store else None,
         )
 
     def smoke_test(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -554,12 +556,18 @@ class FastDecoder:
         self.packed_weights = pack_weights
         self.pointwise = _Pointwise.eager()
         if compile:
-            try:
-                compiled = _Pointwise.compiled()
-                compiled.smoke_test(self.device, self.dtype)
-                self.pointwise = compiled
-            except Exception as exc:  # any failure to compile: run eagerly
-                log.warning("torch.compile failed here, so the fast path runs eagerly: %r", exc)
+            # The store fused into the rotation is the one compiled function that mutates an
+            # input; where it cannot be compiled, the others still are.
+            for fused_store in (True, False):
+                try:
+                    compiled = _Pointwise.compiled(fused_store=fused_store)
+                    compiled.smoke_test(self.device, self.dtype)
+                    self.pointwise = compiled
+                    break
+                except Exception as exc:  # any failure to compile
+                    log.warning("torch.compile failed here%s: %r", (
+                        ", so K and V are stored by a kernel of their own" if fused_store
+                        else ", so the fast path runs eagerly"), exc)
         self.compiled = self.pointwise.rms_norm is not _rms_norm
 
         def linear(*modules: torch.nn.Module) -> Linear:

@@ -525,6 +525,39 @@ def test_compiled_functions_keep_the_models_sizes_constant() -> None:
             assert any(shape[dim_] == "symbolic" for shape in shapes[name]), (name, dim_)
 
 
+def test_a_store_that_does_not_compile_leaves_the_rest_compiled(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the rotation with the fused K/V store fails its start-up compile, the other
+    functions stay compiled and K/V are written by the eager store; where they all fail, the
+    decoder runs eagerly. (Dynamo's eager backend here: the failures are made up.)"""
+    real = fast_model._Pointwise.compiled.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(fast_model._Pointwise, "compiled", classmethod(
+        lambda cls, fused_store=True: real(cls, backend="eager", fused_store=fused_store)))
+    real_smoke = fast_model._Pointwise.smoke_test
+    failing = {"store"}
+
+    def smoke(self, device: torch.device, dtype: torch.dtype) -> None:
+        if "all" in failing or self.rotate_store is not None:
+            raise RuntimeError("made up")
+        real_smoke(self, device, dtype)
+
+    monkeypatch.setattr(fast_model._Pointwise, "smoke_test", smoke)
+    model = qwen2(0)
+    tokens = random_tokens(9, seed=23)
+    runner = StaticRunner(model, num_slots=1, max_len=16, pack_weights=False, compile=True)
+    assert runner.decoder.compiled and runner.decoder.pointwise.rotate_store is None
+    assert "so K and V are stored by a kernel of their own" in caplog.text
+    sequence = runner.new_sequence()
+    with torch.inference_mode():
+        logits = [sequence.forward(tokens[:8], num_logits=8), sequence.forward(tokens[8:])]
+    torch.testing.assert_close(torch.cat(logits), reference_logits(model, tokens), rtol=0,
+                               atol=ATOL)
+    failing.add("all")
+    assert not FastDecoder(model, compile=True).compiled
+    assert "so the fast path runs eagerly" in caplog.text
+
+
 def test_unsupported_models_are_refused_clearly() -> None:
     assert supports(qwen2(0)) and supports(llama(0))
     sliding = Qwen2ForCausalLM(Qwen2Config(
