@@ -1,0 +1,256 @@
+"""The fast path's forward under its variants, timed against each other in one process.
+
+``python -m bench.forward_ab --out DIR`` builds random-weight models of the real Qwen2.5 shapes
+(as :mod:`bench.gpu` does: the 0.5B draft and the 1.5B target by default) and times one
+forward of :class:`~decoding.fast.model.FastDecoder` per (batch size, width), every row
+attending ``--kv-len`` positions of a cache of ``--slots`` slots (default 17: bench.gpu's
+concurrency runs, 16 requests and the graphs' scratch slot; the engine's own default is 8
+requests, 9 slots), under each variant:
+
+- ``default``: as the engine runs it. Attention reads the cache in place where the batch has
+  at least 1/``DIRECT_READ_FACTOR`` of the slots, else a gathered copy of its rows; compiled,
+  each layer's K/V are stored by the rotation's kernel.
+- ``gather``: attention always over the gathered copy.
+- ``in-place``: attention always over every slot in place.
+- ``store-apart``: compiled without the fused store (the rotation compiled, the store an
+  indexing kernel of its own).
+
+On CUDA each shape is a captured CUDA graph (:class:`~decoding.fast.graphs.DecodeGraphs`),
+replayed ``--repeats`` times (each with the copy of its inputs, as the engine replays it)
+between two CUDA events: milliseconds per forward. Elsewhere (the tests, ``--quick``) the
+forwards run eagerly, which checks the plumbing and says nothing about speed. Every variant's
+logits are compared with the default's (the largest difference is reported; in bfloat16
+different kernels round differently).
+Results: ``forward_ab.json`` in ``--out`` and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.gpu import (
+    DRAFT_SHAPE,
+    QWEN_VOCAB,
+    TARGET_SHAPES,
+    TINY_DRAFT_SHAPE,
+    TINY_TARGET_SHAPES,
+    TINY_VOCAB,
+    Shape,
+    build_model,
+    machine_info,
+    resolve,
+    synchronize,
+)
+from decoding.fast import model as fast_model
+from decoding.fast.model import FastDecoder
+
+RESULTS_JSON = "forward_ab.json"
+VARIANTS = ("default", "gather", "in-place", "store-apart")
+
+
+@contextlib.contextmanager
+def variant_settings(decoder: FastDecoder, variant: str) -> Iterator[None]:
+    """``decoder`` set up as ``variant`` for the duration (see the module's docstring)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
+    factor, pointwise = fast_model.DIRECT_READ_FACTOR, decoder.pointwise
+    try:
+        if variant == "gather":
+            fast_model.DIRECT_READ_FACTOR = 0
+        elif variant == "in-place":
+            fast_model.DIRECT_READ_FACTOR = 1 << 20
+        elif variant == "store-apart":
+            decoder.pointwise = dataclasses.replace(pointwise, rotate_store=None)
+        yield
+    finally:
+        fast_model.DIRECT_READ_FACTOR, decoder.pointwise = factor, pointwise
+
+
+def inputs(batch: int, width: int, slots: Sequence[int], kv_len: int, vocab: int,
+           seed: int) -> tuple[list[list[int]], list[int], list[int]]:
+    """Tokens, slots and starts of one batch: every row ends at ``kv_len``."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(vocab, (batch, width), generator=generator).tolist()
+    return tokens, list(slots[:batch]), [kv_len - width] * batch
+
+
+def time_variant(
+    decoder: FastDecoder, cache: Any, variant: str, shapes: Sequence[tuple[int, int]],
+    kv_len: int, vocab: int, repeats: int, seed: int,
+) -> dict[tuple[int, int], tuple[float | None, torch.Tensor]]:
+    """(batch, width) -> (ms per forward on CUDA, else None; the logits of its last call)."""
+    device = cache.kv.device
+    results: dict[tuple[int, int], tuple[float | None, torch.Tensor]] = {}
+    with variant_settings(decoder, variant), torch.inference_mode():
+        cache.kv.zero_()  # every variant reads the same cache: zeros below its rows' tokens
+        slots = [cache.allocate() for _ in range(max(batch for batch, _ in shapes))]
+        try:
+            if device.type == "cuda":
+                results = _time_graphs(decoder, cache, shapes, slots, kv_len, vocab, repeats,
+                                       seed)
+            else:
+                for batch, width in shapes:
+                    tokens, rows, starts = inputs(batch, width, slots, kv_len, vocab, seed)
+                    logits = decoder.forward(
+                        torch.tensor(tokens, device=device), torch.tensor(rows, device=device),
+                        torch.tensor(starts, device=device), cache, num_logits=width,
+                        kv_len=kv_len,
+                    )
+                    results[batch, width] = (None, logits.float().cpu())
+        finally:
+            for slot in slots:
+                cache.free(slot)
+    return results
+
+
+def _time_graphs(
+    decoder: FastDecoder, cache: Any, shapes: Sequence[tuple[int, int]], slots: Sequence[int],
+    kv_len: int, vocab: int, repeats: int, seed: int,
+) -> dict[tuple[int, int], tuple[float | None, torch.Tensor]]:
+    from decoding.fast.graphs import DecodeGraphs
+
+    batches = sorted({batch for batch, _ in shapes})
+    widths = sorted({width for _, width in shapes})
+    graphs = DecodeGraphs(decoder, cache, batches, widths, kv_lengths=(kv_len,))
+    results: dict[tuple[int, int], tuple[float | None, torch.Tensor]] = {}
+    try:
+        for batch, width in shapes:
+            tokens, rows, starts = inputs(batch, width, slots, kv_len, vocab, seed)
+            graphs.run(tokens, rows, starts)  # the first replay of this shape
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            synchronize(cache.kv.device)
+            start.record()
+            for _ in range(repeats):  # each: one copy of the inputs, one replay; no waits
+                logits = graphs.run(tokens, rows, starts)
+            end.record()
+            synchronize(cache.kv.device)
+            assert logits is not None, f"no graph for batch {batch}, width {width}"
+            results[batch, width] = (start.elapsed_time(end) / repeats, logits.float().cpu())
+    finally:
+        cache.free(graphs.scratch_slot)
+        del graphs
+    return results
+
+
+def bench_model(
+    name: str, shape: Shape, vocab: int, device: torch.device, dtype: torch.dtype, *,
+    batches: Sequence[int], widths: Sequence[int], kv_len: int, slots: int, repeats: int,
+    variants: Sequence[str], compile: bool, seed: int, log: Callable[[str], None],
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    model = build_model(shape, vocab, device, dtype, seed)
+    decoder = FastDecoder(model, compile=compile)
+    cache = decoder.new_cache(slots, kv_len)
+    shapes = [(batch, width) for width in widths for batch in batches]
+    log(f"{name}: built in {time.perf_counter() - started:.1f} s (compiled: {decoder.compiled}, "
+        f"fused store: {decoder.pointwise.rotate_store is not None})")
+    section: dict[str, Any] = {
+        "shape": dataclasses.asdict(shape), "compiled": decoder.compiled,
+        "fused_store": decoder.pointwise.rotate_store is not None, "variants": {},
+    }
+    reference: dict[tuple[int, int], torch.Tensor] = {}
+    for variant in variants:
+        if variant == "store-apart" and decoder.pointwise.rotate_store is None:
+            continue  # the same as the default here
+        started = time.perf_counter()
+        timed = time_variant(decoder, cache, variant, shapes, kv_len, vocab, repeats, seed)
+        rows = []
+        for (batch, width), (ms, logits) in timed.items():
+            reference.setdefault((batch, width), logits)
+            diff = (logits - reference[batch, width]).abs().max().item()
+            rows.append({"batch": batch, "width": width, "ms": ms, "max_abs_diff": diff})
+        section["variants"][variant] = rows
+        log(f"{name} {variant}: {time.perf_counter() - started:.1f} s")
+    del cache, decoder, model
+    return section
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = []
+    for name, section in results["models"].items():
+        variants = section["variants"]
+        if not variants:
+            continue
+        shapes = [(row["batch"], row["width"]) for row in next(iter(variants.values()))]
+        header = f"{name} (ms per forward)".ljust(26) + "".join(
+            f"b{batch} w{width}".rjust(10) for batch, width in shapes)
+        lines += [header, "-" * len(header)]
+        for variant, rows in variants.items():
+            cells = "".join(
+                ("-" if row["ms"] is None else f"{row['ms']:.3f}").rjust(10) for row in rows)
+            worst = max(row["max_abs_diff"] for row in rows)
+            lines.append(f"  {variant:<24}{cells}   (logits vs default: {worst:.2g})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.forward_ab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/out/forward_ab")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (seconds on a CPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--models", default="draft,1.5b",
+                   help="draft, and targets of bench.gpu (1.5b, 7b; with --quick tiny-s, tiny-l)")
+    p.add_argument("--batches", default="1,2,4,8,16")
+    p.add_argument("--widths", default="1,4")
+    p.add_argument("--kv-len", type=int, default=256)
+    p.add_argument("--slots", type=int, default=17)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the decoder's elementwise parts (auto: on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device, dtype = resolve(args.device, args.dtype)
+    draft, targets, vocab = (
+        (TINY_DRAFT_SHAPE, TINY_TARGET_SHAPES, TINY_VOCAB) if args.quick
+        else (DRAFT_SHAPE, TARGET_SHAPES, QWEN_VOCAB)
+    )
+    names = [name for name in args.models.split(",") if name]
+    unknown = [name for name in names if name != "draft" and name not in targets]
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}: draft or one of {sorted(targets)}")
+    variants = [variant for variant in args.variants.split(",") if variant]
+    if any(variant not in VARIANTS for variant in variants):
+        raise SystemExit(f"variants are among {', '.join(VARIANTS)}")
+    compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "machine": machine_info(device), "dtype": str(dtype), "kv_len": args.kv_len,
+        "slots": args.slots, "repeats": args.repeats,
+        "direct_read_factor": fast_model.DIRECT_READ_FACTOR, "models": {},
+    }
+    for name in names:
+        shape = draft if name == "draft" else targets[name]
+        results["models"][name] = bench_model(
+            name, shape, vocab, device, dtype,
+            batches=[int(b) for b in args.batches.split(",")],
+            widths=[int(w) for w in args.widths.split(",")], kv_len=args.kv_len,
+            slots=args.slots, repeats=args.repeats, variants=variants, compile=compile,
+            seed=args.seed, log=lambda message: print(message, flush=True),
+        )
+        (out / RESULTS_JSON).write_text(json.dumps(results, indent=1))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
