@@ -17,6 +17,7 @@ forward of that row overwrites them before any query can attend to them).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Callable, Sequence
@@ -604,6 +605,11 @@ class FastDecoder:
         # Computed on the CPU as transformers does, then moved: the same float32 values.
         inv_freq = 1.0 / (rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         self.inv_freq = inv_freq.to(self.device)
+
+    def store_apart(self) -> None:
+        """Store each layer's K/V with a kernel of its own from now on, the rest still
+        compiled (after a failure that may have been the fused store's)."""
+        self.pointwise = dataclasses.replace(self.pointwise, rotate_store=None)
 
     def run_eagerly(self) -> None:
         """Run the elementwise functions uncompiled from now on (after a failure that may

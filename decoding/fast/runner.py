@@ -95,18 +95,33 @@ class StaticRunner:
     def _capture_graphs(self, capture: Callable[[], DecodeGraphs]) -> DecodeGraphs | None:
         """``capture()``'s graphs; where it fails, without them. Capturing is the first call
         of the compiled functions at the real shapes, so a failure may be theirs, and an eager
-        forward would call them too: where the decoder is compiled, it is then made to run
-        eagerly and capturing is tried once more. What failed is kept in ``graph_failure``."""
+        forward would call them too: where the decoder is compiled, it then stores K/V apart
+        (the one compiled function that writes into the cache) and capturing is tried again;
+        where that fails too, it runs eagerly and capturing is tried once more. What failed is
+        kept in ``graph_failure``."""
         # Only the failure's text is kept: the exception's traceback would keep the failed
-        # try's graphs, and the device memory they hold, alive through the second try.
+        # try's graphs, and the device memory they hold, alive through the next try.
         try:
             return capture()
         except (RuntimeError, torch.OutOfMemoryError) as exc:  # includes compile errors
             failure = repr(exc)
+        if self.decoder.pointwise.rotate_store is not None:
+            log.warning("CUDA graph capture failed with the K/V store compiled into the "
+                        "rotation, so K and V are stored apart from now on; capturing again: %s",
+                        failure)
+            self.graph_failure = f"fused store: {failure}"
+            self.decoder.store_apart()
+            try:
+                return capture()
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                failure = repr(exc)
         if self.decoder.compiled:
             log.warning("CUDA graph capture failed with the compiled functions, so they run "
                         "uncompiled from now on; capturing again: %s", failure)
-            self.graph_failure = f"compiled: {failure}"
+            self.graph_failure = (
+                f"{self.graph_failure}; compiled: {failure}" if self.graph_failure
+                else f"compiled: {failure}"
+            )
             self.decoder.run_eagerly()
             try:
                 return capture()

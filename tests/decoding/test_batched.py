@@ -8,6 +8,7 @@ replay the decoder eagerly, so everything but the capture itself runs here.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from decoding.batched import plain_steps_batch, speculative_step_batch
 from decoding.fast.cache import StaticKVCache
 from decoding.fast.graphs import DecodeGraphs, _Captured
-from decoding.fast.model import FastDecoder
+from decoding.fast.model import FastDecoder, _rotate_store
 from decoding.fast.runner import StaticRunner
 from decoding.params import SamplingParams
 from decoding.speculative import SequenceState, plain_steps, speculative_step
@@ -202,6 +203,38 @@ def test_a_capture_that_fails_compiled_is_retried_uncompiled(pair) -> None:
         lambda d: True, other.decoder, other.cache, (1,), (1,), (64,)))
     assert never is None and other.cache.free_slots == free
     assert other.graph_failure is not None and "; uncompiled: " in other.graph_failure
+
+
+def test_a_capture_that_fails_with_the_fused_store_is_retried_with_it_apart(pair) -> None:
+    """Where capturing fails while K/V are stored by the compiled rotation, the decoder stores
+    them apart, still compiled, and capturing is tried again; where that fails too, it goes on
+    uncompiled, as above. (The fused store here is :func:`_rotate_store` uncompiled.)"""
+    runner = StaticRunner(pair[0], num_slots=3, max_len=64)
+    decoder = runner.decoder
+    decoder.compiled = True  # as torch.compile leaves it (not compiled here: CPU time)
+    decoder.pointwise = dataclasses.replace(decoder.pointwise, rotate_store=_rotate_store)
+    split = decoder.pointwise.split_rotate
+    graphs = runner._capture_graphs(lambda: _FailingGraphs(
+        lambda d: d.pointwise.rotate_store is not None, decoder, runner.cache, (1, 2), (1,),
+        (64,)))
+    assert graphs is not None and decoder.compiled
+    assert decoder.pointwise.rotate_store is None and decoder.pointwise.split_rotate is split
+    assert runner.graph_failure is not None and runner.graph_failure.startswith("fused store:")
+    runner.graphs = graphs
+    sequence = runner.new_sequence()
+    logits = runner.forward_batch([sequence], [[5, 6, 7]], [1])[0]
+    expected = pair[0](torch.tensor([[5, 6, 7]])).logits[0, -1:]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=ATOL)
+
+    other = StaticRunner(pair[1], num_slots=3, max_len=64)
+    other.decoder.compiled = True
+    other.decoder.pointwise = dataclasses.replace(other.decoder.pointwise,
+                                                  rotate_store=_rotate_store)
+    assert other._capture_graphs(lambda: _FailingGraphs(
+        lambda d: d.compiled, other.decoder, other.cache, (1,), (1,), (64,))) is not None
+    assert not other.decoder.compiled and other.decoder.pointwise.rotate_store is None
+    assert other.graph_failure is not None
+    assert other.graph_failure.startswith("fused store: ") and "; compiled: " in other.graph_failure
 
 
 def test_a_catch_up_runs_as_graph_replays_of_the_widest(pair) -> None:
