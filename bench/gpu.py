@@ -511,9 +511,10 @@ def describe_costs(costs: Any) -> dict[str, Any]:
 
 
 def describe_fast_path(engine: Any) -> dict[str, Any]:
-    """Whether each model runs in CUDA graphs and compiled, why capture failed where it did,
-    and how many plain steps go at once: a run that fell back to a slower path says so in
-    its results, not only in a log line."""
+    """Whether each model runs in CUDA graphs, compiled and with the K/V store fused into the
+    rotation, why capture failed where it did, how many plain steps go at once, and from what
+    share of the slots a batch reads the cache in place: a run that fell back to a slower path
+    says so in its results, not only in a log line."""
     described: dict[str, Any] = {
         "decode_steps": getattr(getattr(engine, "stepper", None), "decode_steps", None)}
     for name in ("target", "draft"):
@@ -522,8 +523,12 @@ def describe_fast_path(engine: Any) -> dict[str, Any]:
         described[name] = None if decoder is None else {
             "graphs": getattr(runner, "graphs", None) is not None,
             "compiled": bool(decoder.compiled),
+            "fused_store": getattr(decoder.pointwise, "rotate_store", None) is not None,
             "graph_failure": getattr(runner, "graph_failure", None),
         }
+    from decoding.fast import model as fast_model
+
+    described["direct_read_factor"] = fast_model.DIRECT_READ_FACTOR
     return described
 
 
@@ -559,7 +564,8 @@ def _fast_path_line(detail: dict[str, Any] | None) -> str | None:
         model = detail.get(name)
         parts.append(f"{name} " + ("not on the fast path" if model is None else
                                    f"graphs {_yes(model['graphs'])}, compiled "
-                                   f"{_yes(model['compiled'])}"))
+                                   f"{_yes(model['compiled'])}, fused K/V store "
+                                   f"{_yes(model.get('fused_store'))}"))
     line = "  fast path: " + "; ".join(parts) + f"; decode steps {detail.get('decode_steps')}"
     failures = [f"{name}: {detail[name]['graph_failure'][:300]}" for name in ("target", "draft")
                 if detail.get(name) and detail[name].get("graph_failure")]  # whole in the JSON

@@ -224,9 +224,10 @@ def test_gpu_bench_quick_run_writes_json_and_plots(
         assert rows["tandem_alpha_0.5"]["policy_before"] == rows["tandem_alpha_0_g3"][
             "policy_after"] != rows["tandem_alpha_0.5"]["policy_after"]
         # On a CPU: the fast path, uncompiled, without graphs, nothing failed; 2 steps at once.
-        plain = {"graphs": False, "compiled": False, "graph_failure": None}
+        plain = {"graphs": False, "compiled": False, "fused_store": False,
+                 "graph_failure": None}
         assert section["fast_path_detail"] == {
-            "decode_steps": 2, "target": plain, "draft": plain}
+            "decode_steps": 2, "target": plain, "draft": plain, "direct_read_factor": 3}
     # Each target's engine timed its steps by the clock that leaves out the oracle's refills.
     assert len(clocks) == 2 and all(len(readings) > 10 for readings in clocks)
     profile = (out / results["targets"]["tiny-s"]["profile"]).read_text()  # the first target's
@@ -249,9 +250,8 @@ def test_gpu_bench_quick_run_writes_json_and_plots(
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "tandem_off" in table and "aggregate tok/s" in table
-    assert table.count("fast path: target graphs no, compiled no; draft graphs no, compiled no;"
-                       " decode steps 2") == 2  # one line per target
-
+    assert table.count("fast path: target graphs no, compiled no, fused K/V store no; draft"
+                       " graphs no, compiled no, fused K/V store no; decode steps 2") == 2
 
 def test_the_engines_step_clock_leaves_out_the_oracles_refills() -> None:
     """The engine corrects adaptive γ by its steps' wall times; a refill (HF generate inside a
@@ -295,12 +295,13 @@ def test_a_concurrent_run_is_warmed_up_with_all_its_prompts_at_once(
 
 def test_the_table_says_where_a_model_fell_back_from_graphs() -> None:
     detail = {"decode_steps": 1, "draft": {"graphs": True, "compiled": True,
-                                           "graph_failure": None},
+                                           "fused_store": True, "graph_failure": None},
               "target": {"graphs": False, "compiled": False,
                          "graph_failure": "compiled: RuntimeError('x'); uncompiled: OOM"}}
     line = gpu._fast_path_line(detail)
-    assert line == ("  fast path: target graphs no, compiled no; draft graphs yes, compiled yes;"
-                    " decode steps 1\n  graph capture failed, target: compiled: "
+    assert line == ("  fast path: target graphs no, compiled no, fused K/V store -; draft graphs"
+                    " yes, compiled yes, fused K/V store yes; decode steps 1\n"
+                    "  graph capture failed, target: compiled: "
                     "RuntimeError('x'); uncompiled: OOM")
 
 
