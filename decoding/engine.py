@@ -124,6 +124,7 @@ class Engine:
         self.draft: Any
         if self.batched:
             from decoding.fast import StaticRunner
+            from decoding.fast.runner import GRAPH_LAST_ONLY_WIDTHS
 
             context_window = min(context_window, config.max_context)
             # Room for a verify step (γ+1) and the padding of a batched draft catch-up.
@@ -134,18 +135,20 @@ class Engine:
             # One CUDA graph per shape a step uses: every batch size up to the concurrency limit
             # (padded to a power of two), the target at every verify width, the draft at one
             # token and at a two-token catch-up, and for one request alone at catch-ups of up
-            # to 32 tokens (longer ones as several replays, up to 128). Other shapes run
-            # eagerly.
+            # to 32 tokens. Both models also have last-only graphs for prefills and longer
+            # catch-ups (GRAPH_LAST_ONLY_WIDTHS). Other shapes run eagerly.
             batches = batch_sizes(config.max_concurrent_requests)
             verify_widths = tuple(range(1, config.max_speculative_tokens + 2))
             self.target = StaticRunner(
                 pair.target.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,
-                graph_batch_sizes=batches, graph_widths=verify_widths, compile=compile_,
+                graph_batch_sizes=batches, graph_widths=verify_widths,
+                graph_last_only_widths=GRAPH_LAST_ONLY_WIDTHS, compile=compile_,
             )
             self.draft = StaticRunner(
                 pair.draft.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,
                 graph_batch_sizes=batches, graph_widths=(1, 2),
-                graph_catch_up_widths=(4, 8, 16, 32), compile=compile_,
+                graph_catch_up_widths=(4, 8, 16, 32),
+                graph_last_only_widths=GRAPH_LAST_ONLY_WIDTHS, compile=compile_,
             )
         else:
             self.target = ModelRunner(pair.target.model)

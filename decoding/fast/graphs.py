@@ -16,7 +16,7 @@ stand-in graphs that replay eagerly (tests/decoding/test_batched.py), not the ca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +33,22 @@ class _Captured:
     tokens: torch.Tensor  # [B, T] long, static input (a view of inputs)
     slots: torch.Tensor  # [B] long, static input (a view of inputs)
     starts: torch.Tensor  # [B] long, static input (a view of inputs)
-    logits: torch.Tensor  # [B, T, vocab] float32, static output (overwritten by each replay)
+    logits: torch.Tensor  # [B, T or 1, vocab] float32, static output (overwritten by each replay)
+    picks: torch.Tensor | None = None  # [B] long, static input: the one position of each row
+    # whose logits a last-only graph computes (its logits then [B, 1, vocab]); None: every one's
+
+
+LAST_ONLY_TOKENS = 1024
+"""Last-only graphs (see :class:`DecodeGraphs`) are captured for batch sizes and widths of at
+most this many tokens together."""
 
 
 class DecodeGraphs:
     """One CUDA graph per (batch size, width, attended length); :meth:`run` replays the
-    smallest that fits."""
+    smallest that fits. Also *last-only* graphs, which compute the logits of one position per
+    row, for forwards that need no more (a prompt's prefill, a catch-up): at wide widths the
+    logits of every position would be most of a graph's memory. :meth:`run_last` replays the
+    smallest of those that fits."""
 
     def __init__(
         self,
@@ -48,14 +58,19 @@ class DecodeGraphs:
         widths: Sequence[int],
         kv_lengths: Sequence[int] = (),
         single_widths: Sequence[int] = (),
+        last_only_widths: Sequence[int] = (),
     ) -> None:
         """``kv_lengths``: the attended-length buckets (each capped at the cache's max_len,
         which is always one of them). ``single_widths``: more widths, captured at batch 1
-        only (one sequence catching up on several tokens)."""
+        only (one sequence catching up on several tokens). ``last_only_widths``: the widths of
+        last-only graphs, for each batch size where batch x width <= :data:`LAST_ONLY_TOKENS`:
+        at batch 1 for every attended length that holds the width, at larger batches for the
+        shortest (rows that start at 0, a prefill's first chunk, fit it)."""
         if cache.keys.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and its cache on a CUDA device")
         self._pool = torch.cuda.graph_pool_handle()
-        self._build(decoder, cache, batch_sizes, widths, kv_lengths, single_widths)
+        self._build(decoder, cache, batch_sizes, widths, kv_lengths, single_widths,
+                    last_only_widths)
 
     def _build(
         self,
@@ -65,6 +80,7 @@ class DecodeGraphs:
         widths: Sequence[int],
         kv_lengths: Sequence[int],
         single_widths: Sequence[int],
+        last_only_widths: Sequence[int] = (),
     ) -> None:
         """Take the scratch slot and capture every shape."""
         self.decoder = decoder
@@ -85,6 +101,12 @@ class DecodeGraphs:
             self.widths[1] = sorted({*self.widths.get(1, []), *single_widths})
             self.batch_sizes = sorted({1, *self.batch_sizes})
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
+        self.last_only_widths = {
+            batch: sorted(w for w in set(last_only_widths) if batch * w <= LAST_ONLY_TOKENS
+                          and w <= self.kv_lengths[-1])
+            for batch in sorted({*batch_sizes, *([1] if last_only_widths else [])})
+        }
+        self._last_only: dict[tuple[int, int, int], _Captured] = {}
         try:
             with torch.inference_mode(), torch.cuda.device(self._device_index):
                 for kv_len in self.kv_lengths:
@@ -92,6 +114,12 @@ class DecodeGraphs:
                         for width in batch_widths:
                             self._graphs[batch, width, kv_len] = self._capture(
                                 batch, width, kv_len)
+                for batch, batch_widths in self.last_only_widths.items():
+                    for width in batch_widths:
+                        fitting = [n for n in self.kv_lengths if n >= width]
+                        for kv_len in fitting if batch == 1 else fitting[:1]:
+                            self._last_only[batch, width, kv_len] = self._capture(
+                                batch, width, kv_len, last_only=True)
         except BaseException:
             cache.free(self.scratch_slot)  # the caller may try again, or run without graphs
             raise
@@ -102,25 +130,42 @@ class DecodeGraphs:
         return self.widths[size][-1] if size is not None else 0
 
     def _static_inputs(
-        self, batch: int, width: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One graph's inputs: one buffer [B*T + 2B] long, so that :meth:`run` refills them
-        all with one copy, and its views tokens [B, T], slots [B] (the scratch slot until
-        refilled) and starts [B]."""
-        inputs = torch.zeros(batch * width + 2 * batch, dtype=torch.long,
+        self, batch: int, width: int, last_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One graph's inputs: one buffer [B*T + 2B, or + 3B last-only] long, so that
+        :meth:`run` refills them all with one copy, and its views tokens [B, T], slots [B]
+        (the scratch slot until refilled), starts [B] and, last-only, picks [B]."""
+        rows = 3 + int(last_only)
+        inputs = torch.zeros(batch * (width + rows - 1), dtype=torch.long,
                              device=self.cache.keys.device)
-        flat_tokens, slots, starts = inputs.split([batch * width, batch, batch])
+        flat_tokens, slots, starts, *picks = inputs.split(
+            [batch * width, *[batch] * (rows - 1)])
         slots.fill_(self.scratch_slot)
-        return inputs, flat_tokens.view(batch, width), slots, starts
+        return inputs, flat_tokens.view(batch, width), slots, starts, (
+            picks[0] if picks else None)
 
-    def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
+    def _step(
+        self, tokens: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+        picks: torch.Tensor | None, kv_len: int,
+    ) -> Callable[[], torch.Tensor]:
+        """The forward a graph captures: logits [B, T, vocab], or last-only [B, 1, vocab]."""
+        if picks is None:
+            width = tokens.shape[1]
+            return lambda: self.decoder.forward(
+                tokens, slots, starts, self.cache, num_logits=width, kv_len=kv_len)
+
+        def last_only() -> torch.Tensor:
+            hidden = self.decoder.hidden_states(tokens, slots, starts, self.cache, kv_len)
+            return self.decoder.logits(
+                hidden.gather(1, picks[:, None, None].expand(-1, 1, hidden.shape[-1])))
+
+        return last_only
+
+    def _capture(self, batch: int, width: int, kv_len: int, last_only: bool = False
+                 ) -> _Captured:
         device = self.cache.keys.device
-        inputs, tokens, slots, starts = self._static_inputs(batch, width)
-
-        def step() -> torch.Tensor:
-            return self.decoder.forward(
-                tokens, slots, starts, self.cache, num_logits=width, kv_len=kv_len
-            )
+        inputs, tokens, slots, starts, picks = self._static_inputs(batch, width, last_only)
+        step = self._step(tokens, slots, starts, picks, kv_len)
 
         # Warm up on a side stream (lazy initialisation must not be captured), as the PyTorch
         # CUDA graphs documentation does.
@@ -133,7 +178,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = step()
-        return _Captured(graph, inputs, tokens, slots, starts, logits)
+        return _Captured(graph, inputs, tokens, slots, starts, logits, picks)
 
     def run(
         self,
@@ -148,22 +193,70 @@ class DecodeGraphs:
         shape fits (the caller runs eagerly). The logits are a view of the graph's static
         output, valid until the next replay of any graph here: copy them to keep them.
         Nothing here waits for the device (see :mod:`decoding.transfer`)."""
-        batch, width = (tokens.shape if isinstance(tokens, torch.Tensor)
-                        else (len(tokens), max(len(row) for row in tokens)))
-        size = next((n for n in self.batch_sizes if n >= batch), None)
+        return self._replay(self._graphs, self.batch_sizes, self.widths, tokens, slots, starts)
+
+    def run_last(
+        self,
+        tokens: Sequence[Sequence[int]],
+        slots: Sequence[int],
+        starts: Sequence[int],
+    ) -> torch.Tensor | None:
+        """:meth:`run` in the smallest last-only graph that holds the batch: the logits of
+        each row's last token, [B, 1, vocab], or None where none fits."""
+        sizes = [n for n, widths in self.last_only_widths.items() if widths]
+        picks = [len(row) - 1 for row in tokens]
+        return self._replay(self._last_only, sizes, self.last_only_widths, tokens, slots,
+                            starts, picks)
+
+    def last_only_fits(self, batch: int, width: int, start: int) -> bool:
+        """Whether :meth:`run_last` has a graph for ``batch`` rows of up to ``width`` tokens
+        from positions up to ``start``."""
+        sizes = [n for n, widths in self.last_only_widths.items() if widths]
+        return self._find(self._last_only, sizes, self.last_only_widths, batch, width,
+                          start) is not None
+
+    def _find(
+        self,
+        graphs: dict[tuple[int, int, int], _Captured],
+        sizes: Sequence[int],
+        widths: dict[int, list[int]],
+        batch: int,
+        width: int,
+        start: int,
+    ) -> tuple[_Captured, int, int] | None:
+        """The smallest of ``graphs`` for this batch, its batch size and its width."""
+        size = next((n for n in sizes if n >= batch), None)
         if size is None:
             return None
-        span = next((w for w in self.widths[size] if w >= width), None)
+        span = next((w for w in widths[size] if w >= width), None)
         if span is None:
             return None
-        needed = max(starts) + span  # every row's queries attend to positions below this
+        needed = start + span  # every row's queries attend to positions below this
         kv_len = next((n for n in self.kv_lengths if n >= needed), None)
-        captured = self._graphs.get((size, span, kv_len))  # type: ignore[arg-type]
-        if captured is None:
+        captured = graphs.get((size, span, kv_len))  # type: ignore[arg-type]
+        return None if captured is None else (captured, size, span)
+
+    def _replay(
+        self,
+        graphs: dict[tuple[int, int, int], _Captured],
+        sizes: Sequence[int],
+        widths: dict[int, list[int]],
+        tokens: Sequence[Sequence[int]] | torch.Tensor,
+        slots: Sequence[int],
+        starts: Sequence[int],
+        picks: Sequence[int] = (),
+    ) -> torch.Tensor | None:
+        batch, width = (tokens.shape if isinstance(tokens, torch.Tensor)
+                        else (len(tokens), max(len(row) for row in tokens)))
+        found = self._find(graphs, sizes, widths, batch, width, max(starts))
+        if found is None:
             return None
+        captured, size, span = found
         padding = size - batch
-        # Padding rows feed a token at position 0 into the scratch slot.
+        # Padding rows feed a token at position 0 into the scratch slot (and pick it).
         places = [*slots, *[self.scratch_slot] * padding, *starts, *[0] * padding]
+        if captured.picks is not None:
+            places += [*picks, *[0] * padding]
         if isinstance(tokens, torch.Tensor):
             # Positions past the given tokens keep the ids of earlier fills, all valid.
             captured.tokens[:batch, :width].copy_(tokens)

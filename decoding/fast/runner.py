@@ -32,6 +32,13 @@ smallest bucket that holds its rows, not over every slot position (on an H200 at
 matmul kernel, most likely attention's over all 4,106 positions, was a quarter of the device
 time)."""
 
+GRAPH_LAST_ONLY_WIDTHS = (16, 32, 64, 128, 256, 512)
+"""Widths of the last-only graphs the engine captures (see
+:class:`~decoding.fast.graphs.DecodeGraphs`): a prompt's first chunk of up to 512 tokens, or
+several prompts of up to 1,024 tokens together, and catch-ups, in one replay each. Eagerly, one
+64-token prefill of the 1.5B target took 25-44 ms on the H200 (run 8), a forward bound by its
+kernel launches. Powers of two: a row pads to at most twice its tokens. Not yet run on a GPU."""
+
 MAX_CATCH_UP_REPLAYS = 4
 """How many graph replays one sequence's catch-up may take (see ``graph_catch_up_widths``);
 longer feeds (a prompt) run as one eager forward, which for many tokens costs its arithmetic
@@ -50,7 +57,10 @@ class StaticRunner:
     ``graph_catch_up_widths``: more widths, captured for one sequence only; with them, one
     sequence's forward of up to :data:`MAX_CATCH_UP_REPLAYS` times the widest runs as that
     many replays (for a small model, whose eager forward costs its launches: a draft catching
-    up on the tokens it did not see).
+    up on the tokens it did not see). ``graph_last_only_widths``: widths of graphs that give
+    only each row's last logits (see :class:`~decoding.fast.graphs.DecodeGraphs`), which take
+    forwards that want no more and are wider than every other graph (prefills, catch-ups),
+    where they would otherwise run eagerly or as several replays.
     ``pack_weights``, ``compile`` and ``matmul_attention`` go to
     :class:`~decoding.fast.model.FastDecoder`.
     """
@@ -65,6 +75,7 @@ class StaticRunner:
         graph_batch_sizes: Sequence[int] = (1, 2, 4, 8),
         graph_widths: Sequence[int] = (1,),
         graph_catch_up_widths: Sequence[int] = (),
+        graph_last_only_widths: Sequence[int] = (),
         pack_weights: bool | None = None,
         compile: bool = False,
         matmul_attention: bool | None = None,
@@ -89,7 +100,7 @@ class StaticRunner:
 
             self.graphs = self._capture_graphs(lambda: DecodeGraphs(
                 self.decoder, self.cache, graph_batch_sizes, graph_widths, GRAPH_KV_LENGTHS,
-                graph_catch_up_widths,
+                graph_catch_up_widths, graph_last_only_widths,
             ))
 
     def _capture_graphs(self, capture: Callable[[], DecodeGraphs]) -> DecodeGraphs | None:
@@ -232,6 +243,7 @@ class StaticRunner:
             not isinstance(tokens, torch.Tensor)
             and num_logits[0] == 1
             and widest < width <= MAX_CATCH_UP_REPLAYS * widest
+            and not self.graphs.last_only_fits(1, width, sequences[0].length)  # one replay
         )
 
     def _replayed(self, sequence: StaticSequence, row: Sequence[int], transient: bool
@@ -259,6 +271,12 @@ class StaticRunner:
         batch = len(tokens)
         uniform = all(count == width for count in counts)
         if self.graphs is not None:
+            if (not isinstance(tokens, torch.Tensor) and width > self.graphs.widest(batch)
+                    and all(keep == 1 for keep in num_logits)):
+                last = self.graphs.run_last(tokens, slots, starts)  # [B, 1, vocab]
+                if last is not None:
+                    flat = last.reshape(batch, -1)
+                    return flat if transient else flat.clone()
             # Rows shorter than the graph's width are padded at the end, as eagerly: the
             # padding's K/V land past each row's length, and its logits are not picked.
             graphed = self.graphs.run(tokens, slots, starts)  # [B, span >= width, vocab]

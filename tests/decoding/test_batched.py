@@ -81,32 +81,37 @@ class EagerGraphs(DecodeGraphs):
 
     def __init__(self, decoder: FastDecoder, cache: StaticKVCache, batch_sizes: tuple[int, ...],
                  widths: tuple[int, ...], kv_lengths: tuple[int, ...],
-                 single_widths: tuple[int, ...] = ()) -> None:
+                 single_widths: tuple[int, ...] = (),
+                 last_only_widths: tuple[int, ...] = ()) -> None:
         self.replays = 0
+        self.last_only_replays = 0
         self.outputs: list[torch.Tensor] = []
-        self._build(decoder, cache, batch_sizes, widths, kv_lengths, single_widths)
+        self._build(decoder, cache, batch_sizes, widths, kv_lengths, single_widths,
+                    last_only_widths)
 
-    def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
-        inputs, tokens, slots, starts = self._static_inputs(batch, width)
+    def _capture(self, batch: int, width: int, kv_len: int, last_only: bool = False
+                 ) -> _Captured:
+        inputs, tokens, slots, starts, picks = self._static_inputs(batch, width, last_only)
+        forward = self._step(tokens, slots, starts, picks, kv_len)
 
         def step() -> torch.Tensor:
             self.replays += 1
-            return self.decoder.forward(
-                tokens, slots, starts, self.cache, num_logits=width, kv_len=kv_len
-            )
+            self.last_only_replays += int(last_only)
+            return forward()
 
-        output = torch.zeros(batch, width, VOCAB)
+        output = torch.zeros(batch, 1 if last_only else width, VOCAB)
         graph: torch.cuda.CUDAGraph = _EagerGraph(  # type: ignore[assignment]
             step, output, self.outputs)
-        return _Captured(graph, inputs, tokens, slots, starts, output)
+        return _Captured(graph, inputs, tokens, slots, starts, output, picks)
 
 
 def graphed_runner(
-    model: Qwen2ForCausalLM, num_slots: int, max_len: int, catch_up: tuple[int, ...] = ()
+    model: Qwen2ForCausalLM, num_slots: int, max_len: int, catch_up: tuple[int, ...] = (),
+    last_only: tuple[int, ...] = (),
 ) -> StaticRunner:
     runner = StaticRunner(model, num_slots=num_slots + 1, max_len=max_len)
     runner.graphs = EagerGraphs(runner.decoder, runner.cache, (1, 2, 4), (1, 3), (16, 64),
-                                catch_up)
+                                catch_up, last_only)
     runner.catch_up_in_graphs = bool(catch_up)
     return runner
 
@@ -155,10 +160,11 @@ class _FailingGraphs(EagerGraphs):
         self._fails = fails
         super().__init__(*args, **kwargs)
 
-    def _capture(self, batch: int, width: int, kv_len: int) -> _Captured:
+    def _capture(self, batch: int, width: int, kv_len: int, last_only: bool = False
+                 ) -> _Captured:
         if self._fails(self.decoder):
             raise RuntimeError("BackendCompilerFailed (stand-in)")
-        return super()._capture(batch, width, kv_len)
+        return super()._capture(batch, width, kv_len, last_only)
 
 
 def test_a_capture_that_fails_compiled_is_retried_uncompiled(pair) -> None:
@@ -267,6 +273,46 @@ def test_a_catch_up_runs_as_graph_replays_of_the_widest(pair) -> None:
             # Without catch-up graphs only what fits the graph of 3 replays.
             assert taken == (replays if runner is graphed else int(count <= 3 and keep == 1))
     assert {sequence.length for sequence in sequences.values()} == {53}
+
+
+def test_prefills_and_catch_ups_run_in_last_only_graphs(pair) -> None:
+    """A forward that wants only each row's last logits and is wider than every other graph
+    (a prefill, a catch-up) replays the smallest last-only graph that holds it: at batch 1 from
+    any position that fits an attended length, at larger batches where the rows fit the
+    shortest. One sequence's catch-up takes one such replay, not several. Anything else, as
+    before. Logits, and the cache after (the padding's K/V land past each row), are the eager
+    ones."""
+    model = pair[0]
+    eager = StaticRunner(model, num_slots=3, max_len=64)
+    graphed = graphed_runner(model, 3, 64, catch_up=(4,), last_only=(8, 16))
+    graphs = graphed.graphs
+    assert isinstance(graphs, EagerGraphs)
+    assert graphs.last_only_widths == {1: [8, 16], 2: [8, 16], 4: [8, 16]}
+    generator = torch.Generator().manual_seed(2)
+    sequences = {runner: [runner.new_sequence() for _ in range(3)] for runner in (eager, graphed)}
+    calls = [  # (rows: tokens per sequence, 0 = not in the batch; num_logits; last-only replays)
+        ([5, 0, 0], 1, 1),  # a prompt, 5 > 3 wide: the batch-1 graph of 8
+        ([0, 7, 12], 1, 1),  # two prompts: the batch-2 graph of 16
+        ([1, 1, 1], 1, 0),  # a decode step: the graph of width 3, batch 4
+        ([10, 0, 0], 1, 1),  # a catch-up from 6: one replay of 16 (attending 64), not three
+        ([0, 6, 6], 1, 0),  # two rows from 8 and 13: no batch-2 graph attends past 16, eager
+        ([3, 0, 0], 1, 0),  # as wide as a catch-up graph: that graph
+        ([0, 0, 9], 2, 0),  # two logits: eager
+        ([17, 0, 0], 1, 0),  # wider than every graph: eager
+    ]
+    for rows, keep, last_only in calls:
+        batch = [b for b, count in enumerate(rows) if count]
+        tokens = [torch.randint(3, VOCAB, (rows[b],), generator=generator).tolist() for b in batch]
+        expected = eager.forward_batch([sequences[eager][b] for b in batch], tokens,
+                                       [keep] * len(batch))
+        before = graphs.last_only_replays
+        got = graphed.forward_batch([sequences[graphed][b] for b in batch], tokens,
+                                    [keep] * len(batch))
+        assert graphs.last_only_replays - before == last_only, rows
+        for mine, theirs in zip(got, expected, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL)
+    lengths = [[sequence.length for sequence in sequences[runner]] for runner in (eager, graphed)]
+    assert lengths[0] == lengths[1] == [36, 14, 28]
 
 
 def _states(target: StaticRunner, draft: StaticRunner, seed: int) -> list[SequenceState]:

@@ -1491,3 +1491,37 @@ async def test_a_waiter_aborted_at_shutdown_gets_the_error(same_pair, monkeypatc
         await wait_until_idle(engine)
     finally:
         engine.close()
+
+
+def test_on_cuda_each_model_gets_its_graph_shapes(same_pair, monkeypatch) -> None:
+    """What the engine asks of each runner where the models are on a CUDA device (recorded
+    here without one): graphs at every batch size up to the limit, the target at each verify
+    width, the draft at one and two tokens and at catch-ups, and both with last-only graphs
+    for prefills and longer catch-ups."""
+    import decoding.fast as fast
+    from decoding.fast.runner import GRAPH_LAST_ONLY_WIDTHS
+
+    asked: list[dict[str, object]] = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(model, num_slots, max_len, **options):
+        asked.append(options)
+        if len(asked) == 2:
+            raise Recorded
+        return object()
+
+    monkeypatch.setattr(fast, "StaticRunner", record)
+    pair = dataclasses.replace(same_pair, device=torch.device("cuda"))
+    with pytest.raises(Recorded):
+        Engine(pair, EngineConfig(max_concurrent_requests=5, max_speculative_tokens=3),
+               costs=TEST_COSTS)
+    target, draft = asked
+    assert target["cuda_graphs"] and draft["cuda_graphs"]
+    assert list(target["graph_batch_sizes"]) == list(draft["graph_batch_sizes"]) == [1, 2, 4, 5]
+    assert target["graph_widths"] == (1, 2, 3, 4) and draft["graph_widths"] == (1, 2)
+    assert draft["graph_catch_up_widths"] == (4, 8, 16, 32)
+    assert "graph_catch_up_widths" not in target
+    assert target["graph_last_only_widths"] == draft["graph_last_only_widths"] == (
+        GRAPH_LAST_ONLY_WIDTHS)
