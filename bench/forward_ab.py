@@ -14,6 +14,10 @@ requests, 9 slots), under each variant:
 - ``in-place``: attention always over every slot in place.
 - ``store-apart``: compiled without the fused store (the rotation compiled, the store an
   indexing kernel of its own).
+- ``sdpa``: attention as one ``scaled_dot_product_attention`` call (the CPU default) instead of
+  two matrix products around a masked softmax. Run 3 (H200) had cuDNN's SDPA over the whole
+  4k-position cache at 49% of device time; that was before the attended-length buckets, and
+  the two have not been compared since.
 
 On CUDA each shape is a captured CUDA graph (:class:`~decoding.fast.graphs.DecodeGraphs`),
 replayed ``--repeats`` times (each with the copy of its inputs, as the engine replays it)
@@ -54,7 +58,7 @@ from decoding.fast import model as fast_model
 from decoding.fast.model import FastDecoder
 
 RESULTS_JSON = "forward_ab.json"
-VARIANTS = ("default", "gather", "in-place", "store-apart")
+VARIANTS = ("default", "gather", "in-place", "store-apart", "sdpa")
 
 
 @contextlib.contextmanager
@@ -63,8 +67,11 @@ def variant_settings(decoder: FastDecoder, variant: str) -> Iterator[None]:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
     factor, pointwise = fast_model.DIRECT_READ_FACTOR, decoder.pointwise
+    matmul_attention = decoder.matmul_attention
     try:
-        if variant == "gather":
+        if variant == "sdpa":
+            decoder.matmul_attention = False
+        elif variant == "gather":
             fast_model.DIRECT_READ_FACTOR = 0
         elif variant == "in-place":
             fast_model.DIRECT_READ_FACTOR = 1 << 20
@@ -73,6 +80,7 @@ def variant_settings(decoder: FastDecoder, variant: str) -> Iterator[None]:
         yield
     finally:
         fast_model.DIRECT_READ_FACTOR, decoder.pointwise = factor, pointwise
+        decoder.matmul_attention = matmul_attention
 
 
 def inputs(batch: int, width: int, slots: Sequence[int], kv_len: int, vocab: int,
@@ -159,7 +167,8 @@ def bench_model(
     }
     reference: dict[tuple[int, int], torch.Tensor] = {}
     for variant in variants:
-        if variant == "store-apart" and decoder.pointwise.rotate_store is None:
+        if ((variant == "store-apart" and decoder.pointwise.rotate_store is None)
+                or (variant == "sdpa" and not decoder.matmul_attention)):
             continue  # the same as the default here
         started = time.perf_counter()
         timed = time_variant(decoder, cache, variant, shapes, kv_len, vocab, repeats, seed)

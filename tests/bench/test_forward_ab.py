@@ -32,13 +32,14 @@ def test_a_quick_run_reads_the_cache_as_each_variant_says(
     results = json.loads((tmp_path / forward_ab.RESULTS_JSON).read_text())
     section = results["models"]["tiny-s"]
     assert not section["compiled"] and not section["fused_store"]
-    assert list(section["variants"]) == ["default", "gather", "in-place"]  # nothing to unfuse
+    # Nothing to unfuse here, and the CPU's default is SDPA already.
+    assert list(section["variants"]) == ["default", "gather", "in-place"]
     for rows in section["variants"].values():
         assert [(row["batch"], row["width"]) for row in rows] == [(1, 1), (4, 1), (1, 3), (4, 3)]
         assert all(row["ms"] is None and row["max_abs_diff"] <= 1e-5 for row in rows)
 
 
-def test_store_apart_takes_the_fused_store_out_for_its_duration() -> None:
+def test_store_apart_and_sdpa_change_the_decoder_for_their_duration() -> None:
     model = build_model(TINY_TARGET_SHAPES["tiny-s"], TINY_VOCAB, torch.device("cpu"),
                         torch.float32, seed=0)
     decoder = FastDecoder(model)
@@ -49,6 +50,10 @@ def test_store_apart_takes_the_fused_store_out_for_its_duration() -> None:
         assert decoder.pointwise.rotate_store is None
         assert decoder.pointwise.split_rotate is fused.split_rotate
     assert decoder.pointwise is fused
+    decoder.matmul_attention = True
+    with forward_ab.variant_settings(decoder, "sdpa"):
+        assert not decoder.matmul_attention
+    assert decoder.matmul_attention
     with pytest.raises(ValueError, match="unknown variant"), forward_ab.variant_settings(
         decoder, "other"
     ):
