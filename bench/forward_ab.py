@@ -11,7 +11,8 @@ requests, 9 slots), under each variant:
   at least 1/``DIRECT_READ_FACTOR`` of the slots, else a gathered copy of its rows; compiled,
   each layer's K/V are stored by the rotation's kernel.
 - ``gather``: attention always over the gathered copy.
-- ``in-place``: attention always over every slot in place.
+- ``in-place``: attention always over every slot in place (at most ``DIRECT_READ_MAX_WIDTH``
+  tokens a row).
 - ``store-apart``: compiled without the fused store (the rotation compiled, the store an
   indexing kernel of its own).
 - ``sdpa``: attention as one ``scaled_dot_product_attention`` call (the CPU default) instead of
@@ -23,8 +24,8 @@ On CUDA each shape is a captured CUDA graph (:class:`~decoding.fast.graphs.Decod
 replayed ``--repeats`` times (each with the copy of its inputs, as the engine replays it)
 between two CUDA events: milliseconds per forward. Elsewhere (the tests, ``--quick``) the
 forwards run eagerly, which checks the plumbing and says nothing about speed. Every variant's
-logits are compared with the default's (the largest difference is reported; in bfloat16
-different kernels round differently).
+logits are compared with the first variant's (``default``, unless left out; the largest
+difference is reported; in bfloat16 different kernels round differently).
 Results: ``forward_ab.json`` in ``--out`` and a table on stdout.
 """
 
@@ -100,8 +101,9 @@ def time_variant(
     results: dict[tuple[int, int], tuple[float | None, torch.Tensor]] = {}
     with variant_settings(decoder, variant), torch.inference_mode():
         cache.kv.zero_()  # every variant reads the same cache: zeros below its rows' tokens
-        slots = [cache.allocate() for _ in range(max(batch for batch, _ in shapes))]
+        slots: list[int] = []
         try:
+            slots += (cache.allocate() for _ in range(max(batch for batch, _ in shapes)))
             if device.type == "cuda":
                 results = _time_graphs(decoder, cache, shapes, slots, kv_len, vocab, repeats,
                                        seed)

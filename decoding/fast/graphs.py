@@ -101,12 +101,6 @@ class DecodeGraphs:
             self.widths[1] = sorted({*self.widths.get(1, []), *single_widths})
             self.batch_sizes = sorted({1, *self.batch_sizes})
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
-        self.last_only_widths = {
-            batch: sorted(w for w in set(last_only_widths) if batch * w <= LAST_ONLY_TOKENS
-                          and w <= self.kv_lengths[-1])
-            for batch in sorted({*batch_sizes, *([1] if last_only_widths else [])})
-        }
-        self._last_only: dict[tuple[int, int, int], _Captured] = {}
         try:
             with torch.inference_mode(), torch.cuda.device(self._device_index):
                 for kv_len in self.kv_lengths:
@@ -114,14 +108,32 @@ class DecodeGraphs:
                         for width in batch_widths:
                             self._graphs[batch, width, kv_len] = self._capture(
                                 batch, width, kv_len)
+        except BaseException:
+            cache.free(self.scratch_slot)  # the caller may try again, or run without graphs
+            raise
+        # Only widths wider than the other graphs for that batch: narrower forwards take those.
+        self.last_only_widths = {
+            batch: sorted(w for w in set(last_only_widths) if batch * w <= LAST_ONLY_TOKENS
+                          and self.widest(batch) < w <= self.kv_lengths[-1])
+            for batch in sorted({*batch_sizes, *([1] if last_only_widths else [])})
+        }
+        self._last_only: dict[tuple[int, int, int], _Captured] = {}
+        self.last_only_failure: str | None = None
+        """Why capturing the last-only graphs failed, where it did (the others are kept)."""
+        try:
+            with torch.inference_mode(), torch.cuda.device(self._device_index):
                 for batch, batch_widths in self.last_only_widths.items():
                     for width in batch_widths:
                         fitting = [n for n in self.kv_lengths if n >= width]
                         for kv_len in fitting if batch == 1 else fitting[:1]:
                             self._last_only[batch, width, kv_len] = self._capture(
                                 batch, width, kv_len, last_only=True)
+        except RuntimeError as exc:  # out of memory, a compile error: without them, as before
+            self._last_only.clear()
+            self.last_only_widths = {}
+            self.last_only_failure = repr(exc)
         except BaseException:
-            cache.free(self.scratch_slot)  # the caller may try again, or run without graphs
+            cache.free(self.scratch_slot)
             raise
 
     def widest(self, batch: int) -> int:

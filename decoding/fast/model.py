@@ -405,13 +405,15 @@ class _Pointwise:
         each marked as it comes in (a size of 1 still gets a kernel of its own). Everything
         else is a constant of the kernel: the hidden and intermediate sizes, the head counts
         and the head size (numbers passed in are specialised), so each function compiles once
-        per model and size class. ``dynamic=True`` made them all symbolic, and every index of
-        a generated kernel then divides by sizes it only learns at run time (as the C++ that
-        inductor generates on a CPU shows; on a GPU, run 8 measured the compiled silu-mul at
-        16.7 µs a call for 16 rows, 4.9 times its time for one). ``backend``: for tests, which
-        record what is compiled. ``fused_store``: compile :func:`_rotate_store` too."""
-        # Leave room for a few models in one process: each compiles each function up to four
-        # times (a varying size of 1 or more, for each of up to two such sizes).
+        per model and size class. ``dynamic=True`` made them all symbolic, and a generated
+        kernel's indices then divide by sizes it only learns at run time (as the C++ that
+        inductor generates on a CPU shows). That is the suspected cause, not a measured one,
+        of run 8's compiled silu-mul taking 16.7 µs a call for 16 rows on an H200, 4.9 times
+        its time for one. ``backend``: for tests, which record what is compiled.
+        ``fused_store``: compile :func:`_rotate_store` too."""
+        # Leave room for a few models in one process: each compiles each function once for
+        # each combination of its varying sizes being 1 or more (torch.compile's kernels for
+        # a size of 1 are its own).
         config: Any = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(config, name):
@@ -448,6 +450,8 @@ class _Pointwise:
     def smoke_test(self, device: torch.device, dtype: torch.dtype) -> None:
         """Run each function once on small inputs (compiling them, when compiled): raises
         here, at start-up, if this machine cannot compile them."""
+        # Made as a cache's positions are, outside inference mode: the same compiled entry.
+        positions = torch.arange(8, device=device)
         with torch.inference_mode():
             x = torch.ones(2, 8, device=device, dtype=dtype)
             weight = torch.ones(8, device=device, dtype=dtype)
@@ -464,7 +468,6 @@ class _Pointwise:
             mask = torch.ones(2, 1, 2, 8, device=device, dtype=torch.bool)
             self.masked_softmax(torch.ones(2, 2, 2, 8, device=device, dtype=dtype), mask, 0.5)
             starts = torch.zeros(2, dtype=torch.long, device=device)
-            positions = torch.arange(8, device=device)
             self.placement(starts, torch.ones(2, device=device), positions[:1], positions, 2,
                            dtype)
 
@@ -480,10 +483,21 @@ the copy, PyTorch's ``index_select``, at 19.6 µs per layer for 16 rows of the 1
 written, a tenth of the card's measured copy bandwidth. Not measured on a GPU since."""
 
 
-def _direct_read(batch: int, num_slots: int, host_row: tuple[int, int] | None) -> bool:
+DIRECT_READ_MAX_WIDTH = 16
+"""In place only for forwards of at most this many tokens per row (a decode or verify step):
+attention over every slot computes the scores of every slot's queries, so at a prefill's width
+the slots not in the batch would cost arithmetic and memory for their scores, where the copy
+costs only its bytes."""
+
+
+def _direct_read(
+    batch: int, width: int, num_slots: int, host_row: tuple[int, int] | None
+) -> bool:
     """Whether attention reads every slot in place (see :data:`DIRECT_READ_FACTOR`); never for
-    a row whose slot is known on the host, which reads its own slot's view."""
-    return host_row is None and DIRECT_READ_FACTOR * batch >= num_slots
+    a row whose slot is known on the host, which reads its own slot's view, nor for rows wider
+    than :data:`DIRECT_READ_MAX_WIDTH`."""
+    return (host_row is None and width <= DIRECT_READ_MAX_WIDTH
+            and DIRECT_READ_FACTOR * batch >= num_slots)
 
 
 @dataclass(frozen=True)
@@ -679,7 +693,8 @@ class FastDecoder:
         )
         rotary = (cos, sin)
         place = _Placement(
-            slots, positions, host_row, _direct_read(len(slots), cache.num_slots, host_row)
+            slots, positions, host_row,
+            _direct_read(len(slots), width, cache.num_slots, host_row),
         )
         if place.direct:  # each slot's mask, where the batch's rows are; elsewhere position 0
             mask = (cache.positions[:kv_len] == 0).expand(

@@ -34,15 +34,18 @@ time)."""
 
 GRAPH_LAST_ONLY_WIDTHS = (16, 32, 64, 128, 256, 512)
 """Widths of the last-only graphs the engine captures (see
-:class:`~decoding.fast.graphs.DecodeGraphs`): a prompt's first chunk of up to 512 tokens, or
-several prompts of up to 1,024 tokens together, and catch-ups, in one replay each. Eagerly, one
-64-token prefill of the 1.5B target took 25-44 ms on the H200 (run 8), a forward bound by its
-kernel launches. Powers of two: a row pads to at most twice its tokens. Not yet run on a GPU."""
+:class:`~decoding.fast.graphs.DecodeGraphs`): one sequence's prefill chunk of up to 512 tokens
+or catch-up, from any position an attended-length bucket holds, in one replay; several rows of
+up to 1,024 tokens together where they fit the shortest bucket that holds their width (a
+prompt's first chunk, mostly). Eagerly, one 64-token prefill of the 1.5B target took 25-44 ms
+on the H200 (run 8), a forward bound by its kernel launches. Powers of two: a row pads to at
+most twice its tokens. Not yet run on a GPU."""
 
 MAX_CATCH_UP_REPLAYS = 4
-"""How many graph replays one sequence's catch-up may take (see ``graph_catch_up_widths``);
-longer feeds (a prompt) run as one eager forward, which for many tokens costs its arithmetic
-more than its launches."""
+"""How many graph replays one sequence's catch-up may take (see ``graph_catch_up_widths``)
+where no last-only graph holds it in one; longer feeds run in a last-only graph if one holds
+them, else as one eager forward, which for many tokens costs its arithmetic more than its
+launches."""
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,16 @@ class StaticRunner:
                 self.decoder, self.cache, graph_batch_sizes, graph_widths, GRAPH_KV_LENGTHS,
                 graph_catch_up_widths, graph_last_only_widths,
             ))
+            self._note_last_only_failure()
+
+    def _note_last_only_failure(self) -> None:
+        """Say so where the graphs came without their last-only ones."""
+        failure = None if self.graphs is None else self.graphs.last_only_failure
+        if failure is not None:
+            log.warning("capturing the last-only CUDA graphs failed, so prefills and long "
+                        "catch-ups run as before: %s", failure)
+            self.graph_failure = (
+                f"{self.graph_failure}; " if self.graph_failure else "") + f"last-only: {failure}"
 
     def _capture_graphs(self, capture: Callable[[], DecodeGraphs]) -> DecodeGraphs | None:
         """``capture()``'s graphs; where it fails, without them. Capturing is the first call

@@ -299,7 +299,11 @@ def test_prefills_and_catch_ups_run_in_last_only_graphs(pair) -> None:
         ([3, 0, 0], 1, 0),  # as wide as a catch-up graph: that graph
         ([0, 0, 9], 2, 0),  # two logits: eager
         ([17, 0, 0], 1, 0),  # wider than every graph: eager
+        ([0, 36, 20], 1, 0),  # wider too (to lengths 50 and 48)
+        ([0, 0, 9], 1, 1),  # from 48 padded to 16: up to the slot's end (64), a replay
+        ([0, 9, 0], 1, 0),  # from 50 padded to 16 there is no room: eager
     ]
+    kept = []  # each forward's logits, compared after all of them: none is a graph's output
     for rows, keep, last_only in calls:
         batch = [b for b, count in enumerate(rows) if count]
         tokens = [torch.randint(3, VOCAB, (rows[b],), generator=generator).tolist() for b in batch]
@@ -309,10 +313,39 @@ def test_prefills_and_catch_ups_run_in_last_only_graphs(pair) -> None:
         got = graphed.forward_batch([sequences[graphed][b] for b in batch], tokens,
                                     [keep] * len(batch))
         assert graphs.last_only_replays - before == last_only, rows
-        for mine, theirs in zip(got, expected, strict=True):
-            torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL)
+        kept += zip(got, expected, strict=True)
+    for mine, theirs in kept:
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=ATOL)
     lengths = [[sequence.length for sequence in sequences[runner]] for runner in (eager, graphed)]
-    assert lengths[0] == lengths[1] == [36, 14, 28]
+    assert lengths[0] == lengths[1] == [36, 59, 57]
+
+
+def test_last_only_graphs_that_fail_to_capture_leave_the_others(pair) -> None:
+    """Where capturing a last-only graph fails (out of memory, say), the other graphs are kept
+    and those forwards run as before; the runner says why."""
+
+    class LastOnlyFails(EagerGraphs):
+        def _capture(self, batch: int, width: int, kv_len: int, last_only: bool = False
+                     ) -> _Captured:
+            if last_only and width == 16:
+                raise torch.OutOfMemoryError("stand-in")
+            return super()._capture(batch, width, kv_len, last_only)
+
+    runner = StaticRunner(pair[0], num_slots=2, max_len=64)
+    free = runner.cache.free_slots
+    runner.graphs = runner._capture_graphs(lambda: LastOnlyFails(
+        runner.decoder, runner.cache, (1, 2), (1, 3), (16, 64), (), (8, 16)))
+    runner._note_last_only_failure()
+    graphs = runner.graphs
+    assert isinstance(graphs, LastOnlyFails) and graphs.last_only_widths == {}
+    assert runner.cache.free_slots == free - 1  # the scratch slot only
+    assert runner.graph_failure == "last-only: OutOfMemoryError('stand-in')"
+    sequence = runner.new_sequence()
+    eager = StaticRunner(pair[0], num_slots=1, max_len=64).new_sequence()
+    for tokens in ([5, 6, 7, 8, 9], [10], [11, 12]):  # eager, then the graphs of 1 and 3
+        torch.testing.assert_close(sequence.forward(tokens, num_logits=1),
+                                   eager.forward(tokens, num_logits=1), rtol=0, atol=ATOL)
+    assert graphs.replays == 2 and graphs.last_only_replays == 0
 
 
 def _states(target: StaticRunner, draft: StaticRunner, seed: int) -> list[SequenceState]:

@@ -338,6 +338,15 @@ def test_ragged_batch_equals_each_sequence_alone(model) -> None:
         torch.testing.assert_close(last[b], alone.forward(singles[b]), rtol=0, atol=ATOL)
 
 
+def test_a_batch_reads_in_place_from_a_third_of_the_slots_and_16_tokens_a_row() -> None:
+    read = fast_model._direct_read
+    assert fast_model.DIRECT_READ_FACTOR == 3 and fast_model.DIRECT_READ_MAX_WIDTH == 16
+    assert read(3, 1, 9, None) and read(6, 16, 17, None) and read(16, 9, 17, None)
+    assert not read(2, 1, 9, None) and not read(5, 1, 17, None)  # 15 < 17
+    assert not read(6, 17, 17, None)  # a prefill's width
+    assert not read(1, 1, 1, (0, 5))  # one row known on the host reads its slot's view
+
+
 @pytest.mark.parametrize("direct", [False, True])
 def test_a_batch_reads_the_cache_in_place_or_gathered_alike(
     model, direct: bool, monkeypatch: pytest.MonkeyPatch
