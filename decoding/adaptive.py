@@ -394,20 +394,33 @@ class StepCosts:
         return capped(best)
 
 
+PROBE_ROWS = 4
+"""In a batched step of up to this many rows every request that would probe when a probe is
+due probes (one token each); in a larger one, one request. A probe's main cost is the whole
+batch's: every row's verify padded to two positions. The draft forward for a few rows more
+costs little, and each row learns from its own judged token. Chosen in ``bench.policy`` on run
+8's 7B costs (two draws): from a collapsed server estimate (0) at α = 0.7, 4 requests ran at
+1.163x speculation off with every row probing against 0.978x with one; every row probing in
+batches of 8 and 16 cost them at α = 0 (16 requests 0.950x against 0.992x) and 16 requests at
+α = 0.7 (0.91x against 0.97x), which their drafts' catch-ups for the probe go most of the
+way to explain. 4 is where those runs changed, not a measured optimum."""
+
+
 class ProbeSchedule:
     """When a request whose estimate says γ = 0 (or whose own γ its batch caps to 0, or whose
     catch-up would not pay) drafts anyway (a probe), to learn whether the draft agrees: once
-    ``every`` steps have passed since the last probe (:attr:`probe_due`), the first request
-    that asks probes. A probe that accepts nothing doubles the wait, up to
-    ``max_every``. One that accepts halves it, down to the first wait, where what the last 30
-    or so probes accepted, all requests together, would make speculation pay (with a margin,
-    :data:`PROBE_MARGIN`) at the batch size it was made at, or where such a probe pays for
-    itself (see :class:`AdaptiveGamma`'s probes that follow an accepted one); else the wait
-    stays. Where the draft agrees often but not often enough, a wait that fell at every
-    accepted probe kept probes coming every few steps, each a wasted step. (Halving at every
-    accepted probe of one request alone, on run 5's 7B costs in ``bench.policy``, at α = 0.7
-    from a server estimate of 0: 1.094x speculation off, against 0.997x by the pooled
-    acceptance alone.)
+    ``every`` steps have passed since the last probe (:attr:`probe_due`), the first request that
+    asks probes (in a batch of up to :data:`PROBE_ROWS`, every one that asks in that step). A
+    step whose probes accept nothing doubles the wait, up to ``max_every``. One whose probes
+    accept some halves it, down to the first wait, where what the last 30 or so probes accepted,
+    all requests together, would make speculation pay (with a margin, :data:`PROBE_MARGIN`) at
+    the batch size it was made at, or where such a probe pays for itself (see
+    :class:`AdaptiveGamma`'s probes that follow an accepted one); else the wait stays. The wait
+    moves at the next step, once for all the rows that probed. Where the draft agrees often but
+    not often enough, a wait that fell at every accepted probe kept probes coming every few
+    steps, each a wasted step. (Halving at every accepted probe of one request alone, on run 5's
+    7B costs in ``bench.policy``, at α = 0.7 from a server estimate of 0: 1.094x speculation
+    off, against 0.997x by the pooled acceptance alone.)
 
     A request of an engine that steps requests one by one, or one that must plan alone (a
     seeded sample), has its own, counting its own plain steps. The requests a batching engine
@@ -421,14 +434,30 @@ class ProbeSchedule:
         self._base = self.every = every
         self._max_every = max_every
         self._count = 0
+        self._claimed = 0
         self.probe_due = False
+        self._results: tuple[bool, Callable[[float], bool]] | None = None
         # What the last 30 or so probes accepted, all requests together.
         self.acceptance = AcceptanceEstimate(prior_alpha=0.5, prior_weight=4.0, decay=0.97)
 
     def step(self) -> None:
         """A step begins (:meth:`took` counts the rest of a group of plain steps)."""
+        self._settle()
         self._count += 1
         self.probe_due = self._count >= self.every
+
+    def _settle(self) -> None:
+        """Move the wait once for the probes of the last probing step, however many rows
+        probed in it: doubled where none accepted, halved where some did and speculation
+        pays at the pooled acceptance."""
+        if self._results is None:
+            return
+        accepted_any, pays = self._results
+        self._results = None
+        if not accepted_any:
+            self.every = min(self.every * 2, self._max_every)
+        elif pays(self.acceptance.alpha):
+            self.every = max(self._base, self.every // 2)
 
     def took(self, steps: int) -> None:
         """The step :meth:`step` began took ``steps`` plain steps at once."""
@@ -438,9 +467,24 @@ class ProbeSchedule:
         """Steps until a probe is due, the next one included."""
         return max(1, self.every - self._count)
 
+    def claim(self, batch: int) -> None:
+        """A request in a step of ``batch`` rows probes: in a batch of up to
+        :data:`PROBE_ROWS` the others asked in the same step may too (until
+        :meth:`asked_all`), in a larger one the next probe is ``every`` steps away."""
+        self._claimed += 1
+        if batch > PROBE_ROWS or self._claimed >= batch:
+            self.start()
+
+    def asked_all(self) -> None:
+        """Every request of the step has been asked: where some probed, the next probe is
+        ``every`` steps away."""
+        if self._claimed:
+            self.start()
+
     def start(self) -> None:
         """A request probes in this step: the next one is ``every`` steps away."""
         self._count = 0
+        self._claimed = 0
         self.probe_due = False
 
     def observe(self, drafted: int, accepted: int) -> None:
@@ -452,10 +496,8 @@ class ProbeSchedule:
         """A probe drafted ``drafted`` tokens and ``accepted`` of them; ``pays(α)``: whether
         speculation would pay for the step it was made in at an acceptance α."""
         self.acceptance.observe(drafted, accepted)
-        if not accepted:
-            self.every = min(self.every * 2, self._max_every)
-        elif pays(self.acceptance.alpha):
-            self.every = max(self._base, self.every // 2)
+        accepted_any = bool(accepted) or (self._results is not None and self._results[0])
+        self._results = (accepted_any, pays)
 
 
 class AdaptiveGamma:
@@ -561,7 +603,10 @@ class AdaptiveGamma:
             if not (self._schedule.probe_due and probe_pays()):
                 self._counted = True
                 return fallback
-            self._schedule.start()
+            if self._owns_schedule:
+                self._schedule.start()
+            else:  # shared by a batch: its other requests may probe in this step too
+                self._schedule.claim(batch)
         self._probing, self._streaking = True, streak
         self._probed_at = (batch, overhead)
         return probe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -76,20 +77,22 @@ def test_failed_probes_back_off() -> None:
 
 
 def test_requests_stepped_together_probe_once_per_so_many_of_the_batchs_steps() -> None:
-    """Four requests at γ 0 sharing one schedule (the engine counts the batch's steps): one
+    """Eight requests at γ 0 sharing one schedule (the engine counts the batch's steps): one
     probe per 4 steps between them, not one each; a failed probe doubles the wait for all.
     An accepted one halves it (not below the first wait), unless what the recent probes
     accepted all together would not make speculation pay (then it stays): a draft that agrees
-    often, but not often enough, is not probed every few steps."""
+    often, but not often enough, is not probed every few steps. The wait moves at the step
+    after the probe."""
     from decoding.adaptive import ProbeSchedule
 
-    flat = CostModel(draft_s={1: 0.2, 4: 0.21}, target_s={1: 1.0, 4: 1.02, 8: 1.05, 16: 1.1})
+    flat = CostModel(draft_s={1: 0.2, 8: 0.21}, target_s={1: 1.0, 8: 1.02, 16: 1.05, 24: 1.1})
     schedule = ProbeSchedule(every=4, max_every=64)
-    requests = [AdaptiveGamma(flat, 8, prior_alpha=0.0, schedule=schedule) for _ in range(4)]
+    requests = [AdaptiveGamma(flat, 8, prior_alpha=0.0, schedule=schedule) for _ in range(8)]
     probes_at: list[int] = []
     for step in range(40):
         schedule.step()
-        gammas = [request.next_gamma(4, remaining=1000) for request in requests]
+        gammas = [request.next_gamma(8, remaining=1000) for request in requests]
+        schedule.asked_all()
         assert sum(g > 0 for g in gammas) <= 1
         if any(gammas):
             probes_at.append(step)
@@ -97,17 +100,46 @@ def test_requests_stepped_together_probe_once_per_so_many_of_the_batchs_steps() 
         for request, gamma in zip(requests, gammas, strict=True):
             request.observe(gamma, 0)
     assert probes_at == [3, 11, 27]  # waits 4, 8, 16
+    schedule.step()
     assert schedule.every == 32
-    schedule.result(1, 1, pays=lambda alpha: True)
-    assert schedule.every == 16
-    for _ in range(5):
-        schedule.result(1, 1, pays=lambda alpha: True)
-    assert schedule.every == 4
-    schedule.result(1, 0, pays=lambda alpha: True)
-    assert schedule.every == 8
-    for _ in range(5):  # accepted, at a pooled acceptance that stays short of paying
-        schedule.result(1, 1, pays=lambda alpha: alpha > 0.99)
-    assert schedule.every == 8
+
+    def settled(accepted: int, pays: Callable[[float], bool]) -> int:
+        schedule.result(1, accepted, pays=pays)
+        schedule.step()
+        return schedule.every
+
+    assert settled(1, lambda alpha: True) == 16
+    assert [settled(1, lambda alpha: True) for _ in range(5)] == [8, 4, 4, 4, 4]
+    assert settled(0, lambda alpha: True) == 8
+    # accepted, at a pooled acceptance that stays short of paying
+    assert [settled(1, lambda alpha: alpha > 0.99) for _ in range(5)] == [8] * 5
+
+
+def test_in_a_small_batch_every_request_probes_in_the_same_step() -> None:
+    """Up to PROBE_ROWS requests stepped together: where a probe is due, each that asks probes
+    in that step (the batch's verify is two wide for one probe anyway), and the wait moves
+    once for the step, however many rows probed: doubled where none accepted, halved where
+    one did."""
+    from decoding.adaptive import PROBE_ROWS, ProbeSchedule
+
+    assert PROBE_ROWS == 4
+    flat = CostModel(draft_s={1: 0.2, 4: 0.21}, target_s={1: 1.0, 4: 1.02, 8: 1.05, 16: 1.1})
+    schedule = ProbeSchedule(every=4, max_every=64)
+    requests = [AdaptiveGamma(flat, 8, prior_alpha=0.0, schedule=schedule) for _ in range(4)]
+    probes_at: list[int] = []
+    for step in range(30):
+        schedule.step()
+        gammas = [request.next_gamma(4, remaining=1000) for request in requests]
+        schedule.asked_all()
+        assert sum(g > 0 for g in gammas) in (0, 4)
+        if any(gammas):
+            probes_at.append(step)
+        # All rejected, except one row of the third probing step.
+        for i, (request, gamma) in enumerate(zip(requests, gammas, strict=True)):
+            request.observe(gamma, int(len(probes_at) == 3 and gamma > 0 and i == 2))
+    assert probes_at == [3, 11, 27]  # waits 4, 8, 16: doubled once per step, not per row
+    schedule.step()
+    assert schedule.every == 16  # one of four accepted at the third: 32 halved
 
 
 def test_an_accepted_probe_is_followed_by_another_where_that_pays_alone() -> None:
@@ -686,6 +718,7 @@ def test_an_accepted_probe_that_pays_for_itself_shortens_the_wait() -> None:
     pooled probe acceptance (1 of 3) would not make drafting pay."""
     adaptive = AdaptiveGamma(run5_costs("7b"), max_gamma=8, prior_alpha=0.0, probe_every=4)
     probe_until_accepted(adaptive, [0, 0, 1])
+    adaptive._schedule.step()  # the wait moves at the step after the probe
     assert adaptive._schedule.every == 8
 
 
