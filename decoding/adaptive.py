@@ -401,9 +401,9 @@ batch's: every row's verify padded to two positions. The draft forward for a few
 costs little, and each row learns from its own judged token. Chosen in ``bench.policy`` on run
 8's 7B costs (two draws): from a collapsed server estimate (0) at α = 0.7, 4 requests ran at
 1.163x speculation off with every row probing against 0.978x with one; every row probing in
-batches of 8 and 16 cost them at α = 0 (16 requests 0.950x against 0.992x) and 16 requests at
-α = 0.7 (0.91x against 0.97x), which their drafts' catch-ups for the probe go most of the
-way to explain. 4 is where those runs changed, not a measured optimum."""
+batches of 8 and 16 cost them at α = 0 (16 requests 0.950x against 0.992x, one draw) and
+16 requests at α = 0.7 (0.91x against 0.97-0.99x). Why it costs them that much was not looked
+into. 4 is where those runs changed, not a measured optimum."""
 
 
 class ProbeSchedule:
