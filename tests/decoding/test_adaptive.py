@@ -76,6 +76,26 @@ def test_failed_probes_back_off() -> None:
     assert gaps == sorted(gaps) and gaps[-1] >= 32  # 2, 4, 8, ... plain steps between probes
 
 
+def step_together(
+    schedule: Any, requests: list[AdaptiveGamma], steps: int,
+    accepted: Callable[[int, int], int],
+) -> list[tuple[int, list[bool]]]:
+    """``steps`` batched steps of ``requests`` at γ 0 sharing ``schedule``, as the stepper asks
+    them; a probe of row r at the p-th probing step accepts ``accepted(p, r)`` tokens. Each
+    probing step and which rows probed in it."""
+    probes: list[tuple[int, list[bool]]] = []
+    for step in range(steps):
+        schedule.step()
+        gammas = [request.next_gamma(len(requests), remaining=1000) for request in requests]
+        schedule.asked_all()
+        assert [r.probing for r in requests] == [g > 0 for g in gammas]
+        if any(gammas):
+            probes.append((step, [g > 0 for g in gammas]))
+        for row, (request, gamma) in enumerate(zip(requests, gammas, strict=True)):
+            request.observe(gamma, accepted(len(probes) - 1, row) if gamma else 0)
+    return probes
+
+
 def test_requests_stepped_together_probe_once_per_so_many_of_the_batchs_steps() -> None:
     """Eight requests at γ 0 sharing one schedule (the engine counts the batch's steps): one
     probe per 4 steps between them, not one each; a failed probe doubles the wait for all.
@@ -88,18 +108,9 @@ def test_requests_stepped_together_probe_once_per_so_many_of_the_batchs_steps() 
     flat = CostModel(draft_s={1: 0.2, 8: 0.21}, target_s={1: 1.0, 8: 1.02, 16: 1.05, 24: 1.1})
     schedule = ProbeSchedule(every=4, max_every=64)
     requests = [AdaptiveGamma(flat, 8, prior_alpha=0.0, schedule=schedule) for _ in range(8)]
-    probes_at: list[int] = []
-    for step in range(40):
-        schedule.step()
-        gammas = [request.next_gamma(8, remaining=1000) for request in requests]
-        schedule.asked_all()
-        assert sum(g > 0 for g in gammas) <= 1
-        if any(gammas):
-            probes_at.append(step)
-            assert [r.probing for r in requests] == [g > 0 for g in gammas]
-        for request, gamma in zip(requests, gammas, strict=True):
-            request.observe(gamma, 0)
-    assert probes_at == [3, 11, 27]  # waits 4, 8, 16
+    probes = step_together(schedule, requests, 40, lambda probe, row: 0)
+    assert [step for step, _ in probes] == [3, 11, 27]  # waits 4, 8, 16
+    assert all(sum(probed) == 1 for _, probed in probes)  # one request each time
     schedule.step()
     assert schedule.every == 32
 
@@ -126,18 +137,10 @@ def test_in_a_small_batch_every_request_probes_in_the_same_step() -> None:
     flat = CostModel(draft_s={1: 0.2, 4: 0.21}, target_s={1: 1.0, 4: 1.02, 8: 1.05, 16: 1.1})
     schedule = ProbeSchedule(every=4, max_every=64)
     requests = [AdaptiveGamma(flat, 8, prior_alpha=0.0, schedule=schedule) for _ in range(4)]
-    probes_at: list[int] = []
-    for step in range(30):
-        schedule.step()
-        gammas = [request.next_gamma(4, remaining=1000) for request in requests]
-        schedule.asked_all()
-        assert sum(g > 0 for g in gammas) in (0, 4)
-        if any(gammas):
-            probes_at.append(step)
-        # All rejected, except one row of the third probing step.
-        for i, (request, gamma) in enumerate(zip(requests, gammas, strict=True)):
-            request.observe(gamma, int(len(probes_at) == 3 and gamma > 0 and i == 2))
-    assert probes_at == [3, 11, 27]  # waits 4, 8, 16: doubled once per step, not per row
+    # All rejected, except row 2's at the third probing step.
+    probes = step_together(schedule, requests, 30, lambda probe, row: int((probe, row) == (2, 2)))
+    # Waits 4, 8, 16: doubled once per step, not per row; every row probing each time.
+    assert probes == [(3, [True] * 4), (11, [True] * 4), (27, [True] * 4)]
     schedule.step()
     assert schedule.every == 16  # one of four accepted at the third: 32 halved
 
