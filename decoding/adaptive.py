@@ -395,22 +395,23 @@ class StepCosts:
 
 
 PROBE_ROWS = 4
-"""In a batched step of up to this many rows every request that would probe when a probe is
-due probes (one token each); in a larger one, one request. A probe's main cost is the whole
-batch's: every row's verify padded to two positions. The draft forward for a few rows more
-costs little, and each row learns from its own judged token. Chosen in ``bench.policy`` on run
-8's 7B costs (two draws): from a collapsed server estimate (0) at α = 0.7, 4 requests ran at
-1.163x speculation off with every row probing against 0.978x with one; every row probing in
-batches of 8 and 16 cost them at α = 0 (16 requests 0.950x against 0.992x, one draw) and
-16 requests at α = 0.7 (0.91x against 0.97-0.99x). Why it costs them that much was not looked
-into. 4 is where those runs changed, not a measured optimum."""
+"""While at most this many requests run (those prefilling included), every request that
+would probe when a probe is due probes in that step (one token each); while more run, one
+request. A probe's main cost is the whole batch's: every row's verify padded to two positions.
+The draft forward for a few rows more costs little, and each row learns from its own judged
+token. Chosen in ``bench.policy`` on run 8's 7B costs (two draws): from a collapsed server
+estimate (0) at α = 0.7, 4 requests ran at 1.163x speculation off with every row probing
+against 0.978x with one; every row probing in batches of 8 and 16 cost them at α = 0 (one
+draw, prior 0: 16 requests 0.950x against 0.992x) and 16 requests at α = 0.7 (0.91x against
+0.97-0.99x). Why it costs them that much was not looked into. 4 is where those runs changed,
+not a measured optimum."""
 
 
 class ProbeSchedule:
     """When a request whose estimate says γ = 0 (or whose own γ its batch caps to 0, or whose
     catch-up would not pay) drafts anyway (a probe), to learn whether the draft agrees: once
     ``every`` steps have passed since the last probe (:attr:`probe_due`), the first request that
-    asks probes (in a batch of up to :data:`PROBE_ROWS`, every one that asks in that step). A
+    asks probes (while up to :data:`PROBE_ROWS` run, every one that asks in that step). A
     step whose probes accept nothing doubles the wait, up to ``max_every``. One whose probes
     accept some halves it, down to the first wait, where what the last 30 or so probes accepted,
     all requests together, would make speculation pay (with a margin, :data:`PROBE_MARGIN`) at
@@ -424,8 +425,9 @@ class ProbeSchedule:
 
     A request of an engine that steps requests one by one, or one that must plan alone (a
     seeded sample), has its own, counting its own plain steps. The requests a batching engine
-    steps together share one, counting the batch's steps: one probe per ``every`` steps of
-    the batch whatever its size, and the backoff outlives each request. A probe pads every
+    steps together share one, counting the batch's steps: one probing step per ``every``
+    steps of the batch whatever its size (one request probing in it where more than
+    :data:`PROBE_ROWS` run), and the backoff outlives each request. A probe pads every
     row's verify to two positions and feeds its draft what it has not seen (on run 5's 7B
     costs, about one plain step's time each at batch 2), so 16 requests each probing every 8
     of their own steps would probe twice per step between them."""
@@ -442,6 +444,8 @@ class ProbeSchedule:
 
     def step(self) -> None:
         """A step begins (:meth:`took` counts the rest of a group of plain steps)."""
+        if self._claimed:  # requests probed in the last step: the wait runs from it
+            self.start()
         self._settle()
         self._count += 1
         self.probe_due = self._count >= self.every
@@ -468,17 +472,11 @@ class ProbeSchedule:
         return max(1, self.every - self._count)
 
     def claim(self, batch: int) -> None:
-        """A request in a step of ``batch`` rows probes: in a batch of up to
-        :data:`PROBE_ROWS` the others asked in the same step may too (until
-        :meth:`asked_all`), in a larger one the next probe is ``every`` steps away."""
+        """A request probes in a step while ``batch`` requests run: with up to
+        :data:`PROBE_ROWS` the others asked in the same step may probe too (the next step
+        starts the wait), with more the next probe is ``every`` steps away."""
         self._claimed += 1
         if batch > PROBE_ROWS or self._claimed >= batch:
-            self.start()
-
-    def asked_all(self) -> None:
-        """Every request of the step has been asked: where some probed, the next probe is
-        ``every`` steps away."""
-        if self._claimed:
             self.start()
 
     def start(self) -> None:

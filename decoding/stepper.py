@@ -404,8 +404,6 @@ class Stepper:
         order = [*range(first, len(ready)), *range(first)]
         for i in order:
             own[i] = self._gamma(ready[i])
-        if self.probes is not None:
-            self.probes.asked_all()
         probed = [i for i in order if ready[i].adaptive is not None and ready[i].adaptive.probing]
         if probed:
             self._asks_first = probed[-1] + 1

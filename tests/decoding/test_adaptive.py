@@ -87,13 +87,31 @@ def step_together(
     for step in range(steps):
         schedule.step()
         gammas = [request.next_gamma(len(requests), remaining=1000) for request in requests]
-        schedule.asked_all()
         assert [r.probing for r in requests] == [g > 0 for g in gammas]
         if any(gammas):
             probes.append((step, [g > 0 for g in gammas]))
         for row, (request, gamma) in enumerate(zip(requests, gammas, strict=True)):
             request.observe(gamma, accepted(len(probes) - 1, row) if gamma else 0)
     return probes
+
+
+def test_a_small_batchs_probes_start_the_wait_whoever_was_asked() -> None:
+    """Three requests running, one stepped at a time (the others prefilling, say): its probes
+    come once per wait, the wait doubling after each failed one, as where all are asked. (The
+    schedule counted the step's probes toward the batch and waited for the others.)"""
+    from decoding.adaptive import ProbeSchedule
+
+    flat = CostModel(draft_s={1: 0.2, 4: 0.21}, target_s={1: 1.0, 4: 1.02, 8: 1.05, 16: 1.1})
+    schedule = ProbeSchedule(every=4, max_every=64)
+    request = AdaptiveGamma(flat, 8, prior_alpha=0.0, schedule=schedule)
+    probes_at = []
+    for step in range(60):
+        schedule.step()
+        gamma = request.next_gamma(3, remaining=1000)
+        if gamma:
+            probes_at.append(step)
+        request.observe(gamma, 0)
+    assert probes_at == [3, 11, 27, 59]  # waits 4, 8, 16, 32
 
 
 def test_requests_stepped_together_probe_once_per_so_many_of_the_batchs_steps() -> None:
