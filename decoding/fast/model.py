@@ -313,8 +313,9 @@ def _rotate_store(
     dim: int,
 ) -> torch.Tensor:
     """:func:`_split_rotate`, its K and V written into the cache (:func:`_write_kv`) where they
-    are computed: compiled, the store is part of the rotation's kernel rather than a kernel of
-    its own (inductor updates the buffer in place; it does not copy it). The queries."""
+    are computed, so that compiled the store can be part of the rotation's kernel rather than
+    a kernel of its own (on this project's CPU inductor makes them one kernel, which updates
+    the buffer in place, no copy; on a GPU not yet seen). The queries."""
     stacked, kv = _split_rotate(qkv, cos, sin, heads, kv_heads, dim)
     _write_kv(buffer, slots, positions, kv)
     return stacked
