@@ -215,17 +215,19 @@ class DecodeGraphs:
     ) -> torch.Tensor | None:
         """:meth:`run` in the smallest last-only graph that holds the batch: the logits of
         each row's last token, [B, 1, vocab], or None where none fits."""
-        sizes = [n for n, widths in self.last_only_widths.items() if widths]
         picks = [len(row) - 1 for row in tokens]
-        return self._replay(self._last_only, sizes, self.last_only_widths, tokens, slots,
-                            starts, picks)
+        return self._replay(self._last_only, self._last_only_sizes(), self.last_only_widths,
+                            tokens, slots, starts, picks)
 
     def last_only_fits(self, batch: int, width: int, start: int) -> bool:
         """Whether :meth:`run_last` has a graph for ``batch`` rows of up to ``width`` tokens
         from positions up to ``start``."""
-        sizes = [n for n, widths in self.last_only_widths.items() if widths]
-        return self._find(self._last_only, sizes, self.last_only_widths, batch, width,
-                          start) is not None
+        return self._find(self._last_only, self._last_only_sizes(), self.last_only_widths,
+                          batch, width, start) is not None
+
+    def _last_only_sizes(self) -> list[int]:
+        """The batch sizes that have last-only graphs."""
+        return [n for n, widths in self.last_only_widths.items() if widths]
 
     def _find(
         self,
