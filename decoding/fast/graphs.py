@@ -16,8 +16,10 @@ stand-in graphs that replay eagerly (tests/decoding/test_batched.py), not the ca
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,6 +38,21 @@ class _Captured:
     logits: torch.Tensor  # [B, T or 1, vocab] float32, static output (overwritten by each replay)
     picks: torch.Tensor | None = None  # [B] long, static input: the one position of each row
     # whose logits a last-only graph computes (its logits then [B, 1, vocab]); None: every one's
+
+
+def end_failed_capture(stream: torch.cuda.Stream, device_index: int, pool: Any) -> None:
+    """After a capture raised: ``stream``, the one current before it, is current again, and the
+    caching allocator no longer sends this device's allocations to the graphs' ``pool``.
+    ``torch.cuda.graph`` does neither where ending the capture raises (a capture invalidated,
+    say by the allocator freeing cached blocks to retry an allocation that ran out of memory,
+    pytorch/pytorch#159594): PyTorch without the fix of pytorch/pytorch#180395 (backported to
+    2.12) then believes a capture still runs, and every later ``torch.cuda.empty_cache()``,
+    the first thing the next capture does, fails. Where the capture did end, the allocator has
+    stopped already and says so by raising, which is ignored."""
+    torch.cuda.set_stream(stream)
+    # RuntimeError: ended already; AttributeError: no such binding in this build of torch.
+    with contextlib.suppress(RuntimeError, AttributeError):
+        torch._C._cuda_endAllocateToPool(device_index, pool)
 
 
 LAST_ONLY_TOKENS = 1024
@@ -128,7 +145,7 @@ class DecodeGraphs:
                         for kv_len in fitting if batch == 1 else fitting[:1]:
                             self._last_only[batch, width, kv_len] = self._capture(
                                 batch, width, kv_len, last_only=True)
-        except RuntimeError as exc:  # out of memory, a compile error: without them, as before
+        except Exception as exc:  # out of memory, a compile error: without them, as before
             self._last_only.clear()
             self.last_only_widths = {}
             self.last_only_failure = repr(exc)
@@ -188,8 +205,13 @@ class DecodeGraphs:
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = step()
+        stream = torch.cuda.current_stream(device)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = step()
+        except BaseException:
+            end_failed_capture(stream, self._device_index, self._pool)
+            raise
         return _Captured(graph, inputs, tokens, slots, starts, logits, picks)
 
     def run(

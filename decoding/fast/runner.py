@@ -127,7 +127,7 @@ class StaticRunner:
         # try's graphs, and the device memory they hold, alive through the next try.
         try:
             return capture()
-        except (RuntimeError, torch.OutOfMemoryError) as exc:  # includes compile errors
+        except Exception as exc:  # out of memory, compile errors, a recompile limit hit
             failure = repr(exc)
         if self.decoder.pointwise.rotate_store is not None:
             log.warning("CUDA graph capture failed with the K/V store compiled into the "
@@ -137,7 +137,7 @@ class StaticRunner:
             self.decoder.store_apart()
             try:
                 return capture()
-            except (RuntimeError, torch.OutOfMemoryError) as exc:
+            except Exception as exc:
                 failure = repr(exc)
         if self.decoder.compiled:
             log.warning("CUDA graph capture failed with the compiled functions, so they run "
@@ -149,7 +149,7 @@ class StaticRunner:
             self.decoder.run_eagerly()
             try:
                 return capture()
-            except (RuntimeError, torch.OutOfMemoryError) as exc:
+            except Exception as exc:
                 failure = repr(exc)
         log.warning("CUDA graph capture failed, so every forward runs eagerly: %s", failure)
         self.graph_failure = (

@@ -19,7 +19,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from decoding.batched import plain_steps_batch, speculative_step_batch
 from decoding.fast.cache import StaticKVCache
-from decoding.fast.graphs import DecodeGraphs, _Captured
+from decoding.fast.graphs import DecodeGraphs, _Captured, end_failed_capture
 from decoding.fast.model import FastDecoder, _rotate_store
 from decoding.fast.runner import StaticRunner
 from decoding.params import SamplingParams
@@ -154,16 +154,18 @@ def test_graphed_forwards_equal_eager_ones(pair) -> None:
 
 class _FailingGraphs(EagerGraphs):
     """Stand-in graphs whose capture fails, as a compile error at a real shape would, while
-    ``fails(decoder)`` says so."""
+    ``fails(decoder)`` says so; ``error``: what it raises."""
 
-    def __init__(self, fails: Callable[[FastDecoder], bool], *args, **kwargs) -> None:
+    def __init__(self, fails: Callable[[FastDecoder], bool], *args,
+                 error: Callable[[str], Exception] = RuntimeError, **kwargs) -> None:
         self._fails = fails
+        self._error = error
         super().__init__(*args, **kwargs)
 
     def _capture(self, batch: int, width: int, kv_len: int, last_only: bool = False
                  ) -> _Captured:
         if self._fails(self.decoder):
-            raise RuntimeError("BackendCompilerFailed (stand-in)")
+            raise self._error("BackendCompilerFailed (stand-in)")
         return super()._capture(batch, width, kv_len, last_only)
 
 
@@ -205,10 +207,13 @@ def test_a_capture_that_fails_compiled_is_retried_uncompiled(pair) -> None:
     other = StaticRunner(pair[1], num_slots=3, max_len=64)
     other.decoder.compiled = True
     free = other.cache.free_slots
+    # Not only RuntimeErrors: torch.compile's recompile limit, under fullgraph, raises this.
     never = other._capture_graphs(lambda: _FailingGraphs(
-        lambda d: True, other.decoder, other.cache, (1,), (1,), (64,)))
+        lambda d: True, other.decoder, other.cache, (1,), (1,), (64,),
+        error=torch._dynamo.exc.FailOnRecompileLimitHit))
     assert never is None and other.cache.free_slots == free
     assert other.graph_failure is not None and "; uncompiled: " in other.graph_failure
+    assert "FailOnRecompileLimitHit" in other.graph_failure
 
 
 def test_a_capture_that_fails_with_the_fused_store_is_retried_with_it_apart(pair) -> None:
@@ -320,15 +325,37 @@ def test_prefills_and_catch_ups_run_in_last_only_graphs(pair) -> None:
     assert lengths[0] == lengths[1] == [36, 59, 57]
 
 
-def test_last_only_graphs_that_fail_to_capture_leave_the_others(pair) -> None:
-    """Where capturing a last-only graph fails (out of memory, say), the other graphs are kept
-    and those forwards run as before; the runner says why."""
+def test_a_failed_capture_gives_back_the_stream_and_the_pool(monkeypatch) -> None:
+    """After a capture raised, the stream current before it is current again and the allocator
+    stops sending allocations to the graphs' pool (torch.cuda.graph skips both where ending
+    the capture raises); where the capture had ended, the allocator's refusal is no error.
+    Only the calls are checked here: there is no CUDA device."""
+    calls: list[tuple[object, ...]] = []
+
+    def end(device: int, pool: object) -> None:
+        calls.append(("end", device, pool))
+        if pool == "ended":
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: calls.append(("set", stream)))
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end)
+    end_failed_capture("before", 1, "pool")  # type: ignore[arg-type]
+    end_failed_capture("before", 1, "ended")  # type: ignore[arg-type]
+    assert calls == [("set", "before"), ("end", 1, "pool"), ("set", "before"), ("end", 1, "ended")]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError,
+                                   torch._dynamo.exc.FailOnRecompileLimitHit])
+def test_last_only_graphs_that_fail_to_capture_leave_the_others(pair, error) -> None:
+    """Where capturing a last-only graph fails (out of memory, or torch.compile's recompile
+    limit, which is no RuntimeError), the other graphs are kept and those forwards run as
+    before; the runner says why."""
 
     class LastOnlyFails(EagerGraphs):
         def _capture(self, batch: int, width: int, kv_len: int, last_only: bool = False
                      ) -> _Captured:
             if last_only and width == 16:
-                raise torch.OutOfMemoryError("stand-in")
+                raise error("stand-in")
             return super()._capture(batch, width, kv_len, last_only)
 
     runner = StaticRunner(pair[0], num_slots=2, max_len=64)
@@ -339,7 +366,7 @@ def test_last_only_graphs_that_fail_to_capture_leave_the_others(pair) -> None:
     graphs = runner.graphs
     assert isinstance(graphs, LastOnlyFails) and graphs.last_only_widths == {}
     assert runner.cache.free_slots == free - 1  # the scratch slot only
-    assert runner.graph_failure == "last-only: OutOfMemoryError('stand-in')"
+    assert runner.graph_failure == f"last-only: {error.__name__}('stand-in')"
     sequence = runner.new_sequence()
     eager = StaticRunner(pair[0], num_slots=1, max_len=64).new_sequence()
     for tokens in ([5, 6, 7, 8, 9], [10], [11, 12]):  # eager, then the graphs of 1 and 3
