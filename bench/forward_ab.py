@@ -25,7 +25,13 @@ replayed ``--repeats`` times (each with the copy of its inputs, as the engine re
 between two CUDA events: milliseconds per forward. Elsewhere (the tests, ``--quick``) the
 forwards run eagerly, which checks the plumbing and says nothing about speed. Every variant's
 logits are compared with the first variant's (``default``, unless left out; the largest
-difference is reported; in bfloat16 different kernels round differently).
+difference is reported; in bfloat16 different kernels round differently). A variant that
+raises (a capture or compile failure: these are the first runs of its code on a card) is
+recorded with its error, and the others go on; the JSON is rewritten after each variant.
+
+On CUDA, compiled with the fused store, it also records what one call of the fused store takes
+in device memory beyond its inputs, against one layer's cache buffer (``fused_store_memory``):
+near the buffer's size where the compiled kernel copies the buffer instead of writing into it.
 Results: ``forward_ab.json`` in ``--out`` and a table on stdout.
 """
 
@@ -155,7 +161,10 @@ def bench_model(
     name: str, shape: Shape, vocab: int, device: torch.device, dtype: torch.dtype, *,
     batches: Sequence[int], widths: Sequence[int], kv_len: int, slots: int, repeats: int,
     variants: Sequence[str], compile: bool, seed: int, log: Callable[[str], None],
+    section: dict[str, Any] | None = None, save: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
+    """Time every variant of one model into ``section`` (a new dict if None), calling
+    ``save`` after each."""
     started = time.perf_counter()
     model = build_model(shape, vocab, device, dtype, seed)
     decoder = FastDecoder(model, compile=compile)
@@ -163,17 +172,31 @@ def bench_model(
     shapes = [(batch, width) for width in widths for batch in batches]
     log(f"{name}: built in {time.perf_counter() - started:.1f} s (compiled: {decoder.compiled}, "
         f"fused store: {decoder.pointwise.rotate_store is not None})")
-    section: dict[str, Any] = {
+    section = {} if section is None else section
+    section.update({
         "shape": dataclasses.asdict(shape), "compiled": decoder.compiled,
         "fused_store": decoder.pointwise.rotate_store is not None, "variants": {},
-    }
+    })
+    if device.type == "cuda" and decoder.pointwise.rotate_store is not None:
+        try:
+            section["fused_store_memory"] = fused_store_memory(decoder, cache)
+        except Exception as exc:  # recorded; the timings may still work
+            section["fused_store_memory"] = {"error": repr(exc)}
+        log(f"{name} fused store memory: {section['fused_store_memory']}")
+        save()
     reference: dict[tuple[int, int], torch.Tensor] = {}
     for variant in variants:
         if ((variant == "store-apart" and decoder.pointwise.rotate_store is None)
                 or (variant == "sdpa" and not decoder.matmul_attention)):
             continue  # the same as the default here
         started = time.perf_counter()
-        timed = time_variant(decoder, cache, variant, shapes, kv_len, vocab, repeats, seed)
+        try:
+            timed = time_variant(decoder, cache, variant, shapes, kv_len, vocab, repeats, seed)
+        except Exception as exc:  # recorded, and the other variants go on
+            section["variants"][variant] = {"error": repr(exc)}
+            log(f"{name} {variant} failed after {time.perf_counter() - started:.1f} s: {exc!r}")
+            save()
+            continue
         rows = []
         for (batch, width), (ms, logits) in timed.items():
             reference.setdefault((batch, width), logits)
@@ -181,21 +204,57 @@ def bench_model(
             rows.append({"batch": batch, "width": width, "ms": ms, "max_abs_diff": diff})
         section["variants"][variant] = rows
         log(f"{name} {variant}: {time.perf_counter() - started:.1f} s")
+        save()
     del cache, decoder, model
     return section
+
+
+def fused_store_memory(decoder: FastDecoder, cache: Any) -> dict[str, int]:
+    """CUDA only: the device memory one call of the compiled fused store (rotation and K/V
+    store, :func:`~decoding.fast.model._rotate_store`) of one row and one token takes at its
+    peak beyond what was allocated before it, and one layer's cache buffer's bytes. Where the
+    kernel writes into the buffer the first is a few hundred bytes; where it works on a copy of
+    the buffer, about the second. Called twice, the first compiling; the second is measured."""
+    store = decoder.pointwise.rotate_store
+    assert store is not None
+    device, dtype = cache.kv.device, decoder.dtype
+    heads, kv_heads, dim = decoder.num_heads, decoder.num_kv_heads, decoder.head_dim
+    buffer = cache.kv[0]
+    slot = cache.allocate()
+    try:
+        with torch.inference_mode():
+            qkv = torch.zeros(1, 1, (heads + 2 * kv_heads) * dim, device=device, dtype=dtype)
+            angles = torch.zeros(1, 1, 1, dim, device=device, dtype=dtype)
+            slots = torch.tensor([slot], device=device)
+            positions = torch.zeros(1, 1, dtype=torch.long, device=device)
+            peak = 0
+            for _ in range(2):
+                synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+                store(qkv, angles, angles, buffer, slots, positions, heads, kv_heads, dim)
+                synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device) - before
+    finally:
+        cache.free(slot)
+    return {"peak_extra_bytes": int(peak), "layer_buffer_bytes": buffer.nbytes}
 
 
 def format_table(results: dict[str, Any]) -> str:
     lines = []
     for name, section in results["models"].items():
         variants = section["variants"]
+        timed = [rows for rows in variants.values() if isinstance(rows, list)]
         if not variants:
             continue
-        shapes = [(row["batch"], row["width"]) for row in next(iter(variants.values()))]
+        shapes = [(row["batch"], row["width"]) for row in timed[0]] if timed else []
         header = f"{name} (ms per forward)".ljust(26) + "".join(
             f"b{batch} w{width}".rjust(10) for batch, width in shapes)
         lines += [header, "-" * len(header)]
         for variant, rows in variants.items():
+            if not isinstance(rows, list):
+                lines.append(f"  {variant:<24}failed: {rows['error']}")
+                continue
             cells = "".join(
                 ("-" if row["ms"] is None else f"{row['ms']:.3f}").rjust(10) for row in rows)
             worst = max(row["max_abs_diff"] for row in rows)
@@ -247,18 +306,28 @@ def main(argv: list[str] | None = None) -> int:
         "slots": args.slots, "repeats": args.repeats,
         "direct_read_factor": fast_model.DIRECT_READ_FACTOR, "models": {},
     }
+
+    def save() -> None:
+        (out / RESULTS_JSON).write_text(json.dumps(results, indent=1))
+
     for name in names:
         shape = draft if name == "draft" else targets[name]
-        results["models"][name] = bench_model(
+        section: dict[str, Any] = {}
+        results["models"][name] = section
+        bench_model(
             name, shape, vocab, device, dtype,
             batches=[int(b) for b in args.batches.split(",")],
             widths=[int(w) for w in args.widths.split(",")], kv_len=args.kv_len,
             slots=args.slots, repeats=args.repeats, variants=variants, compile=compile,
-            seed=args.seed, log=lambda message: print(message, flush=True),
+            seed=args.seed, log=lambda message: print(message, flush=True), section=section,
+            save=save,
         )
-        (out / RESULTS_JSON).write_text(json.dumps(results, indent=1))
+        save()
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            # After a failed capture an older PyTorch's allocator may refuse (see
+            # decoding.fast.graphs.end_failed_capture): the next model is built anyway.
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.empty_cache()
     print(format_table(results))
     return 0
 

@@ -3,6 +3,7 @@ its JSON (timings need CUDA graphs, so here there are none)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -58,3 +59,60 @@ def test_store_apart_and_sdpa_change_the_decoder_for_their_duration() -> None:
         decoder, "other"
     ):
         pass
+
+
+def test_a_variant_that_fails_is_recorded_and_the_others_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each variant's code runs on a card for the first time here: one that raises (a capture
+    or compile failure) is written down with its error, not the end of the run."""
+    real = forward_ab.time_variant
+    saved: list[list[str]] = []
+
+    def time_variant(decoder, cache, variant, *args):  # type: ignore[no-untyped-def]
+        written = tmp_path / forward_ab.RESULTS_JSON  # what was saved before this variant
+        saved.append(list(json.loads(written.read_text())["models"]["tiny-s"]["variants"])
+                     if written.exists() else [])
+        if variant == "gather":
+            raise RuntimeError("stand-in capture failure")
+        return real(decoder, cache, variant, *args)
+
+    monkeypatch.setattr(forward_ab, "time_variant", time_variant)
+    args = ["--quick", "--models", "tiny-s", "--batches", "1", "--widths", "1",
+            "--slots", "2", "--repeats", "1", "--out", str(tmp_path)]
+    assert forward_ab.main(args) == 0
+    # The JSON was written after each variant, the failed one too.
+    assert saved == [[], ["default"], ["default", "gather"]]
+    variants = json.loads((tmp_path / forward_ab.RESULTS_JSON).read_text())[
+        "models"]["tiny-s"]["variants"]
+    assert variants["gather"] == {"error": "RuntimeError('stand-in capture failure')"}
+    assert [len(variants[v]) for v in ("default", "in-place")] == [1, 1]
+    assert "gather                  failed: RuntimeError('stand-in" in capsys.readouterr().out
+
+
+def test_the_fused_store_memory_check_calls_the_store_as_the_model_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its arithmetic and its call of the store at a model's shapes (the memory figures are
+    CUDA's: given here)."""
+    model = build_model(TINY_TARGET_SHAPES["tiny-s"], TINY_VOCAB, torch.device("cpu"),
+                        torch.float32, seed=0)
+    decoder = FastDecoder(model)
+    decoder.pointwise = fast_model._Pointwise.compiled(backend="eager")
+    cache = decoder.new_cache(2, 16)
+    calls: list[int] = []
+    store = decoder.pointwise.rotate_store
+    assert store is not None
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        calls.append(args[4].item())  # the slot
+        return store(*args)
+
+    decoder.pointwise = dataclasses.replace(decoder.pointwise, rotate_store=counted)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 1064)
+    free = cache.free_slots
+    assert forward_ab.fused_store_memory(decoder, cache) == {
+        "peak_extra_bytes": 64, "layer_buffer_bytes": cache.kv[0].nbytes}
+    assert len(calls) == 2 and cache.free_slots == free
