@@ -968,7 +968,10 @@ def run(cfg: GpuBenchConfig) -> dict[str, Any]:
                 # callbacks refer back to it): collect before handing its cache and graphs
                 # back, after a failure too (the next target needs the memory).
                 gc.collect()
-                torch.cuda.empty_cache()
+                try:
+                    torch.cuda.empty_cache()
+                except RuntimeError as exc:  # an older PyTorch after a failed capture
+                    log(f"empty_cache after {key} failed: {exc!r}")
     results["plots"] = [str(p.name) for p in write_plots(results, cfg.out)]
     results["complete"] = True
     save()
