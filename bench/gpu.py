@@ -549,7 +549,7 @@ def describe_policy(engine: Any) -> dict[str, Any] | None:
     probes = stepper.probes
     return {
         "server_alpha": stepper.acceptance.alpha,
-        "probe_every": None if probes is None else probes.every,
+        "probe_every": None if probes is None else probes.wait,
         "probe_alpha": None if probes is None else probes.acceptance.alpha,
         "step_costs": stepper.step_costs.describe(),
     }

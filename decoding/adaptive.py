@@ -454,14 +454,20 @@ class ProbeSchedule:
         """Move the wait once for the probes of the last probing step, however many rows
         probed in it: doubled where none accepted, halved where some did and speculation
         pays at the pooled acceptance."""
+        self.every, self._results = self.wait, None
+
+    @property
+    def wait(self) -> int:
+        """The wait once the last probing step's results have moved it: :attr:`every` moves
+        only at the next :meth:`step` (for reports between steps)."""
         if self._results is None:
-            return
+            return self.every
         accepted_any, pays = self._results
-        self._results = None
         if not accepted_any:
-            self.every = min(self.every * 2, self._max_every)
-        elif pays(self.acceptance.alpha):
-            self.every = max(self._base, self.every // 2)
+            return min(self.every * 2, self._max_every)
+        if pays(self.acceptance.alpha):
+            return max(self._base, self.every // 2)
+        return self.every
 
     def took(self, steps: int) -> None:
         """The step :meth:`step` began took ``steps`` plain steps at once."""

@@ -13,6 +13,7 @@ from decoding.adaptive import (
     DRAFT_CHAIN,
     AdaptiveGamma,
     CostModel,
+    ProbeSchedule,
     batch_sizes,
     measure_costs,
 )
@@ -74,6 +75,26 @@ def test_failed_probes_back_off() -> None:
         adaptive.observe(gamma, 0)  # the draft never agrees
     gaps = [b - a for a, b in itertools.pairwise(probes_at)]
     assert gaps == sorted(gaps) and gaps[-1] >= 32  # 2, 4, 8, ... plain steps between probes
+
+
+def test_the_wait_a_probe_result_makes_is_reported_before_the_next_step() -> None:
+    """``every`` moves at the next step, once for all the rows that probed in a step; ``wait``
+    says where it will be (what a benchmark reports between runs)."""
+    schedule = ProbeSchedule(every=8)
+    schedule.result(1, 0, lambda alpha: True)
+    schedule.result(1, 0, lambda alpha: True)  # two rows in one step: moved once
+    assert (schedule.every, schedule.wait) == (8, 16)  # nothing accepted: doubled
+    schedule.step()
+    assert schedule.every == schedule.wait == 16
+    schedule.result(1, 0, lambda alpha: True)
+    schedule.step()
+    schedule.result(1, 1, lambda alpha: True)
+    assert (schedule.every, schedule.wait) == (32, 16)  # accepted, and drafting pays: halved
+    schedule.step()
+    schedule.result(1, 1, lambda alpha: False)
+    assert schedule.every == schedule.wait == 16  # accepted, but drafting would not pay
+    schedule.step()
+    assert schedule.every == schedule.wait == 16
 
 
 def step_together(
