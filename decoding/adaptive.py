@@ -672,6 +672,14 @@ class AdaptiveGamma:
         gamma = self._costs.best_gamma(alpha, self._max_gamma, batch, overhead=overhead)
         return self._pays(alpha, gamma, catch_up, remaining, batch, overhead)
 
+    def could_draft(self, batch: int = 1, overhead: float = 1.0) -> bool:
+        """Whether this request may draft at all while its estimate stays where it is: the
+        estimate gives a γ > 0, or the request would probe when a probe is due. Where neither,
+        a draft fed the prompt waits for an estimate that only the request's own drafting can
+        raise."""
+        gamma = self._costs.best_gamma(self.alpha, self._max_gamma, batch, overhead=overhead)
+        return gamma > 0 or self._probe_gamma(batch, overhead) > 0
+
     def _pays(
         self, alpha: float, gamma: int, catch_up: int, remaining: int, batch: int, overhead: float
     ) -> bool:

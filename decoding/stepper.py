@@ -190,9 +190,9 @@ class Stepper:
         if plans_alone(running.request):
             return running.adaptive.would_draft(catch_up=prompt, remaining=remaining)
         batch = self._batch()
-        return running.adaptive.would_draft(
-            batch, self.step_costs.overhead(batch), catch_up=prompt, remaining=remaining,
-            alpha=self.acceptance.upper(),
+        overhead = self.step_costs.overhead(batch)
+        return running.adaptive.could_draft(batch, overhead) and running.adaptive.would_draft(
+            batch, overhead, catch_up=prompt, remaining=remaining, alpha=self.acceptance.upper()
         )
 
     # ---- prefill ---------------------------------------------------------------------------

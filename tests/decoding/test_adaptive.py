@@ -11,6 +11,8 @@ import torch
 
 from decoding.adaptive import (
     DRAFT_CHAIN,
+    MIN_SPEEDUP,
+    PROBE_MARGIN,
     AdaptiveGamma,
     CostModel,
     ProbeSchedule,
@@ -63,6 +65,25 @@ def test_request_learns_from_what_it_sees() -> None:
     for _ in range(20):
         adaptive.observe(drafted=4, accepted=0)
     assert adaptive.next_gamma() == 0 < start
+
+
+DEAR_DRAFT = CostModel({1: 0.6, 2: 0.6, 8: 0.63, 16: 0.66},
+                       {k: 1.0 + 0.01 * (k - 1) for k in range(1, 19)})
+"""A draft step 0.6 of a target's (run 8's 1.5B target had c = 0.60), a few rows costing about
+one: at α = 0.7 no γ pays, and at α = 0.9 none reaches the 1.1 x 1.15 a probe must promise
+(1.22 at most alone, 1.21 for 2 rows); at 0.87 some γ does."""
+
+
+def test_whether_a_request_could_draft_at_its_estimate() -> None:
+    """could_draft: its estimate gives a γ > 0, or it would probe. Not where neither: then only
+    its own drafting could raise the estimate, and it does not draft."""
+    assert DEAR_DRAFT.best_gamma(0.7, 8) == 0
+    assert DEAR_DRAFT.best_gamma(0.9, 8, min_speedup=MIN_SPEEDUP * PROBE_MARGIN) == 0
+    assert not AdaptiveGamma(DEAR_DRAFT, max_gamma=8, prior_alpha=0.7).could_draft()
+    assert AdaptiveGamma(DEAR_DRAFT, max_gamma=8, prior_alpha=0.95).could_draft()  # γ > 0
+    collapsed = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0)
+    assert collapsed.next_gamma() == 0 and collapsed.could_draft()  # no γ, but it probes
+    assert not collapsed.could_draft(batch=1, overhead=100.0)  # no probe pays that dear
 
 
 def test_failed_probes_back_off() -> None:

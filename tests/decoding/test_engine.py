@@ -444,6 +444,28 @@ async def test_whether_a_draft_sees_the_prompt_is_judged_at_the_servers_upper_bo
     assert asked == [upper, upper]
 
 
+async def test_no_draft_sees_the_prompt_where_no_request_could_draft(same_pair) -> None:
+    """The upper bound says drafting could pay, but at the requests' own estimate (the prior)
+    no γ pays and no probe would (a draft step 0.6 of a target's): a draft fed the prompt would
+    never draft, so none is. (On run 8's 1.5B costs, bench.policy: 1 to 4 requests ran at
+    0.967-0.987x speculation off at every α, each round feeding the drafts their prompts.)"""
+    from decoding.adaptive import AdaptiveGamma
+    from tests.decoding.test_adaptive import DEAR_DRAFT
+
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = Engine(pair, EngineConfig(fast_path="on", max_concurrent_requests=2),
+                    costs=DEAR_DRAFT)
+    upper = engine.stepper.acceptance.upper()
+    assert AdaptiveGamma(DEAR_DRAFT, 8, prior_alpha=engine.stepper.acceptance.alpha).would_draft(
+        2, catch_up=len(PROMPT_IDS), remaining=32, alpha=upper)
+    try:
+        outputs, handles = await _two_together(engine, n=32, gamma=None)
+    finally:
+        engine.close()
+    assert [h.timeline.draft_prefill_ns for h in handles] == [(0, 0), (0, 0)]
+    assert all(h.usage.draft_tokens == 0 for h in handles) and len(outputs[0]) == 32
+
+
 def test_a_negative_prefill_chunk_is_refused(same_pair) -> None:
     with pytest.raises(ValueError, match="prefill_chunk"):
         make_engine(same_pair, prefill_chunk=-1)
