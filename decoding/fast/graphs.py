@@ -17,6 +17,7 @@ stand-in graphs that replay eagerly (tests/decoding/test_batched.py), not the ca
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ import torch
 from decoding.fast.cache import StaticKVCache
 from decoding.fast.model import FastDecoder
 from decoding.transfer import copy_into
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,13 @@ def end_failed_capture(stream: torch.cuda.Stream, device_index: int, pool: Any) 
     the first thing the next capture does, fails. Where the capture did end, the allocator has
     stopped already and says so by raising, which is ignored."""
     torch.cuda.set_stream(stream)
-    # RuntimeError: ended already; AttributeError: no such binding in this build of torch.
-    with contextlib.suppress(RuntimeError, AttributeError):
-        torch._C._cuda_endAllocateToPool(device_index, pool)
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+        torch._C, "_cuda_endAllocateCurrentStreamToPool", None)  # its name before torch 2.8
+    if end is None:
+        log.warning("this torch has no binding to end a failed capture's pool allocation")
+        return
+    with contextlib.suppress(RuntimeError, TypeError):  # ended already; an older signature
+        end(device_index, pool)
 
 
 LAST_ONLY_TOKENS = 1024
@@ -210,7 +217,10 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = step()
         except BaseException:
-            end_failed_capture(stream, self._device_index, self._pool)
+            try:
+                end_failed_capture(stream, self._device_index, self._pool)
+            except Exception:  # the capture's own error is the one to report
+                log.warning("cleaning up after a failed capture failed", exc_info=True)
             raise
         return _Captured(graph, inputs, tokens, slots, starts, logits, picks)
 

@@ -342,6 +342,59 @@ def test_a_failed_capture_gives_back_the_stream_and_the_pool(monkeypatch) -> Non
     end_failed_capture("before", 1, "pool")  # type: ignore[arg-type]
     end_failed_capture("before", 1, "ended")  # type: ignore[arg-type]
     assert calls == [("set", "before"), ("end", 1, "pool"), ("set", "before"), ("end", 1, "ended")]
+    # Before torch 2.8 the binding had another name.
+    calls.clear()
+    monkeypatch.delattr(torch._C, "_cuda_endAllocateToPool")
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", end, raising=False)
+    end_failed_capture("before", 0, "pool")  # type: ignore[arg-type]
+    assert calls == [("set", "before"), ("end", 0, "pool")]
+
+
+def test_a_capture_that_raises_gives_back_the_stream_before_it_and_keeps_its_error(
+    pair, monkeypatch
+) -> None:
+    """DecodeGraphs._capture, its CUDA calls stood in for: where the capture raises, the
+    stream current before it, the device and the pool go to end_failed_capture, and the
+    capture's own error is raised even where that cleanup fails too."""
+    import contextlib
+
+    from decoding.fast import graphs as graphs_module
+
+    class Stream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    before = Stream()
+
+    class FailingCapture:
+        def __init__(self, graph: object, pool: object) -> None:
+            pass
+
+        def __enter__(self) -> None:
+            pass
+
+        def __exit__(self, *exc: object) -> None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: before)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    ended: list[tuple[object, ...]] = []
+
+    def end(stream: object, device: int, pool: object) -> None:
+        ended.append((stream, device, pool))
+        raise RuntimeError("the cleanup's own failure")
+
+    monkeypatch.setattr(graphs_module, "end_failed_capture", end)
+    runner = StaticRunner(pair[0], num_slots=2, max_len=64)
+    graphs = object.__new__(DecodeGraphs)  # no CUDA here: only what _capture needs
+    graphs.decoder, graphs.cache, graphs.scratch_slot = runner.decoder, runner.cache, 0
+    graphs._device_index, graphs._pool = 3, ("pool", 1)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="stream is capturing"):
+        graphs._capture(1, 1, 64)
+    assert ended == [(before, 3, ("pool", 1))]
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError,
