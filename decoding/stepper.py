@@ -183,7 +183,11 @@ class Stepper:
     def _drafts_from_the_start(self, running: RunningRequest, prompt: int) -> bool:
         """Whether the draft should see the prompt: always for a fixed γ > 0, never for γ = 0;
         with adaptive γ, only if drafting over the whole output is expected to pay for it (at
-        the batch running now). A draft left out catches up if γ turns positive later."""
+        the batch running now). A draft left out catches up if γ turns positive later. On a
+        batching server that is judged at the upper bound of the server's acceptance, but only
+        where the draft could be used: the request would draft or probe at its own estimate
+        (:meth:`AdaptiveGamma.could_draft`), or the last step drafted, where a level draft may
+        draft along with the others (:meth:`StepCosts.cap_for_batch`)."""
         if running.adaptive is None:
             return self.gamma_limit(running.request) > 0
         remaining = running.prepared.max_new_tokens
@@ -191,7 +195,8 @@ class Stepper:
             return running.adaptive.would_draft(catch_up=prompt, remaining=remaining)
         batch = self._batch()
         overhead = self.step_costs.overhead(batch)
-        return running.adaptive.could_draft(batch, overhead) and running.adaptive.would_draft(
+        usable = self.last_gamma > 0 or running.adaptive.could_draft(batch, overhead)
+        return usable and running.adaptive.would_draft(
             batch, overhead, catch_up=prompt, remaining=remaining, alpha=self.acceptance.upper()
         )
 

@@ -444,11 +444,16 @@ async def test_whether_a_draft_sees_the_prompt_is_judged_at_the_servers_upper_bo
     assert asked == [upper, upper]
 
 
-async def test_no_draft_sees_the_prompt_where_no_request_could_draft(same_pair) -> None:
+@pytest.mark.parametrize("last_gamma", [0, 2])
+async def test_no_draft_sees_the_prompt_where_no_request_could_draft(
+    same_pair, last_gamma
+) -> None:
     """The upper bound says drafting could pay, but at the requests' own estimate (the prior)
     no γ pays and no probe would (a draft step 0.6 of a target's): a draft fed the prompt would
     never draft, so none is. (On run 8's 1.5B costs, bench.policy: 1 to 4 requests ran at
-    0.967-0.987x speculation off at every α, each round feeding the drafts their prompts.)"""
+    0.967-0.987x speculation off at every α, each round feeding the drafts their prompts.)
+    Unless the last step drafted: a level draft may draft along with the others (a request
+    whose estimate is higher), so then the drafts are fed as before."""
     from decoding.adaptive import AdaptiveGamma
     from tests.decoding.test_adaptive import DEAR_DRAFT
 
@@ -458,12 +463,15 @@ async def test_no_draft_sees_the_prompt_where_no_request_could_draft(same_pair) 
     upper = engine.stepper.acceptance.upper()
     assert AdaptiveGamma(DEAR_DRAFT, 8, prior_alpha=engine.stepper.acceptance.alpha).would_draft(
         2, catch_up=len(PROMPT_IDS), remaining=32, alpha=upper)
+    engine.stepper.last_gamma = last_gamma  # as a step before these requests left it
     try:
         outputs, handles = await _two_together(engine, n=32, gamma=None)
     finally:
         engine.close()
-    assert [h.timeline.draft_prefill_ns for h in handles] == [(0, 0), (0, 0)]
-    assert all(h.usage.draft_tokens == 0 for h in handles) and len(outputs[0]) == 32
+    fed = [h.timeline.draft_prefill_ns != (0, 0) for h in handles]
+    assert fed == [bool(last_gamma)] * 2 and len(outputs[0]) == 32
+    if not last_gamma:
+        assert all(h.usage.draft_tokens == 0 for h in handles)
 
 
 def test_a_negative_prefill_chunk_is_refused(same_pair) -> None:
