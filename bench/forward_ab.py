@@ -213,8 +213,9 @@ def fused_store_memory(decoder: FastDecoder, cache: Any) -> dict[str, int]:
     """CUDA only: the device memory one call of the compiled fused store (rotation and K/V
     store, :func:`~decoding.fast.model._rotate_store`) of one row and one token takes at its
     peak beyond what was allocated before it, and one layer's cache buffer's bytes. Where the
-    kernel writes into the buffer the first is a few hundred bytes; where it works on a copy of
-    the buffer, about the second. Called twice, the first compiling; the second is measured."""
+    kernel writes into the buffer the first is a few KB (the queries it returns, and the
+    allocator's rounding); where it works on a copy of the buffer, about the second. Called
+    twice, the first compiling; the second is measured."""
     store = decoder.pointwise.rotate_store
     assert store is not None
     device, dtype = cache.kv.device, decoder.dtype

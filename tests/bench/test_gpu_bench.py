@@ -357,3 +357,20 @@ def test_a_batched_steps_times_count_once_however_many_rows_it_has() -> None:
                                         (2, 0, 0, 3, 0.0, 0.030), (2, 0, 0, 2, 0.0, 0.030)]]
     draft_ms, verify_ms = gpu.per_forward_ms(records, refill_s=0.004)
     assert draft_ms == pytest.approx(1.5) and verify_ms == pytest.approx(12.5)
+
+
+def test_the_policy_report_gives_the_probe_wait_its_pending_results_make() -> None:
+    """describe_policy reads ProbeSchedule.wait: the wait moves only at the next step, and a
+    report between runs would otherwise be one probing step behind."""
+    from types import SimpleNamespace
+
+    from bench.gpu import describe_policy
+    from decoding.adaptive import AcceptanceEstimate, CostModel, ProbeSchedule, StepCosts
+
+    probes = ProbeSchedule(every=8)
+    probes.result(1, 0, lambda alpha: True)  # a failed probe: the wait doubles at the next step
+    stepper = SimpleNamespace(
+        probes=probes, acceptance=AcceptanceEstimate(0.7),
+        step_costs=StepCosts(CostModel.from_widths(0.1, (1.0, 1.1))))
+    report = describe_policy(SimpleNamespace(stepper=stepper))
+    assert report is not None and report["probe_every"] == 16 and probes.every == 8

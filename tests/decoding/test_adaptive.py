@@ -81,6 +81,9 @@ def test_whether_a_request_could_draft_at_its_estimate() -> None:
     assert DEAR_DRAFT.best_gamma(0.9, 8, min_speedup=MIN_SPEEDUP * PROBE_MARGIN) == 0
     assert not AdaptiveGamma(DEAR_DRAFT, max_gamma=8, prior_alpha=0.7).could_draft()
     assert AdaptiveGamma(DEAR_DRAFT, max_gamma=8, prior_alpha=0.95).could_draft()  # γ > 0
+    keen = AdaptiveGamma(DEAR_DRAFT, max_gamma=8, prior_alpha=0.9)  # γ > 0 alone, not busy
+    assert keen.could_draft() and keen.could_draft(batch=8)
+    assert not keen.could_draft(batch=16) and not keen.could_draft(overhead=2.0)
     collapsed = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.0)
     assert collapsed.next_gamma() == 0 and collapsed.could_draft()  # no γ, but it probes
     assert not collapsed.could_draft(batch=1, overhead=100.0)  # no probe pays that dear
