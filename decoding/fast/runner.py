@@ -113,8 +113,11 @@ class StaticRunner:
         if failure is not None:
             log.warning("capturing the last-only CUDA graphs failed, so prefills and long "
                         "catch-ups run as before: %s", failure)
-            self.graph_failure = (
-                f"{self.graph_failure}; " if self.graph_failure else "") + f"last-only: {failure}"
+            self._add_failure(f"last-only: {failure}")
+
+    def _add_failure(self, text: str) -> None:
+        """Append ``text`` to :attr:`graph_failure`, after what failed before it."""
+        self.graph_failure = f"{self.graph_failure}; {text}" if self.graph_failure else text
 
     def _capture_graphs(self, capture: Callable[[], DecodeGraphs]) -> DecodeGraphs | None:
         """``capture()``'s graphs; where it fails, without them. Capturing is the first call
@@ -133,7 +136,7 @@ class StaticRunner:
             log.warning("CUDA graph capture failed with the K/V store compiled into the "
                         "rotation, so K and V are stored apart from now on; capturing again: %s",
                         failure)
-            self.graph_failure = f"fused store: {failure}"
+            self._add_failure(f"fused store: {failure}")
             self.decoder.store_apart()
             try:
                 return capture()
@@ -142,19 +145,14 @@ class StaticRunner:
         if self.decoder.compiled:
             log.warning("CUDA graph capture failed with the compiled functions, so they run "
                         "uncompiled from now on; capturing again: %s", failure)
-            self.graph_failure = (
-                f"{self.graph_failure}; compiled: {failure}" if self.graph_failure
-                else f"compiled: {failure}"
-            )
+            self._add_failure(f"compiled: {failure}")
             self.decoder.run_eagerly()
             try:
                 return capture()
             except Exception as exc:
                 failure = repr(exc)
         log.warning("CUDA graph capture failed, so every forward runs eagerly: %s", failure)
-        self.graph_failure = (
-            f"{self.graph_failure}; uncompiled: {failure}" if self.graph_failure else failure
-        )
+        self._add_failure(f"uncompiled: {failure}" if self.graph_failure else failure)
         return None
 
     @property
