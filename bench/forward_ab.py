@@ -32,6 +32,13 @@ recorded with its error, and the others go on; the JSON is rewritten after each 
 On CUDA, compiled with the fused store, it also records what one call of the fused store takes
 in device memory beyond its inputs, against one layer's cache buffer (``fused_store_memory``):
 near the buffer's size where the compiled kernel copies the buffer instead of writing into it.
+With ``--profile 1x1,...`` (batch x width) each variant's forwards of those shapes are
+replayed again under ``torch.profiler``: per forward, how many kernels (and copies) the device
+ran, the time they ran, and the time from the first one's start to the last one's end, which
+exceeds the first where the device waits between kernels (a step made of many small kernels
+is bound by their latency, not by its bytes); and the kernels by device time, to
+``profile_<model>_<variant>_b<batch>w<width>.txt``.
+
 Results: ``forward_ab.json`` in ``--out`` and a table on stdout.
 """
 
@@ -40,9 +47,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +66,8 @@ from bench.gpu import (
     Shape,
     build_model,
     machine_info,
+    profile_tables,
+    profiling,
     resolve,
     synchronize,
 )
@@ -66,6 +76,10 @@ from decoding.fast.model import FastDecoder
 
 RESULTS_JSON = "forward_ab.json"
 VARIANTS = ("default", "gather", "in-place", "store-apart", "sdpa")
+PROFILED_FORWARDS = 20
+
+Profiles = dict[tuple[int, int], tuple[dict[str, Any], list[str]]]
+"""(batch, width) -> (:func:`device_summary`, the profiler's tables)."""
 
 
 @contextlib.contextmanager
@@ -101,9 +115,12 @@ def inputs(batch: int, width: int, slots: Sequence[int], kv_len: int, vocab: int
 def time_variant(
     decoder: FastDecoder, cache: Any, variant: str, shapes: Sequence[tuple[int, int]],
     kv_len: int, vocab: int, repeats: int, seed: int,
+    profile: Sequence[tuple[int, int]] = (), profiles: Profiles | None = None,
 ) -> dict[tuple[int, int], tuple[float | None, torch.Tensor]]:
-    """(batch, width) -> (ms per forward on CUDA, else None; the logits of its last call)."""
+    """(batch, width) -> (ms per forward on CUDA, else None; the logits of its last call).
+    The shapes in ``profile`` are also profiled (:func:`profile_forwards`) into ``profiles``."""
     device = cache.kv.device
+    profiles = {} if profiles is None else profiles
     results: dict[tuple[int, int], tuple[float | None, torch.Tensor]] = {}
     with variant_settings(decoder, variant), torch.inference_mode():
         cache.kv.zero_()  # every variant reads the same cache: zeros below its rows' tokens
@@ -112,16 +129,18 @@ def time_variant(
             slots += (cache.allocate() for _ in range(max(batch for batch, _ in shapes)))
             if device.type == "cuda":
                 results = _time_graphs(decoder, cache, shapes, slots, kv_len, vocab, repeats,
-                                       seed)
+                                       seed, profile, profiles)
             else:
                 for batch, width in shapes:
                     tokens, rows, starts = inputs(batch, width, slots, kv_len, vocab, seed)
-                    logits = decoder.forward(
-                        torch.tensor(tokens, device=device), torch.tensor(rows, device=device),
-                        torch.tensor(starts, device=device), cache, num_logits=width,
-                        kv_len=kv_len,
+                    forward = functools.partial(
+                        decoder.forward, torch.tensor(tokens, device=device),
+                        torch.tensor(rows, device=device), torch.tensor(starts, device=device),
+                        cache, num_logits=width, kv_len=kv_len,
                     )
-                    results[batch, width] = (None, logits.float().cpu())
+                    results[batch, width] = (None, forward().float().cpu())
+                    if (batch, width) in profile:
+                        profiles[batch, width] = profile_forwards(forward, device)
         finally:
             for slot in slots:
                 cache.free(slot)
@@ -131,6 +150,7 @@ def time_variant(
 def _time_graphs(
     decoder: FastDecoder, cache: Any, shapes: Sequence[tuple[int, int]], slots: Sequence[int],
     kv_len: int, vocab: int, repeats: int, seed: int,
+    profile: Sequence[tuple[int, int]], profiles: Profiles,
 ) -> dict[tuple[int, int], tuple[float | None, torch.Tensor]]:
     from decoding.fast.graphs import DecodeGraphs
 
@@ -151,10 +171,50 @@ def _time_graphs(
             synchronize(cache.kv.device)
             assert logits is not None, f"no graph for batch {batch}, width {width}"
             results[batch, width] = (start.elapsed_time(end) / repeats, logits.float().cpu())
+            if (batch, width) in profile:
+                profiles[batch, width] = profile_forwards(
+                    functools.partial(graphs.run, tokens, rows, starts), cache.kv.device)
     finally:
         cache.free(graphs.scratch_slot)
         del graphs
     return results
+
+
+def profile_forwards(
+    forward: Callable[[], Any], device: torch.device, forwards: int = PROFILED_FORWARDS
+) -> tuple[dict[str, Any], list[str]]:
+    """``forward()`` ``forwards`` times in a row, no waits between, under ``torch.profiler``:
+    :func:`device_summary` and the profiler's tables."""
+
+    def work() -> None:
+        for _ in range(forwards):
+            forward()
+        synchronize(device)
+
+    _, prof = profiling(work)
+    return device_summary(prof.events(), forwards), profile_tables(prof, rows=40)
+
+
+def device_summary(events: Iterable[Any], forwards: int) -> dict[str, Any]:
+    """Per forward, from the profiler's events of ``forwards`` forwards run back to back: the
+    device's events (kernels and copies: ``device_events``), the time the device ran one
+    (``busy_ms``, overlaps counted once), and the time from the first one's start to the last
+    one's end (``span_ms``). A span longer than the busy time is the device waiting between
+    kernels. All None without device events (a CPU run)."""
+    spans = sorted((event.time_range.start, event.time_range.end) for event in events
+                   if event.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans:
+        return {"forwards": forwards, "device_events": None, "busy_ms": None, "span_ms": None}
+    busy, reach = 0.0, spans[0][0]  # microseconds; reach: how far the device has been busy
+    for start, end in spans:
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return {
+        "forwards": forwards,
+        "device_events": len(spans) / forwards,
+        "busy_ms": busy / 1000 / forwards,
+        "span_ms": (reach - spans[0][0]) / 1000 / forwards,
+    }
 
 
 def bench_model(
@@ -162,9 +222,11 @@ def bench_model(
     batches: Sequence[int], widths: Sequence[int], kv_len: int, slots: int, repeats: int,
     variants: Sequence[str], compile: bool, seed: int, log: Callable[[str], None],
     section: dict[str, Any] | None = None, save: Callable[[], None] = lambda: None,
+    profile: Sequence[tuple[int, int]] = (), profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Time every variant of one model into ``section`` (a new dict if None), calling
-    ``save`` after each."""
+    ``save`` after each; profile the shapes in ``profile`` (into ``profile_dir``'s
+    ``profile_<name>_<variant>_b<batch>w<width>.txt``, where given)."""
     started = time.perf_counter()
     model = build_model(shape, vocab, device, dtype, seed)
     decoder = FastDecoder(model, compile=compile)
@@ -190,8 +252,10 @@ def bench_model(
                 or (variant == "sdpa" and not decoder.matmul_attention)):
             continue  # the same as the default here
         started = time.perf_counter()
+        profiles: Profiles = {}
         try:
-            timed = time_variant(decoder, cache, variant, shapes, kv_len, vocab, repeats, seed)
+            timed = time_variant(decoder, cache, variant, shapes, kv_len, vocab, repeats, seed,
+                                 profile, profiles)
         except Exception as exc:  # recorded, and the other variants go on
             section["variants"][variant] = {"error": repr(exc)}
             log(f"{name} {variant} failed after {time.perf_counter() - started:.1f} s: {exc!r}")
@@ -201,7 +265,18 @@ def bench_model(
         for (batch, width), (ms, logits) in timed.items():
             reference.setdefault((batch, width), logits)
             diff = (logits - reference[batch, width]).abs().max().item()
-            rows.append({"batch": batch, "width": width, "ms": ms, "max_abs_diff": diff})
+            row: dict[str, Any] = {"batch": batch, "width": width, "ms": ms,
+                                   "max_abs_diff": diff}
+            if (batch, width) in profiles:
+                summary, tables = profiles[batch, width]
+                row["profile"] = summary
+                if profile_dir is not None:
+                    path = profile_dir / f"profile_{name}_{variant}_b{batch}w{width}.txt"
+                    path.write_text("\n\n".join(
+                        [f"{name} {variant}, batch {batch}, width {width}: {summary}",
+                         *tables]) + "\n")
+                    summary["file"] = path.name
+            rows.append(row)
         section["variants"][variant] = rows
         log(f"{name} {variant}: {time.perf_counter() - started:.1f} s")
         save()
@@ -260,6 +335,15 @@ def format_table(results: dict[str, Any]) -> str:
                 ("-" if row["ms"] is None else f"{row['ms']:.3f}").rjust(10) for row in rows)
             worst = max(row["max_abs_diff"] for row in rows)
             lines.append(f"  {variant:<24}{cells}   (logits vs default: {worst:.2g})")
+        for variant, rows in variants.items():
+            for row in rows if isinstance(rows, list) else []:
+                if row.get("profile", {}).get("device_events") is not None:
+                    summary = row["profile"]
+                    lines.append(
+                        f"  profiled {variant} b{row['batch']} w{row['width']}: "
+                        f"{summary['device_events']:.0f} device events, busy "
+                        f"{summary['busy_ms']:.3f} ms, span {summary['span_ms']:.3f} ms "
+                        "per forward")
         lines.append("")
     return "\n".join(lines)
 
@@ -282,7 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decoder's elementwise parts (auto: on CUDA)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="",
+                   help="shapes to profile, as BATCHxWIDTH,... (e.g. 1x1,1x4); none by default")
     return p
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"1x1,16x4"`` -> [(1, 1), (16, 4)]."""
+    shapes = []
+    for item in filter(None, text.split(",")):
+        batch, sep, width = item.partition("x")
+        if not (sep and batch.isdigit() and width.isdigit()):
+            raise SystemExit(f"--profile: {item!r} is not BATCHxWIDTH")
+        shapes.append((int(batch), int(width)))
+    return shapes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name != "draft" and name not in targets]
     if unknown:
         raise SystemExit(f"unknown models {unknown}: draft or one of {sorted(targets)}")
+    profile = parse_shapes(args.profile)
     variants = [variant for variant in args.variants.split(",") if variant]
     if any(variant not in VARIANTS for variant in variants):
         raise SystemExit(f"variants are among {', '.join(VARIANTS)}")
@@ -321,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             widths=[int(w) for w in args.widths.split(",")], kv_len=args.kv_len,
             slots=args.slots, repeats=args.repeats, variants=variants, compile=compile,
             seed=args.seed, log=lambda message: print(message, flush=True), section=section,
-            save=save,
+            save=save, profile=profile, profile_dir=out,
         )
         save()
         if device.type == "cuda":

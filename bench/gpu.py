@@ -54,7 +54,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
@@ -68,6 +68,8 @@ RESULTS_JSON = "gpu_results.json"
 TOKENS_PNG = "gpu_tokens_vs_alpha.png"
 SPEEDUP_PNG = "gpu_speedup_vs_alpha.png"
 CONCURRENCY_PNG = "gpu_throughput_vs_concurrency.png"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -694,6 +696,13 @@ def bench_target(
 def profiled(work: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
     """``work()`` under ``torch.profiler`` (the engine's worker thread included): its result,
     and the operators and kernels by device time and by host time, as tables."""
+    result, prof = profiling(work)
+    return result, profile_tables(prof)
+
+
+def profiling(work: Callable[[], T]) -> tuple[T, Any]:
+    """``work()`` under ``torch.profiler``, every thread seen where this torch can: its result
+    and the finished profiler (``events()``, ``key_averages()``)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -708,14 +717,19 @@ def profiled(work: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], list[s
         pass
     with profile(activities=activities, **options) as prof:
         result = work()
+    return result, prof
+
+
+def profile_tables(prof: Any, rows: int = 30) -> list[str]:
+    """The operators and kernels of a finished profiler by device time and by host time."""
     averages = prof.key_averages()
     tables = []
     for sort in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
         try:
-            tables.append(f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=30))
+            tables.append(f"sorted by {sort}\n" + averages.table(sort_by=sort, row_limit=rows))
         except (KeyError, AttributeError, RuntimeError) as exc:  # no CUDA events on a CPU
             tables.append(f"sorted by {sort}: unavailable ({exc})")
-    return result, tables
+    return tables
 
 
 def profile_run(

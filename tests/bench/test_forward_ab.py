@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,47 @@ def test_the_fused_store_memory_check_calls_the_store_as_the_model_does(
     assert forward_ab.fused_store_memory(decoder, cache) == {
         "peak_extra_bytes": 64, "layer_buffer_bytes": cache.kv[0].nbytes}
     assert len(calls) == 2 and cache.free_slots == free
+
+
+def test_profiled_shapes_are_written_for_each_variant_and_only_those(tmp_path: Path) -> None:
+    args = ["--quick", "--models", "tiny-s", "--batches", "1,4", "--widths", "1",
+            "--slots", "6", "--repeats", "1", "--out", str(tmp_path), "--profile", "4x1"]
+    assert forward_ab.main(args) == 0
+    variants = json.loads((tmp_path / forward_ab.RESULTS_JSON).read_text())[
+        "models"]["tiny-s"]["variants"]
+    for variant, rows in variants.items():
+        one, four = rows
+        assert "profile" not in one
+        name = f"profile_tiny-s_{variant}_b4w1.txt"
+        # No device here: the summary says so, and the tables are the host's operators.
+        assert four["profile"] == {"forwards": forward_ab.PROFILED_FORWARDS,
+                                   "device_events": None, "busy_ms": None, "span_ms": None,
+                                   "file": name}
+        text = (tmp_path / name).read_text()
+        assert text.startswith(f"tiny-s {variant}, batch 4, width 1: ")
+        assert "aten::" in text
+    assert sorted(p.name for p in tmp_path.glob("profile_*")) == sorted(
+        f"profile_tiny-s_{variant}_b4w1.txt" for variant in variants)
+
+
+def test_the_device_summary_counts_each_device_event_and_idle_time_between() -> None:
+    """Per forward: device events, the time the device ran one (overlaps once) and the time
+    from the first start to the last end; the host's events are not counted."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(device: torch.autograd.DeviceType, start: float, end: float) -> object:
+        return types.SimpleNamespace(device_type=device,
+                                     time_range=types.SimpleNamespace(start=start, end=end))
+
+    events = [event(cuda, 100.0, 110.0), event(cpu, 0.0, 1000.0), event(cuda, 105.0, 120.0),
+              event(cuda, 150.0, 160.0), event(cuda, 152.0, 155.0)]
+    # Busy 100-120 and 150-160 (30 µs), span 100-160 (60 µs), over 2 forwards.
+    assert forward_ab.device_summary(events, 2) == {
+        "forwards": 2, "device_events": 2.0, "busy_ms": 0.015, "span_ms": 0.03}
+    assert forward_ab.device_summary(events[1:2], 2)["device_events"] is None
+
+
+def test_profile_shapes_are_batch_x_width() -> None:
+    assert forward_ab.parse_shapes("1x1,16x4,") == [(1, 1), (16, 4)]
+    with pytest.raises(SystemExit, match="'1-4' is not BATCHxWIDTH"):
+        forward_ab.parse_shapes("1-4")
