@@ -34,20 +34,24 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     engine: Engine
+    servicer: GenerationServicer
 
     async def _wait_idle(self, timeout: float) -> None:
+        """Until the engine has nothing to do and every call has ended (a stream the engine
+        has finished may still be on its way to a slow reader), or ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             stats = self.engine.stats()
-            if not (stats.running or stats.waiting or stats.preparing):
+            if not (stats.running or stats.waiting or stats.preparing
+                    or self.servicer.calls_in_flight):
                 return
             await asyncio.sleep(0.02)
 
     async def shutdown(self, grace: float) -> None:
         """Drain: NOT_SERVING first (health keeps answering it), refuse new calls with
-        UNAVAILABLE, give calls in flight ``grace`` seconds, end what is left with UNAVAILABLE,
-        then stop the server and the engine."""
+        UNAVAILABLE, give calls in flight ``grace`` seconds (until their last message is
+        written), end what is left with UNAVAILABLE, then stop the server and the engine."""
         await self.health.enter_graceful_shutdown()
         self.engine.stop_accepting()
         await self._wait_idle(grace)
@@ -85,9 +89,8 @@ async def start_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(engine, observer, keep_output=settings.log_content), server
-    )
+    servicer = GenerationServicer(engine, observer, keep_output=settings.log_content)
+    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -105,7 +108,7 @@ async def start_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     engine.on_fatal.append(_not_serving_on_fatal(health_servicer))
     log.info("serving", extra={"port": port, "tls": credentials is not None})
-    return RunningServer(server, port, health_servicer, engine)
+    return RunningServer(server, port, health_servicer, engine, servicer)
 
 
 def grpc_address(host: str, port: int) -> str:

@@ -59,23 +59,35 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._engine = engine
         self._observer = observer or _NoObserver()
         self._keep_output = keep_output
+        # Generate and GenerateStream handlers running: a drain waits for them, not only for
+        # the engine, which is done with a stream before a slow reader has received it.
+        self.calls_in_flight = 0
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         record = CallRecord("Generate", converters.request_id_of(request), time.time_ns())
-        async with aclosing(self._chunks(request, context, record)) as stream:
-            chunks = [chunk async for chunk in stream]
-        return converters.to_response(record.request_id, chunks)
+        self.calls_in_flight += 1
+        try:
+            async with aclosing(self._chunks(request, context, record)) as stream:
+                chunks = [chunk async for chunk in stream]
+            return converters.to_response(record.request_id, chunks)
+        finally:
+            self.calls_in_flight -= 1
 
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         record = CallRecord("GenerateStream", converters.request_id_of(request), time.time_ns())
-        # aclosing: a cancelled stream must close the engine's side at once, not at GC time.
-        async with aclosing(self._chunks(request, context, record)) as stream:
-            async for chunk in stream:
-                yield converters.to_stream_response(record.request_id, chunk)
+        self.calls_in_flight += 1
+        try:
+            # aclosing: a cancelled stream must close the engine's side at once, not at GC
+            # time.
+            async with aclosing(self._chunks(request, context, record)) as stream:
+                async for chunk in stream:
+                    yield converters.to_stream_response(record.request_id, chunk)
+        finally:  # after the last message was written (or the call ended otherwise)
+            self.calls_in_flight -= 1
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from service._proto.tandem.v1 import generation_pb2 as pb
+from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
 from tests.decoding.test_engine import wait_until_idle
 
 PROMPT_IDS = [10, 57, 203, 99, 14, 250, 31]
@@ -130,6 +131,42 @@ async def test_a_call_being_tokenized_when_the_drain_begins_completes(
         await s.running.shutdown(grace=5)
         assert len((await call).token_ids) == 4
     finally:
+        await s.channel.close()
+
+
+async def test_a_stream_the_engine_finished_still_reaches_a_slow_reader_in_the_grace(
+    same_pair,
+) -> None:
+    """The grace period is for the calls, not the engine: a stream whose tokens are all made
+    but not yet read (a slow reader's small receive window holds them back) is delivered
+    whole if its reader finishes within the grace."""
+    import time
+
+    from tests.conftest import make_engine
+    from tests.service.conftest import serve
+
+    s = await serve(make_engine(same_pair, max_new_tokens_limit=120))
+    slow = grpc.aio.insecure_channel(  # a small receive window, no window growth
+        s.address, options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    )
+    try:
+        request = greedy(gamma=0, n=120, cls=pb.GenerateStreamRequest)
+        request.ignore_eos, request.logprobs, request.top_logprobs = True, True, 20
+        call = pb_grpc.GenerationServiceStub(slow).GenerateStream(request, timeout=60)
+        tokens = list((await call.read()).token_ids)
+        while s.engine.stats().running:  # the engine has made every token
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        shutdown = asyncio.ensure_future(s.running.shutdown(grace=10.0))
+        await asyncio.sleep(1.0)  # the reader is late, well inside the grace
+        assert not shutdown.done()
+        while (message := await call.read()) is not grpc.aio.EOF:
+            tokens += message.token_ids
+        assert len(tokens) == 120 and await call.code() == grpc.StatusCode.OK
+        await shutdown
+        assert time.monotonic() - started < 5.0  # it ended when the call did
+    finally:
+        await slow.close()
         await s.channel.close()
 
 
