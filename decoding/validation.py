@@ -110,7 +110,7 @@ def _prompt_ids(request: GenerationRequest, tokenizer: Any, limits: Limits) -> t
             if message.role not in CHAT_ROLES:
                 raise InvalidRequestError(
                     f"messages[{i}].role",
-                    f"must be one of {sorted(CHAT_ROLES)}, got {message.role!r}",
+                    f"must be one of {sorted(CHAT_ROLES)}, got {_shown(message.role)}",
                 )
         try:
             text = tokenizer.apply_chat_template(
@@ -186,3 +186,16 @@ def _check_stop_token_ids(ids: tuple[int, ...], limits: Limits) -> None:
                 f"stop_token_ids[{i}]",
                 f"{token} is outside the vocabulary [0, {limits.vocab_size})",
             )
+
+
+SHOWN_CHARACTERS = 32
+
+
+def _shown(text: str) -> str:
+    """A client's string as an error message shows it: at most :data:`SHOWN_CHARACTERS` of it
+    (an error's text goes back in the call's trailers, which gRPC limits to 16 KiB, and into
+    its span)."""
+    if len(text) <= SHOWN_CHARACTERS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARACTERS]!r}… ({len(text)} characters)"
+

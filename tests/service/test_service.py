@@ -279,6 +279,11 @@ def _invalid_cases():
         "unknown chat role": (
             make(messages=[pb.ChatMessage(role="wizard", content="hi")]),
             "messages[0].role"),
+        # Echoed whole, it would not fit the trailers' 16 KiB (RESOURCE_EXHAUSTED, no field).
+        "a long unknown chat role": (
+            make(messages=[pb.ChatMessage(role="user", content="hi"),
+                           pb.ChatMessage(role="r" * 100_000, content="hi")]),
+            "messages[1].role"),
     }
 
 
