@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
@@ -53,6 +53,15 @@ class KVSequence:
     def __init__(self, runner: ModelRunner) -> None:
         self._runner = runner
         self._cache: DynamicCache | None = DynamicCache(config=runner.model.config)
+        # A sliding-window layer keeps only its window, and once full cannot be cropped unless
+        # it records the past: then it keeps what it is given until the next crop, which
+        # drops the rejected tokens and trims it back to the window (see rollback).
+        self._sliding: list[Any] = [
+            layer for layer in self._cache.layers
+            if getattr(layer, "is_sliding", False) and hasattr(layer, "activate_past_recording")
+        ]
+        for layer in self._sliding:
+            layer.activate_past_recording()
         self.length = 0
 
     @property
@@ -90,6 +99,9 @@ class KVSequence:
             raise ValueError(f"cannot roll back to {length}: {self.length} tokens cached")
         if length < self.length and self._cache is not None:
             self._cache.crop(length - self.length)  # negative: tokens to drop
+        elif self._cache is not None:
+            for layer in self._sliding:  # nothing to drop: back to the window
+                layer.crop(0)
         self.length = length
 
     def release(self) -> None:

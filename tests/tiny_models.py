@@ -87,11 +87,15 @@ def make_tiny_model(
     layers: int = 2,
     hidden: int = 32,
     tokenizer: PreTrainedTokenizerFast | None = None,
+    sliding_window: int | None = None,
+    full_layers: int = 0,
 ) -> Path:
     """Save a random ``Qwen2ForCausalLM`` and a tokenizer into ``folder``; return ``folder``.
 
     ``vocab`` is the number of rows of the embedding matrix and ``ctx`` the context window
     (``max_position_embeddings``). ``hidden`` must be a multiple of 8 (4 heads, 2 kv heads).
+    With ``sliding_window`` the layers after the first ``full_layers`` attend to that many
+    positions only.
     """
     if vocab < MIN_VOCAB:
         raise ValueError(f"vocab must be at least {MIN_VOCAB}, got {vocab}")
@@ -110,6 +114,9 @@ def make_tiny_model(
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **({} if sliding_window is None else {
+            "use_sliding_window": True, "sliding_window": sliding_window,
+            "max_window_layers": full_layers}),
     )
     generator_state = torch.random.get_rng_state()
     try:

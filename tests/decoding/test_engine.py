@@ -90,6 +90,60 @@ async def test_greedy_output_is_the_targets_own(request, pair_name: str, gamma, 
         assert usage.acceptance_rate < 0.5
 
 
+def sliding_pair(tmp_path) -> ModelPair:
+    """A tiny target and draft (other weights: drafts get rejected) whose second layer
+    attends to its last 8 positions only, the first to all."""
+    from decoding.models import load_pair
+    from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer(320)
+    for name, seed in (("target", 0), ("draft", 1)):
+        make_tiny_model(tmp_path / name, seed=seed, tokenizer=tokenizer, sliding_window=8,
+                        full_layers=1)
+    pair = load_pair(str(tmp_path / "target"), str(tmp_path / "draft"), device="cpu",
+                     dtype="float32", progress=False)
+    return dataclasses.replace(pair, eos_token_ids=())
+
+
+@pytest.mark.parametrize("gamma", [None, 1, 3])
+async def test_a_sliding_window_pair_is_exact_past_its_window(tmp_path, gamma) -> None:
+    """The fast path refuses sliding-window models, so they run on transformers' own cache,
+    whose sliding layers keep only their window: a rollback past it must still work (it
+    raised) and give the target's own tokens."""
+    pair = sliding_pair(tmp_path)
+    engine = make_engine(pair)
+    assert not engine.batched  # the transformers path
+    try:
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=30,
+                               speculation=SpeculationParams(gamma))
+    finally:
+        engine.close()
+    assert ids_of(chunks) == reference_greedy(pair, PROMPT_IDS, 30)
+    usage = chunks[-1].usage
+    assert usage.draft_tokens > usage.accepted_draft_tokens  # rollbacks happened
+
+
+def test_a_sliding_layer_is_trimmed_back_to_its_window_at_each_step(tmp_path) -> None:
+    """Recording the past (so that it can roll back), a sliding layer keeps every token it is
+    given until the step's rollback trims it, with rejected tokens to drop or none; the full
+    layer keeps every token."""
+    from decoding.runner import ModelRunner
+
+    sequence = ModelRunner(sliding_pair(tmp_path).target.model).new_sequence()
+    full, sliding = sequence._cache.layers
+
+    def held() -> tuple[int, int]:
+        return full.keys.shape[-2], sliding.keys.shape[-2]
+
+    sequence.forward(list(range(10, 30)))
+    sequence.rollback(20)  # nothing to drop
+    assert held() == (20, 7)  # the window less the position the next token takes
+    sequence.forward([5, 6, 7])
+    sequence.rollback(21)  # two rejected
+    assert held() == (21, 7)
+    sequence.release()
+
+
 @pytest.mark.parametrize(
     "config",
     [{"fast_path": "on", "max_concurrent_requests": 1},
