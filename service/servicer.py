@@ -153,9 +153,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self._observer.call_finished(record)
 
 
+DEADLINE_SLACK_S = 0.05
+"""A call cancelled this close to its deadline ended at it. The server's copy of a deadline
+runs out a little after the client's (it starts when the call arrives), so a client whose own
+timer fires first cancels the call with a millisecond or two left here: the caller saw
+DEADLINE_EXCEEDED, and so must the server's spans, metrics and logs."""
+
+
 def _ended_early_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """DEADLINE_EXCEEDED for a call whose deadline has passed, else CANCELLED."""
+    """DEADLINE_EXCEEDED for a call whose deadline has passed (or all but,
+    :data:`DEADLINE_SLACK_S`), else CANCELLED."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED

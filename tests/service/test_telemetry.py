@@ -239,6 +239,21 @@ async def test_a_deadline_passing_while_the_prompt_is_tokenized_is_recorded_as_s
     assert root.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
 
+@pytest.mark.parametrize(("remaining", "code"), [
+    (None, "CANCELLED"), (5.0, "CANCELLED"), (0.2, "CANCELLED"), (0.002, "DEADLINE_EXCEEDED"),
+    (0.0, "DEADLINE_EXCEEDED")])
+def test_a_call_cancelled_at_its_deadline_is_recorded_deadline_exceeded(remaining, code) -> None:
+    """The client's timer may fire first and cancel the call with a little of the server's
+    copy of the deadline left (a review saw 0.1-2.3 ms, and CANCELLED recorded where the
+    caller saw DEADLINE_EXCEEDED)."""
+    from types import SimpleNamespace
+
+    from service.servicer import _ended_early_code
+
+    context = SimpleNamespace(time_remaining=lambda: remaining)
+    assert _ended_early_code(context).name == code  # type: ignore[arg-type]
+
+
 async def test_a_stream_closed_by_grpc_is_recorded_cancelled(same_pair) -> None:
     """When a client goes away mid-stream gRPC may close the handler's generator (rather
     than cancel its task): GeneratorExit at the yield. That is a cancelled call, and its
