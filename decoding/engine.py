@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -43,7 +44,7 @@ from decoding.params import GenerationRequest
 from decoding.runner import ModelRunner
 from decoding.speculative import Proposer, propose
 from decoding.stepper import RunningRequest, Stepper
-from decoding.validation import Limits, PreparedRequest, prepare
+from decoding.validation import Limits, PreparedRequest, input_field, prepare
 
 log = logging.getLogger(__name__)
 
@@ -308,11 +309,23 @@ class Engine:
         reservation = len(prepared.prompt_ids) + prepared.max_new_tokens + gamma + 1
         budget = self.config.kv_token_budget
         if budget and reservation > budget:
-            raise InvalidRequestError(
-                "max_new_tokens",
-                f"the request needs {reservation} KV cache positions (prompt + max_new_tokens"
-                f" + γ + 1) but the server's budget is {budget}",
-            )
+            if request.max_new_tokens is not None:
+                raise InvalidRequestError(
+                    "max_new_tokens",
+                    f"the request needs {reservation} KV cache positions (prompt + "
+                    f"max_new_tokens + γ + 1) but the server's budget is {budget}",
+                )
+            # The default max_new_tokens, as at the context window, is what the budget leaves.
+            room = budget - len(prepared.prompt_ids) - gamma - 1
+            if room < 1:
+                raise InvalidRequestError(
+                    input_field(request),
+                    f"prompt has {len(prepared.prompt_ids)} tokens; with γ + 1 = {gamma + 1} "
+                    f"more that leaves no room to generate in the server's KV budget of "
+                    f"{budget} positions",
+                )
+            prepared = dataclasses.replace(prepared, max_new_tokens=room)
+            reservation = budget
         handle = RequestHandle(request.request_id, len(prepared.prompt_ids), self._wake)
         running = RunningRequest(
             request=request,

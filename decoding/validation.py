@@ -41,11 +41,7 @@ class PreparedRequest:
 
 def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> PreparedRequest:
     """Validate ``request`` and turn its input into token ids. Raises InvalidRequestError."""
-    given = [
-        name
-        for name in ("prompt", "messages", "prompt_token_ids")
-        if getattr(request, name) is not None
-    ]
+    given = _inputs_given(request)
     if len(given) != 1:
         raise InvalidRequestError(
             "input", f"exactly one of prompt, messages, prompt_token_ids must be set, got {given}"
@@ -83,6 +79,18 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
             f"context window of {limits.context_window}",
         )
     return PreparedRequest(prompt_ids, max_new)
+
+
+def _inputs_given(request: GenerationRequest) -> list[str]:
+    return [name for name in ("prompt", "messages", "prompt_token_ids")
+            if getattr(request, name) is not None]
+
+
+def input_field(request: GenerationRequest) -> str:
+    """The name of the field that holds a prepared request's input (an error about the
+    prompt's length names it)."""
+    [name] = _inputs_given(request)
+    return name
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:

@@ -950,6 +950,39 @@ async def test_a_full_queue_refuses_a_call_before_tokenizing_it(
         engine.close()
 
 
+@pytest.mark.parametrize("gamma", [None, 2])
+async def test_a_default_max_new_tokens_is_what_the_kv_budget_leaves(same_pair, gamma) -> None:
+    """As at the context window: a request that leaves max_new_tokens unset gets the default
+    or what the budget leaves, whichever is less (it was refused, naming max_new_tokens); one
+    whose prompt leaves nothing is refused naming its input; one that asks for more than fits
+    is refused naming max_new_tokens."""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = make_engine(pair, kv_token_budget=60, default_max_new_tokens=64,
+                         max_speculative_tokens=8)
+    reserve = (8 if gamma is None else gamma) + 1  # γ + 1, at the request's most γ
+    speculation = SpeculationParams(gamma)
+    try:
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, speculation=speculation)
+        assert len(ids_of(chunks)) == 60 - len(PROMPT_IDS) - reserve
+        assert chunks[-1].finish_reason == FinishReason.LENGTH
+        # Where the default fits, it is the default.
+        small = make_engine(pair, kv_token_budget=60, default_max_new_tokens=5)
+        try:
+            assert len(ids_of(await collect(small, prompt_token_ids=PROMPT_IDS))) == 5
+        finally:
+            small.close()
+        with pytest.raises(InvalidRequestError, match=r"^prompt_token_ids: prompt has"):
+            await collect(engine, prompt_token_ids=(5,) * (60 - reserve),
+                          speculation=speculation)
+        with pytest.raises(InvalidRequestError, match=r"^max_new_tokens: "):
+            await collect(engine, prompt_token_ids=PROMPT_IDS, speculation=speculation,
+                          max_new_tokens=60 - len(PROMPT_IDS) - reserve + 1)
+        await wait_until_idle(engine)
+        assert engine.stats().reserved_tokens == 0
+    finally:
+        engine.close()
+
+
 async def test_no_request_is_counted_gone_before_its_last_chunk_is_out(
     same_pair, monkeypatch
 ) -> None:
