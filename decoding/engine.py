@@ -336,6 +336,12 @@ class Engine:
             adaptive=self.stepper.adaptive_for(request),
         )
         with self._cond:
+            # Again, under the lock the worker's death and the drain's end take: either may
+            # have come since the check above, and a request queued after it is never ended.
+            if self.failed is not None:
+                raise EngineFailedError("the device worker has stopped")
+            if not self._admitting:
+                raise ShuttingDownError("the server is shutting down")
             self._admit_locked()  # earlier waiters first, and cancelled ones out of the count
             if not self._waiting and self._fits_locked(running):
                 self._start_locked(running)
@@ -490,8 +496,8 @@ class Engine:
                 running.handle._put(_END)
 
     def _die(self, err: BaseException) -> None:
-        self.failed = err
-        with self._cond:
+        with self._cond:  # a call being admitted sees it or is among everyone below
+            self.failed = err
             everyone = [*self._running, *self._waiting]
             self._running.clear()
             self._waiting.clear()

@@ -983,6 +983,38 @@ async def test_a_default_max_new_tokens_is_what_the_kv_budget_leaves(same_pair, 
         engine.close()
 
 
+@pytest.mark.parametrize("event", ["worker died", "drain ended"])
+async def test_a_call_admitted_as_the_worker_dies_or_the_drain_ends_is_refused(
+    same_pair, monkeypatch, event
+) -> None:
+    """Between admission's first check and its queueing the worker may die (which ends every
+    request it knows of) or the drain end: the call must be refused then, not queued where
+    nothing would ever end it."""
+    import decoding.engine as engine_module
+    from decoding.errors import EngineFailedError
+
+    engine = make_engine(same_pair)
+    real = engine_module.IncrementalDetokenizer
+
+    def in_between(*args, **kwargs):  # built after the first check, before the queueing
+        if event == "worker died":
+            engine._die(RuntimeError("stand-in worker death"))
+        else:
+            engine.abort_all(ShuttingDownError("drained"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "IncrementalDetokenizer", in_between)
+    expected = EngineFailedError if event == "worker died" else ShuttingDownError
+    try:
+        with pytest.raises(expected):
+            engine.submit(GenerationRequest(request_id="late", prompt_token_ids=PROMPT_IDS,
+                                            max_new_tokens=4))
+        stats = engine.stats()
+        assert (stats.running, stats.waiting, stats.reserved_tokens) == (0, 0, 0)
+    finally:
+        engine.close()
+
+
 async def test_no_request_is_counted_gone_before_its_last_chunk_is_out(
     same_pair, monkeypatch
 ) -> None:
