@@ -80,9 +80,11 @@ class Metrics:
         meter.create_observable_gauge(
             "tandem.requests.in_flight", [self._observe("running")], unit="{request}",
             description="Requests admitted and decoding")
+        # Calls still being tokenized wait too: they count against --max-queue, and a burst
+        # refused for them must not look like an idle queue.
         meter.create_observable_gauge(
-            "tandem.queue.depth", [self._observe("waiting")], unit="{request}",
-            description="Requests waiting for admission")
+            "tandem.queue.depth", [self._observe("waiting", "preparing")], unit="{request}",
+            description="Requests waiting for admission (queued, or their prompts tokenized)")
         meter.create_observable_gauge(
             "tandem.spec_decode.gamma", [self._observe("last_gamma")], unit="{token}",
             description="γ used by the most recent speculative step")
@@ -90,9 +92,12 @@ class Metrics:
             "tandem.kv.reserved_tokens", [self._observe("reserved_tokens")], unit="{token}",
             description="KV cache positions reserved by running requests")
 
-    def _observe(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def _observe(self, *names: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """A gauge's callback: the sum of these engine stats."""
+
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(getattr(self._stats(), name))
+            stats = self._stats()
+            yield Observation(sum(getattr(stats, name) for name in names))
 
         return callback
 

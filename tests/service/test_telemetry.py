@@ -500,11 +500,13 @@ def test_gauges_observe_their_own_engine_stats() -> None:
 
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    stats = SimpleNamespace(running=2, waiting=5, last_gamma=3, reserved_tokens=700)
+    stats = SimpleNamespace(running=2, waiting=5, preparing=4, last_gamma=3,
+                            reserved_tokens=700)
     Metrics(provider.get_meter("t"), lambda: stats)
     values = {name: pts[0].value for name, (_, pts) in metric_points(reader).items()}
     provider.shutdown()
-    assert values == {"tandem.requests.in_flight": 2, "tandem.queue.depth": 5,
+    # Queued or being tokenized, a call waits for admission (and counts against --max-queue).
+    assert values == {"tandem.requests.in_flight": 2, "tandem.queue.depth": 9,
                       "tandem.spec_decode.gamma": 3, "tandem.kv.reserved_tokens": 700}
 
 
