@@ -157,4 +157,7 @@ async def serve_until_signalled(running: RunningServer, settings: Settings) -> i
         return 1
     log.info("draining", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await running.shutdown(settings.shutdown_grace_seconds)
+    if fatal:  # it died during the drain
+        log.critical("device worker died while draining")
+        return 1
     return 0

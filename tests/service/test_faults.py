@@ -5,6 +5,7 @@ that start with a marker, so the requests beside them run the real code."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 
@@ -211,3 +212,37 @@ async def test_worker_death_makes_serve_until_signalled_return_1(same_pair, monk
         await s.channel.close()
         await asyncio.wait_for(s.running.server.stop(0), 10)
         await asyncio.to_thread(s.engine.close, 5)
+
+
+async def test_worker_death_during_the_drain_still_makes_it_return_1(
+    same_pair, monkeypatch
+) -> None:
+    """SIGTERM first, then the worker dies while the drain waits for the calls in flight: the
+    calls end UNAVAILABLE and the exit status still says the worker died."""
+    kill_worker_on(monkeypatch, marker=5)
+    s = await serve(make_engine(same_pair, max_concurrent_requests=1))
+    loop = asyncio.get_running_loop()
+    serving = asyncio.create_task(
+        serve_until_signalled(s.running, Settings(port=0, shutdown_grace_seconds=10)))
+    try:
+        stream = s.stub.GenerateStream(greedy(n=100, cls=pb.GenerateStreamRequest),
+                                       timeout=TIMEOUT)
+        await stream.read()  # running
+        killer = asyncio.create_task(code_of(s.stub.Generate(greedy(ids=[5, 6]),
+                                                             timeout=TIMEOUT)))
+        while s.engine.stats().waiting < 1:  # queued behind the stream
+            await asyncio.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)  # the drain begins
+        while not s.engine._stopping:
+            await asyncio.sleep(0.005)
+        stream.cancel()  # the worker reaches the killer, inside the grace
+        assert await asyncio.wait_for(serving, 20) == 1
+        assert await asyncio.wait_for(killer, 10) == grpc.StatusCode.UNAVAILABLE
+        assert s.engine.failed is not None
+    finally:
+        serving.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await s.channel.close()
+        await asyncio.to_thread(s.engine.close, 5)
+
