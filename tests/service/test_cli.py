@@ -126,3 +126,39 @@ async def test_generate_sends_the_token_as_bearer(same_pair, tmp_path, capsys) -
     finally:
         await s.channel.close()
         await s.running.shutdown(grace=0)
+
+
+@pytest.mark.parametrize(("env", "flags", "fetched"), [
+    ({}, [], ["target", "draft"]),
+    ({"TANDEM_TARGET": "Qwen/Qwen2.5-7B-Instruct"}, [], ["draft"]),
+    ({"TANDEM_DRAFT": "default"}, ["--draft", "./my-draft"], ["target"]),  # the flag wins
+    ({"TANDEM_TARGET": "/models/t", "TANDEM_DRAFT": "/models/d"}, [], []),
+])
+def test_models_fetch_fetches_the_default_models_serve_would_load(
+    monkeypatch, capsys, tmp_path, env, flags, fetched
+) -> None:
+    """An init container beside a server with its own target needs only the default draft
+    (it fetched and converted both, the 1.5B target for nothing)."""
+    import decoding.models
+    from service.cli import main
+
+    for name in ("TANDEM_TARGET", "TANDEM_DRAFT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+
+    def fetch(spec, cache_dir=None, **kwargs):
+        calls.append((spec, cache_dir))
+        return f"/cache/{spec.name}"
+
+    monkeypatch.setattr(decoding.models, "fetch_chunked_model", fetch)
+    assert main(["models", "fetch", "--cache-dir", str(tmp_path), *flags]) == 0
+    specs = {"target": decoding.models.DEFAULT_TARGET_SPEC,
+             "draft": decoding.models.DEFAULT_DRAFT_SPEC}
+    assert calls == [(specs[role], tmp_path) for role in fetched]
+    out = capsys.readouterr().out
+    if fetched:
+        assert out.splitlines() == [f"{role}: /cache/{specs[role].name}" for role in fetched]
+    else:
+        assert out.startswith("nothing to fetch")
