@@ -148,6 +148,38 @@ def test_schema_rejects(chart: helm.Chart, values: dict[str, Any]) -> None:
         chart.validate_schema(values)
 
 
+def test_schema_model_values_are_the_servers_choices(chart: helm.Chart) -> None:
+    """model.dtype, model.draftDtype and model.device take what service.settings accepts."""
+    from service.settings import CHOICES, parse
+
+    model = chart.schema["properties"]["model"]["properties"]
+    assert model["dtype"]["enum"] == CHOICES["dtype"]
+    assert model["draftDtype"]["enum"] == CHOICES["draft_dtype"]
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        chart.validate_schema({"model": {"device": device}})
+        assert parse([], env={"TANDEM_DEVICE": device}).device == device
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"dtype": "bf16"},
+        {"dtype": "float64"},
+        {"draftDtype": "fp16"},
+        {"device": "gpu"},
+        {"device": "cuda:"},
+        {"device": "cuda:0,1"},
+    ],
+    ids=lambda v: json.dumps(v, separators=(",", ":")),
+)
+def test_model_values_the_server_refuses_fail_the_render(
+    chart: helm.Chart, model: dict[str, str]
+) -> None:
+    # Rendered, each would stop `tandem serve` at start-up: a crash loop, not a failed install.
+    with pytest.raises(helm.HelmValuesError, match="/model/"):
+        chart.render({"model": model}, name=RELEASE, namespace=NAMESPACE)
+
+
 # --------------------------------------------------------------------------- Kubernetes schemas
 
 
@@ -275,6 +307,20 @@ def test_yamllint_rendered(render, values_name: str) -> None:
         ({"probes": {"type": "exec"}}, "probes.exec.command"),
         ({"telemetry": {"metricsPort": 50051}}, "must differ"),
         ({"speculative": {"numTokens": 9, "maxTokens": 8}}, "must not exceed"),
+        # The server's default max_new_tokens (256) over the limit: it refuses to start.
+        ({"server": {"maxNewTokensLimit": 128}}, r"server.defaultMaxNewTokens \(256\)"),
+        (
+            {"server": {"maxNewTokensLimit": 512, "defaultMaxNewTokens": 513}},
+            "must not exceed server.maxNewTokensLimit",
+        ),
+        # The TLS Secret made from tls.cert and tls.key has no ca.crt to mount.
+        (
+            {
+                "tls": {"enabled": True, "cert": "c", "key": "k", "clientCA": {"enabled": True}},
+                "probes": {"type": "tcpSocket"},
+            },
+            "tls.clientCA.cert or tls.clientCA.existingSecret",
+        ),
     ],
 )
 def test_guards(chart: helm.Chart, values: dict[str, Any], message: str) -> None:

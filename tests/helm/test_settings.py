@@ -22,6 +22,7 @@ REQUIRED_ENV = {
     "TANDEM_MAX_CONCURRENT_REQUESTS",
     "TANDEM_MAX_QUEUE",
     "TANDEM_MAX_NEW_TOKENS_LIMIT",
+    "TANDEM_DEFAULT_MAX_NEW_TOKENS",
     "TANDEM_KV_TOKEN_BUDGET",
     "TANDEM_MAX_MESSAGE_BYTES",
     "TANDEM_SHUTDOWN_GRACE_SECONDS",
@@ -51,6 +52,7 @@ def test_default_env(default: Rendered) -> None:
         "TANDEM_MAX_CONCURRENT_REQUESTS": "8",
         "TANDEM_MAX_QUEUE": "64",
         "TANDEM_MAX_NEW_TOKENS_LIMIT": "2048",
+        "TANDEM_DEFAULT_MAX_NEW_TOKENS": "256",
         "TANDEM_KV_TOKEN_BUDGET": "0",
         # Helm holds numbers as float64: without int64 this would read 4.194304e+06.
         "TANDEM_MAX_MESSAGE_BYTES": "4194304",
@@ -93,6 +95,7 @@ def test_env_from_values(render) -> None:
                 "maxConcurrentRequests": 3,
                 "maxQueue": 0,
                 "maxNewTokensLimit": 16384,
+                "defaultMaxNewTokens": 1024,
                 "kvTokenBudget": 1048576,
                 "maxMessageBytes": 16777216,
                 "shutdownGraceSeconds": 5,
@@ -126,6 +129,7 @@ def test_env_from_values(render) -> None:
         "TANDEM_MAX_CONCURRENT_REQUESTS": "3",
         "TANDEM_MAX_QUEUE": "0",
         "TANDEM_MAX_NEW_TOKENS_LIMIT": "16384",
+        "TANDEM_DEFAULT_MAX_NEW_TOKENS": "1024",
         "TANDEM_KV_TOKEN_BUDGET": "1048576",
         "TANDEM_MAX_MESSAGE_BYTES": "16777216",
         "TANDEM_SHUTDOWN_GRACE_SECONDS": "5",
@@ -254,13 +258,19 @@ def test_secret_change_rolls_pods(render) -> None:
     assert checksum("one") != checksum("two")
 
 
-def test_the_servers_settings_accept_the_charts_env(default: Rendered, all_on: Rendered) -> None:
+def test_the_servers_settings_accept_the_charts_env(
+    render, default: Rendered, all_on: Rendered
+) -> None:
     """Every TANDEM_* value the chart renders is one the server parses (an invalid one would
     stop it at start-up, naming the variable)."""
     from service.settings import parse
 
-    for rendered in (default, all_on):
+    # A limit below the server's own default of 256 needs a default to match.
+    small_limit = render({"server": {"maxNewTokensLimit": 128, "defaultMaxNewTokens": 64}})
+    for rendered in (default, all_on, small_limit):
         env = {k: v for k, v in rendered.env().items() if isinstance(v, str)}
         settings = parse([], env=env)
         assert settings.port == int(env["TANDEM_PORT"])
         assert settings.tracing == env["TANDEM_TRACING"]
+        assert settings.default_max_new_tokens == int(env["TANDEM_DEFAULT_MAX_NEW_TOKENS"])
+        assert settings.max_new_tokens_limit == int(env["TANDEM_MAX_NEW_TOKENS_LIMIT"])

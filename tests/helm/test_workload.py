@@ -11,6 +11,9 @@ import pytest
 
 from tests.helm.rendering import NAMESPACE, RELEASE, VALUE_SETS, Rendered, merged
 
+# Seconds the kubelet must leave the server after the drain: the final statuses
+# (service.server.FLUSH_SECONDS), server.stop, closing the engine and the last OTLP export.
+AFTER_DRAIN_SECONDS = 5
 # --------------------------------------------------------------------------- the Deployment
 
 
@@ -121,13 +124,15 @@ def test_termination_grace_covers_drain(render, chart: helm.Chart, values_name: 
     assert grace == values["server"]["shutdownGraceSeconds"]
     pre_stop = rendered.server["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    assert rendered.pod["terminationGracePeriodSeconds"] > grace + int(pre_stop[1])
+    termination = rendered.pod["terminationGracePeriodSeconds"]
+    assert termination >= grace + int(pre_stop[1]) + AFTER_DRAIN_SECONDS
 
 
 @pytest.mark.parametrize(
     "values",
     [
         {"terminationGracePeriodSeconds": 40},  # 30 + 10: equal is not enough
+        {"terminationGracePeriodSeconds": 44},  # 30 + 10 + 4: no time to flush and close
         {"server": {"shutdownGraceSeconds": 120}},
         {"lifecycle": {"preStopSleepSeconds": 55}},
     ],
@@ -135,6 +140,17 @@ def test_termination_grace_covers_drain(render, chart: helm.Chart, values_name: 
 def test_termination_grace_guard(chart: helm.Chart, values: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_termination_grace_leaves_time_after_the_drain(render, chart: helm.Chart) -> None:
+    # The server's FLUSH_SECONDS and stop take 1.25 s after the grace period, then the
+    # engine closes and telemetry flushes: one second over the drain is not enough.
+    for short in (41, 40 + AFTER_DRAIN_SECONDS - 1):
+        with pytest.raises(helm.HelmRenderError, match=r"\+ 5: after the drain"):
+            chart.render({"terminationGracePeriodSeconds": short}, name=RELEASE,
+                         namespace=NAMESPACE)
+    rendered = render({"terminationGracePeriodSeconds": 40 + AFTER_DRAIN_SECONDS})
+    assert rendered.pod["terminationGracePeriodSeconds"] == 45
 
 
 def effective(container: dict[str, Any], pod: dict[str, Any], key: str) -> Any:
@@ -207,6 +223,49 @@ def test_model_cache_volumes(render, default: Rendered, all_on: Rendered) -> Non
     assert "initContainers" not in baked.pod
     assert "TANDEM_CACHE" not in baked.env()
     assert "model-cache" not in {v["name"] for v in baked.pod["volumes"]}
+
+
+def test_existing_claim_needs_no_persistence_enabled(render) -> None:
+    # README: weights copied onto a claim of your own, named by existingClaim alone.
+    rendered = render({"modelCache": {"persistence": {"existingClaim": "my-weights"}},
+                       "model": {"target": "/var/cache/tandem/my-7b"}})
+    volumes = {v["name"]: v for v in rendered.pod["volumes"]}
+    assert volumes["model-cache"] == {"name": "model-cache",
+                                      "persistentVolumeClaim": {"claimName": "my-weights"}}
+    assert not rendered.of_kind("PersistentVolumeClaim")
+    # No cache volume at all: no claim either.
+    baked = render({"modelCache": {"enabled": False, "persistence": {"existingClaim": "w"}},
+                    "modelFetch": {"enabled": False}})
+    assert "model-cache" not in {v["name"] for v in baked.pod["volumes"]}
+
+
+RWOP = {"accessModes": ["ReadWriteOncePod"]}
+
+
+def test_a_read_write_once_pod_claim_needs_a_rollout_that_cannot_surge(render, chart) -> None:
+    # A surge pod can never mount the claim the old pod holds: the rollout would hang.
+    for values in (
+        {"modelCache": {"persistence": {"enabled": True, **RWOP}}},
+        {"modelCache": {"persistence": {"existingClaim": "weights", **RWOP}}},
+        # The API defaults a missing maxSurge to 25%: one pod.
+        {"modelCache": {"persistence": {"enabled": True, **RWOP}},
+         "strategy": {"rollingUpdate": {"maxSurge": None, "maxUnavailable": 1}}},
+        {"modelCache": {"persistence": {"enabled": True, **RWOP}},
+         "strategy": {"rollingUpdate": {"maxSurge": "10%", "maxUnavailable": 1}}},
+    ):
+        with pytest.raises(helm.HelmRenderError, match=r"ReadWriteOncePod.*maxSurge=0"):
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    for strategy in (
+        {"type": "Recreate"},
+        {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        {"rollingUpdate": {"maxSurge": "0%", "maxUnavailable": 1}},
+    ):
+        rendered = render({"modelCache": {"persistence": {"enabled": True, **RWOP}},
+                           "strategy": strategy})
+        assert rendered.one("PersistentVolumeClaim")["spec"]["accessModes"] == [
+            "ReadWriteOncePod"]
+    # ReadWriteOnce with the default surge renders: its risk (another node) is documented.
+    assert render({"modelCache": {"persistence": {"enabled": True}}}).one("PersistentVolumeClaim")
 
 
 # --------------------------------------------------------------------------- services, HPA, PDB

@@ -63,7 +63,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-tls" (include "tandem.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
-{{/* The client CA: its own Secret, one made from tls.clientCA.cert, or the TLS Secret. */}}
+{{/*
+The client CA: its own Secret, one made from tls.clientCA.cert, or the TLS Secret
+(only a named one, tls.existingSecret: the one made from values holds no ca.crt).
+*/}}
 {{- define "tandem.clientCASecretName" -}}
 {{- if .Values.tls.clientCA.existingSecret }}
 {{- .Values.tls.clientCA.existingSecret }}
@@ -86,8 +89,10 @@ so any render fails.
 {{- $grace := int .Values.server.shutdownGraceSeconds }}
 {{- $preStop := int .Values.lifecycle.preStopSleepSeconds }}
 {{- $termination := int .Values.terminationGracePeriodSeconds }}
-{{- if le $termination (add $grace $preStop) }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be larger than server.shutdownGraceSeconds (%d) + lifecycle.preStopSleepSeconds (%d), or the kubelet kills the server while it drains" $termination $grace $preStop) }}
+{{- /* After the drain the server sends the final statuses (1 s), stops (0.25 s), closes the
+engine and exports the last telemetry: 5 s leaves room for those. */}}
+{{- if lt $termination (add $grace $preStop 5) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least server.shutdownGraceSeconds (%d) + lifecycle.preStopSleepSeconds (%d) + 5: after the drain the server still sends the final statuses, stops, closes the engine and exports telemetry, and the kubelet kills it at the deadline" $termination $grace $preStop) }}
 {{- end }}
 {{- if and .Values.tls.enabled (eq .Values.probes.type "grpc") }}
 {{- fail "tls.enabled: the kubelet's gRPC probes cannot speak TLS; set probes.type to tcpSocket or exec" }}
@@ -107,8 +112,28 @@ so any render fails.
 {{- if and .Values.tls.clientCA.enabled (not .Values.tls.enabled) }}
 {{- fail "tls.clientCA.enabled (mutual TLS) needs tls.enabled" }}
 {{- end }}
+{{- $clientCA := .Values.tls.clientCA }}
+{{- if and .Values.tls.enabled $clientCA.enabled (not .Values.tls.existingSecret) (not $clientCA.existingSecret) (not $clientCA.cert) }}
+{{- fail "tls.clientCA.enabled needs tls.clientCA.cert or tls.clientCA.existingSecret: the TLS Secret the chart makes from tls.cert and tls.key holds no ca.crt" }}
+{{- end }}
 {{- if and (include "tandem.fetchesModels" .) (not .Values.modelCache.enabled) }}
 {{- fail "modelFetch.enabled needs modelCache.enabled: the init container writes the weights into that volume" }}
+{{- end }}
+{{- if include "tandem.modelCacheClaim" . }}
+{{- $strategy := default (dict) .Values.strategy }}
+{{- $rolling := default (dict) $strategy.rollingUpdate }}
+{{- /* The API defaults an unset maxSurge to 25%, which rounds up to one pod. */}}
+{{- $surge := "25%" }}
+{{- if hasKey $rolling "maxSurge" }}
+{{- $surge = toString $rolling.maxSurge }}
+{{- end }}
+{{- $surges := and (ne (toString $strategy.type) "Recreate") (not (regexMatch "^0+%?$" $surge)) }}
+{{- if and (has "ReadWriteOncePod" .Values.modelCache.persistence.accessModes) $surges }}
+{{- fail "modelCache.persistence.accessModes has ReadWriteOncePod: the pod a rolling update adds first can never mount the claim, so the rollout hangs; set strategy.type=Recreate, or strategy.rollingUpdate.maxSurge=0 with maxUnavailable=1" }}
+{{- end }}
+{{- end }}
+{{- if gt (int64 .Values.server.defaultMaxNewTokens) (int64 .Values.server.maxNewTokensLimit) }}
+{{- fail (printf "server.defaultMaxNewTokens (%d) must not exceed server.maxNewTokensLimit (%d) (the server refuses to start)" (int64 .Values.server.defaultMaxNewTokens) (int64 .Values.server.maxNewTokensLimit)) }}
 {{- end }}
 {{- if and (ne (toString .Values.speculative.numTokens) "auto") (gt (int .Values.speculative.numTokens) (int .Values.speculative.maxTokens)) }}
 {{- fail "speculative.numTokens must not exceed speculative.maxTokens (the server refuses to start)" }}
@@ -175,6 +200,18 @@ where the cache is, and the operator's extras.
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The PersistentVolumeClaim the model cache lives on: existingClaim whenever it is set (with
+or without persistence.enabled), else the chart's own claim with persistence.enabled.
+Empty for an emptyDir.
+*/}}
+{{- define "tandem.modelCacheClaim" -}}
+{{- $persistence := .Values.modelCache.persistence }}
+{{- if and .Values.modelCache.enabled (or $persistence.enabled $persistence.existingClaim) }}
+{{- default (printf "%s-model-cache" (include "tandem.fullname" .)) $persistence.existingClaim }}
 {{- end }}
 {{- end }}
 
