@@ -123,6 +123,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._observer.call_started(record)
         request_id_metadata = (("x-request-id", record.request_id),)
         context.set_trailing_metadata(request_id_metadata)
+        failed: grpc.Status | None = None
         try:
             record.request = converters.to_request(
                 message, record.request_id, context.time_remaining()
@@ -142,15 +143,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise
         except Exception as err:
             record.error = err
-            status = status_for(err, record.request_id)
-            record.code = status.code
-            metadata = (*status.trailing_metadata, *request_id_metadata)
-            await context.abort(status.code, status.details, metadata)
+            failed = status_for(err, record.request_id)
+            record.code = failed.code
         finally:
             if record.handle is not None:
                 await record.handle.aclose()
             record.end_ns = time.time_ns()
             self._observer.call_finished(record)
+        if failed is not None:
+            # Aborted outside the except block: gRPC's AbortError would otherwise carry the
+            # error as its context, and the gRPC instrumentation records the whole chain
+            # (the error's text, file paths) as an exception event on the server span.
+            metadata = (*failed.trailing_metadata, *request_id_metadata)
+            await context.abort(failed.code, failed.details, metadata)
 
 
 DEADLINE_SLACK_S = 0.05

@@ -351,6 +351,30 @@ async def test_health_checks_make_no_spans(same_pair) -> None:
     assert o.spans.get_finished_spans() == ()
 
 
+async def test_an_internal_errors_text_never_reaches_a_span(same_pair, monkeypatch) -> None:
+    """The caller sees only the request id; so must the spans: no exception text, no paths
+    (the error chained to gRPC's AbortError was recorded with its whole traceback)."""
+    from tests.steps import before_steps
+
+    canary = f"canary-{uuid.uuid4().hex}"
+
+    def broken(states) -> None:
+        raise RuntimeError(f"bad token in /home/user/{canary}")
+
+    before_steps(monkeypatch, broken)
+    async with Observed(same_pair) as o:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await o.served.stub.Generate(greedy())
+        assert err.value.code() == grpc.StatusCode.INTERNAL and canary not in err.value.details()
+        for _ in range(250):
+            if o.by_name("/tandem.v1.GenerationService/Generate"):
+                break
+            await asyncio.sleep(0.02)
+    spans = o.spans.get_finished_spans()
+    assert o.by_name("/tandem.v1.GenerationService/Generate")
+    assert all(canary not in span.to_json() for span in spans)
+
+
 async def test_canary_never_reaches_spans_metrics_or_logs(same_pair, caplog) -> None:
     canary = f"canary-{uuid.uuid4().hex}"
     caplog.set_level(logging.DEBUG)  # not even at DEBUG, without --log-content
