@@ -71,6 +71,11 @@ class Metrics:
         self.accepted_per_pos = meter.create_counter(
             "tandem.spec_decode.num_accepted_tokens_per_pos", unit="{token}",
             description="Accepted draft tokens by position in the draft (attribute position)")
+        # Where γ varies (adaptive, or requests' own), position i is drafted only in steps of
+        # γ > i: acceptance at i is accepted over drafted at i, not over num_drafts.
+        self.drafted_per_pos = meter.create_counter(
+            "tandem.spec_decode.num_drafted_tokens_per_pos", unit="{token}",
+            description="Drafted tokens by position in the draft (attribute position)")
         self.forward_passes = meter.create_counter(
             "tandem.decode.target_forward_passes", unit="{pass}",
             description="Target forward passes in decoding (one per step)")
@@ -133,5 +138,7 @@ class Metrics:
         self.num_accepted_tokens.add(usage.accepted_draft_tokens)
         for position, accepted in enumerate(usage.accepted_by_position):
             self.accepted_per_pos.add(accepted, {"position": position})
+        for position, drafted in enumerate(usage.drafted_by_position):
+            self.drafted_per_pos.add(drafted, {"position": position})
         self.forward_passes.add(usage.target_forward_passes)
         self.emitted_tokens.add(sum(s.emitted for s in steps))

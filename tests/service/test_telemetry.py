@@ -117,6 +117,21 @@ async def test_span_tree_attributes_and_counters(request, pair_name) -> None:
     assert o.counter("gen_ai.server.request.duration") > 0
 
 
+async def test_acceptance_by_position_is_per_drafted_position(same_pair) -> None:
+    """Calls of γ 3 and γ 1 with a draft that always agrees: acceptance is 1 at every
+    position, as accepted over drafted at each position (over num_drafts it read 1/3 at
+    positions 1 and 2)."""
+    async with Observed(same_pair) as o:
+        for gamma in (3, 1):
+            await o.served.stub.Generate(greedy(n=12, gamma=gamma))
+    accepted = [o.counter("tandem.spec_decode.num_accepted_tokens_per_pos", position=i)
+                for i in range(3)]
+    drafted = [o.counter("tandem.spec_decode.num_drafted_tokens_per_pos", position=i)
+               for i in range(3)]
+    assert accepted == drafted and drafted[0] > drafted[1] > 0
+    assert drafted[0] == o.counter("tandem.spec_decode.num_drafts")
+
+
 async def test_step_events_when_step_spans_are_off(same_pair) -> None:
     async with Observed(same_pair, step_spans=False) as o:
         await o.served.stub.Generate(greedy())
