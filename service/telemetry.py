@@ -171,6 +171,16 @@ def tracing_mode(tracing: str, env: Mapping[str, str]) -> str:
     return "otlp" if any(env.get(name) for name in OTLP_ENDPOINT_VARIABLES) else "none"
 
 
+def service_resource() -> Resource:
+    """The SDK's resource from the environment (``OTEL_SERVICE_NAME``, else a ``service.name``
+    in ``OTEL_RESOURCE_ATTRIBUTES``), named ``tandem`` where neither names the service (a
+    name passed to ``Resource.create`` would override both)."""
+    resource = Resource.create()
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "tandem"}))
+    return resource
+
+
 def setup_telemetry(
     settings: Settings,
     info: EngineInfo,
@@ -184,7 +194,7 @@ def setup_telemetry(
     Tests pass in-memory ``span_processors``/``metric_readers``; they are used in addition to
     whatever the settings ask for.
     """
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "tandem")})
+    resource = service_resource()
     closers: list[Callable[[], object]] = []
 
     tracer_provider: TracerProvider | None = None

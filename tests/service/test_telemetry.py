@@ -482,6 +482,28 @@ async def test_otlp_export_keeps_parent_links(same_pair, monkeypatch) -> None:
                for a in resource.attributes)
 
 
+@pytest.mark.parametrize(("env", "name"), [
+    ({}, "tandem"),
+    ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout-llm,deployment.environment=prod"},
+     "checkout-llm"),
+    ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout-llm", "OTEL_SERVICE_NAME": "llm"},
+     "llm"),
+])
+def test_the_service_is_named_as_the_otel_environment_says(monkeypatch, env, name) -> None:
+    """OTEL_RESOURCE_ATTRIBUTES names the service where OTEL_SERVICE_NAME does not (a name
+    passed to Resource.create overrode it: every server was "tandem")."""
+    from service.telemetry import service_resource
+
+    for variable in ("OTEL_RESOURCE_ATTRIBUTES", "OTEL_SERVICE_NAME"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    attributes = service_resource().attributes
+    assert attributes["service.name"] == name
+    if "deployment.environment" in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        assert attributes["deployment.environment"] == "prod"
+
+
 def test_auto_tracing_exports_over_otlp_only_where_an_endpoint_is_set() -> None:
     from service.telemetry import tracing_mode
 
