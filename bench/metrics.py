@@ -179,9 +179,12 @@ def e2e_latency(record: RequestRecord) -> float | None:
 
 
 def tpot(record: RequestRecord) -> float | None:
-    """Time per output token after the first, seconds; ``None`` with fewer than 2 tokens."""
+    """Time per output token after the first, seconds; ``None`` with fewer than 2 tokens, or
+    where every token came in one message (a unary call): nothing was seen between them, and
+    0 would read as infinitely fast decoding."""
     first, e2e, tokens = ttft(record), e2e_latency(record), record.output_tokens
-    if first is None or e2e is None or tokens < 2:
+    carrying = sum(1 for arrival in record.arrivals if arrival.num_tokens > 0)
+    if first is None or e2e is None or tokens < 2 or carrying < 2:
         return None
     return (e2e - first) / (tokens - 1)
 
@@ -223,7 +226,7 @@ def meets_slo(record: RequestRecord, slo: SLO) -> bool:
         return False
     checks = (
         (slo.ttft_ms, ttft(record)),
-        (slo.tpot_ms, tpot(record) or 0.0),
+        (slo.tpot_ms, tpot(record) or 0.0),  # unseen (one token, or one message): met
         (slo.e2e_ms, e2e_latency(record)),
     )
     for limit_ms, value_s in checks:

@@ -88,6 +88,8 @@ def test_output_tokens_prefer_usage_and_tpot_needs_two_tokens() -> None:
     assert tpot(rec) == pytest.approx(1.0 / 10)
     assert tpot(record(0.0, [(1.0, 1)])) is None
     assert ttft(record(0.0, [], status="UNAVAILABLE")) is None
+    # A unary call: all 64 tokens in one message, so no time per token was seen (it read 0).
+    assert tpot(record(0.0, [(2.0, 64)])) is None
 
 
 def test_distribution_uses_linear_percentiles_in_milliseconds() -> None:
