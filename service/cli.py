@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         from service.app import serve
 
         settings = settings_module.from_namespace(args)
-        problems = settings_module.unreadable_files(settings)
+        problems = [*settings_module.unreadable_files(settings),
+                    *settings_module.otel_problems(os.environ)]
         if problems:
             raise SystemExit("invalid settings: " + "; ".join(problems))
         try:

@@ -269,6 +269,38 @@ def unreadable_files(settings: Settings) -> list[str]:
     return problems
 
 
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+"""The OTLP transports Tandem exports over (``OTEL_EXPORTER_OTLP_PROTOCOL``; http/json is the
+third the specification names, which the Python SDK does not implement)."""
+
+
+def otlp_protocol(signal: str, env: Mapping[str, str]) -> str:
+    """The OTLP protocol for ``signal`` (TRACES or METRICS), as the specification reads it:
+    ``OTEL_EXPORTER_OTLP_<SIGNAL>_PROTOCOL``, else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else grpc
+    (the SDK's own default). Raises ValueError naming the variable for one Tandem cannot use."""
+    for name in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = env.get(name, "").strip()
+        if value:
+            if value not in OTLP_PROTOCOLS:
+                raise ValueError(f"{name}={value!r}: must be one of "
+                                 f"{', '.join(map(repr, OTLP_PROTOCOLS))}")
+            return value
+    return "grpc"
+
+
+def otel_problems(env: Mapping[str, str]) -> list[str]:
+    """The OTLP protocol variables ``tandem serve`` could not honour: checked with the
+    settings, before the models load."""
+    problems = []
+    for signal in ("TRACES", "METRICS"):
+        try:
+            otlp_protocol(signal, env)
+        except ValueError as err:
+            if str(err) not in problems:
+                problems.append(str(err))
+    return problems
+
+
 def parse(argv: list[str], env: Mapping[str, str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(prog="tandem serve")
     add_arguments(parser, env)

@@ -19,17 +19,25 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 from decoding.engine import EngineInfo, EngineStats
 from service.metrics import Metrics, metric_views
 from service.servicer import CallRecord
-from service.settings import Settings
+from service.settings import Settings, otlp_protocol
 from service.spans import record_call_spans
 
 log = logging.getLogger(__name__)
@@ -171,6 +179,33 @@ def tracing_mode(tracing: str, env: Mapping[str, str]) -> str:
     return "otlp" if any(env.get(name) for name in OTLP_ENDPOINT_VARIABLES) else "none"
 
 
+def otlp_span_exporter(env: Mapping[str, str]) -> SpanExporter:
+    """OTLP span export over the protocol the environment asks for (grpc by default, or
+    http/protobuf: a collector's port 4318), each configured by the SDK from OTEL_*."""
+    if otlp_protocol("TRACES", env) == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpanExporter,
+        )
+
+        return HttpSpanExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
+def otlp_metric_exporter(env: Mapping[str, str]) -> MetricExporter:
+    """OTLP metric export over the protocol the environment asks for (as spans)."""
+    if otlp_protocol("METRICS", env) == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as HttpMetricExporter,
+        )
+
+        return HttpMetricExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+    return OTLPMetricExporter()
+
+
 def service_resource() -> Resource:
     """The SDK's resource from the environment (``OTEL_SERVICE_NAME``, else a ``service.name``
     in ``OTEL_RESOURCE_ATTRIBUTES``), named ``tandem`` where neither names the service (a
@@ -202,9 +237,7 @@ def setup_telemetry(
     tracing = tracing_mode(settings.tracing, os.environ)
     log.info("span export: %s", tracing)
     if tracing == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        processors.append(BatchSpanProcessor(OTLPSpanExporter()))
+        processors.append(BatchSpanProcessor(otlp_span_exporter(os.environ)))
     elif tracing == "console":
         processors.append(BatchSpanProcessor(ConsoleSpanExporter()))
     if processors:
@@ -224,9 +257,7 @@ def setup_telemetry(
         )
         closers.append(httpd.shutdown)
     if "otlp" in os.environ.get("OTEL_METRICS_EXPORTER", ""):
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        readers.append(PeriodicExportingMetricReader(otlp_metric_exporter(os.environ)))
     meter_provider = MeterProvider(
         resource=resource, metric_readers=readers, views=metric_views()
     )

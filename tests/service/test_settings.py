@@ -99,7 +99,9 @@ def test_values_from_the_environment_are_range_checked_too() -> None:
     assert (edges.port, edges.device, edges.fixed_speculative_tokens) == (65535, "CUDA:1", 8)
 
 
-def test_serve_refuses_unreadable_files_before_loading_models(tmp_path, monkeypatch) -> None:
+def test_serve_refuses_unreadable_files_and_bad_otel_settings_before_loading_models(
+    tmp_path, monkeypatch
+) -> None:
     import service.app
 
     def no_loading(settings):
@@ -113,6 +115,9 @@ def test_serve_refuses_unreadable_files_before_loading_models(tmp_path, monkeypa
                   "--tls-key", str(tmp_path / "no")])
     message = str(exit_.value.code)
     assert f"--auth-token-file (TANDEM_AUTH_TOKEN_FILE): {str(empty)!r} is empty" in message
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")  # no SDK exporter for it
+    with pytest.raises(SystemExit, match="OTEL_EXPORTER_OTLP_PROTOCOL='http/json': must be"):
+        cli.main(["serve"])
     assert "--tls-cert (TANDEM_TLS_CERT): cannot read" in message
     assert "--tls-key (TANDEM_TLS_KEY): cannot read" in message
 

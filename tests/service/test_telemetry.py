@@ -504,6 +504,57 @@ def test_the_service_is_named_as_the_otel_environment_says(monkeypatch, env, nam
         assert attributes["deployment.environment"] == "prod"
 
 
+async def test_otlp_export_over_http_where_the_protocol_says_so(same_pair, monkeypatch) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf (a collector's port 4318): spans are POSTed
+    to <endpoint>/v1/traces as protobuf (they went over gRPC whatever it said)."""
+    import http.server
+
+    bodies: list[tuple[str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    try:
+        async with Observed(same_pair, tracing="auto") as o:
+            await o.served.stub.Generate(greedy())
+            await asyncio.to_thread(o.telemetry.tracer_provider.force_flush)
+    finally:
+        collector.shutdown()
+        collector.server_close()
+    assert bodies and {path for path, _ in bodies} == {"/v1/traces"}
+    names = set()
+    for _, body in bodies:
+        request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        names |= {s.name for rs in request.resource_spans for ss in rs.scope_spans
+                  for s in ss.spans}
+    assert {SERVER_SPAN, "tandem.generate", "tandem.decode"} <= names
+
+
+def test_the_otlp_protocol_is_read_as_the_specification_says() -> None:
+    from service.settings import otel_problems, otlp_protocol
+
+    assert otlp_protocol("TRACES", {}) == "grpc"
+    env = {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+           "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc"}
+    assert otlp_protocol("TRACES", env) == "http/protobuf"  # the general one
+    assert otlp_protocol("METRICS", env) == "grpc"  # the signal's own wins
+    assert otel_problems(env) == []
+    # One the SDK does not implement stops `tandem serve` before the models load.
+    assert otel_problems({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}) == [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL='http/json': must be one of 'grpc', 'http/protobuf'"]
+
+
 def test_auto_tracing_exports_over_otlp_only_where_an_endpoint_is_set() -> None:
     from service.telemetry import tracing_mode
 
