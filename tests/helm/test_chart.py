@@ -313,6 +313,17 @@ def test_yamllint_rendered(render, values_name: str) -> None:
             {"server": {"maxNewTokensLimit": 512, "defaultMaxNewTokens": 513}},
             "must not exceed server.maxNewTokensLimit",
         ),
+        # No cache volume, a read-only root: nowhere to download a hub id or convert a .gguf.
+        (
+            {"modelCache": {"enabled": False}, "modelFetch": {"enabled": False},
+             "model": {"target": "Qwen/Qwen2.5-7B-Instruct"}},
+            "model.target=Qwen/Qwen2.5-7B-Instruct needs modelCache.enabled",
+        ),
+        (
+            {"modelCache": {"enabled": False}, "modelFetch": {"enabled": False},
+             "model": {"draft": "/weights/draft.GGUF"}},
+            "model.draft=/weights/draft.GGUF needs modelCache.enabled",
+        ),
         # The TLS Secret made from tls.cert and tls.key has no ca.crt to mount.
         (
             {

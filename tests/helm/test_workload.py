@@ -218,6 +218,11 @@ def test_model_cache_volumes(render, default: Rendered, all_on: Rendered) -> Non
     custom_no_cache = render({"model": {"target": "/weights/t", "draft": "/weights/d"},
                               "modelCache": {"enabled": False}})
     assert "initContainers" not in custom_no_cache.pod
+    # A hub id without the cache volume downloads onto a writable root filesystem only.
+    writable = render({"model": {"target": "Qwen/Qwen2.5-7B-Instruct", "draft": "/weights/d"},
+                       "modelCache": {"enabled": False},
+                       "securityContext": {"readOnlyRootFilesystem": False}})
+    assert writable.env()["TANDEM_TARGET"] == "Qwen/Qwen2.5-7B-Instruct"
 
     baked = render({"modelCache": {"enabled": False}, "modelFetch": {"enabled": False}})
     assert "initContainers" not in baked.pod

@@ -119,6 +119,16 @@ engine and exports the last telemetry: 5 s leaves room for those. */}}
 {{- if and (include "tandem.fetchesModels" .) (not .Values.modelCache.enabled) }}
 {{- fail "modelFetch.enabled needs modelCache.enabled: the init container writes the weights into that volume" }}
 {{- end }}
+{{- /* Without the cache volume only the image's own files and mounted folders can load: a hub
+id downloads into HF_HOME and a .gguf file is converted into TANDEM_CACHE, both there. */}}
+{{- if and (not .Values.modelCache.enabled) .Values.securityContext.readOnlyRootFilesystem }}
+{{- range $role := list "target" "draft" }}
+{{- $source := toString (index $.Values.model $role) }}
+{{- if not (or (eq $source "default") (and (hasPrefix "/" $source) (not (hasSuffix ".gguf" (lower $source))))) }}
+{{- fail (printf "model.%s=%s needs modelCache.enabled: a hub id downloads into HF_HOME and a .gguf file is converted into TANDEM_CACHE, both on that volume, and the root filesystem is read-only" $role $source) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if include "tandem.modelCacheClaim" . }}
 {{- $strategy := default (dict) .Values.strategy }}
 {{- $rolling := default (dict) $strategy.rollingUpdate }}
