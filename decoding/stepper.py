@@ -393,46 +393,34 @@ class Stepper:
         if len(ready) <= 1 or (self.proposer is not propose and choose is None):
             self._step_each(ready)
             return
-        states = [r.state for r in ready if r.state is not None]
-        lags = [len(s.tokens) - s.draft.length for s in states]
-        # The first draft forward feeds each drafting row its lag, padded to the widest (a lag
-        # of more than CATCH_UP_IN_BATCH is caught up first, then fed one).
-        two_behind = [1 < lag <= CATCH_UP_IN_BATCH for lag in lags]
         # Asked in turn, from the one after the last to probe: a probe due goes to the first
         # to ask for one, and a request whose γ the cap keeps at 0 asks at every step, so
         # asked always first it took every probe, and the others' estimates never moved
         # (bench.policy: 2 requests from a collapsed estimate at α = 0.9, one never drafted in
         # 128 tokens). Turning once per step is not enough: where the probe wait is a multiple
-        # of the batch's steps, the same request is first at every probe.
-        own = [0] * len(ready)
+        # of the batch's steps, the same request is first at every probe. A request whose γ
+        # cannot be had fails alone (guarded) and leaves the batch.
+        asked: dict[int, int] = {}
         first = self._asks_first % len(ready)
         order = [*range(first, len(ready)), *range(first)]
         for i in order:
-            own[i] = self._gamma(ready[i])
-        probed = [i for i in order if ready[i].adaptive is not None and ready[i].adaptive.probing]
+            self.guarded(ready[i], functools.partial(self._ask_gamma, asked, i))
+        probed = [i for i in order if i in asked and ready[i].adaptive is not None
+                  and ready[i].adaptive.probing]
         if probed:
             self._asks_first = probed[-1] + 1
-        # A fixed γ is what the request asked for; a seeded sample's γ is its own alone; a
-        # probe is there to learn what the estimates the cap would judge it by do not know.
-        adjustable = [r.adaptive is not None and not plans_alone(r.request)
-                      and not r.adaptive.probing for r in ready]
-        gammas = self.step_costs.cap_for_batch(
-            own,
-            [self._alpha(r) for r in ready],
-            adjustable,
-            level=[lag <= CATCH_UP_IN_BATCH for lag in lags],
-            # Riding along, as its own γ (_gamma), never past its max_new_tokens.
-            limits=[max(0, r.prepared.max_new_tokens - len(r.output) - 1) for r in ready],
-            two_behind=two_behind,
-        )
-        two_wide = any(g > 0 and two for g, two in zip(gammas, two_behind, strict=True))
-        for running, free, asked, given in zip(ready, adjustable, own, gammas, strict=True):
-            if free and running.adaptive is not None:
-                running.adaptive.capped(asked > 0 and given == 0)
-        saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
-                 for s in states]
-        steps = self._plain_steps(ready) if max(gammas) == 0 else 1
-        catch_up_s = self._catch_up_s(states, gammas, batched=True)
+        ready = [running for i, running in enumerate(ready) if i in asked]
+        own = [gamma for _, gamma in sorted(asked.items())]
+        if not ready:
+            return
+        try:
+            plan = self._plan_batch(ready, own)
+        except Exception:  # the batch's own plan: each request alone at its own γ instead
+            log.warning("planning a batched step failed; stepping its requests one by one",
+                        exc_info=True)
+            self._step_each(ready, own)
+            return
+        states, gammas, saved, steps, catch_up_s, two_wide = plan
         start_ns = time.time_ns()
         try:
             started = self.clock()
@@ -457,6 +445,45 @@ class Stepper:
         self.last_gamma = max(gammas)
         for running, result in zip(ready, results, strict=True):
             self.guarded(running, functools.partial(self._emit, result=result, start_ns=start_ns))
+
+    def _ask_gamma(self, asked: dict[int, int], i: int, running: RunningRequest) -> None:
+        asked[i] = self._gamma(running)
+
+    def _plan_batch(self, ready: list[RunningRequest], own: list[int]) -> tuple[
+        list[SequenceState], list[int], list[tuple[int, int, int, torch.Tensor]], int, float,
+        bool,
+    ]:
+        """What one batched step of ``ready`` at their own γs ``own`` will do: the states, the
+        γs the batch's cap gives, each state as it was (to put back if the step fails), how
+        many plain steps, the catch-up's expected seconds, and whether the first draft forward
+        is two wide."""
+        states = [r.state for r in ready if r.state is not None]
+        lags = [len(s.tokens) - s.draft.length for s in states]
+        # The first draft forward feeds each drafting row its lag, padded to the widest (a lag
+        # of more than CATCH_UP_IN_BATCH is caught up first, then fed one).
+        two_behind = [1 < lag <= CATCH_UP_IN_BATCH for lag in lags]
+        # A fixed γ is what the request asked for; a seeded sample's γ is its own alone; a
+        # probe is there to learn what the estimates the cap would judge it by do not know.
+        adjustable = [r.adaptive is not None and not plans_alone(r.request)
+                      and not r.adaptive.probing for r in ready]
+        gammas = self.step_costs.cap_for_batch(
+            own,
+            [self._alpha(r) for r in ready],
+            adjustable,
+            level=[lag <= CATCH_UP_IN_BATCH for lag in lags],
+            # Riding along, as its own γ (_gamma), never past its max_new_tokens.
+            limits=[max(0, r.prepared.max_new_tokens - len(r.output) - 1) for r in ready],
+            two_behind=two_behind,
+        )
+        two_wide = any(g > 0 and two for g, two in zip(gammas, two_behind, strict=True))
+        for running, free, asked, given in zip(ready, adjustable, own, gammas, strict=True):
+            if free and running.adaptive is not None:
+                running.adaptive.capped(asked > 0 and given == 0)
+        saved = [(len(s.tokens), s.target.length, s.draft.length, s.generator.get_state())
+                 for s in states]
+        steps = self._plain_steps(ready) if max(gammas) == 0 else 1
+        catch_up_s = self._catch_up_s(states, gammas, batched=True)
+        return states, gammas, saved, steps, catch_up_s, two_wide
 
     def _step_each(self, ready: list[RunningRequest], gammas: list[int] | None = None) -> None:
         """Step each request alone (at ``gammas``, else its own γ), as one step of the batch:

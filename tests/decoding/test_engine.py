@@ -1015,6 +1015,76 @@ async def test_a_call_admitted_as_the_worker_dies_or_the_drain_ends_is_refused(
         engine.close()
 
 
+@pytest.mark.parametrize("fast_path", ["off", "on"])
+async def test_a_failure_choosing_one_requests_gamma_fails_it_alone(
+    same_pair, monkeypatch, fast_path
+) -> None:
+    """A batched step asks each request for its γ before the batch is built: a failure there
+    (injected) ends that request alone; it killed the device worker, and every request."""
+    from decoding.adaptive import AdaptiveGamma
+    from tests.steps import before_steps
+
+    real = AdaptiveGamma.next_gamma
+    bad: set[int] = set()
+
+    def next_gamma(self, *args, **kwargs):
+        if id(self) in bad:
+            raise RuntimeError("stand-in failure choosing this request's γ")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptiveGamma, "next_gamma", next_gamma)
+    before_steps(monkeypatch, lambda states: time.sleep(0.005))
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = make_engine(pair, fast_path=fast_path, max_concurrent_requests=2)
+    try:
+        good = engine.submit(GenerationRequest(request_id="good", prompt_token_ids=PROMPT_IDS,
+                                               max_new_tokens=20,
+                                               speculation=SpeculationParams(1)))
+        first = await anext(aiter(good))
+        with engine._cond:  # marked before the worker can ask it
+            victim = engine.submit(GenerationRequest(request_id="victim",
+                                                     prompt_token_ids=PROMPT_IDS,
+                                                     max_new_tokens=20))  # adaptive γ
+            bad.add(id([*engine._running, *engine._waiting][-1].adaptive))
+        with pytest.raises(RuntimeError, match="stand-in failure"):
+            await collect_handle(victim)
+        rest = await collect_handle(good)
+        assert engine.failed is None
+        assert ids_of([first]) + rest == reference_greedy(pair, PROMPT_IDS, 20)
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
+async def test_a_batched_step_whose_plan_fails_steps_its_requests_alone(
+    same_pair, monkeypatch
+) -> None:
+    """The batch's own plan (the cap on its γs, the catch-up estimate) failing (injected) is
+    no request's fault: this step its requests take alone at their own γs, and go on."""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = make_engine(pair, fast_path="on", max_concurrent_requests=2)
+    real = engine.stepper.step_costs.cap_for_batch
+    failures: list[int] = []
+
+    def cap_for_batch(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("stand-in failure planning the batch")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.stepper.step_costs, "cap_for_batch", cap_for_batch)
+    prompts = [PROMPT_IDS, (7, 8, 9)]
+    try:
+        outputs = await asyncio.gather(*(collect(
+            engine, request_id=f"r{i}", prompt_token_ids=prompt, max_new_tokens=12,
+            speculation=SpeculationParams(2)) for i, prompt in enumerate(prompts)))
+        assert failures == [1] and engine.failed is None
+    finally:
+        engine.close()
+    for prompt, chunks in zip(prompts, outputs, strict=True):
+        assert ids_of(chunks) == reference_greedy(pair, prompt, 12)
+
+
 async def test_no_request_is_counted_gone_before_its_last_chunk_is_out(
     same_pair, monkeypatch
 ) -> None:
