@@ -422,6 +422,9 @@ class Engine:
                     live = [r for r in batch if not r.finished]
                     self.stepper.prefill_batch([r for r in live if not r.is_prefilled])
                     for running in live:
+                        # Asked again: the batched prefill takes time, in which a call may go.
+                        if not running.finished and (end := self._ending(running)) is not None:
+                            self._finish(running, end)
                         running.ready = running.is_prefilled and not running.finished
                     self.stepper.step_batch([r for r in batch if r.ready])
         except BaseException as err:  # the worker itself broke: nothing can be served any more
@@ -434,19 +437,20 @@ class Engine:
         return self._stopping and not self._waiting and not (self._preparing and self._admitting)
 
     def _admit_locked(self) -> None:
-        """End the waiters that were cancelled or aborted, wherever they are in the queue
-        (they must not count against ``max_queue``), then start waiters in order while the
-        first one fits."""
+        """End the waiters that were cancelled or aborted or whose deadline passed, wherever
+        they are in the queue (they must not count against ``max_queue``), then start waiters
+        in order while the first one fits. (While any wait, requests run, and the worker
+        comes here every round.)"""
         if any(_dropped(running) for running in self._waiting):
             kept: collections.deque[RunningRequest] = collections.deque()
             for running in self._waiting:
-                if running.handle.cancelled:
-                    running.handle._put(_END)
-                elif running.handle.abort_error is not None:
-                    running.handle._put(running.handle.abort_error)
-                    running.handle._put(_END)
-                else:
+                end = self._ending(running)
+                if end is None:
                     kept.append(running)
+                    continue
+                running.handle._put(end)
+                if end is not _END:
+                    running.handle._put(_END)
             self._waiting = kept
         while self._waiting and self._fits_locked(self._waiting[0]):
             self._start_locked(self._waiting.popleft())
@@ -460,13 +464,9 @@ class Engine:
         """Check the request is still wanted; stepped one by one, prefill its next chunk and
         step it (a batching engine prefills and steps this round's requests together after
         every one had its turn here)."""
-        request = running.request
-        if running.handle.cancelled:
-            return self._finish(running, _END)
-        if running.handle.abort_error is not None:
-            return self._finish(running, running.handle.abort_error)
-        if request.deadline is not None and time.monotonic() > request.deadline:
-            return self._finish(running, DeadlineExceededError("the deadline passed"))
+        end = self._ending(running)
+        if end is not None:
+            return self._finish(running, end)
         if self.batched:  # prefilled together (Stepper.prefill_batch), then stepped together
             return None
         stepper = self.stepper
@@ -474,6 +474,19 @@ class Engine:
             stepper.guarded(running, stepper.prefill)
         if running.is_prefilled and not running.finished:
             stepper.guarded(running, stepper.step)
+
+    @staticmethod
+    def _ending(running: RunningRequest) -> Any:
+        """How ``running`` ends now, if it is no longer wanted (cancelled, aborted, past its
+        deadline): the item to end it with; else None."""
+        if running.handle.cancelled:
+            return _END
+        if running.handle.abort_error is not None:
+            return running.handle.abort_error
+        deadline = running.request.deadline
+        if deadline is not None and time.monotonic() > deadline:
+            return DeadlineExceededError("the deadline passed")
+        return None
 
     def _finish(self, running: RunningRequest, item: Any) -> None:
         """End ``running`` with ``item`` (its last chunk, an error, or just the end marker).
@@ -514,7 +527,8 @@ class Engine:
 
 
 def _dropped(running: RunningRequest) -> bool:
-    return running.handle.cancelled or running.handle.abort_error is not None
+    """Whether a waiter is no longer wanted (see :meth:`Engine._ending`)."""
+    return Engine._ending(running) is not None
 
 
 def _milliseconds(seconds_by_tokens: dict[int, float]) -> str:

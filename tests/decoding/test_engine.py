@@ -1085,6 +1085,77 @@ async def test_a_batched_step_whose_plan_fails_steps_its_requests_alone(
         assert ids_of(chunks) == reference_greedy(pair, prompt, 12)
 
 
+async def test_a_waiter_past_its_deadline_leaves_the_queue(same_pair, monkeypatch) -> None:
+    """Ended at its deadline, not when a place frees: it held its place in the queue (new
+    calls were refused as overload) and a drain waited for it. (Through gRPC the call is
+    cancelled at its deadline anyway; the engine's own callers have only the deadline.)"""
+    from tests.steps import before_steps
+
+    before_steps(monkeypatch, lambda states: time.sleep(0.02))
+    engine = make_engine(same_pair, max_concurrent_requests=1, max_queue=1)
+    try:
+        busy = engine.submit(GenerationRequest(request_id="busy", prompt_token_ids=PROMPT_IDS,
+                                               max_new_tokens=100,
+                                               speculation=SpeculationParams(0)))
+        late = engine.submit(GenerationRequest(request_id="late", prompt_token_ids=PROMPT_IDS,
+                                               max_new_tokens=4,
+                                               deadline=time.monotonic() + 0.05))
+        with pytest.raises(DeadlineExceededError):
+            await asyncio.wait_for(collect_handle(late), 2.0)  # busy runs for 2 s or more
+        assert engine.stats().waiting == 0
+        other = engine.submit(GenerationRequest(request_id="other", prompt_token_ids=PROMPT_IDS,
+                                                max_new_tokens=4))  # the queue has room
+        await other.aclose()
+        await busy.aclose()
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
+async def test_a_request_cancelled_during_a_batched_prefill_takes_no_further_step(
+    same_pair, monkeypatch
+) -> None:
+    """The README promises generation stops before the request's next step: a call that
+    goes while another request's prefill runs in the same round is not stepped after it."""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = make_engine(pair, fast_path="on", prefill_chunk=4, max_concurrent_requests=2)
+    stepper = engine.stepper
+    real_prefill, real_step = stepper.prefill_batch, stepper.step_batch
+    in_prefill, cancelled = threading.Event(), threading.Event()
+    stepped_after: list[str] = []
+
+    def prefill_batch(group):
+        if any(r.request.request_id == "long" for r in group) and not in_prefill.is_set():
+            in_prefill.set()
+            assert cancelled.wait(5)  # "short" is cancelled while "long" prefills
+        return real_prefill(group)
+
+    def step_batch(ready):
+        if cancelled.is_set():
+            stepped_after.extend(r.request.request_id for r in ready)
+        return real_step(ready)
+
+    monkeypatch.setattr(stepper, "prefill_batch", prefill_batch)
+    monkeypatch.setattr(stepper, "step_batch", step_batch)
+    try:
+        short = engine.submit(GenerationRequest(request_id="short", prompt_token_ids=PROMPT_IDS,
+                                                max_new_tokens=100,
+                                                speculation=SpeculationParams(0)))
+        await anext(aiter(short))
+        long = engine.submit(GenerationRequest(request_id="long",
+                                               prompt_token_ids=tuple(range(20, 61)),
+                                               max_new_tokens=4))
+        assert await asyncio.to_thread(in_prefill.wait, 5)
+        await short.aclose()
+        cancelled.set()
+        assert len(await collect_handle(long)) == 4
+        await wait_until_idle(engine)
+    finally:
+        cancelled.set()
+        engine.close()
+    assert "short" not in stepped_after and "long" in stepped_after
+
+
 async def test_no_request_is_counted_gone_before_its_last_chunk_is_out(
     same_pair, monkeypatch
 ) -> None:
