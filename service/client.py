@@ -51,9 +51,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", default=None, help="client key (PEM), with --cert")
 
 
+_FIELD_RANGES = {  # what each integer flag's proto field can hold; the server judges the rest
+    "max_new_tokens": (0, 2**32 - 1), "num_speculative_tokens": (0, 2**32 - 1),
+    "seed": (0, 2**64 - 1), "top_k": (-(2**31), 2**31 - 1),
+}
+
+
 def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
+    """The request the flags describe; a value no request can carry exits with a message
+    naming its flag (protobuf raised ValueError, and the user saw a traceback)."""
     if any(token < 0 for token in args.stop_token_ids):
         raise SystemExit("--stop-token-id must be at least 0")
+    for name, (least, most) in _FIELD_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not least <= value <= most:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"{flag} must be in [{least}, {most}], got {value}")
     request = pb.GenerateStreamRequest(
         stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos
     )
@@ -85,7 +98,13 @@ def channel_for(args: argparse.Namespace) -> grpc.Channel:
         raise SystemExit("--cert and --key must be given together")
 
     def read(path: str | None) -> bytes | None:
-        return None if path is None else open(path, "rb").read()
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except OSError as err:
+            raise SystemExit(f"cannot read {path!r}: {err.strerror or err}") from err
 
     credentials = grpc.ssl_channel_credentials(read(args.ca), read(args.key), read(args.cert))
     return grpc.secure_channel(args.address, credentials)

@@ -110,6 +110,31 @@ def test_generate_flags_become_request_fields() -> None:
     assert not plain.speculation.HasField("num_speculative_tokens")
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be in [0, 4294967295], got -1"),
+    (["--num-speculative-tokens", "-1"], "--num-speculative-tokens must be in [0, "),
+    (["--seed", "-1"], "--seed must be in [0, 18446744073709551615], got -1"),
+    (["--max-new-tokens", "5000000000"], "--max-new-tokens must be in [0, 4294967295]"),
+    (["--top-k", "3000000000"], "--top-k must be in [-2147483648, 2147483647]"),
+])
+def test_generate_refuses_a_value_no_request_can_carry_by_its_flag(flags, message) -> None:
+    """Protobuf raised ValueError for these and the user got a traceback; values a request
+    can carry (a negative top_k) go to the server, which names the field."""
+    from service.client import build_request
+
+    with pytest.raises(SystemExit) as exit_:
+        build_request(client_args(*flags))
+    assert str(exit_.value.code).startswith(message)
+    assert build_request(client_args("--top-k", "-3")).sampling.top_k == -3
+
+
+def test_generate_says_which_certificate_it_cannot_read(tmp_path) -> None:
+    from service.client import channel_for
+
+    with pytest.raises(SystemExit, match=r"cannot read .*missing\.pem"):
+        channel_for(client_args("--ca", str(tmp_path / "missing.pem")))
+
+
 # C3 (--token sent without the Bearer scheme)
 async def test_generate_sends_the_token_as_bearer(same_pair, tmp_path, capsys) -> None:
     from service.client import run
