@@ -100,8 +100,9 @@ def test_a_batched_step_where_no_row_drafts_is_the_plain_step(pair) -> None:  # 
     assert [s.tokens for s in batched] == [s.tokens for s in alone]
 
 
-class _CapCalled(Exception):
-    pass
+class _CapCalled(BaseException):
+    """Stops a stand-in step at its cap (not an Exception: a batch whose plan raises one is
+    stepped request by request instead)."""
 
 
 def _cap_arguments(lags: list[int], left: list[int], probing: list[bool] | None = None,
@@ -446,7 +447,7 @@ def test_a_first_draft_forward_is_two_wide_only_for_a_drafting_row_two_behind(
     stepper._gamma = lambda running: 2  # type: ignore[method-assign]
     stepper._alpha = lambda running: 0.7  # type: ignore[method-assign]
     stepper._catch_up_s = lambda states, gammas, batched: 0.0  # type: ignore[method-assign]
-    stepper.guarded = lambda running, work: None  # type: ignore[method-assign]
+    stepper._emit = lambda running, result, start_ns: None  # type: ignore[method-assign]
     monkeypatch.setattr(stepper_module, "speculative_step_batch",
                         lambda states, gammas, draft, target, choose: [None] * len(states))
 
