@@ -605,7 +605,14 @@ class AdaptiveGamma:
             if self._owns_schedule:
                 self._schedule.step()
             if not (self._schedule.probe_due and probe_pays()):
-                self._counted = True
+                # A due probe whose catch-up would not pay is declined as such a γ is: that
+                # only gets less likely as the draft falls behind and the tokens left shrink,
+                # so only a seeded sample's plain steps wait for it (counted, the steps left
+                # to a due probe stayed 1, and every plain step of the batch was taken alone).
+                if self._schedule.probe_due:
+                    self._declined = True
+                else:
+                    self._counted = True
                 return fallback
             if self._owns_schedule:
                 self._schedule.start()

@@ -310,6 +310,23 @@ def test_plain_steps_in_groups_probe_where_one_by_one_would() -> None:
     assert declined.plain_steps_allowed(exact=False) == 7  # up to its next probe (every 8)
 
 
+def test_a_due_probe_whose_catch_up_cannot_pay_does_not_hold_plain_steps_back() -> None:
+    """A draft that never saw a long prompt: its probe, once due, never pays for the
+    catch-up. Counted toward that probe, it allowed one plain step at a time from then on
+    (and a batch takes the fewest any of its requests allows); now groups run whole, but a
+    seeded sample's (exact), which must draft where it would asked before every step."""
+    from tests.conftest import TEST_COSTS
+
+    adaptive = AdaptiveGamma(TEST_COSTS, max_gamma=8, prior_alpha=0.0)
+    allowed: list[tuple[int, int]] = []
+    for _ in range(12):
+        assert adaptive.next_gamma(catch_up=10_000, remaining=100) == 0
+        allowed.append((adaptive.plain_steps_allowed(), adaptive.plain_steps_allowed(True)))
+        adaptive.took_plain_steps(min(4, allowed[-1][0]))
+    assert allowed[:2] == [(7, 7), (3, 3)]  # counted toward the probe, as before
+    assert all(free >= 4 and exact == 1 for free, exact in allowed[2:])  # due, and declined
+
+
 def test_gamma_shrinks_as_the_batch_grows() -> None:
     """Verification is nearly free for one request but not for eight: γ falls, to 0."""
     costs = CostModel(
