@@ -188,9 +188,11 @@ class Stepper:
         where the draft could be used: the request would draft or probe at its own estimate
         (:meth:`AdaptiveGamma.could_draft`), or the last step drafted, where a level draft may
         draft along with the others (:meth:`StepCosts.cap_for_batch`)."""
+        remaining = running.prepared.max_new_tokens
+        if remaining <= 1:  # its one token is the first step's own: nothing to draft
+            return False
         if running.adaptive is None:
             return self.gamma_limit(running.request) > 0
-        remaining = running.prepared.max_new_tokens
         if plans_alone(running.request):
             return running.adaptive.would_draft(catch_up=prompt, remaining=remaining)
         batch = self._batch()

@@ -1156,6 +1156,24 @@ async def test_a_request_cancelled_during_a_batched_prefill_takes_no_further_ste
     assert "short" not in stepped_after and "long" in stepped_after
 
 
+@pytest.mark.parametrize("gamma", [None, 3])
+async def test_a_request_for_one_token_never_feeds_its_draft(same_pair, gamma) -> None:
+    """Its one token is the first step's own, at γ 0: a draft fed the prompt is never used
+    (with a draft this cheap, adaptive γ fed it). Two tokens may draft one, and then do."""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = make_engine(pair, fast_path="on")
+    try:
+        for n in (1, 2):
+            handle = engine.submit(GenerationRequest(
+                request_id=f"n{n}", prompt_token_ids=(10, 57, 203), max_new_tokens=n,
+                speculation=SpeculationParams(gamma)))
+            assert ids_of([c async for c in handle]) == reference_greedy(pair, (10, 57, 203), n)
+            fed = handle.timeline.draft_prefill_ns != (0, 0)
+            assert fed is (n == 2 and handle.usage.draft_tokens > 0)
+    finally:
+        engine.close()
+
+
 async def test_no_request_is_counted_gone_before_its_last_chunk_is_out(
     same_pair, monkeypatch
 ) -> None:
