@@ -347,6 +347,7 @@ class StepCosts:
         level: list[bool] | None = None,
         limits: list[int] | None = None,
         two_behind: list[bool] | None = None,
+        fixed: list[bool] | None = None,
     ) -> list[int]:
         """The requests' own γs, capped where that makes the whole batched step pay more.
 
@@ -368,8 +369,14 @@ class StepCosts:
         0.90x speculation off where a fixed γ of 1 gave 1.04x: ``bench.policy``.)
 
         ``two_behind``: the requests whose draft lags by two tokens: where one of them drafts,
-        the first draft forward is two tokens wide (:meth:`CostModel.drafting`)."""
-        if not any(g > 0 and free for g, free in zip(gammas, adjustable, strict=True)):
+        the first draft forward is two tokens wide (:meth:`CostModel.drafting`). ``fixed``: the
+        requests drafting a γ of their own asking: where one does, the batch drafts whatever
+        the adjustable ones want, and level ones may ride along; a probe alone does not make
+        them try (every row probing was measured costly, see :data:`PROBE_ROWS`)."""
+        drafting = [g > 0 and free for g, free in zip(gammas, adjustable, strict=True)]
+        if fixed is not None:
+            drafting += [g > 0 and own for g, own in zip(gammas, fixed, strict=True)]
+        if not any(drafting):
             return gammas
         overhead = self.overhead(len(gammas))
         rides = level if level is not None else [False] * len(gammas)

@@ -476,6 +476,7 @@ class Stepper:
             # Riding along, as its own γ (_gamma), never past its max_new_tokens.
             limits=[max(0, r.prepared.max_new_tokens - len(r.output) - 1) for r in ready],
             two_behind=two_behind,
+            fixed=[r.adaptive is None for r in ready],
         )
         two_wide = any(g > 0 and two for g, two in zip(gammas, two_behind, strict=True))
         for running, free, asked, given in zip(ready, adjustable, own, gammas, strict=True):

@@ -327,6 +327,24 @@ def test_a_due_probe_whose_catch_up_cannot_pay_does_not_hold_plain_steps_back() 
     assert all(free >= 4 and exact == 1 for free, exact in allowed[2:])  # due, and declined
 
 
+def test_level_drafts_ride_along_beside_a_fixed_gamma_but_not_beside_a_probe() -> None:
+    """The README: where the batch drafts, an adaptive request whose draft is level drafts as
+    far as the others, its row verified that wide anyway. Beside a fixed γ of 4 and no
+    adjustable row drafting, they drafted nothing (one asking for γ 1 made all ride at 4);
+    a probe alone still does not make them try."""
+    from decoding.adaptive import StepCosts
+
+    costs = StepCosts(run5_costs("7b"))
+    adjustable, level = [False, True, True, True], [True] * 4
+    fixed = [True, False, False, False]
+    assert costs.cap_for_batch([4, 0, 0, 0], [0.9] * 4, adjustable, level=level,
+                               fixed=fixed) == [4, 4, 4, 4]
+    assert costs.cap_for_batch([4, 1, 0, 0], [0.9] * 4, adjustable, level=level,
+                               fixed=fixed) == [4, 4, 4, 4]
+    assert costs.cap_for_batch([1, 0, 0, 0], [0.9] * 4, adjustable, level=level,
+                               fixed=[False] * 4) == [1, 0, 0, 0]  # the first row probes
+
+
 def test_gamma_shrinks_as_the_batch_grows() -> None:
     """Verification is nearly free for one request but not for eight: γ falls, to 0."""
     costs = CostModel(
