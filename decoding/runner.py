@@ -101,7 +101,8 @@ class KVSequence:
             self._cache.crop(length - self.length)  # negative: tokens to drop
         elif self._cache is not None:
             for layer in self._sliding:  # nothing to drop: back to the window
-                layer.crop(0)
+                if getattr(layer, "is_initialized", True):  # fed (a draft never fed is not)
+                    layer.crop(0)
         self.length = length
 
     def release(self) -> None:

@@ -167,6 +167,9 @@ def plain_steps(state: SequenceState, steps: int) -> StepResult:
             rows.append(logprob_rows(logits, pending, state.top_logprobs))
     emitted: list[int] = torch.cat(chosen).tolist()
     state.tokens.extend(emitted)  # the target holds all but the last, as after any step
+    # Nothing to roll back, but said, as every step says it: a transformers cache's
+    # sliding-window layers keep what they are fed until then (see KVSequence.rollback).
+    state.target.rollback(state.target.length)
     logprobs = None
     if state.top_logprobs is not None:
         logprobs = unpack(torch.cat(rows).tolist(), emitted, state.top_logprobs)

@@ -105,22 +105,56 @@ def sliding_pair(tmp_path) -> ModelPair:
     return dataclasses.replace(pair, eos_token_ids=())
 
 
-@pytest.mark.parametrize("gamma", [None, 1, 3])
+@pytest.mark.parametrize("gamma", [None, 0, 1, 3])
 async def test_a_sliding_window_pair_is_exact_past_its_window(tmp_path, gamma) -> None:
     """The fast path refuses sliding-window models, so they run on transformers' own cache,
     whose sliding layers keep only their window: a rollback past it must still work (it
-    raised) and give the target's own tokens."""
+    raised) and give the target's own tokens; so must a draft never fed (γ 0, or one token:
+    trimming its empty layers raised)."""
     pair = sliding_pair(tmp_path)
     engine = make_engine(pair)
     assert not engine.batched  # the transformers path
     try:
         chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=30,
                                speculation=SpeculationParams(gamma))
+        one = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=1,
+                            speculation=SpeculationParams(gamma))
     finally:
         engine.close()
     assert ids_of(chunks) == reference_greedy(pair, PROMPT_IDS, 30)
+    assert ids_of(one) == reference_greedy(pair, PROMPT_IDS, 1)
     usage = chunks[-1].usage
-    assert usage.draft_tokens > usage.accepted_draft_tokens  # rollbacks happened
+    assert usage.draft_tokens > usage.accepted_draft_tokens or gamma == 0  # rollbacks
+
+
+async def test_a_sliding_layer_keeps_its_window_through_groups_of_plain_steps(
+    tmp_path, monkeypatch
+) -> None:
+    """Plain steps taken several at once roll nothing back; the group still ends as a step
+    does, so the sliding layer is trimmed back to its window after each group (else it kept
+    every token of a request that never drafts)."""
+    from decoding.runner import KVSequence
+
+    pair = sliding_pair(tmp_path)
+    held: list[int] = []
+    real = KVSequence.forward
+
+    def forward(self, tokens, num_logits=None):
+        sliding = self._cache.layers[1]
+        if sliding.is_initialized:
+            held.append(sliding.keys.shape[-2])
+        return real(self, tokens, num_logits)
+
+    monkeypatch.setattr(KVSequence, "forward", forward)
+    engine = make_engine(pair, decode_steps=4)
+    try:
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=30,
+                               speculation=SpeculationParams(0))
+    finally:
+        engine.close()
+    assert ids_of(chunks) == reference_greedy(pair, PROMPT_IDS, 30)
+    assert max(len(c.token_ids) for c in chunks) == 4  # in groups
+    assert held and max(held) <= 7 + 3  # the window less one, and a group's first three
 
 
 def test_a_sliding_layer_is_trimmed_back_to_its_window_at_each_step(tmp_path) -> None:
