@@ -317,12 +317,19 @@ def test_yamllint_rendered(render, values_name: str) -> None:
         (
             {"modelCache": {"enabled": False}, "modelFetch": {"enabled": False},
              "model": {"target": "Qwen/Qwen2.5-7B-Instruct"}},
-            "model.target=Qwen/Qwen2.5-7B-Instruct needs modelCache.enabled",
+            "model.target=Qwen/Qwen2.5-7B-Instruct needs modelCache.enabled, or HF_HOME",
         ),
         (
             {"modelCache": {"enabled": False}, "modelFetch": {"enabled": False},
              "model": {"draft": "/weights/draft.GGUF"}},
-            "model.draft=/weights/draft.GGUF needs modelCache.enabled",
+            "model.draft=/weights/draft.GGUF needs modelCache.enabled, or TANDEM_CACHE",
+        ),
+        # HF_HOME elsewhere does not place a .gguf file's conversion.
+        (
+            {"modelCache": {"enabled": False}, "modelFetch": {"enabled": False},
+             "model": {"draft": "/weights/draft.gguf"},
+             "extraEnv": [{"name": "HF_HOME", "value": "/tmp/hf"}]},
+            "model.draft=/weights/draft.gguf needs modelCache.enabled",
         ),
         # The TLS Secret made from tls.cert and tls.key has no ca.crt to mount.
         (

@@ -223,6 +223,11 @@ def test_model_cache_volumes(render, default: Rendered, all_on: Rendered) -> Non
                        "modelCache": {"enabled": False},
                        "securityContext": {"readOnlyRootFilesystem": False}})
     assert writable.env()["TANDEM_TARGET"] == "Qwen/Qwen2.5-7B-Instruct"
+    # Or where extraEnv points HF_HOME somewhere writable (here the /tmp emptyDir).
+    elsewhere = render({"model": {"target": "Qwen/Qwen2.5-7B-Instruct", "draft": "/weights/d"},
+                        "modelCache": {"enabled": False},
+                        "extraEnv": [{"name": "HF_HOME", "value": "/tmp/hf"}]})
+    assert elsewhere.env()["HF_HOME"] == "/tmp/hf"
 
     baked = render({"modelCache": {"enabled": False}, "modelFetch": {"enabled": False}})
     assert "initContainers" not in baked.pod

@@ -122,10 +122,18 @@ engine and exports the last telemetry: 5 s leaves room for those. */}}
 {{- /* Without the cache volume only the image's own files and mounted folders can load: a hub
 id downloads into HF_HOME and a .gguf file is converted into TANDEM_CACHE, both there. */}}
 {{- if and (not .Values.modelCache.enabled) .Values.securityContext.readOnlyRootFilesystem }}
+{{- $extraNames := list }}
+{{- range .Values.extraEnv }}
+{{- $extraNames = append $extraNames .name }}
+{{- end }}
 {{- range $role := list "target" "draft" }}
 {{- $source := toString (index $.Values.model $role) }}
-{{- if not (or (eq $source "default") (and (hasPrefix "/" $source) (not (hasSuffix ".gguf" (lower $source))))) }}
-{{- fail (printf "model.%s=%s needs modelCache.enabled: a hub id downloads into HF_HOME and a .gguf file is converted into TANDEM_CACHE, both on that volume, and the root filesystem is read-only" $role $source) }}
+{{- $gguf := hasSuffix ".gguf" (lower $source) }}
+{{- $folder := and (hasPrefix "/" $source) (not $gguf) }}
+{{- /* extraEnv may point either somewhere writable (an extraVolumes mount, /tmp). */}}
+{{- $placed := has (ternary "TANDEM_CACHE" "HF_HOME" $gguf) $extraNames }}
+{{- if not (or (eq $source "default") $folder $placed) }}
+{{- fail (printf "model.%s=%s needs modelCache.enabled, or %s in extraEnv: a hub id downloads into HF_HOME and a .gguf file is converted into TANDEM_CACHE, both on that volume, and the root filesystem is read-only" $role $source (ternary "TANDEM_CACHE" "HF_HOME" $gguf)) }}
 {{- end }}
 {{- end }}
 {{- end }}
