@@ -413,7 +413,8 @@ class Stepper:
             self._asks_first = probed[-1] + 1
         ready = [running for i, running in enumerate(ready) if i in asked]
         own = [gamma for _, gamma in sorted(asked.items())]
-        if not ready:
+        if len(ready) <= 1:  # one left: alone, as a batch of one always is
+            self._step_each(ready, own)
             return
         try:
             plan = self._plan_batch(ready, own)
