@@ -182,6 +182,7 @@ def test_a_draft_catch_up_in_batch_behind_rides_along() -> None:
     assert seen["two_behind"] == [False, True, False]
     assert seen["limits"] == [9, 9, 9]
     assert seen["adjustable"] == [True, True, True]
+    assert seen["fixed"] == [False, False, False]  # all adaptive: none drafts a γ of its own
 
 
 def test_a_batch_pads_its_catch_up_to_the_longest_lag_in_the_cost_charged() -> None:
