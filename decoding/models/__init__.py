@@ -18,7 +18,6 @@ from decoding.models.fetch import (
     converted_from,
     default_cache_dir,
     fetch_chunked_model,
-    fetch_default_pair,
     is_complete,
 )
 from decoding.models.loading import (
@@ -49,7 +48,6 @@ __all__ = [
     "default_cache_dir",
     "eos_token_ids",
     "fetch_chunked_model",
-    "fetch_default_pair",
     "is_complete",
     "load_model_source",
     "load_pair",

