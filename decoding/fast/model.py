@@ -665,6 +665,8 @@ class FastDecoder:
         that row's K/V are then written and read through views of its slot, with no index
         kernels and no gathered copy of its cache (not for CUDA graphs: they fix the slot).
         """
+        if not 1 <= num_logits <= tokens.shape[1]:  # [:, -0:] would be every position
+            raise ValueError(f"num_logits must be in [1, {tokens.shape[1]}], got {num_logits}")
         hidden = self.hidden_states(tokens, slots, starts, cache, kv_len, host_row=host_row)
         return self.logits(hidden[:, -num_logits:])
 

@@ -281,6 +281,16 @@ def test_prefill(model) -> None:
     assert sequence.length == 17
 
 
+def test_the_decoder_refuses_a_count_of_logits_outside_its_tokens() -> None:
+    decoder = FastDecoder(qwen2(seed=0))
+    cache = decoder.new_cache(num_slots=1, max_len=8)
+    tokens, slots, starts = torch.tensor([[1, 2, 3]]), torch.tensor([0]), torch.tensor([0])
+    assert decoder.forward(tokens, slots, starts, cache, num_logits=3).shape[1] == 3
+    for count in (0, 4):  # 0 once sliced [:, -0:], every position
+        with pytest.raises(ValueError, match=f"num_logits must be in \\[1, 3\\], got {count}"):
+            decoder.forward(tokens, slots, starts, cache, num_logits=count)
+
+
 def test_decode_token_by_token(model) -> None:
     tokens = random_tokens(20, seed=2)
     runner = StaticRunner(model, num_slots=3, max_len=32)
