@@ -155,7 +155,7 @@ def test_schema_model_values_are_the_servers_choices(chart: helm.Chart) -> None:
     model = chart.schema["properties"]["model"]["properties"]
     assert model["dtype"]["enum"] == CHOICES["dtype"]
     assert model["draftDtype"]["enum"] == CHOICES["draft_dtype"]
-    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "CUDA", " Cuda:1 ", "AUTO"):
         chart.validate_schema({"model": {"device": device}})
         assert parse([], env={"TANDEM_DEVICE": device}).device == device
 
@@ -169,6 +169,8 @@ def test_schema_model_values_are_the_servers_choices(chart: helm.Chart) -> None:
         {"device": "gpu"},
         {"device": "cuda:"},
         {"device": "cuda:0,1"},
+        {"device": "cuda 0"},
+        {"device": "xcpu"},
     ],
     ids=lambda v: json.dumps(v, separators=(",", ":")),
 )
