@@ -46,12 +46,17 @@ def load_token(settings: Settings, env: Mapping[str, str] | None = None) -> str 
 
 
 def auth_interceptor(
-    settings: Settings, env: Mapping[str, str] | None = None
+    settings: Settings,
+    env: Mapping[str, str] | None = None,
+    on_refused: Callable[[str], None] | None = None,
 ) -> grpc.aio.ServerInterceptor | None:
+    """``on_refused(method)``: told the full method name of each call refused."""
     token = load_token(settings, env)
     if token is None:
         return None
-    return BearerTokenInterceptor(token, exempt_health=settings.auth_exempt_health)
+    return BearerTokenInterceptor(
+        token, exempt_health=settings.auth_exempt_health, on_refused=on_refused
+    )
 
 
 def _digest(value: str) -> bytes:
@@ -75,9 +80,13 @@ def _denial(details: str, request_id: str) -> grpc.RpcMethodHandler:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str, *, exempt_health: bool) -> None:
+    def __init__(
+        self, token: str, *, exempt_health: bool,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self._expected = _digest(token)
         self._exempt_health = exempt_health
+        self._on_refused = on_refused
 
     async def intercept_service(
         self,
@@ -94,11 +103,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return self._refuse(logging.WARNING, "invalid bearer token", method)
         return await continuation(handler_call_details)
 
-    @staticmethod
-    def _refuse(level: int, details: str, method: str) -> grpc.RpcMethodHandler:
+    def _refuse(self, level: int, details: str, method: str) -> grpc.RpcMethodHandler:
         request_id = uuid.uuid4().hex
         log.log(level, "unauthenticated call refused: %s", details,
                 extra={"method": method, "request_id": request_id})
+        if self._on_refused is not None:
+            self._on_refused(method)
         return _denial(details, request_id)
 
     @staticmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import grpc
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
@@ -108,6 +109,14 @@ class Metrics:
 
     def call_started(self, record: CallRecord) -> None:
         pass
+
+    def call_refused(self, method: str, code: grpc.StatusCode, info: EngineInfo) -> None:
+        """Counted as a finished call with its status; the request was never read, so it has
+        no operation, duration or tokens."""
+        self.requests.add(1, {
+            "gen_ai.request.model": info.target_model, "rpc.method": method,
+            "grpc_code": code.name,
+        })
 
     def call_finished(self, record: CallRecord, info: EngineInfo) -> None:
         attributes = {

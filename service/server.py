@@ -80,8 +80,11 @@ async def start_server(
     observer: CallObserver | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
-    # Authentication runs first, so nothing (tracing included) sees an unauthenticated call.
-    auth = auth_interceptor(settings)
+    # Authentication runs first, so nothing (tracing included) sees an unauthenticated call;
+    # the observer counts the refused generation calls.
+    auth = auth_interceptor(
+        settings, on_refused=None if observer is None else _counting_refusals(observer)
+    )
     server = grpc.aio.server(
         interceptors=[*([auth] if auth else []), *interceptors],
         options=[
@@ -109,6 +112,20 @@ async def start_server(
     engine.on_fatal.append(_not_serving_on_fatal(health_servicer))
     log.info("serving", extra={"port": port, "tls": credentials is not None})
     return RunningServer(server, port, health_servicer, engine, servicer)
+
+
+def _counting_refusals(observer: CallObserver) -> Callable[[str], None]:
+    """Tells ``observer`` of each refused Generate/GenerateStream call (the calls whose
+    handler would have counted them), by short method name, as the servicer names them."""
+    prefix = f"/{SERVICE_NAME}/"
+    counted = {"Generate", "GenerateStream"}
+
+    def refused(method: str) -> None:
+        name = method.removeprefix(prefix)
+        if method.startswith(prefix) and name in counted:
+            observer.call_refused(name, grpc.StatusCode.UNAUTHENTICATED)
+
+    return refused
 
 
 def grpc_address(host: str, port: int) -> str:

@@ -42,12 +42,19 @@ class CallObserver(Protocol):
     def call_started(self, record: CallRecord) -> None: ...
     def call_finished(self, record: CallRecord) -> None: ...
 
+    def call_refused(self, method: str, code: grpc.StatusCode) -> None:
+        """A Generate/GenerateStream call (``method``: the short name) that an interceptor
+        refused before its handler ran, so no :class:`CallRecord` was ever made."""
+
 
 class _NoObserver:
     def call_started(self, record: CallRecord) -> None:
         pass
 
     def call_finished(self, record: CallRecord) -> None:
+        pass
+
+    def call_refused(self, method: str, code: grpc.StatusCode) -> None:
         pass
 
 

@@ -104,6 +104,9 @@ class Telemetry:
     def call_started(self, record: CallRecord) -> None:
         self.metrics.call_started(record)
 
+    def call_refused(self, method: str, code: grpc.StatusCode) -> None:
+        self.metrics.call_refused(method, code, self.info)
+
     def call_finished(self, record: CallRecord) -> None:
         self.metrics.call_finished(record, self.info)
         if self.tracer_provider is not None:

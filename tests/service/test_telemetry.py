@@ -152,6 +152,27 @@ async def test_failed_call_records_its_status(same_pair) -> None:
     assert o.counter("tandem.requests", grpc_code="INVALID_ARGUMENT") == 1
 
 
+async def test_calls_refused_before_their_handler_are_counted(same_pair, monkeypatch) -> None:
+    """An unauthenticated generation call never reaches the servicer, yet is a finished call."""
+    monkeypatch.setenv("TANDEM_AUTH_TOKEN", "s3cret")
+    async with Observed(same_pair) as o:
+        stub = o.served.stub
+        for call in (stub.Generate(greedy(n=2)), stub.GetModelInfo(pb.GetModelInfoRequest())):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stream = stub.GenerateStream(greedy(n=2, cls=pb.GenerateStreamRequest))
+        assert await stream.code() == grpc.StatusCode.UNAUTHENTICATED
+        allowed = (("authorization", "Bearer s3cret"),)
+        assert len((await stub.Generate(greedy(n=2), metadata=allowed)).token_ids) == 2
+        refused_calls = {"grpc_code": "UNAUTHENTICATED"}
+        assert o.counter("tandem.requests", **refused_calls, **{"rpc.method": "Generate"}) == 1
+        assert o.counter(
+            "tandem.requests", **refused_calls, **{"rpc.method": "GenerateStream"}) == 1
+        assert o.counter("tandem.requests", **refused_calls) == 2  # GetModelInfo is not counted
+        assert o.counter("tandem.requests", grpc_code="OK") == 1
+
+
 async def test_internal_error_marks_the_server_span(same_pair, monkeypatch) -> None:
     from tests.steps import before_steps
 
