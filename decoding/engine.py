@@ -38,7 +38,7 @@ from decoding.errors import (
     OverloadedError,
     ShuttingDownError,
 )
-from decoding.handle import _END, RequestHandle
+from decoding.handle import _END, RequestHandle, delivered_together
 from decoding.models import ModelPair
 from decoding.params import GenerationRequest
 from decoding.runner import ModelRunner
@@ -416,9 +416,13 @@ class Engine:
                     if not self._running and self._done_locked():
                         return
                     batch = list(self._running)
-                for running in batch:
-                    self._advance(running)
-                if self.batched:
+                if not self.batched:
+                    for running in batch:
+                        self._advance(running)
+                    continue
+                with delivered_together():  # one step's chunks, every caller woken once
+                    for running in batch:
+                        self._advance(running)
                     live = [r for r in batch if not r.finished]
                     self.stepper.prefill_batch([r for r in live if not r.is_prefilled])
                     for running in live:

@@ -240,6 +240,30 @@ async def test_batched_steps_are_taken_together(same_pair, monkeypatch) -> None:
     assert max(sizes) == 4
 
 
+async def test_a_batched_steps_chunks_reach_their_callers_together(
+    same_pair, monkeypatch
+) -> None:
+    """A batched round's puts are held and delivered at its end in one wake of each caller's
+    loop (decoding.handle.delivered_together): woken at the first put, the loop took the GIL
+    from the worker while it still put the others' chunks."""
+    from decoding import handle
+    from tests.steps import before_steps
+
+    held: list[bool] = []
+    before_steps(monkeypatch, lambda states: held.append(
+        getattr(handle._held, "mailboxes", None) is not None))
+    engine = make_engine(same_pair, fast_path="on", max_concurrent_requests=4)
+    try:
+        outputs = await asyncio.gather(*(
+            collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=16,
+                    speculation=SpeculationParams(1)) for _ in range(4)))
+    finally:
+        engine.close()
+    assert held and all(held)
+    assert len({tuple(ids_of(chunks)) for chunks in outputs}) == 1
+    assert len(ids_of(outputs[0])) == 16
+
+
 @pytest.mark.parametrize("fast_path", ["on", "off"])
 async def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_steps(
     same_pair, fast_path: str

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from decoding.handle import _END, RequestHandle, _Mailbox
+from decoding.handle import _END, RequestHandle, _Mailbox, delivered_together
 
 
 async def test_items_from_a_thread_arrive_in_order_with_one_wake_per_burst() -> None:
@@ -38,6 +38,56 @@ async def test_items_from_a_thread_arrive_in_order_with_one_wake_per_burst() -> 
         loop.call_soon_threadsafe = original  # type: ignore[method-assign]
     assert received == [list(range(50))] * 3
     assert 1 <= wakes < 50 * 3  # handles on one loop share wakes
+
+
+async def test_items_put_together_wake_each_loop_once_when_the_block_ends() -> None:
+    loop = asyncio.get_running_loop()
+    handles = [RequestHandle(f"r{i}", 1, lambda: None) for i in range(4)]
+    wakes: list[str] = []  # what the worker was doing at each wake
+    original = loop.call_soon_threadsafe
+
+    def counting(callback, *args):  # type: ignore[no-untyped-def]
+        wakes.append(doing[-1])
+        return original(callback, *args)
+
+    doing = ["nothing"]
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        def worker() -> None:
+            for step in range(3):
+                with delivered_together():
+                    doing.append(f"putting {step}")
+                    for handle in handles:
+                        handle._put(step)
+                        with delivered_together():  # nested: the outer block delivers
+                            handle._put(-step)
+                    doing.append(f"put {step}")
+            doing.append("ending")
+            for handle in handles:
+                handle._put(_END)  # outside a block: woken at once, as before
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        received = [[item async for item in handle] for handle in handles]
+        thread.join()
+    finally:
+        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+    assert received == [[0, 0, 1, -1, 2, -2]] * 4
+    # A block wakes the loop once, after its last put, unless a wake is pending still; the
+    # ends wake it at most once each.
+    blocks = [doing for doing in wakes if doing != "ending"]
+    assert blocks[0] == "put 0" and all(doing.startswith("put ") for doing in blocks)
+    assert len(blocks) == len(set(blocks)) and len(wakes) <= 3 + 4
+
+
+def test_a_block_whose_loop_closed_drops_its_items_quietly() -> None:
+    loop = asyncio.new_event_loop()
+    mailbox = _Mailbox(loop)
+    with delivered_together():
+        mailbox.put(asyncio.Queue(), 1)
+        loop.close()  # before the block ends and schedules the delivery
+    with pytest.raises(RuntimeError):
+        mailbox.put(asyncio.Queue(), 2)
 
 
 def test_a_closed_loop_refuses_and_cancels_the_request() -> None:
