@@ -59,6 +59,26 @@ def test_gamma_grows_with_acceptance_and_falls_to_zero() -> None:
     assert CPU_LIKE.best_gamma(0.95, 8) > 0
 
 
+
+def test_best_gamma_is_the_argmax_of_the_expected_speedup() -> None:
+    """best_gamma inlines expected_speedup's arithmetic: the same γ, compared alike, for every
+    estimate, batch, overhead and margin (ties go to the smallest γ)."""
+    costs = CostModel(
+        {1: 0.0013, 2: 0.0014, 16: 0.0016, 64: 0.0025},
+        {1: 0.005, 2: 0.0052, 8: 0.0058, 32: 0.0075, 128: 0.013, 512: 0.04},
+    )
+    for model in (costs, GPU_LIKE, CPU_LIKE):
+        for alpha in (0.0, 0.3, 0.55, 0.7, 0.8, 0.9, 0.97, 1.0, 1.2):
+            for batch in (1, 2, 3, 4, 8, 16, 40):
+                for overhead in (1.0, 1.13):
+                    for margin in (1.0, MIN_SPEEDUP, MIN_SPEEDUP * PROBE_MARGIN):
+                        speedups = [model.expected_speedup(alpha, g, batch, overhead)
+                                    for g in range(1, 9)]
+                        best = max(range(8), key=lambda i: (speedups[i], -i))
+                        want = best + 1 if speedups[best] > margin else 0
+                        got = model.best_gamma(alpha, 8, batch, margin, overhead)
+                        assert got == want, (alpha, batch, overhead, margin)
+
 def test_request_learns_from_what_it_sees() -> None:
     adaptive = AdaptiveGamma(GPU_LIKE, max_gamma=8, prior_alpha=0.7)
     start = adaptive.next_gamma()
