@@ -140,6 +140,12 @@ def test_schema_rejects_bad_values_file(chart: helm.Chart, values_file: str, exp
         {"probes": {"liveness": {"successThreshold": 2}}},
         {"tolerations": {"key": "nvidia.com/gpu"}},
         {"image": {"digest": "latest"}},
+        {"resources": {"limts": {"memory": "64Gi"}}},
+        {"resources": {"limits": {"nvidia.com/gpu": [1]}}},
+        {"modelFetch": {"resources": {"request": {"cpu": "1"}}}},
+        {"strategy": {"rollingUpdat": {"maxSurge": 0}}},
+        {"strategy": {"type": "Rolling"}},
+        {"strategy": {"rollingUpdate": {"maxSurge": "one"}}},
     ],
     ids=lambda v: json.dumps(v, separators=(",", ":")),
 )
