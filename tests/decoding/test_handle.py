@@ -4,74 +4,71 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 
 from decoding.handle import _END, RequestHandle, _Mailbox, delivered_together
 
 
-async def test_items_from_a_thread_arrive_in_order_with_one_wake_per_burst() -> None:
+async def received_from(
+    handles: list[RequestHandle], worker: Callable[[], None], on_wake: Callable[[], None]
+) -> list[list[object]]:
+    """What each handle received from ``worker``, run in a thread; ``on_wake()`` is called at
+    each wake of the loop (each ``call_soon_threadsafe``)."""
     loop = asyncio.get_running_loop()
-    handles = [RequestHandle(f"r{i}", 1, lambda: None) for i in range(3)]
-    wakes = 0
     original = loop.call_soon_threadsafe
 
     def counting(callback, *args):  # type: ignore[no-untyped-def]
-        nonlocal wakes
-        wakes += 1
+        on_wake()
         return original(callback, *args)
 
     loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
     try:
-        def worker() -> None:
-            for step in range(50):  # a burst: every handle gets a chunk per "step"
-                for handle in handles:
-                    handle._put(step)
-            for handle in handles:
-                handle._put(_END)
-
         thread = threading.Thread(target=worker)
         thread.start()
         received = [[item async for item in handle] for handle in handles]
         thread.join()
     finally:
         loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+    return received
+
+
+async def test_items_from_a_thread_arrive_in_order_with_one_wake_per_burst() -> None:
+    handles = [RequestHandle(f"r{i}", 1, lambda: None) for i in range(3)]
+    wakes: list[None] = []
+
+    def worker() -> None:
+        for step in range(50):  # a burst: every handle gets a chunk per "step"
+            for handle in handles:
+                handle._put(step)
+        for handle in handles:
+            handle._put(_END)
+
+    received = await received_from(handles, worker, lambda: wakes.append(None))
     assert received == [list(range(50))] * 3
-    assert 1 <= wakes < 50 * 3  # handles on one loop share wakes
+    assert 1 <= len(wakes) < 50 * 3  # handles on one loop share wakes
 
 
 async def test_items_put_together_wake_each_loop_once_when_the_block_ends() -> None:
-    loop = asyncio.get_running_loop()
     handles = [RequestHandle(f"r{i}", 1, lambda: None) for i in range(4)]
-    wakes: list[str] = []  # what the worker was doing at each wake
-    original = loop.call_soon_threadsafe
-
-    def counting(callback, *args):  # type: ignore[no-untyped-def]
-        wakes.append(doing[-1])
-        return original(callback, *args)
-
     doing = ["nothing"]
-    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
-    try:
-        def worker() -> None:
-            for step in range(3):
-                with delivered_together():
-                    doing.append(f"putting {step}")
-                    for handle in handles:
-                        handle._put(step)
-                        with delivered_together():  # nested: the outer block delivers
-                            handle._put(-step)
-                    doing.append(f"put {step}")
-            doing.append("ending")
-            for handle in handles:
-                handle._put(_END)  # outside a block: woken at once, as before
+    wakes: list[str] = []  # what the worker was doing at each wake
 
-        thread = threading.Thread(target=worker)
-        thread.start()
-        received = [[item async for item in handle] for handle in handles]
-        thread.join()
-    finally:
-        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+    def worker() -> None:
+        for step in range(3):
+            with delivered_together():
+                doing.append(f"putting {step}")
+                for handle in handles:
+                    handle._put(step)
+                    with delivered_together():  # nested: the outer block delivers
+                        handle._put(-step)
+                doing.append(f"put {step}")
+        doing.append("ending")
+        for handle in handles:
+            handle._put(_END)  # outside a block: woken at once, as before
+
+    received = await received_from(handles, worker, lambda: wakes.append(doing[-1]))
     assert received == [[0, 0, 1, -1, 2, -2]] * 4
     # A block wakes the loop once, after its last put, unless a wake is pending still; the
     # ends wake it at most once each.
