@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -76,7 +77,7 @@ from decoding.fast.model import FastDecoder
 
 RESULTS_JSON = "forward_ab.json"
 VARIANTS = ("default", "gather", "in-place", "store-apart", "sdpa")
-PROFILED_FORWARDS = 20
+PROFILED_FORWARDS = 100
 
 Profiles = dict[tuple[int, int], tuple[dict[str, Any], list[str]]]
 """(batch, width) -> (:func:`device_summary`, the profiler's tables)."""
@@ -197,24 +198,48 @@ def profile_forwards(
 
 def device_summary(events: Iterable[Any], forwards: int) -> dict[str, Any]:
     """Per forward, from the profiler's events of ``forwards`` forwards run back to back: the
-    device's events (kernels and copies: ``device_events``), the time the device ran one
+    device's events (kernels and copies: ``device_events``), the time the device ran them
     (``busy_ms``, overlaps counted once), and the time from the first one's start to the last
     one's end (``span_ms``). A span longer than the busy time is the device waiting between
-    kernels. All None without device events (a CPU run)."""
-    spans = sorted((event.time_range.start, event.time_range.end) for event in events
-                   if event.device_type == torch.autograd.DeviceType.CUDA)
+    kernels. All None without device events (a CPU run).
+
+    Each replay begins with the copy of its inputs to the device (``Memcpy HtoD``), so the
+    events are split into forwards there, and each figure is the median over the second half
+    of the forwards seen (``forwards_seen``): CUPTI from CUDA 12.6 Update 2 to 13.0 can drop
+    the first records of a profiling session (pytorch/pytorch#192021) or stamp a record 0,
+    and such records are left out (as are records before the first copy, which belong to no
+    forward seen). Without those copies, the totals over ``forwards``."""
+    spans = sorted(
+        (event.time_range.start, event.time_range.end, str(event.name)) for event in events
+        if event.device_type == torch.autograd.DeviceType.CUDA
+        and 0 < event.time_range.start <= event.time_range.end
+    )
     if not spans:
-        return {"forwards": forwards, "device_events": None, "busy_ms": None, "span_ms": None}
-    busy, reach = 0.0, spans[0][0]  # microseconds; reach: how far the device has been busy
-    for start, end in spans:
-        busy += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
+        return {"forwards": forwards, "forwards_seen": None, "device_events": None,
+                "busy_ms": None, "span_ms": None}
+    starts = [i for i, (_, _, name) in enumerate(spans) if name.startswith("Memcpy HtoD")]
+    if not starts:
+        count, busy, span = _busy(spans)
+        return {"forwards": forwards, "forwards_seen": None, "device_events": count / forwards,
+                "busy_ms": busy / 1000 / forwards, "span_ms": span / 1000 / forwards}
+    groups = [spans[a:b] for a, b in zip(starts, [*starts[1:], len(spans)], strict=True)]
+    kept = [_busy(group) for group in groups[len(groups) // 2:]]
     return {
         "forwards": forwards,
-        "device_events": len(spans) / forwards,
-        "busy_ms": busy / 1000 / forwards,
-        "span_ms": (reach - spans[0][0]) / 1000 / forwards,
+        "forwards_seen": len(groups),
+        "device_events": statistics.median(count for count, _, _ in kept),
+        "busy_ms": statistics.median(busy for _, busy, _ in kept) / 1000,
+        "span_ms": statistics.median(span for _, _, span in kept) / 1000,
     }
+
+
+def _busy(spans: Sequence[tuple[float, float, str]]) -> tuple[int, float, float]:
+    """Events, busy time and span (µs) of time-sorted device events."""
+    busy, reach = 0.0, spans[0][0]  # reach: how far the device has been busy
+    for start, end, _ in spans:
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return len(spans), busy, reach - spans[0][0]
 
 
 def bench_model(

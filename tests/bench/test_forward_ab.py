@@ -131,8 +131,8 @@ def test_profiled_shapes_are_written_for_each_variant_and_only_those(tmp_path: P
         name = f"profile_tiny-s_{variant}_b4w1.txt"
         # No device here: the summary says so, and the tables are the host's operators.
         assert four["profile"] == {"forwards": forward_ab.PROFILED_FORWARDS,
-                                   "device_events": None, "busy_ms": None, "span_ms": None,
-                                   "file": name}
+                                   "forwards_seen": None, "device_events": None,
+                                   "busy_ms": None, "span_ms": None, "file": name}
         text = (tmp_path / name).read_text()
         assert text.startswith(f"tiny-s {variant}, batch 4, width 1: ")
         assert "aten::" in text
@@ -140,21 +140,48 @@ def test_profiled_shapes_are_written_for_each_variant_and_only_those(tmp_path: P
         f"profile_tiny-s_{variant}_b4w1.txt" for variant in variants)
 
 
+def device_event(start: float, end: float, name: str = "kernel",
+                 device: torch.autograd.DeviceType = torch.autograd.DeviceType.CUDA) -> object:
+    return types.SimpleNamespace(device_type=device, name=name,
+                                 time_range=types.SimpleNamespace(start=start, end=end))
+
+
 def test_the_device_summary_counts_each_device_event_and_idle_time_between() -> None:
-    """Per forward: device events, the time the device ran one (overlaps once) and the time
-    from the first start to the last end; the host's events are not counted."""
-    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-
-    def event(device: torch.autograd.DeviceType, start: float, end: float) -> object:
-        return types.SimpleNamespace(device_type=device,
-                                     time_range=types.SimpleNamespace(start=start, end=end))
-
-    events = [event(cuda, 100.0, 110.0), event(cpu, 0.0, 1000.0), event(cuda, 105.0, 120.0),
-              event(cuda, 150.0, 160.0), event(cuda, 152.0, 155.0)]
+    """Without input copies to split at: per forward, over the totals, device events, the
+    time the device ran one (overlaps once) and the time from the first start to the last
+    end; the host's events and records stamped 0 or ending before they start are left out."""
+    cpu = torch.autograd.DeviceType.CPU
+    events = [device_event(100.0, 110.0), device_event(0.0, 1000.0, device=cpu),
+              device_event(105.0, 120.0), device_event(150.0, 160.0),
+              device_event(152.0, 155.0), device_event(0.0, 5.0), device_event(170.0, 90.0)]
     # Busy 100-120 and 150-160 (30 µs), span 100-160 (60 µs), over 2 forwards.
     assert forward_ab.device_summary(events, 2) == {
-        "forwards": 2, "device_events": 2.0, "busy_ms": 0.015, "span_ms": 0.03}
+        "forwards": 2, "forwards_seen": None, "device_events": 2.0, "busy_ms": 0.015,
+        "span_ms": 0.03}
     assert forward_ab.device_summary(events[1:2], 2)["device_events"] is None
+
+
+def test_the_device_summary_splits_forwards_at_their_input_copies() -> None:
+    """Each replay starts with its input copy: the figures are medians over the second half of
+    the forwards seen, so records dropped at a session's start (CUPTI) do not skew them."""
+    def forward(at: float, kernels: int, gap: float) -> list[object]:
+        out = [device_event(at, at + 1.0, "Memcpy HtoD (Pinned -> Device)")]
+        for k in range(kernels):
+            begin = at + 1.0 + k * (2.0 + gap)
+            out.append(device_event(begin, begin + 2.0))
+        return out
+
+    events = [e for i in range(10) for e in forward(1000.0 * (i + 1), 10, 0.5)]
+    whole = forward_ab.device_summary(events, 10)
+    # 11 events a forward, busy 1 + 10 x 2 µs, span from the copy to the last kernel's end.
+    assert whole == {"forwards": 10, "forwards_seen": 10, "device_events": 11,
+                     "busy_ms": 0.021, "span_ms": 0.0255}
+    # The session's first 25 records lost: two forwards and the third's copy are missing (the
+    # rest of the third belongs to no forward seen), and the kept half is whole. A late forward
+    # slower than the others moves a median, not a mean.
+    slow = [e for i in range(10) for e in forward(1000.0 * (i + 1), 10, 5.0 if i == 9 else 0.5)]
+    assert forward_ab.device_summary(events[25:], 10) == {**whole, "forwards_seen": 7}
+    assert forward_ab.device_summary(slow, 10)["span_ms"] == 0.0255
 
 
 def test_profile_shapes_are_batch_x_width() -> None:
