@@ -123,3 +123,18 @@ def test_a_finished_loop_is_not_kept_alive_by_its_mailbox() -> None:
     gc.collect()
     assert [ref() for ref in loops] == [None] * 5
     assert not any(ref() in _MAILBOXES for ref in loops)
+
+
+async def test_items_put_after_a_delivery_arrive_too() -> None:
+    """The mailbox schedules a new delivery for items put after the last one ran (a mailbox
+    that never did passed the burst tests above; the engine's tests then hung)."""
+    handle = RequestHandle("r", 1, lambda: None)
+    for step in range(3):  # one item per burst, each put after the last was delivered
+        thread = threading.Thread(target=handle._put, args=(step,))
+        thread.start()
+        thread.join()
+        assert await asyncio.wait_for(handle.__anext__(), timeout=5) == step
+    thread = threading.Thread(target=handle._put, args=(_END,))
+    thread.start()
+    thread.join()
+    assert [item async for item in handle] == []
