@@ -51,10 +51,10 @@ _held = threading.local()
 def delivered_together() -> Iterator[None]:
     """What this thread puts inside it reaches each event loop in one callback, scheduled
     when it ends. Without it each put wakes its loop unless a wake is already pending, and the
-    loop, woken, takes the GIL and delivers while the worker is still putting. A batched step
-    of 16 requests on the tiny test models (this 2-core VM, ad hoc) spent 45-65 µs a step in
-    the puts on an idle machine and 17-21 µs so; with two other processes busy beside it the
-    loop woke 8-9 times a step and the puts took 1.5 ms of a 5 ms step, then 18 µs."""
+    loop, woken, takes the GIL and delivers while the worker is still putting: a batched step of
+    16 requests woke it up to 16 times, now once. On an idle 2-core VM that saved no time (the
+    tiny test models: 42-45 µs a step in the puts before, 49-56 µs in the puts and the wake at
+    the block's end after; bench/RESULTS.md, 15th session)."""
     if getattr(_held, "mailboxes", None) is not None:  # nested: the outer one delivers
         yield
         return
