@@ -368,7 +368,8 @@ def format_table(results: dict[str, Any]) -> str:
                         f"  profiled {variant} b{row['batch']} w{row['width']}: "
                         f"{summary['device_events']:.0f} device events, busy "
                         f"{summary['busy_ms']:.3f} ms, span {summary['span_ms']:.3f} ms "
-                        "per forward")
+                        f"per forward ({summary.get('forwards_seen')} of "
+                        f"{summary['forwards']} forwards seen)")
         lines.append("")
     return "\n".join(lines)
 

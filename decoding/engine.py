@@ -497,7 +497,9 @@ class Engine:
         Its caches and its place are given back before the item goes out, so a caller that
         has read its last chunk never finds itself still counted (and a call it makes next
         refused), and in the same step, so a drain that sees no request running has every
-        last item already on its way."""
+        last item already put (in a batched round, held until the round ends: see
+        :func:`~decoding.handle.delivered_together`; the server's drain also waits for its
+        calls to end)."""
         running.finished = True
         running.ready = False
         if running.state is not None:

@@ -108,7 +108,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         log.log(level, "unauthenticated call refused: %s", details,
                 extra={"method": method, "request_id": request_id})
         if self._on_refused is not None:
-            self._on_refused(method)
+            try:
+                self._on_refused(method)
+            except Exception:  # counting it must not turn the refusal into UNKNOWN
+                log.warning("counting a refused call failed", exc_info=True)
         return _denial(details, request_id)
 
     @staticmethod

@@ -151,6 +151,35 @@ async def test_token_from_file(same_pair, token_file, monkeypatch, caplog) -> No
     assert "unauthenticated call refused" in caplog.text
 
 
+async def test_a_refusal_stays_unauthenticated_when_counting_it_fails(
+    same_pair, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+
+    class Failing:  # an observer whose count of refusals raises
+        interceptors = ()
+
+        def call_started(self, record) -> None:
+            pass
+
+        def call_finished(self, record) -> None:
+            pass
+
+        def call_refused(self, method, code) -> None:
+            raise RuntimeError("metrics backend down")
+
+    served = await serve(make_engine(same_pair, default_max_new_tokens=4),
+                         telemetry=Failing())  # type: ignore[arg-type]
+    try:
+        err = await unary_error(served.stub.Generate(request(), timeout=CALL_TIMEOUT))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "metrics backend down" not in err.details()
+        assert "counting a refused call failed" in caplog.text
+    finally:
+        await served.channel.close()
+        await served.running.shutdown(grace=0)
+
+
 async def test_token_from_environment(same_pair, monkeypatch) -> None:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     async with running(same_pair) as s:
