@@ -253,6 +253,25 @@ async def test_a_batched_steps_chunks_reach_their_callers_together(
     before_steps(monkeypatch, lambda states: held.append(
         getattr(handle._held, "mailboxes", None) is not None))
     engine = make_engine(same_pair, fast_path="on", max_concurrent_requests=4)
+    rounds = 0
+    step_batch = engine.stepper.step_batch
+
+    def counted(ready):  # type: ignore[no-untyped-def]
+        nonlocal rounds
+        rounds += 1  # called once in every batched round
+        return step_batch(ready)
+
+    monkeypatch.setattr(engine.stepper, "step_batch", counted)
+    loop = asyncio.get_running_loop()
+    wakes = 0
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def woken(callback, *args):  # type: ignore[no-untyped-def]
+        nonlocal wakes
+        wakes += 1
+        return call_soon_threadsafe(callback, *args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", woken)
     try:
         outputs = await asyncio.gather(*(
             collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=16,
@@ -260,6 +279,7 @@ async def test_a_batched_steps_chunks_reach_their_callers_together(
     finally:
         engine.close()
     assert held and all(held)
+    assert 0 < wakes <= rounds  # at most one per round, for its four requests' chunks
     assert len({tuple(ids_of(chunks)) for chunks in outputs}) == 1
     assert len(ids_of(outputs[0])) == 16
 
