@@ -1,0 +1,79 @@
+"""Edges of decoding.validation.prepare the suite leaves open (plain tests, no fixtures)."""
+
+from __future__ import annotations
+
+import pytest
+
+from decoding.errors import InvalidRequestError
+from decoding.params import ChatMessage, GenerationRequest, SpeculationParams
+from decoding.validation import MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS, Limits, prepare
+
+LIMITS = Limits(vocab_size=400, context_window=256, max_speculative_tokens=8,
+                default_max_new_tokens=8, max_new_tokens_limit=64, max_stop_strings=4,
+                max_stop_string_length=10)
+
+
+def req(**fields) -> GenerationRequest:
+    fields.setdefault("prompt_token_ids", (1,))
+    return GenerationRequest(request_id="r", **fields)
+
+
+def refused(field: str, **fields) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        prepare(req(**fields), None, LIMITS)
+    assert err.value.field == field
+
+
+def test_gamma_may_equal_the_maximum() -> None:
+    prepare(req(speculation=SpeculationParams(num_speculative_tokens=8)), None, LIMITS)
+    refused("speculation.num_speculative_tokens",
+            speculation=SpeculationParams(num_speculative_tokens=9))
+
+
+def test_max_new_tokens_may_fill_exactly_the_room_left() -> None:
+    ids = (1,) * 200  # room = 56
+    assert prepare(req(prompt_token_ids=ids, max_new_tokens=56), None, LIMITS).max_new_tokens == 56
+    refused("max_new_tokens", prompt_token_ids=ids, max_new_tokens=57)
+
+
+def test_stop_string_length_limit_is_inclusive() -> None:
+    prepare(req(stop=("x" * 10,)), None, LIMITS)
+    refused("stop[0]", stop=("x" * 11,))
+
+
+def test_negative_top_logprobs_is_refused() -> None:
+    prepare(req(logprobs=True, top_logprobs=MAX_TOP_LOGPROBS), None, LIMITS)
+    refused("top_logprobs", logprobs=True, top_logprobs=-1)
+
+
+def test_stop_token_id_count_limit() -> None:
+    prepare(req(stop_token_ids=(1,) * MAX_STOP_TOKEN_IDS), None, LIMITS)
+    refused("stop_token_ids", stop_token_ids=(1,) * (MAX_STOP_TOKEN_IDS + 1))
+
+
+def test_stop_token_ids_run_to_vocab_size_minus_one() -> None:
+    prepare(req(stop_token_ids=(399,)), None, LIMITS)
+    refused("stop_token_ids[1]", stop_token_ids=(3, 400))
+    refused("stop_token_ids[0]", stop_token_ids=(-1,))
+
+
+def test_negative_prompt_token_id_is_refused() -> None:
+    refused("prompt_token_ids[1]", prompt_token_ids=(1, -1))
+
+
+class RejectingTemplate:
+    def apply_chat_template(self, *args, **kwargs):
+        raise ValueError("Conversation roles must alternate user/assistant")
+
+
+def test_a_template_refusal_is_an_invalid_request_naming_messages() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        prepare(GenerationRequest(request_id="r", messages=(ChatMessage("assistant", "hi"),)),
+                RejectingTemplate(), LIMITS)
+    assert err.value.field == "messages"
+
+
+def test_empty_messages_is_refused_before_the_template() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        prepare(GenerationRequest(request_id="r", messages=()), RejectingTemplate(), LIMITS)
+    assert err.value.field == "messages" and "at least one" in err.value.message

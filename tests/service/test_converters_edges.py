@@ -1,0 +1,52 @@
+"""service.converters: proto presence, request_id bounds, deadline, finish reasons, usage."""
+
+from __future__ import annotations
+
+import time
+
+from decoding.params import Chunk, FinishReason, Usage
+from service import converters
+from service._proto.tandem.v1 import generation_pb2 as pb
+
+
+def test_gamma_zero_sent_is_kept_and_unset_is_none() -> None:
+    sent = pb.GenerateRequest(prompt="x")
+    sent.speculation.num_speculative_tokens = 0
+    assert converters.to_request(sent, "r", None).speculation.num_speculative_tokens == 0
+    unset = converters.to_request(pb.GenerateRequest(prompt="x"), "r", None)
+    assert unset.speculation.num_speculative_tokens is None
+
+
+def test_request_id_bounds() -> None:
+    assert converters.valid_request_id("a" * converters.MAX_REQUEST_ID_LENGTH)
+    assert not converters.valid_request_id("a" * (converters.MAX_REQUEST_ID_LENGTH + 1))
+    assert converters.valid_request_id(" ~")
+    assert not converters.valid_request_id("a\x7f")  # DEL is not printable
+
+
+def test_deadline_is_now_plus_time_remaining() -> None:
+    before = time.monotonic()
+    request = converters.to_request(pb.GenerateRequest(prompt="x"), "r", 5.0)
+    assert request.deadline is not None
+    assert before + 5.0 <= request.deadline <= time.monotonic() + 5.0
+    assert converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).deadline is None
+
+
+def test_each_finish_reason_maps_to_its_own_proto_value() -> None:
+    expected = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+                FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.EOS: pb.FINISH_REASON_EOS}
+    for reason, value in expected.items():
+        chunk = Chunk(token_ids=(1,), text="a", finish_reason=reason)
+        assert converters.to_stream_response("r", chunk).finish_reason == value
+        assert converters.to_response("r", [chunk]).finish_reason == value
+
+
+def test_usage_carries_every_field() -> None:
+    usage = Usage(prompt_tokens=3, completion_tokens=4, draft_tokens=6, accepted_draft_tokens=3,
+                  target_forward_passes=2, accepted_by_position=[2, 1], drafted_by_position=[3, 3])
+    out = converters.to_usage(usage)
+    assert (out.prompt_tokens, out.completion_tokens, out.draft_tokens,
+            out.accepted_draft_tokens, out.target_forward_passes) == (3, 4, 6, 3, 2)
+    assert list(out.accepted_by_position) == [2, 1]
+    assert list(out.drafted_by_position) == [3, 3]
+    assert abs(out.acceptance_rate - 0.5) < 1e-6
