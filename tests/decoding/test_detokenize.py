@@ -111,3 +111,29 @@ def test_several_incomplete_bytes_are_all_held_back() -> None:
     deltas.append(detokenizer.delta(final=True))
     assert all(REPLACEMENT not in delta for delta in deltas), deltas
     assert "".join(deltas) == "a🙂b"
+
+
+def sentencepiece_like() -> PreTrainedTokenizerFast:
+    """Llama's decoder: '▁' -> ' ', then the first leading space stripped, so a token decodes
+    differently alone ('b') than after its left neighbour (' b')."""
+    vocab = {"<unk>": 0, "▁a": 1, "▁b": 2, "▁c": 3, "d": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def test_leading_spaces_survive_the_window() -> None:
+    """The window keeps a left neighbour, so ' b' after 'a' is not decoded as 'b' alone."""
+    tokenizer = sentencepiece_like()
+    ids = [1, 2, 4, 3, 2]
+    assert tokenizer.decode(ids) == "a bd c b"
+    assert "".join(stream(tokenizer, ids)) == "a bd c b"
+
+
+def test_special_tokens_are_left_out_of_the_text(tokenizer) -> None:
+    ids = [*tokenizer.encode("hi", add_special_tokens=False), tokenizer.eos_token_id]
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    for token in ids:
+        detokenizer.add(token)
+    assert detokenizer.delta(final=True) == "hi" == detokenizer.text
