@@ -1,4 +1,5 @@
-"""Edges of decoding.validation.prepare the suite leaves open (plain tests, no fixtures)."""
+"""decoding.validation.prepare at its edges: each limit accepted at it and refused one past it,
+naming the field; a chat template's refusal and empty messages."""
 
 from __future__ import annotations
 
