@@ -71,6 +71,9 @@ class EngineConfig:
     # Fuse each layer's elementwise parts with torch.compile on the fast path (None: on CUDA,
     # where CUDA graphs replay them; a CPU forward is bound by reading weights, not launches).
     compile: bool | None = None
+    # How the fast path attends: "matmul", "sdpa" or "flex" (FlexAttention, compiled; not yet
+    # timed on a GPU); None: "matmul" on CUDA, "sdpa" elsewhere.
+    attention: str | None = None
     # Prompt tokens prefilled per request per scheduling round; a longer prompt is prefilled over
     # several rounds, between which the running requests take their steps (0 = all at once).
     prefill_chunk: int = 512
@@ -144,12 +147,14 @@ class Engine:
                 pair.target.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,
                 graph_batch_sizes=batches, graph_widths=verify_widths,
                 graph_last_only_widths=GRAPH_LAST_ONLY_WIDTHS, compile=compile_,
+                attention=config.attention,
             )
             self.draft = StaticRunner(
                 pair.draft.model, config.max_concurrent_requests, slot_len, cuda_graphs=graphs,
                 graph_batch_sizes=batches, graph_widths=(1, 2),
                 graph_catch_up_widths=(4, 8, 16, 32),
                 graph_last_only_widths=GRAPH_LAST_ONLY_WIDTHS, compile=compile_,
+                attention=config.attention,
             )
         else:
             self.target = ModelRunner(pair.target.model)

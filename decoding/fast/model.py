@@ -6,8 +6,9 @@ more copy of them; see :class:`Linear`). Build it once the model is on its devic
 dtype: the device, the dtype and the rotary frequencies are fixed then. The structure follows
 gpt-fast's ``model.py``: K/V written into a preallocated buffer by position, attention with a
 mask built from positions (one ``scaled_dot_product_attention`` call, or on CUDA two matrix
-products around a masked softmax). Every operation mirrors transformers' Qwen2/Llama modules
-in the same order and dtypes, so float32 logits agree with theirs to rounding.
+products around a masked softmax, or on request FlexAttention over a block mask). Every
+operation mirrors transformers' Qwen2/Llama modules in the same order and dtypes, so float32
+logits agree with theirs to rounding.
 
 Rows of one batch may start at different positions (ragged). Rows with fewer real tokens than
 the batch width are padded at the end by the caller: their padding writes K/V at positions
@@ -370,6 +371,83 @@ def _matmul_attention(
     return torch.matmul(masked_softmax(scores, mask, query.shape[-1] ** -0.5), values)
 
 
+ATTENTIONS = ("matmul", "sdpa", "flex")
+"""How :class:`FastDecoder` attends: :func:`_matmul_attention`, one
+``scaled_dot_product_attention`` call, or :func:`_flex_attention`."""
+
+FLEX_BLOCK = 128
+"""FlexAttention's tile, for queries and keys alike (its default): the block mask gives each
+tile of 128 stacked queries the tiles of key positions up to the last position one of them
+attends, and the mask function masks within a tile."""
+
+
+def _flex_blocks(
+    positions: torch.Tensor, key_positions: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A FlexAttention block mask's parts, shared by every layer of one forward, from each
+    row's positions [B, T] (a row of -1 attends nothing) and the attended positions
+    ``key_positions`` [kv_len] (given as a size that varies, see :func:`_placement`): the
+    position of each of the G*T stacked queries (g-major, as :func:`_split_rotate` stacks
+    them), [B, G*T]; for each tile of 128 of them, how many key tiles it reads, [B, 1, Q]
+    int32, and which, [B, 1, Q, K] int32: the first ones, up to the tile holding the latest
+    position one of its queries attends."""
+    batch, width = positions.shape
+    rows = group * width
+    q_tiles = -(-rows // FLEX_BLOCK)
+    kv_tiles = -(-key_positions.shape[0] // FLEX_BLOCK)
+    stacked = positions.repeat(1, group)
+    latest = F.pad(stacked, (0, q_tiles * FLEX_BLOCK - rows), value=-1).view(
+        batch, q_tiles, FLEX_BLOCK).amax(dim=-1)
+    tiles = (latest // FLEX_BLOCK + 1).clamp(max=kv_tiles)  # -1 reads none
+    indices = torch.arange(kv_tiles, device=positions.device, dtype=torch.int32)
+    return (stacked, tiles[:, None].to(torch.int32),
+            indices.expand(batch, 1, q_tiles, kv_tiles).contiguous())
+
+
+def _flex_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    tiles: torch.Tensor,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """Attention as one FlexAttention call: the stacked queries [B, Hkv, G*T, D] at
+    ``positions`` [B, G*T] (a row of -1 gives zeros) against K and V [B, Hkv, kv_len, D], the
+    key tiles from :func:`_flex_blocks`. The G query heads of a KV head stay stacked along the
+    query axis, not given as GQA heads: FlexAttention's decoding kernel, which splits a long
+    cache among thread blocks, takes GQA only where G is a power of two (Qwen2.5's G are 6
+    and 7), and otherwise runs its general kernel, one thread block per query head and tile.
+    Uncompiled it is PyTorch's unfused reference; compiled, a generated kernel."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    def attends(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> torch.Tensor:
+        return k <= positions[b, q]
+
+    block_mask = BlockMask.from_kv_blocks(
+        tiles, indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=attends,
+        seq_lengths=(query.shape[2], keys.shape[2]), compute_q_blocks=False,
+    )
+    out = flex_attention(query, keys, values, block_mask=block_mask,
+                         scale=query.shape[-1] ** -0.5)
+    assert isinstance(out, torch.Tensor)  # without return_lse
+    return out
+
+
+def flex_available() -> str | None:
+    """Why this PyTorch cannot run :func:`_flex_attention`, or None where it can."""
+    try:
+        import inspect
+
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError as exc:
+        return f"FlexAttention is missing: {exc}"
+    if "compute_q_blocks" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        return f"PyTorch {torch.__version__}'s BlockMask.from_kv_blocks lacks compute_q_blocks"
+    return None
+
+
 def _vary(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
     """Mark ``tensor``'s ``dims`` as sizes that vary from call to call, for torch.compile."""
     for dim in dims:
@@ -389,6 +467,8 @@ class _Pointwise:
     silu_mul: Callable[..., torch.Tensor]
     masked_softmax: Callable[..., torch.Tensor]
     placement: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    flex_blocks: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    flex_attention: Callable[..., torch.Tensor]
     rotate_store: Callable[..., torch.Tensor] | None = None
     """Compiled only: :func:`_rotate_store`. Eager, the K and V are written by
     :meth:`_Placement.write`, which writes a row known on the host through a view."""
@@ -396,7 +476,8 @@ class _Pointwise:
     @classmethod
     def eager(cls) -> _Pointwise:
         return cls(
-            _rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax, _placement
+            _rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax, _placement,
+            _flex_blocks, _flex_attention,
         )
 
     @classmethod
@@ -423,10 +504,11 @@ class _Pointwise:
         def compile_(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
-        rms_norm, add_rms_norm, split_rotate, silu_mul, masked_softmax, placement, store = (
+        (rms_norm, add_rms_norm, split_rotate, silu_mul, masked_softmax, placement, blocks,
+         flex, store) = (
             compile_(fn) for fn in (
                 _rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax, _placement,
-                _rotate_store,
+                _flex_blocks, _flex_attention, _rotate_store,
             )
         )
         return cls(
@@ -441,6 +523,12 @@ class _Pointwise:
             placement=lambda starts, inv_freq, offsets, key_positions, group, dtype: placement(
                 _vary(starts, 0), inv_freq, _vary(offsets, 0), _vary(key_positions, 0), group,
                 dtype),
+            flex_blocks=lambda positions, key_positions, group: blocks(
+                _vary(positions, 0, 1), _vary(key_positions, 0), group),
+            # The batch stays a constant here: FlexAttention's decoding kernel needs it to be.
+            flex_attention=lambda query, keys, values, positions, tiles, indices: flex(
+                _vary(query, 2), _vary(keys, 2), _vary(values, 2), _vary(positions, 1),
+                _vary(tiles, 2), _vary(indices, 2, 3)),
             rotate_store=(
                 lambda qkv, cos, sin, buffer, slots, positions, heads, kv_heads, dim: store(
                     _vary(qkv, 0, 1), _vary(cos, 0, 1), _vary(sin, 0, 1), buffer,
@@ -450,7 +538,8 @@ class _Pointwise:
 
     def smoke_test(self, device: torch.device, dtype: torch.dtype) -> None:
         """Run each function once on small inputs (compiling them, when compiled): raises
-        here, at start-up, if this machine cannot compile them."""
+        here, at start-up, if this machine cannot compile them. Not the FlexAttention ones
+        (see :meth:`smoke_test_flex`)."""
         # Made as a cache's positions are, outside inference mode: the same compiled entry.
         positions = torch.arange(8, device=device)
         with torch.inference_mode():
@@ -471,6 +560,18 @@ class _Pointwise:
             starts = torch.zeros(2, dtype=torch.long, device=device)
             self.placement(starts, torch.ones(2, device=device), positions[:1], positions, 2,
                            dtype)
+
+    def smoke_test_flex(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Run the FlexAttention functions on one row and on two, one token and two (on this
+        project's CPU, torch 2.13's inductor generates C++ for one row with a varying query
+        length that does not compile)."""
+        positions = torch.arange(8, device=device)
+        with torch.inference_mode():
+            keys = torch.ones(2, 1, 8, 4, device=device, dtype=dtype)
+            for batch, width in ((1, 1), (1, 2), (2, 1), (2, 2)):
+                blocks = self.flex_blocks(positions[:batch, None] + positions[:width], positions, 2)
+                query = torch.ones(batch, 1, 2 * width, 4, device=device, dtype=dtype)
+                self.flex_attention(query, keys[:batch], keys[:batch], *blocks)
 
 
 DIRECT_READ_FACTOR = 3
@@ -539,7 +640,7 @@ class FastDecoder:
         model: PreTrainedModel,
         pack_weights: bool | None = None,
         compile: bool = False,
-        matmul_attention: bool | None = None,
+        attention: str | None = None,
         pad_rows: bool = True,
     ) -> None:
         """``pack_weights``: prepack the linear weights for oneDNN (see :class:`Linear`); None
@@ -549,8 +650,10 @@ class FastDecoder:
         ``compile``: fuse the elementwise parts of each layer with
         ``torch.compile`` (for GPUs; compiling happens at each new shape's first call, so warm
         up before timing or capturing graphs).
-        ``matmul_attention``: attention as :func:`_matmul_attention` rather than one
-        ``scaled_dot_product_attention`` call; None means on CUDA."""
+        ``attention``: one of :data:`ATTENTIONS`, "matmul" (:func:`_matmul_attention`), "sdpa"
+        (one ``scaled_dot_product_attention`` call) or "flex" (:func:`_flex_attention`, meant
+        compiled: uncompiled it is PyTorch's slow reference); None means "matmul" on CUDA and
+        "sdpa" elsewhere."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise NotImplementedError(f"FastDecoder cannot run this model: {reason}")
@@ -564,9 +667,13 @@ class FastDecoder:
         self.eps: float = config.rms_norm_eps
         self.device = model.device
         self.dtype = model.dtype
-        if matmul_attention is None:
-            matmul_attention = self.device.type == "cuda"
-        self.matmul_attention = matmul_attention
+        if attention is None:
+            attention = "matmul" if self.device.type == "cuda" else "sdpa"
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        if attention == "flex" and (reason := flex_available()) is not None:
+            raise NotImplementedError(reason)
+        self.attention = attention
         if pack_weights is None:
             pack_weights = can_pack_weights(self.device, self.dtype)
         self.packed_weights = pack_weights
@@ -585,6 +692,13 @@ class FastDecoder:
                         ", so K and V are stored by a kernel of their own" if fused_store
                         else ", so the fast path runs eagerly"), exc)
         self.compiled = self.pointwise.rms_norm is not _rms_norm
+        if self.compiled and attention == "flex":
+            try:
+                self.pointwise.smoke_test_flex(self.device, self.dtype)
+            except Exception as exc:  # any failure to compile
+                log.warning("torch.compile failed here for FlexAttention, so attention runs as "
+                            "two matrix products: %r", exc)
+                self.attend_by_matmul()
 
         def linear(*modules: torch.nn.Module) -> Linear:
             if len(modules) == 1:
@@ -625,6 +739,11 @@ class FastDecoder:
         """Store each layer's K/V with a kernel of its own from now on, the rest still
         compiled (after a failure that may have been the fused store's)."""
         self.pointwise = dataclasses.replace(self.pointwise, rotate_store=None)
+
+    def attend_by_matmul(self) -> None:
+        """Attend as two matrix products from now on (after a failure that may have been
+        FlexAttention's)."""
+        self.attention = "matmul"
 
     def run_eagerly(self) -> None:
         """Run the elementwise functions uncompiled from now on (after a failure that may
@@ -699,15 +818,23 @@ class FastDecoder:
             slots, positions, host_row,
             _direct_read(len(slots), width, cache.num_slots, host_row),
         )
-        if place.direct:  # each slot's mask, where the batch's rows are; elsewhere position 0
-            mask = (cache.positions[:kv_len] == 0).expand(
+        attend: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor] = mask
+        if self.attention == "flex":  # each row's positions and its key tiles
+            rows = positions
+            if place.direct:  # every slot's; -1 (nothing attended) where no row of the batch is
+                rows = positions.new_full((cache.num_slots, width), -1).index_copy(
+                    0, slots, positions)
+            attend = ops.flex_blocks(
+                rows, cache.positions[:kv_len], self.num_heads // self.num_kv_heads)
+        elif place.direct:  # each slot's mask, where the batch's rows are; elsewhere position 0
+            attend = (cache.positions[:kv_len] == 0).expand(
                 cache.num_slots, *mask.shape[1:]).index_copy(0, slots, mask)
         # The residual stream is [N = B*T, hidden]: the elementwise functions then see one
         # size that varies (1 or more), not two, which halves torch.compile's specialisations.
         x = F.embedding(tokens.reshape(-1), self.embed)  # [N, hidden]
         normed = ops.rms_norm(x, self.layers[0].input_norm, self.eps)
         for index, layer in enumerate(self.layers):
-            attended = self._attention(index, layer, normed, rotary, place, mask, cache)
+            attended = self._attention(index, layer, normed, rotary, place, attend, cache, kv_len)
             x, normed = ops.add_rms_norm(x, attended, layer.post_norm, self.eps)
             out = layer.down(ops.silu_mul(layer.gate_up(normed)))
             last = index + 1 == self.num_layers
@@ -722,11 +849,13 @@ class FastDecoder:
         x: torch.Tensor,  # [N = B*T, hidden], normed
         rotary: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [B, T, 1, D]
         place: _Placement,
-        mask: torch.Tensor,  # [B, or S if direct, 1, G*T, kv_len] bool, True = attend
+        # [B, or S if direct, 1, G*T, kv_len] bool, True = attend; for FlexAttention the
+        # stacked queries' positions [B or S, G*T] and the key tiles (see _flex_blocks)
+        attend: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         cache: StaticKVCache,
+        kv_len: int,
     ) -> torch.Tensor:
         batch, width = place.positions.shape
-        kv_len = mask.shape[-1]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         # GQA: the G query heads of one KV head are stacked along the query axis.
         qkv = layer.qkv(x).reshape(batch, width, -1)
@@ -745,12 +874,12 @@ class FastDecoder:
             stacked = stacked.new_zeros((cache.num_slots, *stacked.shape[1:])).index_copy_(
                 0, place.slots, stacked)
 
-        if self.matmul_attention:
-            out = _matmul_attention(
-                stacked, row_keys, row_values, mask, self.pointwise.masked_softmax
-            )
+        if isinstance(attend, tuple):
+            out = ops.flex_attention(stacked, row_keys, row_values, *attend)
+        elif self.attention == "matmul":
+            out = _matmul_attention(stacked, row_keys, row_values, attend, ops.masked_softmax)
         else:
-            out = F.scaled_dot_product_attention(stacked, row_keys, row_values, attn_mask=mask)
+            out = F.scaled_dot_product_attention(stacked, row_keys, row_values, attn_mask=attend)
         if place.direct:
             out = out.index_select(0, place.slots)
         # [B, Hkv, G*T, D] is [B, H, T, D] with h = kv * G + g; back to [B, T, H, D].

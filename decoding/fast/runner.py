@@ -64,7 +64,7 @@ class StaticRunner:
     only each row's last logits (see :class:`~decoding.fast.graphs.DecodeGraphs`), which take
     forwards that want no more and are wider than every other graph (prefills, catch-ups),
     where they would otherwise run eagerly or as several replays.
-    ``pack_weights``, ``compile`` and ``matmul_attention`` go to
+    ``pack_weights``, ``compile`` and ``attention`` go to
     :class:`~decoding.fast.model.FastDecoder`.
     """
 
@@ -81,12 +81,10 @@ class StaticRunner:
         graph_last_only_widths: Sequence[int] = (),
         pack_weights: bool | None = None,
         compile: bool = False,
-        matmul_attention: bool | None = None,
+        attention: str | None = None,
     ) -> None:
         self.model = model
-        self.decoder = FastDecoder(
-            model, pack_weights, compile=compile, matmul_attention=matmul_attention
-        )
+        self.decoder = FastDecoder(model, pack_weights, compile=compile, attention=attention)
         self.device = self.decoder.device
         # One extra slot for the padding rows of graphed batches.
         self.cache = self.decoder.new_cache(num_slots + int(cuda_graphs), max_len)
@@ -122,31 +120,33 @@ class StaticRunner:
     def _capture_graphs(self, capture: Callable[[], DecodeGraphs]) -> DecodeGraphs | None:
         """``capture()``'s graphs; where it fails, without them. Capturing is the first call
         of the compiled functions at the real shapes, so a failure may be theirs, and an eager
-        forward would call them too: where the decoder is compiled, it then stores K/V apart
-        (the one compiled function that writes into the cache) and capturing is tried again;
-        where that fails too, it runs eagerly and capturing is tried once more. What failed is
-        kept in ``graph_failure``."""
+        forward would call them too. So, where it fails, the newest thing that could have
+        failed is given up and capturing is tried again, one at a time: FlexAttention (for the
+        two matrix products), then the K/V store compiled into the rotation (the one compiled
+        function that writes into the cache), then compiling at all. What failed is kept in
+        ``graph_failure``."""
+        decoder = self.decoder
+        fallbacks = (
+            (lambda: decoder.attention == "flex", decoder.attend_by_matmul, "flex attention",
+             "with FlexAttention, so attention runs as two matrix products from now on"),
+            (lambda: decoder.pointwise.rotate_store is not None, decoder.store_apart,
+             "fused store", "with the K/V store compiled into the rotation, so K and V are "
+             "stored apart from now on"),
+            (lambda: decoder.compiled, decoder.run_eagerly, "compiled",
+             "with the compiled functions, so they run uncompiled from now on"),
+        )
         # Only the failure's text is kept: the exception's traceback would keep the failed
         # try's graphs, and the device memory they hold, alive through the next try.
         try:
             return capture()
         except Exception as exc:  # out of memory, compile errors, a recompile limit hit
             failure = repr(exc)
-        if self.decoder.pointwise.rotate_store is not None:
-            log.warning("CUDA graph capture failed with the K/V store compiled into the "
-                        "rotation, so K and V are stored apart from now on; capturing again: %s",
-                        failure)
-            self._add_failure(f"fused store: {failure}")
-            self.decoder.store_apart()
-            try:
-                return capture()
-            except Exception as exc:
-                failure = repr(exc)
-        if self.decoder.compiled:
-            log.warning("CUDA graph capture failed with the compiled functions, so they run "
-                        "uncompiled from now on; capturing again: %s", failure)
-            self._add_failure(f"compiled: {failure}")
-            self.decoder.run_eagerly()
+        for applies, give_up, label, what in fallbacks:
+            if not applies():
+                continue
+            log.warning("CUDA graph capture failed %s; capturing again: %s", what, failure)
+            self._add_failure(f"{label}: {failure}")
+            give_up()
             try:
                 return capture()
             except Exception as exc:

@@ -248,6 +248,27 @@ def test_a_capture_that_fails_with_the_fused_store_is_retried_with_it_apart(pair
     assert other.graph_failure.startswith("fused store: ") and "; compiled: " in other.graph_failure
 
 
+def test_a_capture_that_fails_with_flex_attention_is_retried_with_matmul(pair) -> None:
+    """Where capturing fails while attention is FlexAttention, the decoder attends by the two
+    matrix products, everything else as it was (here the fused store and "compiled"), and
+    capturing is tried again; FlexAttention is the first thing given up."""
+    runner = StaticRunner(pair[0], num_slots=3, max_len=64, attention="flex")
+    decoder = runner.decoder
+    decoder.compiled = True  # as torch.compile leaves it (not compiled here: CPU time)
+    decoder.pointwise = dataclasses.replace(decoder.pointwise, rotate_store=_rotate_store)
+    graphs = runner._capture_graphs(lambda: _FailingGraphs(
+        lambda d: d.attention == "flex", decoder, runner.cache, (1, 2), (1,), (64,)))
+    assert graphs is not None and decoder.attention == "matmul"
+    assert decoder.compiled and decoder.pointwise.rotate_store is _rotate_store
+    assert runner.graph_failure is not None and runner.graph_failure.startswith("flex attention:")
+    assert "; " not in runner.graph_failure
+    runner.graphs = graphs
+    sequence = runner.new_sequence()
+    logits = runner.forward_batch([sequence], [[5, 6, 7]], [1])[0]
+    expected = pair[0](torch.tensor([[5, 6, 7]])).logits[0, -1:]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=ATOL)
+
+
 def test_a_catch_up_runs_as_graph_replays_of_the_widest(pair) -> None:
     """One sequence fed up to MAX_CATCH_UP_REPLAYS x the widest catch-up graph runs as that
     many replays (the last chunk padded into a graph); beyond that, or for more logits, or

@@ -201,13 +201,19 @@ async def test_an_engine_that_measures_its_own_costs_starts_and_is_exact(
     assert ids_of(chunks) == reference_greedy(pair, PROMPT_IDS, 12)
 
 
+@pytest.mark.parametrize("attention", [None, "flex"])
 @pytest.mark.parametrize("pair_name", ["same_pair", "different_pair"])
-async def test_a_mixed_batch_is_exact_for_every_request(request, pair_name: str) -> None:
+async def test_a_mixed_batch_is_exact_for_every_request(
+    request, pair_name: str, attention: str | None
+) -> None:
     """Requests of different lengths, γ and start times share batched steps (joining and
-    leaving between steps); each gets exactly the target's own greedy tokens."""
+    leaving between steps); each gets exactly the target's own greedy tokens. With the CPU's
+    attention (SDPA) and with FlexAttention (uncompiled: PyTorch's reference)."""
     pair = dataclasses.replace(request.getfixturevalue(pair_name), eos_token_ids=())
-    engine = make_engine(pair, fast_path="on", max_concurrent_requests=4)
+    engine = make_engine(pair, fast_path="on", max_concurrent_requests=4, attention=attention)
     assert engine.batched
+    assert engine.target.decoder.attention == engine.draft.decoder.attention == (
+        attention or "sdpa")
     prompts = [PROMPT_IDS, (7, 8, 9), tuple(range(20, 61)), (300, 12, 5, 77, 41)]
     lengths = [30, 12, 25, 40]
     gammas = [None, 0, 2, 5]

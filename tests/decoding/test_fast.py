@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -238,25 +239,25 @@ def test_only_large_packed_weights_are_padded(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize(
-    ("pack", "matmul_attention", "padded"),
-    [(False, False, False), (True, False, False), (False, True, False), (True, True, False),
-     (True, False, True)],
+    ("pack", "attention", "padded"),
+    [(False, "sdpa", False), (True, "sdpa", False), (False, "matmul", False),
+     (True, "matmul", False), (True, "sdpa", True), (False, "flex", False)],
 )
 def test_prefill_decode_and_a_ragged_batch_by_variant(
-    model, pack: bool, matmul_attention: bool, padded: bool, monkeypatch: pytest.MonkeyPatch
+    model, pack: bool, attention: str, padded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Prepacked weights or not, SDPA or the matmul attention (the CUDA default), every packed
-    weight padded to PAD_ROWS_TO rows or not: the same logits as transformers, alone and in a
-    ragged batch of two."""
+    """Prepacked weights or not, SDPA, the matmul attention (the CUDA default) or FlexAttention
+    (uncompiled: PyTorch's reference), every packed weight padded to PAD_ROWS_TO rows or not:
+    the same logits as transformers, alone and in a ragged batch of two."""
     if pack and not can_pack_weights(torch.device("cpu"), torch.float32):
         pytest.skip("no oneDNN in this torch")
     monkeypatch.setattr(fast_model, "PAD_ROWS_MIN_WEIGHT", 0 if padded else 1 << 62)
     tokens = random_tokens(12, seed=11)
     runner = StaticRunner(
-        model, num_slots=2, max_len=32, pack_weights=pack, matmul_attention=matmul_attention
+        model, num_slots=2, max_len=32, pack_weights=pack, attention=attention
     )
     assert runner.decoder.packed_weights == pack
-    assert runner.decoder.matmul_attention == matmul_attention
+    assert runner.decoder.attention == attention
     assert runner.decoder.layers[0].o.pad_to == (PAD_ROWS_TO if padded else 0)
     sequence = runner.new_sequence()
     steps = [sequence.forward(tokens[:5], num_logits=5), sequence.forward(tokens[5:8], 3)]
@@ -270,6 +271,136 @@ def test_prefill_decode_and_a_ragged_batch_by_variant(
     mine, theirs = runner.forward_batch([sequence, neighbour], [tokens[10:], other[6:]], [2, 3])
     torch.testing.assert_close(mine, reference_logits(model, tokens)[10:], rtol=0, atol=ATOL)
     torch.testing.assert_close(theirs, reference_logits(model, other)[6:], rtol=0, atol=ATOL)
+
+
+def three_to_a_kv_head(seed: int) -> Qwen2ForCausalLM:
+    """Three query heads to a KV head, as Qwen2.5's 7 and 6 are not a power of two."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_flex_attention_over_several_tiles_and_idle_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FlexAttention (uncompiled: PyTorch's reference, which masks by the mask function alone)
+    where the layout matters: a 150-token prefill (450 stacked queries in 4 query tiles, 2 key
+    tiles), decode past position 256 into a third key tile, a ragged batch of two in a cache of
+    four slots read in place (two idle slots attend nothing) and gathered: the same logits as
+    transformers."""
+    model = three_to_a_kv_head(5)
+    runner = StaticRunner(model, num_slots=4, max_len=320, pack_weights=False, attention="flex")
+    tokens = random_tokens(262, seed=13)
+    sequence = runner.new_sequence()
+    logits = [sequence.forward(tokens[:150], num_logits=150)]
+    logits += [sequence.forward(tokens[150:255], num_logits=105)]
+    logits += [sequence.forward(tokens[k : k + 1]) for k in (255, 256, 257)]
+    expected = reference_logits(model, tokens)
+    torch.testing.assert_close(torch.cat(logits), expected[:258], rtol=0, atol=ATOL)
+    other = random_tokens(140, seed=14)
+    neighbour = runner.new_sequence()
+    neighbour.forward(other[:130])
+    for factor in (fast_model.DIRECT_READ_FACTOR, 0):  # in place (3 * 2 >= 4), then gathered
+        monkeypatch.setattr(fast_model, "DIRECT_READ_FACTOR", factor)
+        sequence.rollback(258)
+        neighbour.rollback(130)
+        mine, theirs = runner.forward_batch(
+            [sequence, neighbour], [tokens[258:262], other[130:133]], [4, 3])
+        torch.testing.assert_close(mine, expected[258:262], rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            theirs, reference_logits(model, other[:133])[130:], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 7])
+def test_flex_blocks_cover_each_query_tile_up_to_its_latest_position(group: int) -> None:
+    """The stacked queries' positions (g-major: query r is token r % T); each tile of 128 of
+    them reads the key tiles
+    up to the one holding the latest position any of its queries attends, no more (capped at
+    the attended length); a row of -1 reads none."""
+    generator = torch.Generator().manual_seed(group)
+    for width in (1, 2, 5, 17, 40, 128, 131, 300):
+        kv_len = 700
+        starts = torch.randint(0, kv_len - width + 1, (3,), generator=generator)
+        positions = starts[:, None] + torch.arange(width)
+        positions[1] = -1  # an idle slot
+        stacked, tiles, indices = fast_model._flex_blocks(
+            positions, torch.arange(kv_len), group)
+        assert torch.equal(stacked, positions[:, torch.arange(group * width) % width])
+        q_tiles = -(-group * width // 128)
+        assert tiles.shape == (3, 1, q_tiles) and tiles.dtype == torch.int32
+        assert indices.shape == (3, 1, q_tiles, 6) and indices.dtype == torch.int32
+        assert torch.equal(indices, torch.arange(6, dtype=torch.int32).expand(3, 1, q_tiles, 6))
+        for row in range(3):
+            for tile in range(q_tiles):
+                queries = range(tile * 128, min((tile + 1) * 128, group * width))
+                latest = max(int(positions[row, query % width]) for query in queries)
+                expected = 0 if latest < 0 else min(latest // 128 + 1, 6)
+                assert int(tiles[row, 0, tile]) == expected, (width, row, tile)
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(name) for name in ("g++", "c++", "clang++")),
+    reason="torch.compile on a CPU generates C++ and needs a C++ compiler; none is installed",
+)
+def test_compiled_flex_attention_reads_the_listed_key_tiles() -> None:
+    """Compiled (inductor's C++ here), FlexAttention reads only the key tiles the block mask
+    lists, so unlike the reference these must be right: against the masked softmax, for two
+    and three rows (one idle), one to 150 tokens a row (up to 4 query tiles) and up to 3 key
+    tiles, with no compile per width or attended length beyond the first few."""
+    torch._dynamo.reset()
+    ops = fast_model._Pointwise.compiled()
+    generator = torch.Generator().manual_seed(3)
+    group, kv_heads, dim = 3, 2, 8
+    cache = torch.randn(3, kv_heads, 2, 320, dim, generator=generator)
+    for batch, width, kv_len in ((2, 1, 130), (2, 5, 262), (3, 150, 300), (3, 1, 320),
+                                 (2, 3, 129)):
+        starts = torch.randint(0, kv_len - width + 1, (batch,), generator=generator)
+        starts[0] = kv_len - width  # the longest row ends at kv_len
+        positions = starts[:, None] + torch.arange(width)
+        if batch == 3:
+            positions[1] = -1  # an idle slot
+        query = torch.randn(batch, kv_heads, group * width, dim, generator=generator)
+        keys, values = cache[:batch, :, 0, :kv_len], cache[:batch, :, 1, :kv_len]
+        with torch.inference_mode():
+            blocks = ops.flex_blocks(positions, torch.arange(kv_len), group)
+            out = ops.flex_attention(query, keys, values, *blocks)
+        mask = torch.arange(kv_len) <= positions.repeat(1, group)[:, None, :, None]
+        expected = fast_model._masked_softmax(
+            query @ keys.transpose(-1, -2), mask, dim ** -0.5) @ values
+        live = positions[:, 0] >= 0
+        torch.testing.assert_close(out[live], expected[live], rtol=0, atol=ATOL)
+        assert not out[~live].any()
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # Another width and attended length: nothing new to compile (made outside inference
+    # mode, as the others were: an inference tensor is another compiled entry).
+    positions = torch.arange(200, 204).repeat(2, 1)
+    query = torch.ones(2, kv_heads, group * 4, dim)
+    with torch.inference_mode():
+        blocks = ops.flex_blocks(positions, torch.arange(204), group)
+        ops.flex_attention(query, cache[:2, :, 0, :204], cache[:2, :, 1, :204], *blocks)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+
+
+def test_flex_attention_falls_back_to_matmul_where_it_does_not_compile(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Compiled FlexAttention that fails its start-up run (as on this CPU for one row; here made
+    to fail): a warning, and attention by two matrix products, the rest still compiled."""
+    def fail(*args: object) -> None:
+        raise RuntimeError("no kernel for you")
+
+    monkeypatch.setattr(fast_model._Pointwise, "smoke_test_flex", fail)
+    # Compiling the rest is not what this is about: "compiled" here is eager under other names.
+    monkeypatch.setattr(fast_model._Pointwise, "compiled", classmethod(
+        lambda cls, **kwargs: dataclasses.replace(
+            cls.eager(), rms_norm=lambda *args: _rms_norm(*args))))
+    with caplog.at_level("WARNING"):
+        decoder = FastDecoder(qwen2(0), pack_weights=False, compile=True, attention="flex")
+    assert decoder.compiled and decoder.attention == "matmul"
+    assert "FlexAttention" in caplog.text and "no kernel for you" in caplog.text
+    assert FastDecoder(qwen2(0), attention="flex").attention == "flex"  # uncompiled: kept
 
 
 def test_prefill(model) -> None:
@@ -496,7 +627,7 @@ def test_compiled_functions_keep_the_models_sizes_constant() -> None:
 
     model = qwen2(0)
     runner = StaticRunner(model, num_slots=2, max_len=32, pack_weights=False,
-                          matmul_attention=True)
+                          attention="matmul")
     runner.decoder.pointwise = fast_model._Pointwise.compiled(backend=record)
     first, second = runner.new_sequence(), runner.new_sequence()
     tokens = random_tokens(14, seed=21)
@@ -604,7 +735,7 @@ def test_compiled_pointwise_equals_eager() -> None:
     torch._dynamo.reset()
     model = qwen2(0)
     runner = StaticRunner(
-        model, num_slots=2, max_len=32, pack_weights=False, compile=True, matmul_attention=True
+        model, num_slots=2, max_len=32, pack_weights=False, compile=True, attention="matmul"
     )
     assert runner.decoder.compiled and runner.decoder.pointwise.rms_norm is not _rms_norm
     first, second = runner.new_sequence(), runner.new_sequence()
