@@ -19,6 +19,11 @@ requests, 9 slots), under each variant:
   two matrix products around a masked softmax. Run 3 (H200) had cuDNN's SDPA over the whole
   4k-position cache at 49% of device time; that was before the attended-length buckets, and
   the two have not been compared since.
+- ``flex``: attention as one FlexAttention call over a block mask of the rows' key tiles
+  (compiled: one generated kernel in place of the two products and the softmax; never timed on
+  a GPU yet), reading the cache as ``default`` does.
+- ``flex-in-place``: FlexAttention over every slot in place (idle slots read no tiles), so
+  with no gathered copy at any batch size (at most ``DIRECT_READ_MAX_WIDTH`` tokens a row).
 
 On CUDA each shape is a captured CUDA graph (:class:`~decoding.fast.graphs.DecodeGraphs`),
 replayed ``--repeats`` times (each with the copy of its inputs, as the engine replays it)
@@ -76,7 +81,7 @@ from decoding.fast import model as fast_model
 from decoding.fast.model import FastDecoder
 
 RESULTS_JSON = "forward_ab.json"
-VARIANTS = ("default", "gather", "in-place", "store-apart", "sdpa")
+VARIANTS = ("default", "gather", "in-place", "store-apart", "sdpa", "flex", "flex-in-place")
 PROFILED_FORWARDS = 100
 
 Profiles = dict[tuple[int, int], tuple[dict[str, Any], list[str]]]
@@ -88,21 +93,21 @@ def variant_settings(decoder: FastDecoder, variant: str) -> Iterator[None]:
     """``decoder`` set up as ``variant`` for the duration (see the module's docstring)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
-    factor, pointwise = fast_model.DIRECT_READ_FACTOR, decoder.pointwise
-    matmul_attention = decoder.matmul_attention
+    factor, pointwise, attention = (
+        fast_model.DIRECT_READ_FACTOR, decoder.pointwise, decoder.attention)
     try:
-        if variant == "sdpa":
-            decoder.matmul_attention = False
-        elif variant == "gather":
+        if variant in ("sdpa", "flex", "flex-in-place"):
+            decoder.attention = variant.removesuffix("-in-place")
+        if variant == "gather":
             fast_model.DIRECT_READ_FACTOR = 0
-        elif variant == "in-place":
+        elif variant in ("in-place", "flex-in-place"):
             fast_model.DIRECT_READ_FACTOR = 1 << 20
         elif variant == "store-apart":
             decoder.pointwise = dataclasses.replace(pointwise, rotate_store=None)
         yield
     finally:
         fast_model.DIRECT_READ_FACTOR, decoder.pointwise = factor, pointwise
-        decoder.matmul_attention = matmul_attention
+        decoder.attention = attention
 
 
 def inputs(batch: int, width: int, slots: Sequence[int], kv_len: int, vocab: int,
@@ -274,7 +279,7 @@ def bench_model(
     reference: dict[tuple[int, int], torch.Tensor] = {}
     for variant in variants:
         if ((variant == "store-apart" and decoder.pointwise.rotate_store is None)
-                or (variant == "sdpa" and not decoder.matmul_attention)):
+                or (variant == "sdpa" and decoder.attention == "sdpa")):
             continue  # the same as the default here
         started = time.perf_counter()
         profiles: Profiles = {}

@@ -127,6 +127,7 @@ class GpuBenchConfig:
     max_context: int = 0  # the engine's max_context (cache slot length); 0 = its default
     seed: int = 0
     compile: str = "auto"  # the engine's torch.compile of the fast path: auto (CUDA), on, off
+    attention: str = "auto"  # the fast path's attention: auto (its default), matmul, sdpa, flex
     decode_steps: int = 0  # the engine's γ = 0 steps taken at once; 0: its default
     profile: bool = False  # profile a controlled-α run of the first target (torch.profiler)
 
@@ -490,6 +491,8 @@ def engine_config(cfg: GpuBenchConfig) -> Any:
         options["max_context"] = cfg.max_context
     if "compile" in names:
         options["compile"] = {"auto": None, "on": True, "off": False}[cfg.compile]
+    if cfg.attention != "auto":
+        options["attention"] = cfg.attention
     if cfg.decode_steps and "decode_steps" in names:
         options["decode_steps"] = cfg.decode_steps
     return EngineConfig(**options)
@@ -526,6 +529,7 @@ def describe_fast_path(engine: Any) -> dict[str, Any]:
             "graphs": getattr(runner, "graphs", None) is not None,
             "compiled": bool(decoder.compiled),
             "fused_store": getattr(decoder.pointwise, "rotate_store", None) is not None,
+            "attention": getattr(decoder, "attention", None),
             "graph_failure": getattr(runner, "graph_failure", None),
         }
     from decoding.fast import model as fast_model
@@ -567,7 +571,8 @@ def _fast_path_line(detail: dict[str, Any] | None) -> str | None:
         parts.append(f"{name} " + ("not on the fast path" if model is None else
                                    f"graphs {_yes(model['graphs'])}, compiled "
                                    f"{_yes(model['compiled'])}, fused K/V store "
-                                   f"{_yes(model.get('fused_store'))}"))
+                                   f"{_yes(model.get('fused_store'))}, attention "
+                                   f"{model.get('attention') or '-'}"))
     line = "  fast path: " + "; ".join(parts) + f"; decode steps {detail.get('decode_steps')}"
     failures = [f"{name}: {detail[name]['graph_failure'][:300]}" for name in ("target", "draft")
                 if detail.get(name) and detail[name].get("graph_failure")]  # whole in the JSON
@@ -1221,6 +1226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=int(_env("seed", d.seed)))
     p.add_argument("--compile", choices=("auto", "on", "off"), default=_env("compile", d.compile),
                    help="torch.compile of the fast path's elementwise parts (auto: on CUDA)")
+    p.add_argument("--attention", choices=("auto", "matmul", "sdpa", "flex"),
+                   default=_env("attention", d.attention),
+                   help="the fast path's attention (auto: its default, matmul on CUDA)")
     p.add_argument("--decode-steps", type=int,
                    default=int(_env("decode_steps", d.decode_steps)),
                    help="the engine's γ = 0 steps taken at once (0: its default, 4 on CUDA)")
@@ -1256,6 +1264,7 @@ def config_from_args(args: argparse.Namespace) -> GpuBenchConfig:
         fixed_gamma=args.fixed_gamma,
         seed=args.seed,
         compile=args.compile,
+        attention=args.attention,
         decode_steps=args.decode_steps,
         profile=bool(args.profile),
     )

@@ -29,19 +29,20 @@ def test_a_quick_run_reads_the_cache_as_each_variant_says(
             "--slots", "6", "--repeats", "1", "--out", str(tmp_path)]
     assert forward_ab.main(args) == 0
     # Shapes (1, 1), (4, 1), (1, 3), (4, 3); by default in place from 2 rows of 6 slots on.
-    assert reads == [False, True] * 2 + [False] * 4 + [True] * 4
+    # default, gather, in-place, flex (as default), flex-in-place:
+    assert reads == [False, True] * 2 + [False] * 4 + [True] * 4 + [False, True] * 2 + [True] * 4
     assert fast_model.DIRECT_READ_FACTOR == 3  # restored
     results = json.loads((tmp_path / forward_ab.RESULTS_JSON).read_text())
     section = results["models"]["tiny-s"]
     assert not section["compiled"] and not section["fused_store"]
     # Nothing to unfuse here, and the CPU's default is SDPA already.
-    assert list(section["variants"]) == ["default", "gather", "in-place"]
+    assert list(section["variants"]) == ["default", "gather", "in-place", "flex", "flex-in-place"]
     for rows in section["variants"].values():
         assert [(row["batch"], row["width"]) for row in rows] == [(1, 1), (4, 1), (1, 3), (4, 3)]
         assert all(row["ms"] is None and row["max_abs_diff"] <= 1e-5 for row in rows)
 
 
-def test_store_apart_and_sdpa_change_the_decoder_for_their_duration() -> None:
+def test_store_apart_sdpa_and_flex_change_the_decoder_for_their_duration() -> None:
     model = build_model(TINY_TARGET_SHAPES["tiny-s"], TINY_VOCAB, torch.device("cpu"),
                         torch.float32, seed=0)
     decoder = FastDecoder(model)
@@ -52,10 +53,15 @@ def test_store_apart_and_sdpa_change_the_decoder_for_their_duration() -> None:
         assert decoder.pointwise.rotate_store is None
         assert decoder.pointwise.split_rotate is fused.split_rotate
     assert decoder.pointwise is fused
-    decoder.matmul_attention = True
+    decoder.attention = "matmul"
     with forward_ab.variant_settings(decoder, "sdpa"):
-        assert not decoder.matmul_attention
-    assert decoder.matmul_attention
+        assert decoder.attention == "sdpa"
+    assert decoder.attention == "matmul"
+    with forward_ab.variant_settings(decoder, "flex"):
+        assert decoder.attention == "flex" and fast_model.DIRECT_READ_FACTOR == 3
+    with forward_ab.variant_settings(decoder, "flex-in-place"):
+        assert decoder.attention == "flex" and fast_model.DIRECT_READ_FACTOR > 1 << 10
+    assert decoder.attention == "matmul" and fast_model.DIRECT_READ_FACTOR == 3
     with pytest.raises(ValueError, match="unknown variant"), forward_ab.variant_settings(
         decoder, "other"
     ):
@@ -83,11 +89,12 @@ def test_a_variant_that_fails_is_recorded_and_the_others_go_on(
             "--slots", "2", "--repeats", "1", "--out", str(tmp_path)]
     assert forward_ab.main(args) == 0
     # The JSON was written after each variant, the failed one too.
-    assert saved == [[], ["default"], ["default", "gather"]]
+    assert saved == [[], ["default"], ["default", "gather"], ["default", "gather", "in-place"],
+                     ["default", "gather", "in-place", "flex"]]
     variants = json.loads((tmp_path / forward_ab.RESULTS_JSON).read_text())[
         "models"]["tiny-s"]["variants"]
     assert variants["gather"] == {"error": "RuntimeError('stand-in capture failure')"}
-    assert [len(variants[v]) for v in ("default", "in-place")] == [1, 1]
+    assert [len(variants[v]) for v in ("default", "in-place", "flex", "flex-in-place")] == [1] * 4
     assert "gather                  failed: RuntimeError('stand-in" in capsys.readouterr().out
 
 

@@ -225,7 +225,7 @@ def test_gpu_bench_quick_run_writes_json_and_plots(
             "policy_after"] != rows["tandem_alpha_0.5"]["policy_after"]
         # On a CPU: the fast path, uncompiled, without graphs, nothing failed; 2 steps at once.
         plain = {"graphs": False, "compiled": False, "fused_store": False,
-                 "graph_failure": None}
+                 "attention": "sdpa", "graph_failure": None}
         assert section["fast_path_detail"] == {
             "decode_steps": 2, "target": plain, "draft": plain, "direct_read_factor": 3}
     # Each target's engine timed its steps by the clock that leaves out the oracle's refills.
@@ -250,8 +250,9 @@ def test_gpu_bench_quick_run_writes_json_and_plots(
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "tandem_off" in table and "aggregate tok/s" in table
-    assert table.count("fast path: target graphs no, compiled no, fused K/V store no; draft"
-                       " graphs no, compiled no, fused K/V store no; decode steps 2") == 2
+    assert table.count("fast path: target graphs no, compiled no, fused K/V store no, attention"
+                       " sdpa; draft graphs no, compiled no, fused K/V store no, attention sdpa;"
+                       " decode steps 2") == 2
 
 def test_the_engines_step_clock_leaves_out_the_oracles_refills() -> None:
     """The engine corrects adaptive γ by its steps' wall times; a refill (HF generate inside a
@@ -295,12 +296,14 @@ def test_a_concurrent_run_is_warmed_up_with_all_its_prompts_at_once(
 
 def test_the_table_says_where_a_model_fell_back_from_graphs() -> None:
     detail = {"decode_steps": 1, "draft": {"graphs": True, "compiled": True,
-                                           "fused_store": True, "graph_failure": None},
+                                           "fused_store": True, "attention": "matmul",
+                                           "graph_failure": None},
               "target": {"graphs": False, "compiled": False,
                          "graph_failure": "compiled: RuntimeError('x'); uncompiled: OOM"}}
     line = gpu._fast_path_line(detail)
-    assert line == ("  fast path: target graphs no, compiled no, fused K/V store -; draft graphs"
-                    " yes, compiled yes, fused K/V store yes; decode steps 1\n"
+    assert line == ("  fast path: target graphs no, compiled no, fused K/V store -, attention"
+                    " -; draft graphs yes, compiled yes, fused K/V store yes, attention"
+                    " matmul; decode steps 1\n"
                     "  graph capture failed, target: compiled: "
                     "RuntimeError('x'); uncompiled: OOM")
 
@@ -374,3 +377,14 @@ def test_the_policy_report_gives_the_probe_wait_its_pending_results_make() -> No
         step_costs=StepCosts(CostModel.from_widths(0.1, (1.0, 1.1))))
     report = describe_policy(SimpleNamespace(stepper=stepper))
     assert report is not None and report["probe_every"] == 16 and probes.every == 8
+
+
+def test_the_attention_flag_reaches_the_engine_config() -> None:
+    """``--attention`` (or BENCH_GPU_ATTENTION) picks the fast path's attention; auto leaves the
+    engine's default (None: matmul on CUDA)."""
+    def config(*argv: str) -> Any:
+        return gpu.engine_config(gpu.config_from_args(gpu.build_parser().parse_args(argv)))
+
+    assert config().attention is None
+    assert config("--attention", "flex").attention == "flex"
+    assert config("--attention", "sdpa").attention == "sdpa"
