@@ -260,21 +260,27 @@ async def test_a_batched_steps_chunks_reach_their_callers_together(
         getattr(handle._held, "mailboxes", None) is not None))
     engine = make_engine(same_pair, fast_path="on", max_concurrent_requests=4)
     rounds = 0
+    stepping = False  # the worker is inside step_batch, where every token is put
     step_batch = engine.stepper.step_batch
 
     def counted(ready):  # type: ignore[no-untyped-def]
-        nonlocal rounds
+        nonlocal rounds, stepping
         rounds += 1  # called once in every batched round
-        return step_batch(ready)
+        stepping = True
+        try:
+            return step_batch(ready)
+        finally:
+            stepping = False
 
     monkeypatch.setattr(engine.stepper, "step_batch", counted)
     loop = asyncio.get_running_loop()
-    wakes = 0
+    wakes = woken_stepping = 0
     call_soon_threadsafe = loop.call_soon_threadsafe
 
     def woken(callback, *args):  # type: ignore[no-untyped-def]
-        nonlocal wakes
+        nonlocal wakes, woken_stepping
         wakes += 1
+        woken_stepping += stepping
         return call_soon_threadsafe(callback, *args)
 
     monkeypatch.setattr(loop, "call_soon_threadsafe", woken)
@@ -285,7 +291,10 @@ async def test_a_batched_steps_chunks_reach_their_callers_together(
     finally:
         engine.close()
     assert held and all(held)
-    assert 0 < wakes <= rounds  # at most one per round, for its four requests' chunks
+    # Never while the step puts its chunks (held, the first put of all woke the loop there),
+    # and at most once a round, for its four requests' chunks.
+    assert woken_stepping == 0
+    assert 0 < wakes <= rounds
     assert len({tuple(ids_of(chunks)) for chunks in outputs}) == 1
     assert len(ids_of(outputs[0])) == 16
 
