@@ -125,8 +125,12 @@ MINIMA: dict[str, int | float] = {
 }
 """The smallest value each numeric flag takes; ports are also at most 65535."""
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-"""The devices ``decoding.models.resolve_device`` knows (it checks that a CUDA one exists)."""
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+"""The devices ``decoding.models.resolve_device`` knows (it checks that a CUDA one exists), in
+any case, between :data:`_DEVICE_SPACES`: what the chart's schema allows, whose pattern Helm
+matches with Go's regexp (``\\s`` is these five; ASCII digits only)."""
+
+_DEVICE_SPACES = " \t\n\f\r"
 
 ENV_OVERRIDES = {"cache_dir": "TANDEM_CACHE"}  # the name decoding.models reads too
 
@@ -243,7 +247,7 @@ def out_of_range(settings: Settings) -> list[str]:
             f"{_names('default_max_new_tokens')} ({settings.default_max_new_tokens}) must not "
             f"exceed {_names('max_new_tokens_limit')} ({settings.max_new_tokens_limit})"
         )
-    if not _DEVICE.fullmatch(settings.device.strip().lower()):
+    if not _DEVICE.fullmatch(settings.device.strip(_DEVICE_SPACES).lower()):
         problems.append(
             f"{_names('device')} must be auto, cpu, cuda or cuda:N, got {settings.device!r}"
         )

@@ -161,9 +161,16 @@ def test_schema_model_values_are_the_servers_choices(chart: helm.Chart) -> None:
     model = chart.schema["properties"]["model"]["properties"]
     assert model["dtype"]["enum"] == CHOICES["dtype"]
     assert model["draftDtype"]["enum"] == CHOICES["draft_dtype"]
-    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "CUDA", " Cuda:1 ", "AUTO"):
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "CUDA", " Cuda:1 ", "AUTO",
+                   "\tcpu\n", "\fcuda\r"):
         chart.validate_schema({"model": {"device": device}})
         assert parse([], env={"TANDEM_DEVICE": device}).device == device
+    # Refused by both: spaces Go's regexp does not take for \s, digits other than ASCII.
+    for device in ("\u00a0cuda", "\x0bcpu", "cuda\u2003", "\x85auto", "cuda:\u0663"):
+        with pytest.raises(helm.HelmValuesError, match="/model/device"):
+            chart.validate_schema({"model": {"device": device}})
+        with pytest.raises(SystemExit):
+            parse([], env={"TANDEM_DEVICE": device})
 
 
 @pytest.mark.parametrize(
