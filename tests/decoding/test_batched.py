@@ -107,20 +107,25 @@ class EagerGraphs(DecodeGraphs):
 
 def graphed_runner(
     model: Qwen2ForCausalLM, num_slots: int, max_len: int, catch_up: tuple[int, ...] = (),
-    last_only: tuple[int, ...] = (),
+    last_only: tuple[int, ...] = (), attention: str | None = None,
 ) -> StaticRunner:
-    runner = StaticRunner(model, num_slots=num_slots + 1, max_len=max_len)
+    runner = StaticRunner(model, num_slots=num_slots + 1, max_len=max_len, attention=attention)
     runner.graphs = EagerGraphs(runner.decoder, runner.cache, (1, 2, 4), (1, 3), (16, 64),
                                 catch_up, last_only)
     runner.catch_up_in_graphs = bool(catch_up)
     return runner
 
 
-def test_graphed_forwards_equal_eager_ones(pair) -> None:
+@pytest.mark.parametrize("attention", [None, "flex"])
+def test_graphed_forwards_equal_eager_ones(pair, attention: str | None) -> None:
     """Padded batch sizes, each width and keep, ragged and narrower rows padded into a wider
-    graph, widths beyond every graph, tokens given as a tensor, and the transient view."""
+    graph, widths beyond every graph, tokens given as a tensor, and the transient view; with
+    the CPU's attention and with FlexAttention (over a graph's attended length, its padding
+    rows in the scratch slot)."""
     model = pair[0]
-    eager, graphed = StaticRunner(model, num_slots=3, max_len=64), graphed_runner(model, 3, 64)
+    eager = StaticRunner(model, num_slots=3, max_len=64, attention=attention)
+    graphed = graphed_runner(model, 3, 64, attention=attention)
+    assert graphed.decoder.attention == eager.decoder.attention == (attention or "sdpa")
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (4, 9, 6)]
     calls = [
