@@ -93,8 +93,8 @@ def variant_settings(decoder: FastDecoder, variant: str) -> Iterator[None]:
     """``decoder`` set up as ``variant`` for the duration (see the module's docstring)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
-    factor, pointwise, attention = (
-        fast_model.DIRECT_READ_FACTOR, decoder.pointwise, decoder.attention)
+    factor, pointwise, attention, flex_failure = (
+        fast_model.DIRECT_READ_FACTOR, decoder.pointwise, decoder.attention, decoder.flex_failure)
     try:
         if variant in ("sdpa", "flex", "flex-in-place"):
             decoder.attention = variant.removesuffix("-in-place")
@@ -107,7 +107,7 @@ def variant_settings(decoder: FastDecoder, variant: str) -> Iterator[None]:
         yield
     finally:
         fast_model.DIRECT_READ_FACTOR, decoder.pointwise = factor, pointwise
-        decoder.attention = attention
+        decoder.attention, decoder.flex_failure = attention, flex_failure
 
 
 def inputs(batch: int, width: int, slots: Sequence[int], kv_len: int, vocab: int,
@@ -147,6 +147,9 @@ def time_variant(
                     results[batch, width] = (None, forward().float().cpu())
                     if (batch, width) in profile:
                         profiles[batch, width] = profile_forwards(forward, device)
+            if variant.startswith("flex") and decoder.attention != "flex":  # its forwards fell
+                # back (FastDecoder.hidden_states): what was timed is not FlexAttention
+                raise RuntimeError(f"FlexAttention was given up: {decoder.flex_failure}")
         finally:
             for slot in slots:
                 cache.free(slot)

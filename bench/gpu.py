@@ -530,6 +530,7 @@ def describe_fast_path(engine: Any) -> dict[str, Any]:
             "compiled": bool(decoder.compiled),
             "fused_store": getattr(decoder.pointwise, "rotate_store", None) is not None,
             "attention": getattr(decoder, "attention", None),
+            "flex_failure": getattr(decoder, "flex_failure", None),
             "graph_failure": getattr(runner, "graph_failure", None),
         }
     from decoding.fast import model as fast_model
@@ -574,9 +575,12 @@ def _fast_path_line(detail: dict[str, Any] | None) -> str | None:
                                    f"{_yes(model.get('fused_store'))}, attention "
                                    f"{model.get('attention') or '-'}"))
     line = "  fast path: " + "; ".join(parts) + f"; decode steps {detail.get('decode_steps')}"
-    failures = [f"{name}: {detail[name]['graph_failure'][:300]}" for name in ("target", "draft")
-                if detail.get(name) and detail[name].get("graph_failure")]  # whole in the JSON
-    return line + "".join(f"\n  graph capture failed, {f}" for f in failures)
+    failures = [f"graph capture failed, {name}: {detail[name][key][:300]}"
+                if key == "graph_failure" else
+                f"FlexAttention given up, {name}: {detail[name][key][:300]}"
+                for key in ("graph_failure", "flex_failure") for name in ("target", "draft")
+                if detail.get(name) and detail[name].get(key)]  # whole in the JSON
+    return line + "".join(f"\n  {f}" for f in failures)
 
 
 def _equal(outputs: Sequence[Sequence[int]], reference: Sequence[Sequence[int]] | None) -> Any:

@@ -435,6 +435,20 @@ def _flex_attention(
     return out
 
 
+def _flex_varying(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`_flex_attention`'s inputs (query, keys, values, positions, tiles, indices) with
+    the sizes that vary marked for torch.compile: the stacked queries, the attended length and
+    the tiles; the batch too where there are at least 128 stacked queries a row. Below that
+    FlexAttention's decoding kernel runs, which needs the batch to be a constant (one compiled
+    version per batch size: the graphs' few); at or above it (prefills, long catch-ups, at
+    any batch size when eager) its general kernel does not."""
+    query, keys, values, positions, tiles, indices = args
+    wide = query.shape[2] >= 128
+    batch = (0,) if wide else ()
+    return (_vary(query, *batch, 2), _vary(keys, *batch, 2), _vary(values, *batch, 2),
+            _vary(positions, *batch, 1), _vary(tiles, *batch, 2), _vary(indices, *batch, 2, 3))
+
+
 def flex_available() -> str | None:
     """Why this PyTorch cannot run :func:`_flex_attention`, or None where it can."""
     try:
@@ -496,10 +510,13 @@ class _Pointwise:
         # Leave room for a few models in one process: each compiles each function once for
         # each combination of its varying sizes being 1 or more (torch.compile's kernels for
         # a size of 1 are its own).
+        # FlexAttention's decoding kernel adds one per batch size (see _flex_varying).
         config: Any = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):
+        for name, limit in (("recompile_limit", 128), ("cache_size_limit", 128),
+                            ("accumulated_recompile_limit", 1024),
+                            ("accumulated_cache_size_limit", 1024)):
             if hasattr(config, name):
-                setattr(config, name, max(getattr(config, name), 64))
+                setattr(config, name, max(getattr(config, name), limit))
 
         def compile_(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
@@ -525,10 +542,8 @@ class _Pointwise:
                 dtype),
             flex_blocks=lambda positions, key_positions, group: blocks(
                 _vary(positions, 0, 1), _vary(key_positions, 0), group),
-            # The batch stays a constant here: FlexAttention's decoding kernel needs it to be.
             flex_attention=lambda query, keys, values, positions, tiles, indices: flex(
-                _vary(query, 2), _vary(keys, 2), _vary(values, 2), _vary(positions, 1),
-                _vary(tiles, 2), _vary(indices, 2, 3)),
+                *_flex_varying(query, keys, values, positions, tiles, indices)),
             rotate_store=(
                 lambda qkv, cos, sin, buffer, slots, positions, heads, kv_heads, dim: store(
                     _vary(qkv, 0, 1), _vary(cos, 0, 1), _vary(sin, 0, 1), buffer,
@@ -561,17 +576,24 @@ class _Pointwise:
             self.placement(starts, torch.ones(2, device=device), positions[:1], positions, 2,
                            dtype)
 
-    def smoke_test_flex(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Run the FlexAttention functions on one row and on two, one token and two (on this
-        project's CPU, torch 2.13's inductor generates C++ for one row with a varying query
-        length that does not compile)."""
-        positions = torch.arange(8, device=device)
+    def smoke_test_flex(self, device: torch.device, dtype: torch.dtype, kv_heads: int,
+                        group: int, dim: int) -> None:
+        """Run the FlexAttention functions at a model's head counts and head size (a GPU's
+        kernels take no head size under 16), on one row and on two, for one and two tokens a
+        row (the decoding kernel) and for a prefill's 128 stacked queries or more (the general
+        one), reading 256 positions. On this project's CPU, torch 2.13's inductor generates C++
+        for one row with a varying query length that does not compile."""
+        kv_len = 256
+        positions = torch.arange(kv_len, device=device)
         with torch.inference_mode():
-            keys = torch.ones(2, 1, 8, 4, device=device, dtype=dtype)
-            for batch, width in ((1, 1), (1, 2), (2, 1), (2, 2)):
-                blocks = self.flex_blocks(positions[:batch, None] + positions[:width], positions, 2)
-                query = torch.ones(batch, 1, 2 * width, 4, device=device, dtype=dtype)
-                self.flex_attention(query, keys[:batch], keys[:batch], *blocks)
+            keys = torch.ones(2, kv_heads, kv_len, dim, device=device, dtype=dtype)
+            for batch in (1, 2):
+                for width in (1, 2, -(-128 // group)):
+                    blocks = self.flex_blocks(
+                        (positions[:width] + kv_len - width).repeat(batch, 1), positions, group)
+                    query = torch.ones(batch, kv_heads, group * width, dim, device=device,
+                                       dtype=dtype)
+                    self.flex_attention(query, keys[:batch], keys[:batch], *blocks)
 
 
 DIRECT_READ_FACTOR = 3
@@ -674,6 +696,8 @@ class FastDecoder:
         if attention == "flex" and (reason := flex_available()) is not None:
             raise NotImplementedError(reason)
         self.attention = attention
+        self.flex_failure: str | None = None
+        """Why FlexAttention was given up, where it was asked for and was (see give_up_flex)."""
         if pack_weights is None:
             pack_weights = can_pack_weights(self.device, self.dtype)
         self.packed_weights = pack_weights
@@ -692,13 +716,15 @@ class FastDecoder:
                         ", so K and V are stored by a kernel of their own" if fused_store
                         else ", so the fast path runs eagerly"), exc)
         self.compiled = self.pointwise.rms_norm is not _rms_norm
-        if self.compiled and attention == "flex":
+        if attention == "flex" and self.compiled:
             try:
-                self.pointwise.smoke_test_flex(self.device, self.dtype)
+                self.pointwise.smoke_test_flex(
+                    self.device, self.dtype, self.num_kv_heads,
+                    self.num_heads // self.num_kv_heads, self.head_dim)
             except Exception as exc:  # any failure to compile
-                log.warning("torch.compile failed here for FlexAttention, so attention runs as "
-                            "two matrix products: %r", exc)
-                self.attend_by_matmul()
+                self.give_up_flex(f"torch.compile failed for it here: {exc!r}")
+        elif attention == "flex" and self.device.type == "cuda":
+            self.give_up_flex("uncompiled, it is PyTorch's reference, which computes every score")
 
         def linear(*modules: torch.nn.Module) -> Linear:
             if len(modules) == 1:
@@ -740,10 +766,14 @@ class FastDecoder:
         compiled (after a failure that may have been the fused store's)."""
         self.pointwise = dataclasses.replace(self.pointwise, rotate_store=None)
 
-    def attend_by_matmul(self) -> None:
-        """Attend as two matrix products from now on (after a failure that may have been
-        FlexAttention's)."""
-        self.attention = "matmul"
+    def give_up_flex(self, reason: str) -> None:
+        """Attend as this device does by default from now on, not by FlexAttention (after a
+        failure that may have been FlexAttention's), and say why."""
+        self.attention = "matmul" if self.device.type == "cuda" else "sdpa"
+        self.flex_failure = reason if self.flex_failure is None else (
+            f"{self.flex_failure}; {reason}")
+        log.warning("FlexAttention given up, attention is %s from now on: %s", self.attention,
+                    reason)
 
     def run_eagerly(self) -> None:
         """Run the elementwise functions uncompiled from now on (after a failure that may
@@ -803,7 +833,27 @@ class FastDecoder:
         *,
         host_row: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """The final-normed hidden states of every position: [B, T, hidden]."""
+        """The final-normed hidden states of every position: [B, T, hidden]. With FlexAttention,
+        a forward that fails outside a CUDA graph capture (a shape first compiled here, a
+        recompile limit) gives it up (:meth:`give_up_flex`) and runs again: it writes the same
+        K/V at the same positions. A capture's failure is the capture's to handle."""
+        if self.attention == "flex" and not (
+                self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            try:
+                return self._hidden_states(tokens, slots, starts, cache, kv_len, host_row)
+            except Exception as exc:
+                self.give_up_flex(f"a forward of {tuple(tokens.shape)} tokens failed: {exc!r}")
+        return self._hidden_states(tokens, slots, starts, cache, kv_len, host_row)
+
+    def _hidden_states(
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        starts: torch.Tensor,
+        cache: StaticKVCache,
+        kv_len: int | None,
+        host_row: tuple[int, int] | None,
+    ) -> torch.Tensor:
         width = tokens.shape[1]
         kv_len = cache.max_len if kv_len is None else kv_len
         ops = self.pointwise

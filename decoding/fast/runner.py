@@ -122,13 +122,14 @@ class StaticRunner:
         of the compiled functions at the real shapes, so a failure may be theirs, and an eager
         forward would call them too. So, where it fails, the newest thing that could have
         failed is given up and capturing is tried again, one at a time: FlexAttention (for the
-        two matrix products), then the K/V store compiled into the rotation (the one compiled
+        device's default attention), then the K/V store compiled into the rotation (the one compiled
         function that writes into the cache), then compiling at all. What failed is kept in
         ``graph_failure``."""
         decoder = self.decoder
         fallbacks = (
-            (lambda: decoder.attention == "flex", decoder.attend_by_matmul, "flex attention",
-             "with FlexAttention, so attention runs as two matrix products from now on"),
+            (lambda: decoder.attention == "flex",
+             lambda: decoder.give_up_flex("a CUDA graph capture failed with it"),
+             "flex attention", "with FlexAttention, so it is given up"),
             (lambda: decoder.pointwise.rotate_store is not None, decoder.store_apart,
              "fused store", "with the K/V store compiled into the rotation, so K and V are "
              "stored apart from now on"),

@@ -98,6 +98,29 @@ def test_a_variant_that_fails_is_recorded_and_the_others_go_on(
     assert "gather                  failed: RuntimeError('stand-in" in capsys.readouterr().out
 
 
+def test_a_flex_variant_whose_forwards_fell_back_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward that fails with FlexAttention runs again without it (FastDecoder.hidden_states):
+    a flex variant would then time the default attention, so it is recorded as failed, with
+    why, and the variants after it run with FlexAttention again."""
+    def fail(*args: object) -> torch.Tensor:
+        raise RuntimeError("stand-in compile failure")
+
+    monkeypatch.setattr(fast_model, "_flex_attention", fail)  # what the decoder is built with
+    args = ["--quick", "--models", "tiny-s", "--batches", "1", "--widths", "1",
+            "--slots", "2", "--repeats", "1", "--variants", "default,flex,flex-in-place",
+            "--out", str(tmp_path)]
+    assert forward_ab.main(args) == 0
+    variants = json.loads((tmp_path / forward_ab.RESULTS_JSON).read_text())[
+        "models"]["tiny-s"]["variants"]
+    assert len(variants["default"]) == 1
+    for name in ("flex", "flex-in-place"):
+        assert variants[name] == {"error": repr(RuntimeError(
+            "FlexAttention was given up: a forward of (1, 1) tokens failed: "
+            "RuntimeError('stand-in compile failure')"))}
+
+
 def test_the_fused_store_memory_check_calls_the_store_as_the_model_does(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

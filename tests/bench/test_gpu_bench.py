@@ -225,7 +225,7 @@ def test_gpu_bench_quick_run_writes_json_and_plots(
             "policy_after"] != rows["tandem_alpha_0.5"]["policy_after"]
         # On a CPU: the fast path, uncompiled, without graphs, nothing failed; 2 steps at once.
         plain = {"graphs": False, "compiled": False, "fused_store": False,
-                 "attention": "sdpa", "graph_failure": None}
+                 "attention": "sdpa", "flex_failure": None, "graph_failure": None}
         assert section["fast_path_detail"] == {
             "decode_steps": 2, "target": plain, "draft": plain, "direct_read_factor": 3}
     # Each target's engine timed its steps by the clock that leaves out the oracle's refills.
@@ -299,13 +299,15 @@ def test_the_table_says_where_a_model_fell_back_from_graphs() -> None:
                                            "fused_store": True, "attention": "matmul",
                                            "graph_failure": None},
               "target": {"graphs": False, "compiled": False,
-                         "graph_failure": "compiled: RuntimeError('x'); uncompiled: OOM"}}
+                         "graph_failure": "compiled: RuntimeError('x'); uncompiled: OOM",
+                         "flex_failure": "a CUDA graph capture failed with it"}}
     line = gpu._fast_path_line(detail)
     assert line == ("  fast path: target graphs no, compiled no, fused K/V store -, attention"
                     " -; draft graphs yes, compiled yes, fused K/V store yes, attention"
                     " matmul; decode steps 1\n"
                     "  graph capture failed, target: compiled: "
-                    "RuntimeError('x'); uncompiled: OOM")
+                    "RuntimeError('x'); uncompiled: OOM\n"
+                    "  FlexAttention given up, target: a CUDA graph capture failed with it")
 
 
 def test_runs_with_only_torch_and_transformers(tmp_path: Path) -> None:

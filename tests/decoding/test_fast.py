@@ -383,12 +383,16 @@ def test_compiled_flex_attention_reads_the_listed_key_tiles() -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
 
-def test_flex_attention_falls_back_to_matmul_where_it_does_not_compile(
+def test_flex_attention_is_given_up_where_it_does_not_compile(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Compiled FlexAttention that fails its start-up run (as on this CPU for one row; here made
-    to fail): a warning, and attention by two matrix products, the rest still compiled."""
-    def fail(*args: object) -> None:
+    to fail): a warning, the reason kept, and the device's default attention (here SDPA), the
+    rest still compiled. Its start-up run is at the model's head counts and head size."""
+    calls: list[tuple[object, ...]] = []
+
+    def fail(self: object, *args: object) -> None:
+        calls.append(args[2:])
         raise RuntimeError("no kernel for you")
 
     monkeypatch.setattr(fast_model._Pointwise, "smoke_test_flex", fail)
@@ -397,10 +401,58 @@ def test_flex_attention_falls_back_to_matmul_where_it_does_not_compile(
         lambda cls, **kwargs: dataclasses.replace(
             cls.eager(), rms_norm=lambda *args: _rms_norm(*args))))
     with caplog.at_level("WARNING"):
-        decoder = FastDecoder(qwen2(0), pack_weights=False, compile=True, attention="flex")
-    assert decoder.compiled and decoder.attention == "matmul"
-    assert "FlexAttention" in caplog.text and "no kernel for you" in caplog.text
-    assert FastDecoder(qwen2(0), attention="flex").attention == "flex"  # uncompiled: kept
+        decoder = FastDecoder(three_to_a_kv_head(0), pack_weights=False, compile=True,
+                              attention="flex")
+    assert calls == [(2, 3, 8)]  # KV heads, query heads to one, head size
+    assert decoder.compiled and decoder.attention == "sdpa"
+    assert decoder.flex_failure is not None and "no kernel for you" in decoder.flex_failure
+    assert "FlexAttention given up" in caplog.text and "no kernel for you" in caplog.text
+    uncompiled = FastDecoder(qwen2(0), attention="flex")
+    assert uncompiled.attention == "flex" and uncompiled.flex_failure is None  # CPU: kept
+
+
+def test_the_flex_start_up_run_covers_both_kernels_at_the_models_sizes() -> None:
+    """One row and two; one token a row, two, and enough for 128 stacked queries (FlexAttention's
+    general kernel, below it its decoding one); the given head counts and head size (a GPU's
+    kernels take none under 16), over 256 positions. Run through PyTorch's reference here."""
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    eager = fast_model._Pointwise.eager()
+
+    def recorded(query, keys, values, *blocks):  # type: ignore[no-untyped-def]
+        shapes.append((tuple(query.shape), tuple(keys.shape)))
+        return eager.flex_attention(query, keys, values, *blocks)
+
+    ops = dataclasses.replace(eager, flex_attention=recorded)
+    ops.smoke_test_flex(torch.device("cpu"), torch.float32, kv_heads=2, group=7, dim=64)
+    assert shapes == [((batch, 2, 7 * width, 64), (batch, 2, 256, 64))
+                      for batch in (1, 2) for width in (1, 2, 19)]
+    assert 7 * 19 >= 128 > 7 * 2
+
+
+def test_a_flex_forward_that_fails_gives_it_up_and_runs_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Outside a graph capture, a forward whose FlexAttention raises (a shape first compiled
+    mid-run, a recompile limit) runs again with the default attention, the same logits, and
+    FlexAttention stays given up."""
+    model = three_to_a_kv_head(2)
+    runner = StaticRunner(model, num_slots=2, max_len=32, pack_weights=False, attention="flex")
+    failures: list[int] = []
+
+    def fail(*args: object) -> torch.Tensor:
+        failures.append(1)
+        raise RuntimeError("recompile limit")
+
+    decoder = runner.decoder
+    decoder.pointwise = dataclasses.replace(decoder.pointwise, flex_attention=fail)
+    tokens = random_tokens(9, seed=4)
+    sequence = runner.new_sequence()
+    logits = sequence.forward(tokens, num_logits=9)
+    torch.testing.assert_close(logits, reference_logits(model, tokens), rtol=0, atol=ATOL)
+    assert failures == [1] and decoder.attention == "sdpa"
+    assert decoder.flex_failure is not None and "recompile limit" in decoder.flex_failure
+    sequence.forward(random_tokens(1, seed=5))
+    assert failures == [1]
 
 
 def test_prefill(model) -> None:
