@@ -120,6 +120,11 @@ class Engine:
             raise ValueError(f"prefill_chunk must be >= 0, got {config.prefill_chunk}")
         if config.decode_steps is not None and config.decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {config.decode_steps}")
+        from decoding.fast.model import ATTENTIONS
+
+        if config.attention is not None and config.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)} or None, "
+                             f"got {config.attention!r}")
         self.pair = pair
         self.config = config
         context_window = min(pair.target.context_window, pair.draft.context_window)

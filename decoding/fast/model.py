@@ -398,7 +398,7 @@ def _flex_blocks(
     stacked = positions.repeat(1, group)
     latest = F.pad(stacked, (0, q_tiles * FLEX_BLOCK - rows), value=-1).view(
         batch, q_tiles, FLEX_BLOCK).amax(dim=-1)
-    tiles = (latest // FLEX_BLOCK + 1).clamp(max=kv_tiles)  # -1 reads none
+    tiles = latest // FLEX_BLOCK + 1  # -1 reads none; positions are below kv_len
     indices = torch.arange(kv_tiles, device=positions.device, dtype=torch.int32)
     return (stacked, tiles[:, None].to(torch.int32),
             indices.expand(batch, 1, q_tiles, kv_tiles).contiguous())
@@ -693,11 +693,11 @@ class FastDecoder:
             attention = "matmul" if self.device.type == "cuda" else "sdpa"
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
-        if attention == "flex" and (reason := flex_available()) is not None:
-            raise NotImplementedError(reason)
         self.attention = attention
         self.flex_failure: str | None = None
         """Why FlexAttention was given up, where it was asked for and was (see give_up_flex)."""
+        if attention == "flex" and (reason := flex_available()) is not None:
+            self.give_up_flex(reason)
         if pack_weights is None:
             pack_weights = can_pack_weights(self.device, self.dtype)
         self.packed_weights = pack_weights
@@ -716,14 +716,14 @@ class FastDecoder:
                         ", so K and V are stored by a kernel of their own" if fused_store
                         else ", so the fast path runs eagerly"), exc)
         self.compiled = self.pointwise.rms_norm is not _rms_norm
-        if attention == "flex" and self.compiled:
+        if self.attention == "flex" and self.compiled:
             try:
                 self.pointwise.smoke_test_flex(
                     self.device, self.dtype, self.num_kv_heads,
                     self.num_heads // self.num_kv_heads, self.head_dim)
             except Exception as exc:  # any failure to compile
                 self.give_up_flex(f"torch.compile failed for it here: {exc!r}")
-        elif attention == "flex" and self.device.type == "cuda":
+        elif self.attention == "flex" and self.device.type == "cuda":
             self.give_up_flex("uncompiled, it is PyTorch's reference, which computes every score")
 
         def linear(*modules: torch.nn.Module) -> Linear:

@@ -1609,6 +1609,12 @@ def test_decode_steps_below_one_are_refused(same_pair) -> None:
         make_engine(same_pair, decode_steps=0)
 
 
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_an_unknown_attention_is_refused_on_either_path(same_pair, fast_path: str) -> None:
+    with pytest.raises(ValueError, match="attention must be one of matmul, sdpa, flex or None"):
+        make_engine(same_pair, fast_path=fast_path, attention="flash")
+
+
 def collapsed_engine(pair, costs: CostModel, **config) -> Engine:
     """A batching engine whose server acceptance estimate has fallen to 0, at ``costs``,
     without the correction from measured step times (tiny CPU models' steps cost nothing
