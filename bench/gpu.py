@@ -698,6 +698,11 @@ def bench_target(
         if then is not None:
             then(engine, oracle)
     finally:
+        # Again at the end: what a forward gave up during the runs (FlexAttention) shows.
+        detail = describe_fast_path(engine)
+        if detail != section["fast_path_detail"]:
+            section["fast_path_detail"] = detail
+            log(f"{key}, after its runs: " + (_fast_path_line(detail) or "").strip())
         engine.close()
     return oracle, costs
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from decoding.fast.cache import StaticKVCache
-from decoding.fast.model import FastDecoder
+from decoding.fast.model import FastDecoder, FlexFailed
 from decoding.transfer import copy_into
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,22 @@ class DecodeGraphs:
         single_widths: Sequence[int],
         last_only_widths: Sequence[int] = (),
     ) -> None:
-        """Take the scratch slot and capture every shape."""
+        """Take the scratch slot and capture every shape (the decoder building graphs: see
+        :meth:`FastDecoder.building_graphs`)."""
+        with decoder.building_graphs():
+            self._capture_all(decoder, cache, batch_sizes, widths, kv_lengths, single_widths,
+                              last_only_widths)
+
+    def _capture_all(
+        self,
+        decoder: FastDecoder,
+        cache: StaticKVCache,
+        batch_sizes: Sequence[int],
+        widths: Sequence[int],
+        kv_lengths: Sequence[int],
+        single_widths: Sequence[int],
+        last_only_widths: Sequence[int] = (),
+    ) -> None:
         self.decoder = decoder
         self.cache = cache
         # Capture and replay use the *current* device's stream, which for a model on cuda:1
@@ -152,6 +167,9 @@ class DecodeGraphs:
                         for kv_len in fitting if batch == 1 else fitting[:1]:
                             self._last_only[batch, width, kv_len] = self._capture(
                                 batch, width, kv_len, last_only=True)
+        except FlexFailed:  # the runner builds every graph again, without FlexAttention
+            cache.free(self.scratch_slot)
+            raise
         except Exception as exc:  # out of memory, a compile error: without them, as before
             self._last_only.clear()
             self.last_only_widths = {}

@@ -18,12 +18,14 @@ forward of that row overwrites them before any query can attend to them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 from decoding.fast.cache import StaticKVCache
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -435,16 +439,16 @@ def _flex_attention(
     return out
 
 
-def _flex_varying(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _flex_varying(constant_batch: bool, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """:func:`_flex_attention`'s inputs (query, keys, values, positions, tiles, indices) with
     the sizes that vary marked for torch.compile: the stacked queries, the attended length and
-    the tiles; the batch too where there are at least 128 stacked queries a row. Below that
-    FlexAttention's decoding kernel runs, which needs the batch to be a constant (one compiled
-    version per batch size: the graphs' few); at or above it (prefills, long catch-ups, at
-    any batch size when eager) its general kernel does not."""
+    the tiles, and the batch unless ``constant_batch`` and there are fewer than 128 stacked
+    queries a row. There FlexAttention's decoding kernel runs, which needs the batch to be a
+    constant: one compiled version per batch size, so only for the CUDA graphs' few batch
+    sizes (``constant_batch`` while they are built). At 128 or more (prefills, long catch-ups)
+    its general kernel runs, and so it does for an eager forward at any batch size."""
     query, keys, values, positions, tiles, indices = args
-    wide = query.shape[2] >= 128
-    batch = (0,) if wide else ()
+    batch = () if constant_batch and query.shape[2] < 128 else (0,)
     return (_vary(query, *batch, 2), _vary(keys, *batch, 2), _vary(values, *batch, 2),
             _vary(positions, *batch, 1), _vary(tiles, *batch, 2), _vary(indices, *batch, 2, 3))
 
@@ -460,6 +464,22 @@ def flex_available() -> str | None:
     if "compute_q_blocks" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
         return f"PyTorch {torch.__version__}'s BlockMask.from_kv_blocks lacks compute_q_blocks"
     return None
+
+
+class FlexFailed(RuntimeError):
+    """FlexAttention's own functions raised (compiling, a recompile limit, a kernel): what
+    :meth:`FastDecoder.give_up_flex` answers. Running out of device memory, or an error of the
+    device itself, is not one: it would fail the default attention too."""
+
+
+def _flexibly(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, one of FlexAttention's functions; what it raises as :class:`FlexFailed`."""
+    try:
+        return fn(*args)
+    except (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError)):
+        raise
+    except Exception as exc:
+        raise FlexFailed(repr(exc)) from exc
 
 
 def _vary(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
@@ -491,7 +511,7 @@ class _Pointwise:
     def eager(cls) -> _Pointwise:
         return cls(
             _rms_norm, _add_rms_norm, _split_rotate, _silu_mul, _masked_softmax, _placement,
-            _flex_blocks, _flex_attention,
+            _flex_blocks, lambda *args, constant_batch=False: _flex_attention(*args),
         )
 
     @classmethod
@@ -542,8 +562,9 @@ class _Pointwise:
                 dtype),
             flex_blocks=lambda positions, key_positions, group: blocks(
                 _vary(positions, 0, 1), _vary(key_positions, 0), group),
-            flex_attention=lambda query, keys, values, positions, tiles, indices: flex(
-                *_flex_varying(query, keys, values, positions, tiles, indices)),
+            flex_attention=lambda query, keys, values, positions, tiles, indices,
+            constant_batch=False: flex(*_flex_varying(
+                constant_batch, query, keys, values, positions, tiles, indices)),
             rotate_store=(
                 lambda qkv, cos, sin, buffer, slots, positions, heads, kv_heads, dim: store(
                     _vary(qkv, 0, 1), _vary(cos, 0, 1), _vary(sin, 0, 1), buffer,
@@ -694,6 +715,7 @@ class FastDecoder:
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         self.attention = attention
+        self._building_graphs = False
         self.flex_failure: str | None = None
         """Why FlexAttention was given up, where it was asked for and was (see give_up_flex)."""
         if attention == "flex" and (reason := flex_available()) is not None:
@@ -775,6 +797,19 @@ class FastDecoder:
         log.warning("FlexAttention given up, attention is %s from now on: %s", self.attention,
                     reason)
 
+    @contextlib.contextmanager
+    def building_graphs(self) -> Iterator[None]:
+        """While CUDA graphs are built (warm-ups and captures): FlexAttention's decoding kernel
+        is compiled for each batch size, and a :class:`FlexFailed` is raised, for the runner to
+        give FlexAttention up and build every graph again without it (see
+        ``StaticRunner._capture_graphs``), not given up forward by forward (graphs built
+        before it would keep it: a mix of the two)."""
+        self._building_graphs = True
+        try:
+            yield
+        finally:
+            self._building_graphs = False
+
     def run_eagerly(self) -> None:
         """Run the elementwise functions uncompiled from now on (after a failure that may
         have been the compiled ones': the same functions, each op its own kernel)."""
@@ -834,15 +869,14 @@ class FastDecoder:
         host_row: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The final-normed hidden states of every position: [B, T, hidden]. With FlexAttention,
-        a forward that fails outside a CUDA graph capture (a shape first compiled here, a
-        recompile limit) gives it up (:meth:`give_up_flex`) and runs again: it writes the same
-        K/V at the same positions. A capture's failure is the capture's to handle."""
-        if self.attention == "flex" and not (
-                self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        a forward whose FlexAttention fails (:class:`FlexFailed`: a shape first compiled here, a
+        recompile limit) outside the building of CUDA graphs gives it up
+        (:meth:`give_up_flex`) and runs again: it writes the same K/V at the same positions."""
+        if self.attention == "flex" and not self._building_graphs:
             try:
                 return self._hidden_states(tokens, slots, starts, cache, kv_len, host_row)
-            except Exception as exc:
-                self.give_up_flex(f"a forward of {tuple(tokens.shape)} tokens failed: {exc!r}")
+            except FlexFailed as exc:
+                self.give_up_flex(f"a forward of {tuple(tokens.shape)} tokens failed: {exc}")
         return self._hidden_states(tokens, slots, starts, cache, kv_len, host_row)
 
     def _hidden_states(
@@ -874,8 +908,8 @@ class FastDecoder:
             if place.direct:  # every slot's; -1 (nothing attended) where no row of the batch is
                 rows = positions.new_full((cache.num_slots, width), -1).index_copy(
                     0, slots, positions)
-            attend = ops.flex_blocks(
-                rows, cache.positions[:kv_len], self.num_heads // self.num_kv_heads)
+            attend = _flexibly(ops.flex_blocks, rows, cache.positions[:kv_len],
+                               self.num_heads // self.num_kv_heads)
         elif place.direct:  # each slot's mask, where the batch's rows are; elsewhere position 0
             attend = (cache.positions[:kv_len] == 0).expand(
                 cache.num_slots, *mask.shape[1:]).index_copy(0, slots, mask)
@@ -925,7 +959,9 @@ class FastDecoder:
                 0, place.slots, stacked)
 
         if isinstance(attend, tuple):
-            out = ops.flex_attention(stacked, row_keys, row_values, *attend)
+            out = _flexibly(functools.partial(
+                ops.flex_attention, constant_batch=self._building_graphs),
+                stacked, row_keys, row_values, *attend)
         elif self.attention == "matmul":
             out = _matmul_attention(stacked, row_keys, row_values, attend, ops.masked_softmax)
         else:

@@ -390,3 +390,40 @@ def test_the_attention_flag_reaches_the_engine_config() -> None:
     assert config().attention is None
     assert config("--attention", "flex").attention == "flex"
     assert config("--attention", "sdpa").attention == "sdpa"
+
+
+def test_flex_attention_given_up_during_the_runs_is_in_the_results(
+    tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    """``--attention flex`` where FlexAttention fails only once the timed runs have begun (a shape
+    first compiled mid-run): the fast path's detail is taken again after the runs, so the JSON
+    and the log say it was given up, and why."""
+    from decoding.fast import model as fast_model
+
+    failing = False
+    real_flex, real_run = fast_model._flex_attention, gpu.run_engine
+
+    def flex(*args: Any) -> Any:
+        if failing:
+            raise RuntimeError("compiled mid-run")
+        return real_flex(*args)
+
+    def run_engine(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failing
+        failing = True
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(fast_model, "_flex_attention", flex)
+    monkeypatch.setattr(gpu, "run_engine", run_engine)
+    out = tmp_path / "gpu"
+    assert gpu.main([
+        "--quick", "--out", str(out), "--targets", "tiny-s", "--prompts", "1",
+        "--max-new-tokens", "4", "--alphas", "0", "--skip", "hf_target,hf_assisted,concurrency",
+        "--budget-s", "600", "--attention", "flex",
+    ]) == 0
+    detail = json.loads((out / gpu.RESULTS_JSON).read_text())["targets"]["tiny-s"][
+        "fast_path_detail"]
+    assert detail["target"]["attention"] == "sdpa"  # the draft only if it drafted since
+    assert "compiled mid-run" in detail["target"]["flex_failure"]
+    table = capsys.readouterr().out
+    assert "FlexAttention given up, target: a forward of" in table

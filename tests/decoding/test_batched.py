@@ -276,6 +276,53 @@ def test_a_capture_that_fails_with_flex_attention_is_retried_without_it(pair) ->
     torch.testing.assert_close(logits, expected, rtol=0, atol=ATOL)
 
 
+class WarmedGraphs(EagerGraphs):
+    """Stand-ins that run each graph's forward once as they are built, as the real ones are
+    warmed up before their capture."""
+
+    def _capture(self, batch: int, width: int, kv_len: int, last_only: bool = False
+                 ) -> _Captured:
+        captured = super()._capture(batch, width, kv_len, last_only)
+        captured.graph.replay()
+        return captured
+
+
+@pytest.mark.parametrize("last_only", [False, True])
+def test_flex_attention_failing_while_graphs_are_built_builds_them_all_again_without_it(
+    pair, last_only: bool
+) -> None:
+    """FlexAttention that fails in a graph's warm-up (in a main graph, or in a last-only one)
+    is not given up there, forward by forward (the graphs built before would keep it): the
+    build fails, its scratch slot is given back, and the runner gives FlexAttention up and
+    builds every graph again with the default attention."""
+    runner = StaticRunner(pair[0], num_slots=3, max_len=64, attention="flex")
+    decoder = runner.decoder
+    free = runner.cache.free_slots
+    eager = decoder.pointwise.flex_attention
+    calls: list[bool] = []
+
+    def flex(*args, constant_batch=False):  # type: ignore[no-untyped-def]
+        calls.append(constant_batch)
+        if last_only and args[0].shape[2] < 2 * 8:  # the main graphs' (widths 1 and 3)
+            return eager(*args)
+        raise RuntimeError("no kernel for this shape")
+
+    decoder.pointwise = dataclasses.replace(decoder.pointwise, flex_attention=flex)
+    graphs = runner._capture_graphs(lambda: WarmedGraphs(
+        decoder, runner.cache, (1, 2), (1, 3), (64,), last_only_widths=(8,)))
+    assert graphs is not None and decoder.attention == "sdpa" and graphs.last_only_failure is None
+    assert runner.graph_failure is not None and runner.graph_failure.startswith("flex attention:")
+    assert "no kernel for this shape" in runner.graph_failure
+    assert decoder.flex_failure == "a CUDA graph capture failed with it"
+    assert calls and all(calls)  # every call while building: the batch a constant
+    assert runner.cache.free_slots == free - 1  # the second build's scratch slot only
+    runner.graphs = graphs
+    sequence = runner.new_sequence()
+    logits = runner.forward_batch([sequence], [[5, 6, 7]], [1])[0]
+    expected = pair[0](torch.tensor([[5, 6, 7]])).logits[0, -1:]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=ATOL)
+
+
 def test_a_catch_up_runs_as_graph_replays_of_the_widest(pair) -> None:
     """One sequence fed up to MAX_CATCH_UP_REPLAYS x the widest catch-up graph runs as that
     many replays (the last chunk padded into a graph); beyond that, or for more logits, or

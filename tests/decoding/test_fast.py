@@ -442,7 +442,7 @@ def test_a_flex_forward_that_fails_gives_it_up_and_runs_again(
     runner = StaticRunner(model, num_slots=2, max_len=32, pack_weights=False, attention="flex")
     failures: list[int] = []
 
-    def fail(*args: object) -> torch.Tensor:
+    def fail(*args: object, **kwargs: object) -> torch.Tensor:
         failures.append(1)
         raise RuntimeError("recompile limit")
 
@@ -456,6 +456,28 @@ def test_a_flex_forward_that_fails_gives_it_up_and_runs_again(
     assert decoder.flex_failure is not None and "recompile limit" in decoder.flex_failure
     sequence.forward(random_tokens(1, seed=5))
     assert failures == [1]
+
+
+@pytest.mark.parametrize("where", ["flex, out of memory", "silu_mul"])
+def test_a_forward_failing_for_other_reasons_keeps_flex_attention(where: str) -> None:
+    """Out of device memory in FlexAttention, or any failure elsewhere in the forward, is not
+    FlexAttention's: it is raised, once, and FlexAttention stays."""
+    runner = StaticRunner(three_to_a_kv_head(2), num_slots=2, max_len=32, pack_weights=False,
+                          attention="flex")
+    decoder = runner.decoder
+    calls: list[int] = []
+
+    def fail(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        if where == "silu_mul":
+            raise ValueError("not attention's")
+        raise torch.OutOfMemoryError("out of memory")
+
+    name = "flex_attention" if where.startswith("flex") else "silu_mul"
+    decoder.pointwise = dataclasses.replace(decoder.pointwise, **{name: fail})
+    with pytest.raises(torch.OutOfMemoryError if name == "flex_attention" else ValueError):
+        runner.new_sequence().forward(random_tokens(5, seed=6))
+    assert calls == [1] and decoder.attention == "flex" and decoder.flex_failure is None
 
 
 def test_prefill(model) -> None:
