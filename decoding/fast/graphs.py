@@ -108,20 +108,6 @@ class DecodeGraphs:
     ) -> None:
         """Take the scratch slot and capture every shape (the decoder building graphs: see
         :meth:`FastDecoder.building_graphs`)."""
-        with decoder.building_graphs():
-            self._capture_all(decoder, cache, batch_sizes, widths, kv_lengths, single_widths,
-                              last_only_widths)
-
-    def _capture_all(
-        self,
-        decoder: FastDecoder,
-        cache: StaticKVCache,
-        batch_sizes: Sequence[int],
-        widths: Sequence[int],
-        kv_lengths: Sequence[int],
-        single_widths: Sequence[int],
-        last_only_widths: Sequence[int] = (),
-    ) -> None:
         self.decoder = decoder
         self.cache = cache
         # Capture and replay use the *current* device's stream, which for a model on cuda:1
@@ -141,7 +127,8 @@ class DecodeGraphs:
             self.batch_sizes = sorted({1, *self.batch_sizes})
         self._graphs: dict[tuple[int, int, int], _Captured] = {}
         try:
-            with torch.inference_mode(), torch.cuda.device(self._device_index):
+            with (torch.inference_mode(), torch.cuda.device(self._device_index),
+                  decoder.building_graphs()):
                 for kv_len in self.kv_lengths:
                     for batch, batch_widths in self.widths.items():
                         for width in batch_widths:
@@ -160,7 +147,8 @@ class DecodeGraphs:
         self.last_only_failure: str | None = None
         """Why capturing the last-only graphs failed, where it did (the others are kept)."""
         try:
-            with torch.inference_mode(), torch.cuda.device(self._device_index):
+            with (torch.inference_mode(), torch.cuda.device(self._device_index),
+                  decoder.building_graphs()):
                 for batch, batch_widths in self.last_only_widths.items():
                     for width in batch_widths:
                         fitting = [n for n in self.kv_lengths if n >= width]
