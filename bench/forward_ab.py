@@ -93,6 +93,9 @@ def variant_settings(decoder: FastDecoder, variant: str) -> Iterator[None]:
     """``decoder`` set up as ``variant`` for the duration (see the module's docstring)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
+    if variant.startswith("flex") and decoder.device.type == "cuda" and not decoder.compiled:
+        raise ValueError("uncompiled, FlexAttention is PyTorch's reference, which computes every "
+                         "score: FastDecoder does not use it on CUDA")
     factor, pointwise, attention, flex_failure = (
         fast_model.DIRECT_READ_FACTOR, decoder.pointwise, decoder.attention, decoder.flex_failure)
     try:

@@ -333,19 +333,23 @@ def _placement(
     key_positions: torch.Tensor,
     group: int,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    masked: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What every layer of one forward shares, from each row's start [B], the offsets
     0 .. T-1 of a row's tokens [T] and the attended positions 0 .. kv_len-1 [kv_len] (the
     width and the attended length given as tensors' sizes, not as numbers, so that a compiled
     function treats them as sizes that vary, see :class:`_Pointwise`): the positions [B, T];
     the rotary cos and sin [B, T, 1, D] in ``dtype`` (computed in float32, as transformers
-    does); and the attention mask [B, 1, G*T, kv_len], True where a query (stacked g-major
-    like the queries, see :func:`_split_rotate`) may attend."""
+    does); and, unless not ``masked`` (FlexAttention masks by its own function), the
+    attention mask [B, 1, G*T, kv_len], True where a query (stacked g-major like the queries,
+    see :func:`_split_rotate`) may attend."""
     positions = starts[:, None] + offsets  # [B, T]
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
     angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # [B, T, 1, D]
-    query_positions = positions.repeat(1, group)  # [B, G*T]
-    mask = key_positions <= query_positions[:, None, :, None]
+    mask = None
+    if masked:
+        query_positions = positions.repeat(1, group)  # [B, G*T]
+        mask = key_positions <= query_positions[:, None, :, None]
     return positions, angles.cos().to(dtype), angles.sin().to(dtype), mask
 
 
@@ -445,10 +449,15 @@ def _flex_varying(constant_batch: bool, *args: torch.Tensor) -> tuple[torch.Tens
     the tiles, and the batch unless ``constant_batch`` and there are fewer than 128 stacked
     queries a row. There FlexAttention's decoding kernel runs, which needs the batch to be a
     constant: one compiled version per batch size, so only for the CUDA graphs' few batch
-    sizes (``constant_batch`` while they are built). At 128 or more (prefills, long catch-ups)
+    sizes (``constant_batch`` while they are built; marked static, since a version compiled
+    with the batch varying would otherwise be taken). At 128 or more (prefills, long catch-ups)
     its general kernel runs, and so it does for an eager forward at any batch size."""
     query, keys, values, positions, tiles, indices = args
-    batch = () if constant_batch and query.shape[2] < 128 else (0,)
+    batch: tuple[int, ...] = (0,)
+    if constant_batch and query.shape[2] < 128:
+        batch = ()
+        for tensor in args:
+            torch._dynamo.mark_static(tensor, 0)
     return (_vary(query, *batch, 2), _vary(keys, *batch, 2), _vary(values, *batch, 2),
             _vary(positions, *batch, 1), _vary(tiles, *batch, 2), _vary(indices, *batch, 2, 3))
 
@@ -500,7 +509,7 @@ class _Pointwise:
     split_rotate: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[..., torch.Tensor]
     masked_softmax: Callable[..., torch.Tensor]
-    placement: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    placement: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
     flex_blocks: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     flex_attention: Callable[..., torch.Tensor]
     rotate_store: Callable[..., torch.Tensor] | None = None
@@ -557,9 +566,9 @@ class _Pointwise:
             silu_mul=lambda gate_up: silu_mul(_vary(gate_up, 0)),
             masked_softmax=lambda scores, mask, scale: masked_softmax(
                 _vary(scores, 0, 2, 3), _vary(mask, 0, 2, 3), scale),
-            placement=lambda starts, inv_freq, offsets, key_positions, group, dtype: placement(
-                _vary(starts, 0), inv_freq, _vary(offsets, 0), _vary(key_positions, 0), group,
-                dtype),
+            placement=lambda starts, inv_freq, offsets, key_positions, group, dtype, masked=True:
+            placement(_vary(starts, 0), inv_freq, _vary(offsets, 0), _vary(key_positions, 0),
+                      group, dtype, masked),
             flex_blocks=lambda positions, key_positions, group: blocks(
                 _vary(positions, 0, 1), _vary(key_positions, 0), group),
             flex_attention=lambda query, keys, values, positions, tiles, indices,
@@ -607,14 +616,17 @@ class _Pointwise:
         kv_len = 256
         positions = torch.arange(kv_len, device=device)
         with torch.inference_mode():
-            keys = torch.ones(2, kv_heads, kv_len, dim, device=device, dtype=dtype)
             for batch in (1, 2):
+                rows = torch.ones(batch, kv_heads, 2, kv_len, dim, device=device, dtype=dtype)
                 for width in (1, 2, -(-128 // group)):
                     blocks = self.flex_blocks(
                         (positions[:width] + kv_len - width).repeat(batch, 1), positions, group)
                     query = torch.ones(batch, kv_heads, group * width, dim, device=device,
                                        dtype=dtype)
-                    self.flex_attention(query, keys[:batch], keys[:batch], *blocks)
+                    # K and V as the forward reads them: views of one gathered buffer; the
+                    # decoding kernel's widths with the batch constant, as graphs have it
+                    self.flex_attention(query, rows[:, :, 0], rows[:, :, 1], *blocks,
+                                        constant_batch=width < 3)
 
 
 DIRECT_READ_FACTOR = 3
@@ -893,26 +905,30 @@ class FastDecoder:
         ops = self.pointwise
         # GQA without repeating K/V: the G query heads that share a KV head are stacked along
         # the query axis ([B, Hkv, G*T, D]), so each row attends with mask[b] for its position.
+        flex = self.attention == "flex"
         positions, cos, sin, mask = ops.placement(
             starts, self.inv_freq, cache.positions[:width], cache.positions[:kv_len],
-            self.num_heads // self.num_kv_heads, self.dtype,
+            self.num_heads // self.num_kv_heads, self.dtype, not flex,
         )
         rotary = (cos, sin)
         place = _Placement(
             slots, positions, host_row,
             _direct_read(len(slots), width, cache.num_slots, host_row),
         )
-        attend: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor] = mask
-        if self.attention == "flex":  # each row's positions and its key tiles
+        attend: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        if flex:  # each row's positions and its key tiles
             rows = positions
             if place.direct:  # every slot's; -1 (nothing attended) where no row of the batch is
                 rows = positions.new_full((cache.num_slots, width), -1).index_copy(
                     0, slots, positions)
             attend = _flexibly(ops.flex_blocks, rows, cache.positions[:kv_len],
                                self.num_heads // self.num_kv_heads)
-        elif place.direct:  # each slot's mask, where the batch's rows are; elsewhere position 0
-            attend = (cache.positions[:kv_len] == 0).expand(
-                cache.num_slots, *mask.shape[1:]).index_copy(0, slots, mask)
+        else:
+            assert mask is not None
+            attend = mask
+            if place.direct:  # each slot's mask, where the batch's rows are; elsewhere position 0
+                attend = (cache.positions[:kv_len] == 0).expand(
+                    cache.num_slots, *mask.shape[1:]).index_copy(0, slots, mask)
         # The residual stream is [N = B*T, hidden]: the elementwise functions then see one
         # size that varies (1 or more), not two, which halves torch.compile's specialisations.
         x = F.embedding(tokens.reshape(-1), self.embed)  # [N, hidden]

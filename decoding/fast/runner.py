@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from decoding.fast.model import FastDecoder
+from decoding.fast.model import FastDecoder, FlexFailed
 from decoding.transfer import to_device
 
 if TYPE_CHECKING:
@@ -120,19 +120,26 @@ class StaticRunner:
     def _capture_graphs(self, capture: Callable[[], DecodeGraphs]) -> DecodeGraphs | None:
         """``capture()``'s graphs; where it fails, without them. Capturing is the first call
         of the compiled functions at the real shapes, so a failure may be theirs, and an eager
-        forward would call them too. So, where it fails, the newest thing that could have
-        failed is given up and capturing is tried again, one at a time: FlexAttention (for the
-        device's default attention), then the K/V store compiled into the rotation (the one compiled
-        function that writes into the cache), then compiling at all. What failed is kept in
-        ``graph_failure``."""
+        forward would call them too. So, where it fails, one thing that could have failed is
+        given up and capturing is tried again, one at a time: FlexAttention first where its own
+        functions raised (:class:`~decoding.fast.model.FlexFailed`); then the K/V store compiled
+        into the rotation (the one compiled function that writes into the cache); then
+        FlexAttention whatever raised (a capture's failure need not surface inside the call
+        that caused it); then compiling at all. What failed is kept in ``graph_failure``."""
         decoder = self.decoder
+        failure, flex_failed = "", False
+
+        def give_up_flex() -> None:
+            decoder.give_up_flex(f"a CUDA graph capture failed with it: {failure}")
+
+        flex_on = "with FlexAttention, so it is given up"
         fallbacks = (
-            (lambda: decoder.attention == "flex",
-             lambda: decoder.give_up_flex("a CUDA graph capture failed with it"),
-             "flex attention", "with FlexAttention, so it is given up"),
+            (lambda: decoder.attention == "flex" and flex_failed, give_up_flex,
+             "flex attention", flex_on),
             (lambda: decoder.pointwise.rotate_store is not None, decoder.store_apart,
              "fused store", "with the K/V store compiled into the rotation, so K and V are "
              "stored apart from now on"),
+            (lambda: decoder.attention == "flex", give_up_flex, "flex attention", flex_on),
             (lambda: decoder.compiled, decoder.run_eagerly, "compiled",
              "with the compiled functions, so they run uncompiled from now on"),
         )
@@ -141,7 +148,7 @@ class StaticRunner:
         try:
             return capture()
         except Exception as exc:  # out of memory, compile errors, a recompile limit hit
-            failure = repr(exc)
+            failure, flex_failed = repr(exc), isinstance(exc, FlexFailed)
         for applies, give_up, label, what in fallbacks:
             if not applies():
                 continue
@@ -151,7 +158,7 @@ class StaticRunner:
             try:
                 return capture()
             except Exception as exc:
-                failure = repr(exc)
+                failure, flex_failed = repr(exc), isinstance(exc, FlexFailed)
         log.warning("CUDA graph capture failed, so every forward runs eagerly: %s", failure)
         self._add_failure(f"uncompiled: {failure}" if self.graph_failure else failure)
         return None

@@ -62,6 +62,12 @@ def test_store_apart_sdpa_and_flex_change_the_decoder_for_their_duration() -> No
     with forward_ab.variant_settings(decoder, "flex-in-place"):
         assert decoder.attention == "flex" and fast_model.DIRECT_READ_FACTOR > 1 << 10
     assert decoder.attention == "matmul" and fast_model.DIRECT_READ_FACTOR == 3
+    decoder.device, decoder.compiled = torch.device("cuda"), False  # as with --compile off
+    with pytest.raises(ValueError, match="PyTorch's reference"), forward_ab.variant_settings(
+        decoder, "flex"
+    ):
+        pass
+    assert decoder.attention == "matmul"
     with pytest.raises(ValueError, match="unknown variant"), forward_ab.variant_settings(
         decoder, "other"
     ):

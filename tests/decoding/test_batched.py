@@ -20,7 +20,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from decoding.batched import plain_steps_batch, speculative_step_batch
 from decoding.fast.cache import StaticKVCache
 from decoding.fast.graphs import DecodeGraphs, _Captured, end_failed_capture
-from decoding.fast.model import FastDecoder, _rotate_store
+from decoding.fast.model import FastDecoder, FlexFailed, _rotate_store
 from decoding.fast.runner import StaticRunner
 from decoding.params import SamplingParams
 from decoding.speculative import SequenceState, plain_steps, speculative_step
@@ -253,22 +253,33 @@ def test_a_capture_that_fails_with_the_fused_store_is_retried_with_it_apart(pair
     assert other.graph_failure.startswith("fused store: ") and "; compiled: " in other.graph_failure
 
 
-def test_a_capture_that_fails_with_flex_attention_is_retried_without_it(pair) -> None:
+@pytest.mark.parametrize("error", [FlexFailed, RuntimeError])
+def test_a_capture_that_fails_with_flex_attention_is_retried_without_it(pair, error) -> None:
     """Where capturing fails while attention is FlexAttention, the decoder gives it up (for the
-    device's default, here SDPA; on CUDA the two matrix products), everything else as it was
-    (here the fused store and "compiled"), and capturing is tried again; FlexAttention is the
-    first thing given up."""
+    device's default, here SDPA; on CUDA the two matrix products) and capturing is tried again:
+    first of all where FlexAttention's own functions raised (the fused store and "compiled"
+    kept); where something else raised, after the fused store (which is then apart too) and
+    before compiling (kept)."""
     runner = StaticRunner(pair[0], num_slots=3, max_len=64, attention="flex")
     decoder = runner.decoder
     decoder.compiled = True  # as torch.compile leaves it (not compiled here: CPU time)
     decoder.pointwise = dataclasses.replace(decoder.pointwise, rotate_store=_rotate_store)
     graphs = runner._capture_graphs(lambda: _FailingGraphs(
-        lambda d: d.attention == "flex", decoder, runner.cache, (1, 2), (1,), (64,)))
-    assert graphs is not None and decoder.attention == "sdpa"
-    assert decoder.flex_failure == "a CUDA graph capture failed with it"
-    assert decoder.compiled and decoder.pointwise.rotate_store is _rotate_store
-    assert runner.graph_failure is not None and runner.graph_failure.startswith("flex attention:")
-    assert "; " not in runner.graph_failure
+        lambda d: d.attention == "flex", decoder, runner.cache, (1, 2), (1,), (64,),
+        error=error))
+    assert graphs is not None and decoder.attention == "sdpa" and decoder.compiled
+    assert decoder.flex_failure == (
+        f"a CUDA graph capture failed with it: {error.__name__}('BackendCompilerFailed "
+        "(stand-in)')")
+    assert runner.graph_failure is not None
+    if error is FlexFailed:
+        assert decoder.pointwise.rotate_store is _rotate_store
+        assert runner.graph_failure.startswith("flex attention:") and "; " not in (
+            runner.graph_failure)
+    else:
+        assert decoder.pointwise.rotate_store is None
+        assert runner.graph_failure.startswith("fused store:")
+        assert "; flex attention: " in runner.graph_failure
     runner.graphs = graphs
     sequence = runner.new_sequence()
     logits = runner.forward_batch([sequence], [[5, 6, 7]], [1])[0]
@@ -313,7 +324,8 @@ def test_flex_attention_failing_while_graphs_are_built_builds_them_all_again_wit
     assert graphs is not None and decoder.attention == "sdpa" and graphs.last_only_failure is None
     assert runner.graph_failure is not None and runner.graph_failure.startswith("flex attention:")
     assert "no kernel for this shape" in runner.graph_failure
-    assert decoder.flex_failure == "a CUDA graph capture failed with it"
+    assert decoder.flex_failure is not None and decoder.flex_failure.startswith(
+        "a CUDA graph capture failed with it: FlexFailed(")
     assert calls and all(calls)  # every call while building: the batch a constant
     assert runner.cache.free_slots == free - 1  # the second build's scratch slot only
     runner.graphs = graphs

@@ -421,15 +421,50 @@ def test_the_flex_start_up_run_covers_both_kernels_at_the_models_sizes() -> None
     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     eager = fast_model._Pointwise.eager()
 
-    def recorded(query, keys, values, *blocks):  # type: ignore[no-untyped-def]
-        shapes.append((tuple(query.shape), tuple(keys.shape)))
+    def recorded(query, keys, values, *blocks, constant_batch=False):  # type: ignore[no-untyped-def]
+        # K and V as a forward gives them: views of one buffer, not one tensor twice
+        assert keys is not values and keys.untyped_storage() is values.untyped_storage()
+        shapes.append((tuple(query.shape), tuple(keys.shape), constant_batch))
         return eager.flex_attention(query, keys, values, *blocks)
 
     ops = dataclasses.replace(eager, flex_attention=recorded)
     ops.smoke_test_flex(torch.device("cpu"), torch.float32, kv_heads=2, group=7, dim=64)
-    assert shapes == [((batch, 2, 7 * width, 64), (batch, 2, 256, 64))
+    assert shapes == [((batch, 2, 7 * width, 64), (batch, 2, 256, 64), width < 19)
                       for batch in (1, 2) for width in (1, 2, 19)]
     assert 7 * 19 >= 128 > 7 * 2
+
+
+def test_graph_building_compiles_flex_attention_with_the_batch_a_constant() -> None:
+    """While graphs are built the decoding kernel's inputs have a constant batch, even where a
+    version with the batch varying (an eager forward's) was compiled before, which torch.compile
+    would otherwise take; eager forwards let it vary. Recorded by a backend that runs what it is
+    given eagerly."""
+    torch._dynamo.reset()
+    batches: list[object] = []
+
+    def record(graph_module: torch.fx.GraphModule, example_inputs: list[object]):
+        for node in graph_module.graph.nodes:
+            if node.op == "placeholder" and node.name == "l_query_":
+                batches.append(node.meta["example_value"].shape[0])
+        return graph_module.forward
+
+    ops = fast_model._Pointwise.compiled(backend=record)
+    positions = torch.arange(64)
+
+    def call(batch: int, constant_batch: bool) -> None:
+        rows = torch.ones(batch, 2, 2, 64, 16)
+        blocks = fast_model._flex_blocks(positions[63:].repeat(batch, 1), positions, 3)
+        with torch.inference_mode():
+            ops.flex_attention(torch.ones(batch, 2, 3, 16), rows[:, :, 0], rows[:, :, 1],
+                               *blocks, constant_batch=constant_batch)
+
+    call(2, False)
+    call(3, False)  # the same version: the batch varies
+    call(4, True)  # a new one, for 4 rows only
+    call(4, True)
+    call(5, False)  # the varying one again
+    assert len(batches) == 2
+    assert not isinstance(batches[0], int) and batches[1] == 4
 
 
 def test_a_flex_forward_that_fails_gives_it_up_and_runs_again(
