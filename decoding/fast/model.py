@@ -383,6 +383,12 @@ ATTENTIONS = ("matmul", "sdpa", "flex")
 """How :class:`FastDecoder` attends: :func:`_matmul_attention`, one
 ``scaled_dot_product_attention`` call, or :func:`_flex_attention`."""
 
+
+def default_attention(device: torch.device) -> str:
+    """The attention :class:`FastDecoder` uses on ``device`` unless told otherwise, and where
+    FlexAttention is given up."""
+    return "matmul" if device.type == "cuda" else "sdpa"
+
 FLEX_BLOCK = 128
 """FlexAttention's tile, for queries and keys alike (its default): the block mask gives each
 tile of 128 stacked queries the tiles of key positions up to the last position one of them
@@ -723,7 +729,7 @@ class FastDecoder:
         self.device = model.device
         self.dtype = model.dtype
         if attention is None:
-            attention = "matmul" if self.device.type == "cuda" else "sdpa"
+            attention = default_attention(self.device)
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         self.attention = attention
@@ -803,7 +809,7 @@ class FastDecoder:
     def give_up_flex(self, reason: str) -> None:
         """Attend as this device does by default from now on, not by FlexAttention (after a
         failure that may have been FlexAttention's), and say why."""
-        self.attention = "matmul" if self.device.type == "cuda" else "sdpa"
+        self.attention = default_attention(self.device)
         self.flex_failure = reason if self.flex_failure is None else (
             f"{self.flex_failure}; {reason}")
         log.warning("FlexAttention given up, attention is %s from now on: %s", self.attention,
