@@ -29,6 +29,7 @@ from decoding.clock import StepClock
 from decoding.fast.runner import MAX_CATCH_UP_REPLAYS, PAD_TOKEN
 from decoding.logprobs import logprob_rows, unpack
 from decoding.params import TokenLogprob
+from decoding.penalties import Drafted
 from decoding.sampling import (
     Acceptance,
     accept_sampled_rows,
@@ -113,7 +114,9 @@ def plain_steps_batch(
     scored: list[torch.Tensor] = []  # each step's logprob rows of the requests that want them
     for _ in range(steps):
         logits = target.forward_packed(sequences, pending, [1] * len(states), transient=True)
-        tokens = _draw(logits, states, [[] for _ in states])
+        so_far = torch.stack(chosen, dim=1) if chosen else None  # [B, steps taken]
+        tokens = _draw(logits, states, [[] for _ in states],
+                       [None if so_far is None else so_far[k] for k in range(len(states))])
         chosen.append(tokens)
         if wanting:  # read before the next forward, which may overwrite ``logits``
             picked = _subset(wanting, len(states), logits.device)
@@ -183,6 +186,14 @@ class _Drafts:
     probs: list[list[torch.Tensor]]
     host: list[list[int]] | None = None
     chosen: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    drawn: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    """Each penalized row's drawn tokens so far, each [1] on the device (the penalties of its
+    next position follow them)."""
+
+    def so_far(self, i: int) -> list[int] | list[torch.Tensor]:
+        """Row i's draft tokens drawn so far, on the host or on the device (for its
+        penalties; the row's own only where it has penalties)."""
+        return self.host[i] if self.host is not None else self.drawn.get(i, [])
 
     def verify_input(
         self, states: list[SequenceState]
@@ -252,9 +263,13 @@ def _propose(
         logits = draft.forward_packed(  # [len(rows), vocab], read before the next forward
             [states[i].draft for i in rows], pending, [1] * len(rows), transient=True
         )
-        tokens = _draw(logits, [states[i] for i in rows], [drafts.probs[i] for i in rows])
+        tokens = _draw(logits, [states[i] for i in rows], [drafts.probs[i] for i in rows],
+                       [drafts.so_far(i) for i in rows])
         if choose is None:
             drafts.chosen.append((rows, tokens))
+            for k, i in enumerate(rows):
+                if states[i].penalties is not None:
+                    drafts.drawn.setdefault(i, []).append(tokens[k : k + 1])
         else:
             assert drafts.host is not None
             for i in rows:
@@ -310,12 +325,15 @@ def _draw(
     logits: torch.Tensor,
     states: list[SequenceState],
     probs: list[list[torch.Tensor]],
+    drawn: Sequence[Drafted],
 ) -> torch.Tensor:
     """:func:`decoding.speculative.draw` for every row of ``logits`` [R, vocab] (state k's
-    row k), with one operation for all rows where it can: one argmax for the greedy rows,
-    :func:`_processed` and :func:`sample_rows` for the sampled ones (each from its own
-    generator, in row order). Returns the tokens [R] on the device, not waiting for them. A
-    sampled row's probabilities [1, vocab] go on ``probs[k]``."""
+    row k, after its sequence and then ``drawn[k]``), with one operation for all rows where it
+    can: one argmax for the greedy rows, :func:`_processed` and :func:`sample_rows` for the
+    sampled ones (each from its own generator, in row order). Returns the tokens [R] on the
+    device, not waiting for them. A sampled row's probabilities [1, vocab] go on
+    ``probs[k]``."""
+    logits = _scored(logits, [(k, k + 1) for k in range(len(states))], states, drawn)
     greedy = [state.sampling.greedy for state in states]
     if all(greedy):
         return logits.argmax(-1)
@@ -329,6 +347,27 @@ def _draw(
     if len(sampled) < len(states):  # greedy rows too: their argmax, the others' draws
         chosen = logits.argmax(-1).index_copy_(0, to_device(sampled, logits.device), chosen)
     return chosen
+
+
+def _scored(
+    logits: torch.Tensor,
+    spans: Sequence[tuple[int, int]],
+    states: Sequence[SequenceState],
+    drafted: Sequence[Drafted],
+) -> torch.Tensor:
+    """``logits`` as the requests choose from them: state k's rows ``logits[start:stop]``
+    penalized where it has penalties (:meth:`SequenceState.scored`, after ``drafted[k]``),
+    as a new float32 tensor; ``logits`` itself where no state has any. Penalties run request
+    by request (a few operations each), so they cost host work only where they are asked for."""
+    penalized = [k for k, state in enumerate(states) if state.penalties is not None]
+    if not penalized:
+        return logits
+    out = logits.float()
+    out = out.clone() if out is logits else out
+    for k in penalized:
+        start, stop = spans[k]
+        out[start:stop] = states[k].scored(logits[start:stop], drafted[k])
+    return out
 
 
 def _processed(
@@ -388,6 +427,7 @@ def _commit(
     results: list[Acceptance | None] = [None] * len(states)
     device = logits.device
     on_device = drafts.host is None and bool(drafts.chosen)
+    logits = _scored(logits, spans, states, [drafts.so_far(i) for i in range(len(states))])
     if not all(greedy):
         sampled = [i for i, is_greedy in enumerate(greedy) if not is_greedy]
         target_probs, _ = _processed(logits, spans, states)  # the sampled rows', in order

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from decoding.errors import InvalidRequestError
 
 MAX_TEMPERATURE = 2.0
+MAX_REPETITION_PENALTY = 10.0
+MAX_ADDITIVE_PENALTY = 2.0  # frequency and presence penalties, as OpenAI's API and vLLM bound them
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,11 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     top_k: int = 0  # 0 keeps the whole vocabulary
     seed: int | None = None  # None: the engine draws one, so the request is still self-contained
+    # Penalties on tokens already in the sequence, applied to the logits before temperature
+    # (greedy included), as vLLM and Hugging Face apply them (see decoding.penalties):
+    repetition_penalty: float = 1.0  # a logit of a prompt or output token: > 0 divided, else times
+    frequency_penalty: float = 0.0  # subtracted once per time a token is in the output
+    presence_penalty: float = 0.0  # subtracted once from a token that is in the output
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature):
@@ -37,10 +44,28 @@ class SamplingParams:
             raise InvalidRequestError("sampling.top_k", f"must be >= 0, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidRequestError("sampling.seed", "must fit in an unsigned 64-bit integer")
+        rp = self.repetition_penalty
+        if math.isnan(rp) or not 0.0 < rp <= MAX_REPETITION_PENALTY:
+            raise InvalidRequestError(
+                "sampling.repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY}], got {rp}"
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if math.isnan(value) or not -MAX_ADDITIVE_PENALTY <= value <= MAX_ADDITIVE_PENALTY:
+                raise InvalidRequestError(
+                    f"sampling.{name}",
+                    f"must be in [-{MAX_ADDITIVE_PENALTY}, {MAX_ADDITIVE_PENALTY}], got {value}",
+                )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from decoding.clock import StepClock
 from decoding.logprobs import logprob_rows, unpack
 from decoding.params import SamplingParams, TokenLogprob
+from decoding.penalties import Drafted, Penalties
 from decoding.runner import KVSequence
 from decoding.sampling import (
     Acceptance,
@@ -44,6 +45,17 @@ class SequenceState:
     # The alternatives per position to return with each output token's log-probability;
     # None: no log-probabilities (see decoding.logprobs).
     top_logprobs: int | None = None
+    # The request's penalties on tokens already in the sequence (None: it has none); the prompt
+    # is tokens[:penalties.prompt_length].
+    penalties: Penalties | None = None
+
+    def scored(self, logits: torch.Tensor, drafted: Drafted = None) -> torch.Tensor:
+        """``logits`` [n, vocab] as this request chooses from them: penalized (see
+        :meth:`decoding.penalties.Penalties.apply` for the rows and ``drafted``), else as
+        they are."""
+        if self.penalties is None:
+            return logits
+        return self.penalties.apply(logits, self.tokens, drafted)
 
 
 Proposer = Callable[[SequenceState, int], tuple[torch.Tensor, torch.Tensor | None]]
@@ -72,7 +84,7 @@ def propose(state: SequenceState, gamma: int) -> tuple[torch.Tensor, torch.Tenso
     draft_probs: list[torch.Tensor] = []
     for _ in range(gamma):
         logits = state.draft.forward(pending, num_logits=1)  # [1, vocab]
-        pending = draw(state, logits, draft_probs)
+        pending = draw(state, logits, draft_probs, draft_tokens)
         draft_tokens.append(pending)
     tokens = (torch.cat(draft_tokens) if draft_tokens
               else torch.empty(0, dtype=torch.long, device=state.draft.device))
@@ -80,11 +92,16 @@ def propose(state: SequenceState, gamma: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def draw(
-    state: SequenceState, logits: torch.Tensor, draft_probs: list[torch.Tensor]
+    state: SequenceState,
+    logits: torch.Tensor,
+    draft_probs: list[torch.Tensor],
+    drawn: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The draft's next token from its logits [1, vocab], as a [1] tensor on their device: the
-    argmax when greedy, else a sample from the processed distribution, whose probabilities
-    [1, vocab] go on ``draft_probs``."""
+    """The next token from logits [1, vocab] after the sequence and the tokens ``drawn`` since
+    (each [1], on the device), as a [1] tensor on their device: the argmax when greedy, else a
+    sample from the processed distribution, whose probabilities [1, vocab] go on
+    ``draft_probs``."""
+    logits = state.scored(logits, drawn)
     if state.sampling.greedy:
         return logits.argmax(-1)
     probs = processed_probs(logits, state.sampling)
@@ -114,6 +131,7 @@ def accept(
 ) -> tuple[Acceptance, list[int]]:
     """The acceptance, and the draft tokens on the host (read back with the target's choice
     where it can: greedy reads both in one copy)."""
+    target_logits = state.scored(target_logits, draft_tokens)
     if state.sampling.greedy:
         ids: list[int] = torch.cat([draft_tokens, target_logits.argmax(-1)]).tolist()
         gamma = len(draft_tokens)
@@ -161,7 +179,7 @@ def plain_steps(state: SequenceState, steps: int) -> StepResult:
     rows: list[torch.Tensor] = []
     for _ in range(steps):
         logits = state.target.forward(pending, num_logits=1)  # [1, vocab]
-        pending = draw(state, logits, [])
+        pending = draw(state, logits, [], chosen)
         chosen.append(pending)
         if state.top_logprobs is not None:
             rows.append(logprob_rows(logits, pending, state.top_logprobs))

@@ -31,6 +31,7 @@ from decoding.detokenize import IncrementalDetokenizer
 from decoding.errors import DeviceOutOfMemoryError
 from decoding.handle import RequestHandle, StepRecord
 from decoding.params import Chunk, FinishReason, GenerationRequest
+from decoding.penalties import Penalties
 from decoding.speculative import (
     Proposer,
     SequenceState,
@@ -334,6 +335,7 @@ class Stepper:
             generator=generator,
             proposer=self.proposer,
             top_logprobs=request.top_logprobs if request.logprobs else None,
+            penalties=Penalties.of(request.sampling, len(prompt)),
         )
 
     # ---- steps -----------------------------------------------------------------------------

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="in (0, 10]")
+    parser.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2]")
+    parser.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2]")
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument(
         "--stop-token-id", action="append", type=int, default=[], dest="stop_token_ids",
@@ -74,7 +77,8 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
         request.messages.add(role="user", content=args.prompt)
     else:
         request.prompt = args.prompt
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in ("temperature", "top_p", "top_k", "seed", "repetition_penalty",
+                 "frequency_penalty", "presence_penalty"):
         if getattr(args, name) is not None:
             setattr(request.sampling, name, getattr(args, name))
     if args.max_new_tokens is not None:

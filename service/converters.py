@@ -67,6 +67,15 @@ def to_request(
             top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
             top_k=sampling.top_k if sampling.HasField("top_k") else 0,
             seed=sampling.seed if sampling.HasField("seed") else None,
+            repetition_penalty=(
+                sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0
+            ),
+            frequency_penalty=(
+                sampling.frequency_penalty if sampling.HasField("frequency_penalty") else 0.0
+            ),
+            presence_penalty=(
+                sampling.presence_penalty if sampling.HasField("presence_penalty") else 0.0
+            ),
         ),
         max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else None,
         stop=tuple(message.stop),

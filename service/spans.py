@@ -39,6 +39,10 @@ def request_attributes(record: CallRecord, info: EngineInfo) -> dict[str, Any]:
         attributes["gen_ai.request.top_p"] = request.sampling.top_p
         if request.sampling.top_k:
             attributes["gen_ai.request.top_k"] = request.sampling.top_k
+        if request.sampling.frequency_penalty:
+            attributes["gen_ai.request.frequency_penalty"] = request.sampling.frequency_penalty
+        if request.sampling.presence_penalty:
+            attributes["gen_ai.request.presence_penalty"] = request.sampling.presence_penalty
         if request.max_new_tokens is not None:
             attributes["gen_ai.request.max_tokens"] = request.max_new_tokens
     if record.finish_reason is not None:

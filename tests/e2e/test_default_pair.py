@@ -16,7 +16,7 @@ import torch
 
 from decoding.engine import Engine, EngineConfig
 from decoding.models import ModelPair, load_pair
-from decoding.params import ChatMessage, GenerationRequest, SpeculationParams
+from decoding.params import ChatMessage, GenerationRequest, SamplingParams, SpeculationParams
 from service._proto.tandem.v1 import generation_pb2 as pb
 from tests.service.conftest import serve
 
@@ -110,6 +110,25 @@ async def test_fixed_gamma_and_speculation_off_agree(pair, engine) -> None:
         assert [[i for i, _ in lp.top] for lp in given] == reference.topk(2).indices.tolist()
 
 
+async def test_greedy_with_a_repetition_penalty_is_transformers_generate(pair, engine) -> None:
+    """Penalties on the real pair: the target's own greedy tokens under a repetition penalty,
+    as transformers' ``generate`` chooses them, at γ = 4 (the draft penalized alike)."""
+    ids = chat_ids(pair)
+    handle = engine.submit(GenerationRequest(
+        request_id="penalized", prompt_token_ids=tuple(ids), max_new_tokens=32,
+        sampling=SamplingParams(repetition_penalty=1.3), speculation=SpeculationParams(4)))
+    chunks = [c async for c in handle]
+    emitted = [t for c in chunks for t in c.token_ids]
+    with torch.inference_mode():
+        expected = pair.target.model.generate(
+            torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+            eos_token_id=list(pair.eos_token_ids), repetition_penalty=1.3,
+        )[0, len(ids):].tolist()
+    assert emitted == expected
+    assert emitted != target_greedy(pair, ids, 32)  # the penalty changed the output
+    assert chunks[-1].usage.accepted_draft_tokens > 0
+
+
 async def test_server_streams_the_same_text_as_unary(engine) -> None:
     served = await serve(engine)
     try:
@@ -124,3 +143,4 @@ async def test_server_streams_the_same_text_as_unary(engine) -> None:
     finally:
         await served.channel.close()
         await served.running.shutdown(grace=0)
+

@@ -110,6 +110,19 @@ def test_generate_flags_become_request_fields() -> None:
     assert not plain.speculation.HasField("num_speculative_tokens")
 
 
+def test_penalty_flags_become_request_fields() -> None:
+    """Each flag on its own reaches its own field (not another's); unset, none is sent."""
+    from service.client import build_request
+
+    flags = {"repetition_penalty": 1.25, "frequency_penalty": -0.5, "presence_penalty": 1.5}
+    for name, value in flags.items():
+        sampling = build_request(client_args("--" + name.replace("_", "-"), str(value))).sampling
+        assert [n for n in flags if sampling.HasField(n)] == [name]
+        assert getattr(sampling, name) == value
+    plain = build_request(client_args()).sampling
+    assert not any(plain.HasField(n) for n in flags)
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--max-new-tokens", "-1"], "--max-new-tokens must be in [0, 4294967295], got -1"),
     (["--num-speculative-tokens", "-1"], "--num-speculative-tokens must be in [0, "),

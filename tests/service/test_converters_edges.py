@@ -50,3 +50,18 @@ def test_usage_carries_every_field() -> None:
     assert list(out.accepted_by_position) == [2, 1]
     assert list(out.drafted_by_position) == [3, 3]
     assert abs(out.acceptance_rate - 0.5) < 1e-6
+
+
+def test_each_penalty_sent_reaches_the_engine_and_unset_is_its_default() -> None:
+    """Each penalty on its own, so that one copied into another's place, or read whether set
+    or not, shows; values a float32 holds exactly, so they compare equal."""
+    sent = {"repetition_penalty": 1.25, "frequency_penalty": -0.5, "presence_penalty": 1.5}
+    defaults = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
+    for name, value in sent.items():
+        message = pb.GenerateRequest(prompt="x")
+        setattr(message.sampling, name, value)
+        sampling = converters.to_request(message, "r", None).sampling
+        assert {n: getattr(sampling, n) for n in sent} == {**defaults, name: value}, name
+    unset = converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).sampling
+    assert {n: getattr(unset, n) for n in sent} == defaults
+    assert not unset.penalized

@@ -259,6 +259,27 @@ def _invalid_cases():
                           "sampling.top_p"),
         "negative top_k": (make(prompt="x", sampling=pb.SamplingParams(top_k=-3)),
                            "sampling.top_k"),
+        "repetition_penalty zero": (
+            make(prompt="x", sampling=pb.SamplingParams(repetition_penalty=0.0)),
+            "sampling.repetition_penalty"),
+        "repetition_penalty above 10": (
+            make(prompt="x", sampling=pb.SamplingParams(repetition_penalty=10.5)),
+            "sampling.repetition_penalty"),
+        "repetition_penalty NaN": (
+            make(prompt="x", sampling=pb.SamplingParams(repetition_penalty=math.nan)),
+            "sampling.repetition_penalty"),
+        "frequency_penalty below -2": (
+            make(prompt="x", sampling=pb.SamplingParams(frequency_penalty=-2.5)),
+            "sampling.frequency_penalty"),
+        "frequency_penalty above 2": (
+            make(prompt="x", sampling=pb.SamplingParams(frequency_penalty=2.5)),
+            "sampling.frequency_penalty"),
+        "presence_penalty below -2": (
+            make(prompt="x", sampling=pb.SamplingParams(presence_penalty=-2.5)),
+            "sampling.presence_penalty"),
+        "presence_penalty above 2": (
+            make(prompt="x", sampling=pb.SamplingParams(presence_penalty=2.5)),
+            "sampling.presence_penalty"),
         "max_new_tokens 0": (make(prompt="x", max_new_tokens=0), "max_new_tokens"),
         "max_new_tokens above limit": (make(prompt="x", max_new_tokens=101), "max_new_tokens"),
         "beyond the context window": (

@@ -102,6 +102,7 @@ async def test_span_tree_attributes_and_counters(request, pair_name) -> None:
     assert attrs["gen_ai.usage.output_tokens"] == 12
     assert attrs["gen_ai.request.max_tokens"] == 12
     assert attrs["gen_ai.request.temperature"] == 0.0
+    assert not {"gen_ai.request.frequency_penalty", "gen_ai.request.presence_penalty"} & set(attrs)
     assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("length",)
     assert attrs["tandem.request_id"] == reply.request_id
     drafted = o.counter("tandem.spec_decode.num_draft_tokens")
@@ -115,6 +116,23 @@ async def test_span_tree_attributes_and_counters(request, pair_name) -> None:
         assert attrs["tandem.acceptance_rate"] < 0.3
     assert o.counter("tandem.requests", grpc_code="OK") == 1
     assert o.counter("gen_ai.server.request.duration") > 0
+
+
+async def test_penalties_sent_are_span_attributes(same_pair) -> None:
+    """The two penalties the GenAI conventions name, each under its own name (values a float32
+    holds exactly); the repetition penalty has no such name and is not recorded."""
+    request = greedy()
+    request.sampling.repetition_penalty = 1.25
+    request.sampling.frequency_penalty = 0.5
+    request.sampling.presence_penalty = -0.25
+    async with Observed(same_pair) as o:
+        await o.served.stub.Generate(request)
+    (root,) = o.by_name("tandem.generate")
+    (server,) = o.by_name(SERVER_SPAN)
+    for attrs in (root.attributes, server.attributes):
+        assert attrs["gen_ai.request.frequency_penalty"] == 0.5
+        assert attrs["gen_ai.request.presence_penalty"] == -0.25
+        assert not [name for name in attrs if "repetition" in name]
 
 
 async def test_acceptance_by_position_is_per_drafted_position(same_pair) -> None:

@@ -1,0 +1,364 @@
+"""Repetition, frequency and presence penalties: the rule itself, greedy output against
+transformers' and against a loop that penalizes token by token, and the sampled output's
+distribution through speculative steps (one request and batched)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from decoding.batched import plain_steps_batch, speculative_step_batch
+from decoding.errors import InvalidRequestError
+from decoding.params import GenerationRequest, SamplingParams, SpeculationParams
+from decoding.penalties import Penalties
+from decoding.speculative import SequenceState, plain_steps, speculative_step
+from tests.conftest import make_engine
+
+PENALTIES = {
+    "repetition": SamplingParams(repetition_penalty=1.8),
+    "frequency": SamplingParams(frequency_penalty=0.9),
+    "presence": SamplingParams(presence_penalty=1.1),
+    "all": SamplingParams(repetition_penalty=1.3, frequency_penalty=0.6, presence_penalty=-0.4),
+}
+
+
+def penalized_by_loop(
+    logits: list[float], history: list[int], prompt_length: int, params: SamplingParams
+) -> list[float]:
+    """One position's logits penalized token by token, as the three rules are written."""
+    out = list(logits)
+    output = Counter(history[prompt_length:])
+    seen = set(history)
+    for token in range(len(out)):
+        if token in seen and params.repetition_penalty != 1.0:
+            rp = params.repetition_penalty
+            out[token] = out[token] / rp if out[token] > 0 else out[token] * rp
+        out[token] -= params.frequency_penalty * output[token]
+        out[token] -= params.presence_penalty * (output[token] > 0)
+    return out
+
+
+@pytest.mark.parametrize("name", list(PENALTIES))
+@pytest.mark.parametrize("form", ["host", "tensor", "tensors"])
+def test_each_row_is_penalized_for_the_tokens_before_it(name: str, form: str) -> None:
+    params = PENALTIES[name]
+    vocab = 9
+    tokens = [3, 1, 3, 7, 2, 2, 3]  # a prompt of 3, then 4 output tokens
+    drafted = [5, 2, 4, 12]  # 12 is outside this vocabulary: it counts for nothing
+    penalties = Penalties(params, prompt_length=3)
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    before = logits.clone()
+    given = {"host": drafted, "tensor": torch.tensor(drafted),
+             "tensors": [torch.tensor([t]) for t in drafted]}[form]
+    out = penalties.apply(logits, tokens, given)
+    assert torch.equal(logits, before)  # the raw logits stay (log-probabilities read them)
+    # 3 rows after 4 drafted tokens: the last follows all 4, the first 2 of them.
+    for row in range(3):
+        history = tokens + [t for t in drafted[: 2 + row] if t < vocab]
+        expected = penalized_by_loop(logits[row].tolist(), history, 3, params)
+        torch.testing.assert_close(out[row], torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_counts_follow_the_tokens_as_they_grow() -> None:
+    params = PENALTIES["all"]
+    penalties = Penalties(params, prompt_length=2)
+    tokens = [4, 4]
+    logits = torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
+    for token in [1, 6, 1, 4, 0]:
+        out = penalties.apply(logits, tokens)
+        expected = penalized_by_loop(logits[0].tolist(), tokens, 2, params)
+        torch.testing.assert_close(out[0], torch.tensor(expected), rtol=0, atol=1e-6)
+        tokens.append(token)
+    del tokens[4:]  # a failed step's tokens taken back
+    out = penalties.apply(logits, tokens)
+    expected = penalized_by_loop(logits[0].tolist(), tokens, 2, params)
+    torch.testing.assert_close(out[0], torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_rows_need_the_tokens_between_them() -> None:
+    with pytest.raises(ValueError, match="3 rows need at least 2"):
+        Penalties(PENALTIES["all"], 1).apply(torch.zeros(3, 4), [1, 2], [1])
+    assert Penalties.of(SamplingParams(), 3) is None  # nothing to do: no state kept
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"repetition_penalty": 0.0}, "sampling.repetition_penalty"),
+        ({"repetition_penalty": 10.5}, "sampling.repetition_penalty"),
+        ({"repetition_penalty": float("nan")}, "sampling.repetition_penalty"),
+        ({"frequency_penalty": -2.1}, "sampling.frequency_penalty"),
+        ({"frequency_penalty": float("nan")}, "sampling.frequency_penalty"),
+        ({"presence_penalty": 2.5}, "sampling.presence_penalty"),
+    ],
+)
+def test_invalid_penalties_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.field == field
+    for edge in ({"repetition_penalty": 10.0}, {"frequency_penalty": -2.0},
+                 {"presence_penalty": 2.0}):
+        assert SamplingParams(**edge).penalized  # the bounds themselves are taken
+
+
+# ---- greedy on tiny models, through the engine ---------------------------------------------
+
+PROMPT_IDS = (10, 57, 203, 99, 14, 250, 31, 57, 57)
+
+
+def greedy_by_loop(pair, prompt: tuple[int, ...], n: int, params: SamplingParams) -> list[int]:
+    """The target's own greedy tokens under ``params``' penalties: full forwards with no cache,
+    each position penalized by :func:`penalized_by_loop`."""
+    tokens = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = pair.target.model(torch.tensor([tokens])).logits[0, -1].float()
+            scores = penalized_by_loop(logits.tolist(), tokens, len(prompt), params)
+            tokens.append(max(range(len(scores)), key=scores.__getitem__))
+    return tokens[len(prompt):]
+
+
+async def _generate(engine, prompt, n, sampling, gamma, request_id="r", usage=None):
+    handle = engine.submit(GenerationRequest(
+        request_id=request_id, prompt_token_ids=prompt, max_new_tokens=n, sampling=sampling,
+        speculation=SpeculationParams(gamma)))
+    tokens = [t async for chunk in handle for t in chunk.token_ids]
+    if usage is not None:
+        usage.append(handle.usage)
+    return tokens
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+@pytest.mark.parametrize("gamma", [0, 3])
+@pytest.mark.parametrize("pair_name", ["same_pair", "different_pair"])
+async def test_greedy_with_a_repetition_penalty_is_transformers_generate(
+    request, pair_name: str, fast_path: str, gamma: int
+) -> None:
+    """Steps with γ = 0 go three at a time (plain steps, each fed the last one's token)."""
+    pair = dataclasses.replace(request.getfixturevalue(pair_name), eos_token_ids=())
+    engine = make_engine(pair, fast_path=fast_path, decode_steps=3)
+    usage: list = []
+    try:
+        output = await _generate(engine, PROMPT_IDS, 24, PENALTIES["repetition"], gamma,
+                                 usage=usage)
+    finally:
+        engine.close()
+    if pair_name == "same_pair" and gamma:
+        # A copy of the target as the draft, penalized alike (for the tokens it drafted before
+        # each position too), proposes exactly what the target keeps.
+        assert usage[0].accepted_draft_tokens == usage[0].draft_tokens > 0
+    with torch.inference_mode():
+        expected = pair.target.model.generate(
+            torch.tensor([PROMPT_IDS]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+            pad_token_id=0, repetition_penalty=1.8,
+        )[0, len(PROMPT_IDS):].tolist()
+    assert output == expected
+    assert len(set(output)) > 6  # the penalty is felt: unpenalized, this model repeats
+
+
+@pytest.mark.parametrize("pair_name", ["same_pair", "different_pair"])
+async def test_a_mixed_batch_with_penalties_is_exact_for_every_request(
+    request, pair_name: str
+) -> None:
+    """Rows with different penalties (and one with none) share batched steps, each row's
+    tokens the target's own greedy tokens under its own penalties."""
+    pair = dataclasses.replace(request.getfixturevalue(pair_name), eos_token_ids=())
+    engine = make_engine(pair, fast_path="on", max_concurrent_requests=4)
+    assert engine.batched
+    settings = [PENALTIES["all"], SamplingParams(), PENALTIES["frequency"],
+                PENALTIES["presence"]]
+    prompts = [PROMPT_IDS, (7, 8, 9, 7), tuple(range(20, 41)), (300, 12, 5, 77, 41)]
+    gammas = [2, 4, None, 0]
+
+    async def one(i: int) -> list[int]:
+        await asyncio.sleep(0.01 * i)
+        return await _generate(engine, prompts[i], 20, settings[i], gammas[i], f"r{i}")
+
+    try:
+        outputs = await asyncio.gather(*(one(i) for i in range(4)))
+    finally:
+        engine.close()
+    for prompt, params, output in zip(prompts, settings, outputs, strict=True):
+        assert output == greedy_by_loop(pair, prompt, 20, params)
+
+
+async def test_plain_steps_of_a_batch_with_penalties_are_exact(request) -> None:
+    """γ = 0 for every row: groups of batched plain steps, each row penalized for the tokens
+    the group chose before it."""
+    pair = dataclasses.replace(request.getfixturevalue("different_pair"), eos_token_ids=())
+    engine = make_engine(pair, fast_path="on", max_concurrent_requests=3, decode_steps=4)
+    assert engine.batched
+    settings = [PENALTIES["all"], PENALTIES["frequency"], PENALTIES["presence"]]
+    prompts = [PROMPT_IDS, (7, 8, 9, 7), (300, 12, 5, 77, 41)]
+    try:
+        outputs = await asyncio.gather(*(
+            _generate(engine, prompts[i], 17, settings[i], 0, f"r{i}") for i in range(3)))
+    finally:
+        engine.close()
+    for prompt, params, output in zip(prompts, settings, outputs, strict=True):
+        assert output == greedy_by_loop(pair, prompt, 17, params)
+
+
+# ---- sampled: the distribution, on hand-made models -----------------------------------------
+
+VOCAB = 5
+PROMPT = [0, 3]
+# Logits by position only (context-free models): the penalties alone make a position's
+# distribution depend on the tokens before it.
+TARGET_TABLE = torch.log(torch.tensor([[0.30, 0.25, 0.20, 0.15, 0.10],
+                                       [0.10, 0.35, 0.05, 0.30, 0.20],
+                                       [0.20, 0.20, 0.20, 0.20, 0.20]]))
+DRAFT_TABLE = torch.log(torch.tensor([[0.10, 0.40, 0.10, 0.20, 0.20],
+                                      [0.30, 0.10, 0.30, 0.10, 0.20],
+                                      [0.20, 0.20, 0.20, 0.20, 0.20]]))
+SAMPLED = SamplingParams(temperature=1.0, repetition_penalty=1.5, frequency_penalty=0.7,
+                         presence_penalty=0.4)
+
+
+class _TableSequence:
+    """A cache that holds only its length: the logits at position p are row p - len(PROMPT)
+    + 1 of a table (clamped to its last row)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table, self.length = table, len(PROMPT) - 1
+
+    def forward(self, tokens, num_logits: int = 1) -> torch.Tensor:
+        fed = len(tokens)
+        rows = [min(p - len(PROMPT) + 1, len(self.table) - 1)
+                for p in range(self.length, self.length + fed)]
+        self.length += fed
+        return self.table[rows[-num_logits:]]
+
+    def rollback(self, length: int) -> None:
+        self.length = length
+
+
+class _TableRunner:
+    """:class:`decoding.batched.BatchRunner` over table sequences."""
+
+    def forward_packed(self, sequences, tokens, num_logits, *, lengths=None, transient=False):
+        rows = []
+        for k, sequence in enumerate(sequences):
+            fed = tokens[k] if lengths is None else tokens[k, : lengths[k]]
+            rows.append(sequence.forward(fed, num_logits[k]))
+        return torch.cat(rows)
+
+
+def _state(generator: torch.Generator, target: torch.Tensor = TARGET_TABLE,
+           draft: torch.Tensor = DRAFT_TABLE, sampling: SamplingParams = SAMPLED
+           ) -> SequenceState:
+    return SequenceState(
+        tokens=list(PROMPT), target=_TableSequence(target),  # type: ignore[arg-type]
+        draft=_TableSequence(draft), sampling=sampling,  # type: ignore[arg-type]
+        generator=generator, penalties=Penalties.of(sampling, len(PROMPT)),
+    )
+
+
+# The same logits at every position: greedy, a model that would say token 0 for ever.
+REPEATING = torch.tensor([[2.0, 1.7, 1.1, 0.6, 0.2]])
+FREQUENCY = SamplingParams(frequency_penalty=0.8)
+
+
+@pytest.mark.parametrize("mode", ["plain", "plain_batch", "speculative", "speculative_batch"])
+def test_each_token_of_a_step_is_penalized_for_the_ones_before_it(mode: str) -> None:
+    """Greedy, five tokens in one step: plain steps (each fed the last one's token), or γ = 4
+    with the target's copy as the draft (which then proposes all five, drafting each token
+    penalized for the drafts before it)."""
+    states = [_state(torch.Generator(), REPEATING, REPEATING, FREQUENCY) for _ in range(2)]
+    for state in states:
+        state.top_logprobs = 1  # returned from the raw logits, not the penalized ones
+    runner = _TableRunner()
+    if mode == "plain":
+        results = [plain_steps(states[0], 5)]
+    elif mode == "plain_batch":
+        results = plain_steps_batch(states, 5, runner)  # type: ignore[arg-type]
+    elif mode == "speculative":
+        results = [speculative_step(states[0], 4)]
+    else:
+        results = speculative_step_batch(states, [4, 2], runner, runner)  # type: ignore[arg-type]
+    tokens = list(PROMPT)
+    for _ in range(5):
+        scores = penalized_by_loop(REPEATING[0].tolist(), tokens, len(PROMPT), FREQUENCY)
+        tokens.append(max(range(VOCAB), key=scores.__getitem__))
+    assert tokens[len(PROMPT):] == [0, 1, 0, 2, 1]
+    assert len(results[0].emitted) == 5
+    for result in results:
+        assert result.emitted == tokens[len(PROMPT):][: len(result.emitted)]
+        assert result.num_accepted == result.num_drafted  # every draft token kept
+        raw = torch.log_softmax(REPEATING[0], -1)
+        assert result.logprobs is not None
+        for token, logprob in zip(result.emitted, result.logprobs, strict=True):
+            assert logprob.logprob == pytest.approx(raw[token].item(), abs=1e-6)
+            assert logprob.top[0] == (0, pytest.approx(raw[0].item(), abs=1e-6))
+
+
+def _expected_pairs() -> torch.Tensor:
+    """P(first two output tokens = a, b), from the target's penalized distributions."""
+    def probs(row: int, history: list[int]) -> torch.Tensor:
+        scores = penalized_by_loop(TARGET_TABLE[row].tolist(), history, len(PROMPT), SAMPLED)
+        return torch.softmax(torch.tensor(scores), -1)
+
+    first = probs(0, PROMPT)
+    return torch.stack([first[a] * probs(1, [*PROMPT, a]) for a in range(VOCAB)])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_sampled_output_follows_the_targets_penalized_distribution(batched: bool) -> None:
+    """The first two tokens of γ = 2 steps, jointly: the second's distribution depends on the
+    first through the penalties, so a verify that penalized its second row without the draft
+    token before it would show here (by 0.31 in total variation), as would one that did not
+    penalize at all."""
+    generator = torch.Generator().manual_seed(0)
+    beside = torch.Generator().manual_seed(1)
+    runner = _TableRunner()
+    n = 5_000  # the least likely pair is then expected 6.4 times
+    counts = torch.zeros(VOCAB, VOCAB)
+    for _ in range(n):
+        state = _state(generator)
+        while len(state.tokens) < len(PROMPT) + 2:
+            if batched:  # beside another penalized request
+                other = _state(beside)
+                speculative_step_batch([state, other], [2, 1], runner, runner)  # type: ignore[arg-type]
+            else:
+                speculative_step(state, 2)
+        counts[state.tokens[len(PROMPT)], state.tokens[len(PROMPT) + 1]] += 1
+    expected = _expected_pairs().flatten() * n
+    _, p_value = chisquare(counts.flatten().numpy(), expected.numpy())
+    assert p_value > 0.001, (p_value, counts)
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+@pytest.mark.parametrize("gamma", [0, 3])
+async def test_log_probabilities_stay_the_targets_raw_ones(
+    request, fast_path: str, gamma: int
+) -> None:
+    """Penalties change the tokens, not the log-probabilities returned with them: those are
+    the target's raw ones, as without penalties (two requests on one engine; γ = 0 in groups
+    of plain steps). Each step path alone: the table-model test above."""
+    from tests.decoding.test_logprobs import assert_targets_own
+
+    pair = dataclasses.replace(request.getfixturevalue("same_pair"), eos_token_ids=())
+    engine = make_engine(pair, fast_path=fast_path, max_concurrent_requests=2, decode_steps=3)
+    prompts = [PROMPT_IDS, (7, 8, 9, 7)]
+
+    async def one(prompt):
+        return [c async for c in engine.submit(GenerationRequest(
+            request_id="r", prompt_token_ids=prompt, max_new_tokens=20,
+            sampling=PENALTIES["all"], speculation=SpeculationParams(gamma), logprobs=True,
+            top_logprobs=2))]
+
+    try:
+        outputs = await asyncio.gather(*(one(prompt) for prompt in prompts))
+    finally:
+        engine.close()
+    for prompt, chunks in zip(prompts, outputs, strict=True):
+        assert [t for c in chunks for t in c.token_ids] == greedy_by_loop(
+            pair, prompt, 20, PENALTIES["all"])
+        assert_targets_own(pair, prompt, chunks, top=2)
