@@ -45,8 +45,10 @@ class IncrementalDetokenizer:
             )
         )
 
-    def add(self, token_id: int) -> bool:
-        """Add one token; return True when it completes a stop string (text is cut before it)."""
+    def add(self, token_id: int, stop: bool = True) -> bool:
+        """Add one token; return True when it completes a stop string (text is cut before it).
+        ``stop`` False: no stop string ends the text here (the request's min_new_tokens);
+        a later token may still complete one that began here."""
         self._ids.append(token_id)
         window = self._decode(self._ids[self._prefix :])
         if window.startswith(self._prefix_text):
@@ -62,7 +64,7 @@ class IncrementalDetokenizer:
         seen = len(self._text.rstrip(REPLACEMENT))
         # The earliest match of any stop wins, each searched in the uncut text: one listed
         # later may start before, and end after, the start of another's match.
-        found = [text.find(stop, max(0, seen - len(stop) + 1)) for stop in self._stop]
+        found = [text.find(s, max(0, seen - len(s) + 1)) for s in self._stop] if stop else []
         matches = [at for at in found if at != -1]
         if matches:
             text, self.stopped = text[: min(matches)], True

@@ -7,6 +7,9 @@
   frequency penalty once for every time it is in the output, and by the presence penalty once
   if it is there at all.
 
+Before ``min_new_tokens`` output tokens, a request's ending tokens (EOS, stop_token_ids) get
+no probability at all (their logits -inf).
+
 Repetition first, then the other two, then temperature, top-k and top-p
 (:func:`decoding.sampling.processed_probs`), as vLLM orders them; greedy decoding takes the
 argmax of the penalized logits, as Hugging Face's ``generate`` does.
@@ -48,16 +51,29 @@ class Penalties:
     """One request's penalties and the counts they read, kept on the device and brought up to
     date with the request's tokens as they grow. Emitted tokens are final (a rollback drops only
     draft tokens, which are never counted here), so each is counted once; only where a failed
-    step's tokens are taken back are the counts made again."""
+    step's tokens are taken back are the counts made again.
+
+    Also the ban of ending tokens before ``min_output`` output tokens (a request's
+    ``min_new_tokens``): the ``banned`` ids (its EOS ids, unless it ignores them, and its
+    stop_token_ids) get no probability at an output position before that, as transformers'
+    ``MinNewTokensLengthLogitsProcessor`` and vLLM's ``min_tokens`` do."""
 
     params: SamplingParams
     prompt_length: int
+    banned: tuple[int, ...] = ()
+    min_output: int = 0
     _counts: dict[tuple[torch.device, int], _Counts] = field(default_factory=dict)
+    _banned: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, params: SamplingParams, prompt_length: int) -> Penalties | None:
-        """The request's penalties, or None where it has none."""
-        return cls(params, prompt_length) if params.penalized else None
+    def of(cls, params: SamplingParams, prompt_length: int, banned: Sequence[int] = (),
+           min_output: int = 0) -> Penalties | None:
+        """The request's penalties, or None where it has none (and no ban)."""
+        if not banned:
+            min_output = 0
+        if not params.penalized and not min_output:
+            return None
+        return cls(params, prompt_length, tuple(sorted(set(banned))), min_output)
 
     def apply(
         self, logits: torch.Tensor, tokens: Sequence[int], drafted: Drafted = None
@@ -68,21 +84,33 @@ class Penalties:
         tokens, or a draft position's one row and the tokens drafted before it."""
         rows, vocab = logits.shape
         device = logits.device
-        counts = self._synced(tokens, vocab, device)
         extra = _on_device(drafted, device)
-        output = counts.output.expand(rows, vocab)
         before = (0 if extra is None else len(extra)) - (rows - 1)  # what every row follows
         if before < 0:
             raise ValueError(f"{rows} rows need at least {rows - 1} drafted tokens")
+        out = logits.float()
+        if self.params.penalized:
+            out = self._penalized(out, tokens, extra, before)
+        # Output tokens before row j: those of ``tokens``, then before + j drafted ones.
+        held = min(rows, self.min_output - (len(tokens) - self.prompt_length + before))
+        if held > 0:
+            out = out.clone() if out is logits else out
+            out[:held, self._banned_ids(vocab, device)] = float("-inf")
+        return out if out is not logits else out.clone()
+
+    def _penalized(self, out: torch.Tensor, tokens: Sequence[int], extra: torch.Tensor | None,
+                   before: int) -> torch.Tensor:
+        rows, vocab = out.shape
+        counts = self._synced(tokens, vocab, out.device)
+        output = counts.output.expand(rows, vocab)
         if extra is not None and len(extra):
             # One-hot of each drafted token (ids outside this vocabulary count for nothing),
             # summed up to each row: row j follows the first before + j of them.
-            hot = torch.zeros(len(extra), vocab, device=device)
+            hot = torch.zeros(len(extra), vocab, device=out.device)
             hot.scatter_(1, extra.clamp(max=vocab - 1)[:, None],
                          (extra < vocab).float()[:, None])
             running = torch.cat([hot.new_zeros(1, vocab), hot.cumsum(0)])
             output = output + running[before:]
-        out = logits.float()
         p = self.params
         present = output > 0
         if p.repetition_penalty != 1.0:
@@ -93,7 +121,13 @@ class Penalties:
             out = out - p.frequency_penalty * output
         if p.presence_penalty != 0.0:
             out = out - p.presence_penalty * present.float()
-        return out if out is not logits else out.clone()
+        return out
+
+    def _banned_ids(self, vocab: int, device: torch.device) -> torch.Tensor:
+        key = (device, vocab)
+        if key not in self._banned:
+            self._banned[key] = to_device(_known(self.banned, vocab), device)
+        return self._banned[key]
 
     def _synced(self, tokens: Sequence[int], vocab: int, device: torch.device) -> _Counts:
         key = (device, vocab)

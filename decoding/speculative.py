@@ -45,8 +45,8 @@ class SequenceState:
     # The alternatives per position to return with each output token's log-probability;
     # None: no log-probabilities (see decoding.logprobs).
     top_logprobs: int | None = None
-    # The request's penalties on tokens already in the sequence (None: it has none); the prompt
-    # is tokens[:penalties.prompt_length].
+    # The request's penalties on tokens already in the sequence, and its ban of ending tokens
+    # before min_new_tokens (None: it has neither); the prompt is tokens[:prompt_length].
     penalties: Penalties | None = None
 
     def scored(self, logits: torch.Tensor, drafted: Drafted = None) -> torch.Tensor:

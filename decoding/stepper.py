@@ -335,7 +335,11 @@ class Stepper:
             generator=generator,
             proposer=self.proposer,
             top_logprobs=request.top_logprobs if request.logprobs else None,
-            penalties=Penalties.of(request.sampling, len(prompt)),
+            penalties=Penalties.of(
+                request.sampling, len(prompt),
+                banned=[*(() if request.ignore_eos else self.eos_token_ids),
+                        *request.stop_token_ids],
+                min_output=request.min_new_tokens),
         )
 
     # ---- steps -----------------------------------------------------------------------------
@@ -525,7 +529,9 @@ class Stepper:
 
     def _emit(self, running: RunningRequest, result: StepResult, start_ns: int) -> None:
         """Hand the step's tokens to the caller, stopping at EOS (unless the request ignores
-        it), a stop string, one of its stop_token_ids or the length, and record the step."""
+        it), a stop string, one of its stop_token_ids or the length, and record the step.
+        Before min_new_tokens no stop string counts (EOS and stop_token_ids cannot come: see
+        :class:`~decoding.penalties.Penalties`)."""
         finish: FinishReason | None = None
         emitted: list[int] = []
         request = running.request
@@ -534,7 +540,9 @@ class Stepper:
             running.output.append(token)
             if token in self.eos_token_ids and not request.ignore_eos:
                 finish = FinishReason.EOS
-            elif running.detokenizer.add(token) or token in request.stop_token_ids:
+            elif (running.detokenizer.add(token, stop=len(running.output)
+                                          >= request.min_new_tokens)
+                  or token in request.stop_token_ids):
                 finish = FinishReason.STOP
             elif len(running.output) >= running.prepared.max_new_tokens:
                 finish = FinishReason.LENGTH

@@ -67,7 +67,9 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
         )
     max_new = request.max_new_tokens
     if max_new is None:
-        return PreparedRequest(prompt_ids, min(limits.default_max_new_tokens, room))
+        max_new = min(limits.default_max_new_tokens, room)
+        _check_min_new_tokens(request.min_new_tokens, max_new, "the default max_new_tokens")
+        return PreparedRequest(prompt_ids, max_new)
     if not 1 <= max_new <= limits.max_new_tokens_limit:
         raise InvalidRequestError(
             "max_new_tokens", f"must be in [1, {limits.max_new_tokens_limit}], got {max_new}"
@@ -78,7 +80,15 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) exceeds the "
             f"context window of {limits.context_window}",
         )
+    _check_min_new_tokens(request.min_new_tokens, max_new, "max_new_tokens")
     return PreparedRequest(prompt_ids, max_new)
+
+
+def _check_min_new_tokens(min_new: int, max_new: int, bound: str) -> None:
+    if not 0 <= min_new <= max_new:
+        raise InvalidRequestError(
+            "min_new_tokens", f"must be in [0, {max_new}] ({bound}), got {min_new}"
+        )
 
 
 def _inputs_given(request: GenerationRequest) -> list[str]:

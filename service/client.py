@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     parser.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--min-new-tokens", type=int, default=None,
+                        help="no EOS, stop token or stop string before this many tokens")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -55,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _FIELD_RANGES = {  # what each integer flag's proto field can hold; the server judges the rest
-    "max_new_tokens": (0, 2**32 - 1), "num_speculative_tokens": (0, 2**32 - 1),
+    "max_new_tokens": (0, 2**32 - 1), "min_new_tokens": (0, 2**32 - 1),
+    "num_speculative_tokens": (0, 2**32 - 1),
     "seed": (0, 2**64 - 1), "top_k": (-(2**31), 2**31 - 1),
 }
 
@@ -83,6 +86,8 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
             setattr(request.sampling, name, getattr(args, name))
     if args.max_new_tokens is not None:
         request.max_new_tokens = args.max_new_tokens
+    if args.min_new_tokens is not None:
+        request.min_new_tokens = args.min_new_tokens
     if args.num_speculative_tokens is not None:
         request.speculation.num_speculative_tokens = args.num_speculative_tokens
     if args.logprobs is not None:

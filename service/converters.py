@@ -89,6 +89,7 @@ def to_request(
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
         stop_token_ids=tuple(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
+        min_new_tokens=message.min_new_tokens,
         logprobs=message.logprobs,
         top_logprobs=message.top_logprobs,
     )

@@ -137,3 +137,13 @@ def test_special_tokens_are_left_out_of_the_text(tokenizer) -> None:
     for token in ids:
         detokenizer.add(token)
     assert detokenizer.delta(final=True) == "hi" == detokenizer.text
+
+
+def test_a_stop_string_ends_the_text_only_where_stopping_is_allowed(tokenizer) -> None:
+    """Before min_new_tokens (``stop=False``) a stop string does not end the text; one that a
+    later token completes does, even where it began before."""
+    ids = tokenizer.encode("ab ab ab", add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, ("ab",))
+    stopped = [detokenizer.add(token, stop=k >= len(ids) - 1) for k, token in enumerate(ids)]
+    assert stopped == [False] * (len(ids) - 1) + [True]
+    assert detokenizer.text == tokenizer.decode(ids)[: "ab ab ab".rindex("ab")]

@@ -106,6 +106,39 @@ def test_invalid_penalties_name_the_field(kwargs: dict, field: str) -> None:
         assert SamplingParams(**edge).penalized  # the bounds themselves are taken
 
 
+@pytest.mark.parametrize("mode", ["plain", "plain_batch", "speculative", "speculative_batch"])
+def test_ending_tokens_are_banned_before_min_new_tokens(mode: str) -> None:
+    """Token 0 (the argmax everywhere) banned for the first 3 output tokens, 1 already emitted:
+    greedy then says 1, 1 and then 0 for good; γ = 4 with the target's copy as the draft keeps
+    every draft token (the draft is banned alike, position by position)."""
+    states = [_state(torch.Generator(), REPEATING, REPEATING, SamplingParams())
+              for _ in range(2)]
+    for state in states:
+        state.tokens.append(1)  # one output token already
+        state.target.length += 1
+        state.draft.length += 1
+        state.penalties = Penalties.of(state.sampling, len(PROMPT), banned=(0, 9),
+                                       min_output=3)
+    runner = _TableRunner()
+    if mode == "plain":
+        results = [plain_steps(states[0], 4)]
+    elif mode == "plain_batch":
+        results = plain_steps_batch(states, 4, runner)  # type: ignore[arg-type]
+    elif mode == "speculative":
+        results = [speculative_step(states[0], 3)]
+    else:
+        results = speculative_step_batch(states, [3, 1], runner, runner)  # type: ignore[arg-type]
+    assert results[0].emitted == [1, 1, 0, 0]
+    for result in results:
+        assert result.emitted == [1, 1, 0, 0][: len(result.emitted)]
+        assert result.num_accepted == result.num_drafted
+
+
+def test_no_ban_without_ending_tokens() -> None:
+    assert Penalties.of(SamplingParams(), 3, banned=(), min_output=5) is None
+    assert Penalties.of(SamplingParams(), 3, banned=(2,), min_output=0) is None
+
+
 # ---- greedy on tiny models, through the engine ---------------------------------------------
 
 PROMPT_IDS = (10, 57, 203, 99, 14, 250, 31, 57, 57)
@@ -362,3 +395,88 @@ async def test_log_probabilities_stay_the_targets_raw_ones(
         assert [t for c in chunks for t in c.token_ids] == greedy_by_loop(
             pair, prompt, 20, PENALTIES["all"])
         assert_targets_own(pair, prompt, chunks, top=2)
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+@pytest.mark.parametrize("gamma", [0, 3])
+@pytest.mark.parametrize("ending", ["eos", "stop_token_ids"])
+async def test_min_new_tokens_is_transformers_generate(
+    request, fast_path: str, gamma: int, ending: str
+) -> None:
+    """The target's third greedy token made the end (an EOS id, or a stop_token_id): with
+    min_new_tokens 10 it cannot come before the tenth token, as transformers'
+    ``min_new_tokens`` has it; the output then ends where it next comes, or at the length."""
+    base = request.getfixturevalue("same_pair")
+    with torch.inference_mode():
+        first = base.target.model.generate(
+            torch.tensor([PROMPT_IDS]), max_new_tokens=3, do_sample=False, eos_token_id=None,
+            pad_token_id=0)[0, len(PROMPT_IDS):].tolist()
+    end = first[2]
+    pair = dataclasses.replace(base, eos_token_ids=(end,) if ending == "eos" else ())
+    engine = make_engine(pair, fast_path=fast_path, decode_steps=3)
+    try:
+        handle = engine.submit(GenerationRequest(
+            request_id="r", prompt_token_ids=PROMPT_IDS, max_new_tokens=40, min_new_tokens=10,
+            speculation=SpeculationParams(gamma),
+            stop_token_ids=(end,) if ending == "stop_token_ids" else ()))
+        chunks = [c async for c in handle]
+    finally:
+        engine.close()
+    output = [t for c in chunks for t in c.token_ids]
+    with torch.inference_mode():
+        expected = pair.target.model.generate(
+            torch.tensor([PROMPT_IDS]), max_new_tokens=40, do_sample=False, eos_token_id=end,
+            pad_token_id=0, min_new_tokens=10)[0, len(PROMPT_IDS):].tolist()
+    assert output == expected
+    assert end not in output[:10] and len(output) >= 10
+    if output[-1] == end:
+        assert chunks[-1].finish_reason.name == ("EOS" if ending == "eos" else "STOP")
+
+
+async def test_no_stop_string_ends_the_output_before_min_new_tokens(request) -> None:
+    """A stop string that the first token's text holds ends a plain request there; with
+    min_new_tokens 6 the output goes on (the target's own greedy tokens) to the length or a
+    later match."""
+    pair = dataclasses.replace(request.getfixturevalue("same_pair"), eos_token_ids=())
+    engine = make_engine(pair)
+    try:
+        plain = [c async for c in engine.submit(GenerationRequest(
+            request_id="a", prompt_token_ids=PROMPT_IDS, max_new_tokens=12))]
+        ids = [t for c in plain for t in c.token_ids]
+        stop = pair.tokenizer.decode(ids[:1]).strip()[:1]
+        assert stop
+        early = [c async for c in engine.submit(GenerationRequest(
+            request_id="b", prompt_token_ids=PROMPT_IDS, max_new_tokens=12, stop=(stop,)))]
+        late = [c async for c in engine.submit(GenerationRequest(
+            request_id="c", prompt_token_ids=PROMPT_IDS, max_new_tokens=12, stop=(stop,),
+            min_new_tokens=6))]
+    finally:
+        engine.close()
+    assert len([t for c in early for t in c.token_ids]) == 1
+    out = [t for c in late for t in c.token_ids]
+    assert len(out) >= 6 and out == ids[: len(out)]
+
+
+async def test_the_min_new_tokens_th_token_may_complete_a_stop_string(request) -> None:
+    """A stop string first completed by the k-th token: with min_new_tokens k the output
+    stops there, with k + 1 it does not (vLLM counts the token that completes it)."""
+    pair = dataclasses.replace(request.getfixturevalue("same_pair"), eos_token_ids=())
+    engine = make_engine(pair)
+
+    async def run(**fields) -> list:
+        return [c async for c in engine.submit(GenerationRequest(
+            request_id="r", prompt_token_ids=PROMPT_IDS, max_new_tokens=12, **fields))]
+
+    try:
+        ids = [t for c in await run() for t in c.token_ids]
+        decode = pair.tokenizer.decode
+        k, stop = next((k, decode(ids[k - 1 : k]).strip()) for k in range(3, 10)
+                       if decode(ids[k - 1 : k]).strip()
+                       and decode(ids[k - 1 : k]).strip() not in decode(ids[: k - 1]))
+        at_k = await run(stop=(stop,), min_new_tokens=k)
+        after_k = await run(stop=(stop,), min_new_tokens=k + 1)
+    finally:
+        engine.close()
+    assert [t for c in at_k for t in c.token_ids] == ids[:k]
+    assert at_k[-1].finish_reason.name == "STOP"
+    assert len([t for c in after_k for t in c.token_ids]) > k

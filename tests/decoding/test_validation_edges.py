@@ -78,3 +78,14 @@ def test_empty_messages_is_refused_before_the_template() -> None:
     with pytest.raises(InvalidRequestError) as err:
         prepare(GenerationRequest(request_id="r", messages=()), RejectingTemplate(), LIMITS)
     assert err.value.field == "messages" and "at least one" in err.value.message
+
+
+def test_min_new_tokens_may_equal_max_new_tokens() -> None:
+    """Given or the default (8 here; 3 where the prompt leaves room for 3 only)."""
+    prepare(req(max_new_tokens=20, min_new_tokens=20), None, LIMITS)
+    refused("min_new_tokens", max_new_tokens=20, min_new_tokens=21)
+    prepare(req(min_new_tokens=8), None, LIMITS)
+    refused("min_new_tokens", min_new_tokens=9)
+    prepare(req(prompt_token_ids=(1,) * 253, min_new_tokens=3), None, LIMITS)
+    refused("min_new_tokens", prompt_token_ids=(1,) * 253, min_new_tokens=4)
+    refused("min_new_tokens", min_new_tokens=-1)

@@ -102,6 +102,8 @@ def test_generate_flags_become_request_fields() -> None:
     assert (request.sampling.temperature, request.sampling.top_k, request.sampling.seed) == (
         0.5, 7, 11)
     assert request.max_new_tokens == 9
+    assert request.min_new_tokens == 0
+    assert build_request(client_args("--min-new-tokens", "4")).min_new_tokens == 4
     assert request.speculation.HasField("num_speculative_tokens")
     assert request.speculation.num_speculative_tokens == 0
     assert [(m.role, m.content) for m in request.messages] == [("user", "hello")]
@@ -125,6 +127,7 @@ def test_penalty_flags_become_request_fields() -> None:
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--max-new-tokens", "-1"], "--max-new-tokens must be in [0, 4294967295], got -1"),
+    (["--min-new-tokens", "-1"], "--min-new-tokens must be in [0, 4294967295], got -1"),
     (["--num-speculative-tokens", "-1"], "--num-speculative-tokens must be in [0, "),
     (["--seed", "-1"], "--seed must be in [0, 18446744073709551615], got -1"),
     (["--max-new-tokens", "5000000000"], "--max-new-tokens must be in [0, 4294967295]"),

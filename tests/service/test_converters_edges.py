@@ -65,3 +65,9 @@ def test_each_penalty_sent_reaches_the_engine_and_unset_is_its_default() -> None
     unset = converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).sampling
     assert {n: getattr(unset, n) for n in sent} == defaults
     assert not unset.penalized
+
+
+def test_min_new_tokens_sent_reaches_the_engine() -> None:
+    assert converters.to_request(pb.GenerateRequest(prompt="x", min_new_tokens=7), "r",
+                                 None).min_new_tokens == 7
+    assert converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).min_new_tokens == 0

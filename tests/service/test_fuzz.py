@@ -131,6 +131,10 @@ def requests(draw) -> tuple[bool, pb.GenerateRequest | pb.GenerateStreamRequest]
         "top_p": mostly(maybe(st.floats(0, 1, exclude_min=True, width=32)), FLOAT32),
         "top_k": mostly(maybe(st.integers(0, 400)), INT32),
         "seed": maybe(st.integers(0, 2**64 - 1)),
+        "repetition_penalty": mostly(maybe(st.floats(0, 10, exclude_min=True, width=32)),
+                                     FLOAT32),
+        "frequency_penalty": mostly(maybe(st.floats(-2, 2, width=32)), FLOAT32),
+        "presence_penalty": mostly(maybe(st.floats(-2, 2, width=32)), FLOAT32),
     }
     for name, strategy in values.items():
         value = draw(strategy)
@@ -139,6 +143,7 @@ def requests(draw) -> tuple[bool, pb.GenerateRequest | pb.GenerateStreamRequest]
     max_new = draw(mostly(maybe(st.integers(1, MAX_NEW_TOKENS_LIMIT)), UINT32))
     if max_new is not None:
         request.max_new_tokens = max_new
+    request.min_new_tokens = draw(mostly(st.integers(0, 4), UINT32))
     request.stop.extend(draw(mostly(
         st.lists(st.text(min_size=1, max_size=12), max_size=3),
         st.lists(st.text(max_size=300), max_size=10),
@@ -158,6 +163,7 @@ def check_response(request, token_ids, finish_reason, usage, request_id: str) ->
     assert 1 <= len(token_ids) <= MAX_NEW_TOKENS_LIMIT
     if request.HasField("max_new_tokens"):
         assert len(token_ids) <= request.max_new_tokens
+    assert len(token_ids) >= request.min_new_tokens
     assert all(0 <= t < 320 for t in token_ids)
     assert usage.completion_tokens == len(token_ids)
     assert request_id == (request.request_id or request_id) and request_id

@@ -282,6 +282,8 @@ def _invalid_cases():
             "sampling.presence_penalty"),
         "max_new_tokens 0": (make(prompt="x", max_new_tokens=0), "max_new_tokens"),
         "max_new_tokens above limit": (make(prompt="x", max_new_tokens=101), "max_new_tokens"),
+        "min_new_tokens above max_new_tokens": (
+            make(prompt="x", max_new_tokens=5, min_new_tokens=6), "min_new_tokens"),
         "beyond the context window": (
             make(prompt_token_ids=[1] * 100, max_new_tokens=50),
             "max_new_tokens"),
