@@ -112,9 +112,11 @@ def plain_steps_batch(
     chosen: list[torch.Tensor] = []
     wanting, top = _wanting_logprobs(states)
     scored: list[torch.Tensor] = []  # each step's logprob rows of the requests that want them
+    penalized = any(state.penalties is not None for state in states)
     for _ in range(steps):
         logits = target.forward_packed(sequences, pending, [1] * len(states), transient=True)
-        so_far = torch.stack(chosen, dim=1) if chosen else None  # [B, steps taken]
+        # What the steps before chose, [B, steps taken]: the penalties' history.
+        so_far = torch.stack(chosen, dim=1) if chosen and penalized else None
         tokens = _draw(logits, states, [[] for _ in states],
                        [None if so_far is None else so_far[k] for k in range(len(states))])
         chosen.append(tokens)

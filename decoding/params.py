@@ -44,6 +44,9 @@ class SamplingParams:
             raise InvalidRequestError("sampling.top_k", f"must be >= 0, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidRequestError("sampling.seed", "must fit in an unsigned 64-bit integer")
+        for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"):
+            if not isinstance(getattr(self, name), (int, float)):
+                raise InvalidRequestError(f"sampling.{name}", "must be a number")
         rp = self.repetition_penalty
         if math.isnan(rp) or not 0.0 < rp <= MAX_REPETITION_PENALTY:
             raise InvalidRequestError(

@@ -116,7 +116,10 @@ class Penalties:
         if p.repetition_penalty != 1.0:
             seen = present | counts.prompt
             scaled = torch.where(out > 0, out / p.repetition_penalty, out * p.repetition_penalty)
-            out = torch.where(seen, scaled, out)
+            # A penalty near 0 sends positive logits past float32's range: inf, and softmax
+            # then NaN. At the largest finite value they tie, as their limit does.
+            largest = torch.finfo(torch.float32).max
+            out = torch.where(seen, scaled.clamp(-largest, largest), out)
         if p.frequency_penalty != 0.0:
             out = out - p.frequency_penalty * output
         if p.presence_penalty != 0.0:

@@ -16,6 +16,7 @@ from decoding.batched import plain_steps_batch, speculative_step_batch
 from decoding.errors import InvalidRequestError
 from decoding.params import GenerationRequest, SamplingParams, SpeculationParams
 from decoding.penalties import Penalties
+from decoding.sampling import processed_probs, sample
 from decoding.speculative import SequenceState, plain_steps, speculative_step
 from tests.conftest import make_engine
 
@@ -80,6 +81,18 @@ def test_counts_follow_the_tokens_as_they_grow() -> None:
     torch.testing.assert_close(out[0], torch.tensor(expected), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("penalty", [1e-40, 1e-50])
+def test_a_repetition_penalty_near_zero_ties_the_seen_positive_logits(penalty: float) -> None:
+    """Divided by a subnormal (or by a float32 0), positive logits overflowed to inf and the
+    probabilities were NaN; their limit is a tie among them."""
+    params = SamplingParams(temperature=1.0, repetition_penalty=penalty)
+    logits = torch.tensor([[0.5, 2.0, -1.0, 0.3, 1.0]])
+    out = Penalties(params, 2).apply(logits, [1, 3, 2])  # 1 and 3 seen positive, 2 negative
+    assert torch.isfinite(out).all()
+    probs = processed_probs(out, params)
+    assert probs[0].tolist() == [0.0, 0.5, 0.0, 0.5, 0.0]
+
+
 def test_rows_need_the_tokens_between_them() -> None:
     with pytest.raises(ValueError, match="3 rows need at least 2"):
         Penalties(PENALTIES["all"], 1).apply(torch.zeros(3, 4), [1, 2], [1])
@@ -95,6 +108,9 @@ def test_rows_need_the_tokens_between_them() -> None:
         ({"frequency_penalty": -2.1}, "sampling.frequency_penalty"),
         ({"frequency_penalty": float("nan")}, "sampling.frequency_penalty"),
         ({"presence_penalty": 2.5}, "sampling.presence_penalty"),
+        ({"repetition_penalty": None}, "sampling.repetition_penalty"),
+        ({"frequency_penalty": "1"}, "sampling.frequency_penalty"),
+        ({"presence_penalty": None}, "sampling.presence_penalty"),
     ],
 )
 def test_invalid_penalties_name_the_field(kwargs: dict, field: str) -> None:
@@ -303,8 +319,12 @@ FREQUENCY = SamplingParams(frequency_penalty=0.8)
 def test_each_token_of_a_step_is_penalized_for_the_ones_before_it(mode: str) -> None:
     """Greedy, five tokens in one step: plain steps (each fed the last one's token), or γ = 4
     with the target's copy as the draft (which then proposes all five, drafting each token
-    penalized for the drafts before it)."""
-    states = [_state(torch.Generator(), REPEATING, REPEATING, FREQUENCY) for _ in range(2)]
+    penalized for the drafts before it). Batched beside a row with another prompt and other
+    penalties, so that one row's history read for another's shows."""
+    other = SamplingParams(repetition_penalty=3.0, frequency_penalty=0.8)
+    states = [_state(torch.Generator(), REPEATING, REPEATING, params)
+              for params in (FREQUENCY, other)]
+    states[1].tokens[:] = [0, 1]
     for state in states:
         state.top_logprobs = 1  # returned from the raw logits, not the penalized ones
     runner = _TableRunner()
@@ -316,20 +336,64 @@ def test_each_token_of_a_step_is_penalized_for_the_ones_before_it(mode: str) -> 
         results = [speculative_step(states[0], 4)]
     else:
         results = speculative_step_batch(states, [4, 2], runner, runner)  # type: ignore[arg-type]
-    tokens = list(PROMPT)
-    for _ in range(5):
-        scores = penalized_by_loop(REPEATING[0].tolist(), tokens, len(PROMPT), FREQUENCY)
-        tokens.append(max(range(VOCAB), key=scores.__getitem__))
-    assert tokens[len(PROMPT):] == [0, 1, 0, 2, 1]
+    expected = []
+    for prompt, params in (([0, 3], FREQUENCY), ([0, 1], other)):
+        tokens = list(prompt)
+        for _ in range(5):
+            scores = penalized_by_loop(REPEATING[0].tolist(), tokens, len(prompt), params)
+            tokens.append(max(range(VOCAB), key=scores.__getitem__))
+        expected.append(tokens[len(prompt):])
+    assert expected == [[0, 1, 0, 2, 1], [2, 0, 3, 1, 4]]
     assert len(results[0].emitted) == 5
-    for result in results:
-        assert result.emitted == tokens[len(PROMPT):][: len(result.emitted)]
+    for result, tokens in zip(results, expected, strict=False):
+        assert result.emitted == tokens[: len(result.emitted)]
         assert result.num_accepted == result.num_drafted  # every draft token kept
         raw = torch.log_softmax(REPEATING[0], -1)
         assert result.logprobs is not None
         for token, logprob in zip(result.emitted, result.logprobs, strict=True):
             assert logprob.logprob == pytest.approx(raw[token].item(), abs=1e-6)
             assert logprob.top[0] == (0, pytest.approx(raw[0].item(), abs=1e-6))
+
+
+MIXED = [SamplingParams(temperature=1.0, repetition_penalty=1.5, frequency_penalty=1.2,
+                        presence_penalty=0.5),
+         FREQUENCY,
+         SamplingParams(temperature=0.7, presence_penalty=1.5)]
+
+
+def _drawn_by_loop(params: SamplingParams, seed: int, n: int) -> list[int]:
+    """``n`` tokens chosen one by one from the penalized ``REPEATING`` logits, sampled ones
+    drawn from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = list(PROMPT)
+    for _ in range(n):
+        scores = torch.tensor([penalized_by_loop(REPEATING[0].tolist(), tokens, len(PROMPT),
+                                                 params)])
+        chosen = scores.argmax() if params.greedy else sample(
+            processed_probs(scores, params), generator)[0]
+        tokens.append(int(chosen))
+    return tokens[len(PROMPT):]
+
+
+@pytest.mark.parametrize("mode", ["plain", "plain_batch", "step"])
+def test_steps_without_drafts_choose_from_the_penalized_logits(mode: str) -> None:
+    """γ = 0, sampled and greedy rows mixed: each row's tokens are exactly those drawn one by
+    one from its penalized distribution with its own generator (plain steps alone or batched,
+    or single steps of γ = 0)."""
+    for seed in range(8):
+        states = [_state(torch.Generator().manual_seed(seed + k), REPEATING, REPEATING, params)
+                  for k, params in enumerate(MIXED)]
+        if mode == "plain_batch":
+            outputs = [r.emitted for r in plain_steps_batch(states, 6, _TableRunner())]  # type: ignore[arg-type]
+        elif mode == "plain":
+            outputs = [plain_steps(state, 6).emitted for state in states]
+        else:
+            for state in states:
+                while len(state.tokens) < len(PROMPT) + 6:
+                    speculative_step(state, 0)
+            outputs = [state.tokens[len(PROMPT):] for state in states]
+        assert outputs == [_drawn_by_loop(params, seed + k, 6)
+                           for k, params in enumerate(MIXED)], seed
 
 
 def _expected_pairs() -> torch.Tensor:
@@ -480,3 +544,32 @@ async def test_the_min_new_tokens_th_token_may_complete_a_stop_string(request) -
     assert [t for c in at_k for t in c.token_ids] == ids[:k]
     assert at_k[-1].finish_reason.name == "STOP"
     assert len([t for c in after_k for t in c.token_ids]) > k
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+async def test_the_engine_gives_each_request_its_own_penalties(
+    request, monkeypatch, ignore_eos: bool
+) -> None:
+    """What the stepper builds: the prompt's length (a token more or less would count the
+    prompt's last token as output, or the first output token as prompt), the ending tokens
+    banned (the EOS ids unless ignored, and the request's stop_token_ids) and min_new_tokens."""
+    from tests.steps import before_steps
+
+    pair = request.getfixturevalue("same_pair")
+    seen: list[Penalties | None] = []
+    before_steps(monkeypatch, lambda states: seen.extend(s.penalties for s in states))
+    engine = make_engine(pair)
+    try:
+        handle = engine.submit(GenerationRequest(
+            request_id="r", prompt_token_ids=PROMPT_IDS, max_new_tokens=4, min_new_tokens=2,
+            sampling=PENALTIES["presence"], stop_token_ids=(5, 7), ignore_eos=ignore_eos))
+        [c async for c in handle]
+    finally:
+        engine.close()
+    penalties = seen[0]
+    assert penalties is not None and all(p is penalties for p in seen)
+    assert penalties.prompt_length == len(PROMPT_IDS)
+    assert penalties.min_output == 2
+    eos = () if ignore_eos else tuple(pair.eos_token_ids)
+    assert penalties.banned == tuple(sorted({*eos, 5, 7}))
+    assert penalties.params == PENALTIES["presence"]
