@@ -22,6 +22,9 @@ share is what bounds tokens/s there.
 
 ``--top-logprobs N`` makes every request ask for its tokens' log-probabilities with N
 alternatives (the API's ``logprobs`` / ``top_logprobs``), to show what that adds to a step.
+``--penalties`` gives every request a repetition, a frequency and a presence penalty
+(:data:`PENALTIES`), to show what penalizing every draft and verify position adds (each call
+then also counts the prompt afresh, since every call starts from it).
 
 Every step starts from the same state (each sequence is rolled back to its prompt after it),
 so all calls of one case do the same work. ``--profile`` prints cProfile's top functions for
@@ -45,9 +48,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from decoding.batched import speculative_step_batch
 from decoding.fast.runner import StaticRunner, StaticSequence
 from decoding.params import SamplingParams
+from decoding.penalties import Penalties
 from decoding.speculative import SequenceState, speculative_step
 
 PROMPT_LEN = 16
+PENALTIES = {"repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": 0.5}
 
 
 def tiny_qwen2(seed: int, *, layers: int, hidden: int, vocab: int) -> Qwen2ForCausalLM:
@@ -118,24 +123,28 @@ class Setup:
     """B requests on a target and a draft runner, prefilled with a prompt each."""
 
     def __init__(self, target: StaticRunner, draft: StaticRunner, batch: int, vocab: int,
-                 temperature: float, top_logprobs: int | None = None) -> None:
+                 temperature: float, top_logprobs: int | None = None,
+                 penalties: bool = False) -> None:
         self.target, self.draft = target, draft
         generator = torch.Generator().manual_seed(1234)
         self.prompts = [
             torch.randint(3, vocab, (PROMPT_LEN,), generator=generator).tolist()
             for _ in range(batch)
         ]
+        penalized: dict[str, Any] = dict(PENALTIES) if penalties else {}
         self.states = [
             SequenceState(
                 tokens=list(prompt),
                 target=target.new_sequence(),  # type: ignore[arg-type]
                 draft=draft.new_sequence(),  # type: ignore[arg-type]
-                sampling=SamplingParams(temperature=temperature, seed=row),
+                sampling=SamplingParams(temperature=temperature, seed=row, **penalized),
                 generator=torch.Generator().manual_seed(row),
                 top_logprobs=top_logprobs,
             )
             for row, prompt in enumerate(self.prompts)
         ]
+        for state in self.states:
+            state.penalties = Penalties.of(state.sampling, PROMPT_LEN)
         for runner, sequences in ((target, self.targets), (draft, self.drafts)):
             runner.forward_batch(sequences, [p[:-1] for p in self.prompts], [1] * batch)
 
@@ -210,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         help="every request asks for log-probabilities with N alternatives (default: none)",
     )
     parser.add_argument(
+        "--penalties", action="store_true",
+        help=f"every request has penalties ({', '.join(f'{k} {v}' for k, v in PENALTIES.items())})",
+    )
+    parser.add_argument(
         "--profile", metavar="CASE", default=None,
         help="cProfile one case instead, e.g. 'sampled,8,spec g=4'",
     )
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile is not None:
         mode, batch_text, case = args.profile.split(",", 2)
         setup = Setup(target, draft, int(batch_text), args.vocab,
-                      1.0 if mode == "sampled" else 0.0, args.top_logprobs)
+                      1.0 if mode == "sampled" else 0.0, args.top_logprobs, args.penalties)
         call = cases(setup)[case]
         measure(call, setup.reset, clock, calls=args.warmup, warmup=0)
         profiler = cProfile.Profile()
@@ -241,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, float32; "
           f"target and draft: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
           f"median of {args.calls} calls; prepacked weights: {args.pack_weights}; "
-          f"top_logprobs: {args.top_logprobs}")
+          f"top_logprobs: {args.top_logprobs}; penalties: {args.penalties}")
     print("us per call (share outside the model's forward)")
     columns = [(mode, name) for mode in ("greedy", "sampled") for name in CASES
                if not (mode == "sampled" and name == "forward")]
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         row = []
         for mode, name in columns:
             setup = Setup(target, draft, batch, args.vocab, 1.0 if mode == "sampled" else 0.0,
-                          args.top_logprobs)
+                          args.top_logprobs, args.penalties)
             call = cases(setup, alone)[name]
             timing = measure(call, setup.reset, clock, args.calls, args.warmup)
             setup.release()

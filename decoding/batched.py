@@ -29,7 +29,7 @@ from decoding.clock import StepClock
 from decoding.fast.runner import MAX_CATCH_UP_REPLAYS, PAD_TOKEN
 from decoding.logprobs import logprob_rows, unpack
 from decoding.params import TokenLogprob
-from decoding.penalties import Drafted
+from decoding.penalties import Drafted, PenalizedRows, penalize
 from decoding.sampling import (
     Acceptance,
     accept_sampled_rows,
@@ -358,18 +358,12 @@ def _scored(
     drafted: Sequence[Drafted],
 ) -> torch.Tensor:
     """``logits`` as the requests choose from them: state k's rows ``logits[start:stop]``
-    penalized where it has penalties (:meth:`SequenceState.scored`, after ``drafted[k]``),
-    as a new float32 tensor; ``logits`` itself where no state has any. Penalties run request
-    by request (a few operations each), so they cost host work only where they are asked for."""
-    penalized = [k for k, state in enumerate(states) if state.penalties is not None]
-    if not penalized:
-        return logits
-    out = logits.float()
-    out = out.clone() if out is logits else out
-    for k in penalized:
-        start, stop = spans[k]
-        out[start:stop] = states[k].scored(logits[start:stop], drafted[k])
-    return out
+    penalized where it has penalties (after its sequence and ``drafted[k]``), all in one
+    :func:`~decoding.penalties.penalize`, as a new float32 tensor; ``logits`` itself where no
+    state has any."""
+    parts = [PenalizedRows(state.penalties, state.tokens, drafted[k], *spans[k])
+             for k, state in enumerate(states) if state.penalties is not None]
+    return penalize(logits, parts) if parts else logits
 
 
 def _processed(

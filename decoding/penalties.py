@@ -63,7 +63,6 @@ class Penalties:
     banned: tuple[int, ...] = ()
     min_output: int = 0
     _counts: dict[tuple[torch.device, int], _Counts] = field(default_factory=dict)
-    _banned: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def of(cls, params: SamplingParams, prompt_length: int, banned: Sequence[int] = (),
@@ -82,55 +81,7 @@ class Penalties:
         the last row for the sequence ``tokens`` (prompt, then output) followed by every token of
         ``drafted``, each row before it for one token fewer. A verify's γ+1 rows and its γ draft
         tokens, or a draft position's one row and the tokens drafted before it."""
-        rows, vocab = logits.shape
-        device = logits.device
-        extra = _on_device(drafted, device)
-        before = (0 if extra is None else len(extra)) - (rows - 1)  # what every row follows
-        if before < 0:
-            raise ValueError(f"{rows} rows need at least {rows - 1} drafted tokens")
-        out = logits.float()
-        if self.params.penalized:
-            out = self._penalized(out, tokens, extra, before)
-        # Output tokens before row j: those of ``tokens``, then before + j drafted ones.
-        held = min(rows, self.min_output - (len(tokens) - self.prompt_length + before))
-        if held > 0:
-            out = out.clone() if out is logits else out
-            out[:held, self._banned_ids(vocab, device)] = float("-inf")
-        return out if out is not logits else out.clone()
-
-    def _penalized(self, out: torch.Tensor, tokens: Sequence[int], extra: torch.Tensor | None,
-                   before: int) -> torch.Tensor:
-        rows, vocab = out.shape
-        counts = self._synced(tokens, vocab, out.device)
-        output = counts.output.expand(rows, vocab)
-        if extra is not None and len(extra):
-            # One-hot of each drafted token (ids outside this vocabulary count for nothing),
-            # summed up to each row: row j follows the first before + j of them.
-            hot = torch.zeros(len(extra), vocab, device=out.device)
-            hot.scatter_(1, extra.clamp(max=vocab - 1)[:, None],
-                         (extra < vocab).float()[:, None])
-            running = torch.cat([hot.new_zeros(1, vocab), hot.cumsum(0)])
-            output = output + running[before:]
-        p = self.params
-        present = output > 0
-        if p.repetition_penalty != 1.0:
-            seen = present | counts.prompt
-            scaled = torch.where(out > 0, out / p.repetition_penalty, out * p.repetition_penalty)
-            # A penalty near 0 sends positive logits past float32's range: inf, and softmax
-            # then NaN. At the largest finite value they tie, as their limit does.
-            largest = torch.finfo(torch.float32).max
-            out = torch.where(seen, scaled.clamp(-largest, largest), out)
-        if p.frequency_penalty != 0.0:
-            out = out - p.frequency_penalty * output
-        if p.presence_penalty != 0.0:
-            out = out - p.presence_penalty * present.float()
-        return out
-
-    def _banned_ids(self, vocab: int, device: torch.device) -> torch.Tensor:
-        key = (device, vocab)
-        if key not in self._banned:
-            self._banned[key] = to_device(_known(self.banned, vocab), device)
-        return self._banned[key]
+        return penalize(logits, [PenalizedRows(self, tokens, drafted, 0, len(logits))])
 
     def _synced(self, tokens: Sequence[int], vocab: int, device: torch.device) -> _Counts:
         key = (device, vocab)
@@ -152,6 +103,119 @@ class Penalties:
                 counts.output.index_add_(0, index, torch.ones(len(ids), device=device))
             counts.counted += len(new)
         return counts
+
+
+@dataclass(frozen=True)
+class PenalizedRows:
+    """One request's rows ``logits[start:stop]`` and what they follow: the sequence ``tokens``,
+    then ``drafted`` (the last row all of it, each row before it one token fewer)."""
+
+    penalties: Penalties
+    tokens: Sequence[int]
+    drafted: Drafted
+    start: int
+    stop: int
+
+
+def penalize(logits: torch.Tensor, parts: Sequence[PenalizedRows]) -> torch.Tensor:
+    """``logits`` [N, vocab] with each part's rows penalized (:class:`Penalties`), as a new
+    float32 tensor; every other row as it was. The same few operations for any number of
+    requests and rows (on a GPU a few kernels a forward, not a few per request): the host lists
+    which rows, counts and drafted tokens go where, and the device gathers them and applies
+    each row's own penalties, then bans the ending tokens where min_new_tokens says."""
+    vocab = logits.shape[1]
+    device = logits.device
+    out = logits.float()
+    out = out.clone() if out is logits else out
+    chosen = _Chosen()
+    banned_rows: list[int] = []
+    banned_ids: list[int] = []
+    for part in parts:
+        size = part.stop - part.start
+        extra = _on_device(part.drafted, device)
+        before = (0 if extra is None else len(extra)) - (size - 1)  # what every row follows
+        if before < 0:
+            raise ValueError(f"{size} rows need at least {size - 1} drafted tokens")
+        penalties = part.penalties
+        if penalties.params.penalized:
+            chosen.add(part, penalties._synced(part.tokens, vocab, device), extra, before)
+        # Output tokens before row j: those of ``tokens``, then before + j drafted ones.
+        done = len(part.tokens) - penalties.prompt_length + before
+        ids = _known(penalties.banned, vocab)
+        for j in range(min(size, penalties.min_output - done)):
+            banned_rows.extend([part.start + j] * len(ids))
+            banned_ids.extend(ids)
+    if chosen.rows:
+        index = to_device(chosen.rows, device)
+        out.index_copy_(0, index, chosen.penalized(logits.index_select(0, index).float()))
+    if banned_rows:
+        out[to_device(banned_rows, device), to_device(banned_ids, device)] = float("-inf")
+    return out
+
+
+@dataclass
+class _Chosen:
+    """The rows :func:`penalize` penalizes, gathered from every part: for each, its part's
+    counts and penalties, and the drafted tokens it follows (as places among all the parts'
+    drafted tokens, end to end)."""
+
+    rows: list[int] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)  # each row's place in ``counts``
+    counts: list[_Counts] = field(default_factory=list)
+    params: list[SamplingParams] = field(default_factory=list)  # each row's
+    drafted: list[torch.Tensor] = field(default_factory=list)
+    drafted_length: int = 0
+    follows_row: list[int] = field(default_factory=list)  # row r follows drafted token t
+    follows_token: list[int] = field(default_factory=list)
+
+    def add(self, part: PenalizedRows, counts: _Counts, extra: torch.Tensor | None,
+            before: int) -> None:
+        owner = len(self.counts)
+        self.counts.append(counts)
+        for j in range(part.stop - part.start):
+            self.follows_row.extend([len(self.rows)] * (before + j))
+            self.follows_token.extend(range(self.drafted_length,
+                                            self.drafted_length + before + j))
+            self.rows.append(part.start + j)
+            self.owner.append(owner)
+            self.params.append(part.penalties.params)
+        if extra is not None and len(extra):
+            self.drafted.append(extra)
+            self.drafted_length += len(extra)
+
+    def penalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The chosen rows' logits ``x`` [R, vocab] (float32, a copy) penalized."""
+        vocab = x.shape[1]
+        device = x.device
+        owners = to_device(self.owner, device)
+        output = torch.stack([c.output for c in self.counts]).index_select(0, owners)
+        prompt = torch.stack([c.prompt for c in self.counts]).index_select(0, owners)
+        if self.follows_row:
+            # Each row's drafted tokens before it, counted in (ids outside this vocabulary
+            # count for nothing).
+            tokens = torch.cat(self.drafted)[to_device(self.follows_token, device)]
+            output.index_put_((to_device(self.follows_row, device), tokens.clamp(max=vocab - 1)),
+                              (tokens < vocab).float(), accumulate=True)
+        present = output > 0
+
+        def column(values: list[float]) -> torch.Tensor:
+            return to_device(values, device, torch.float32)[:, None]
+
+        repetition = [p.repetition_penalty for p in self.params]
+        if any(value != 1.0 for value in repetition):
+            penalty = column(repetition)
+            scaled = torch.where(x > 0, x / penalty, x * penalty)
+            # A penalty near 0 sends positive logits past float32's range: inf, and softmax
+            # then NaN. At the largest finite value they tie, as their limit does.
+            largest = torch.finfo(torch.float32).max
+            x = torch.where(present | prompt, scaled.clamp(-largest, largest), x)
+        frequency = [p.frequency_penalty for p in self.params]
+        if any(frequency):
+            x = x - column(frequency) * output
+        presence = [p.presence_penalty for p in self.params]
+        if any(presence):
+            x = x - column(presence) * present.float()
+        return x
 
 
 def _known(ids: Sequence[int], vocab: int) -> list[int]:

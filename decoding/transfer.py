@@ -16,14 +16,17 @@ from collections.abc import Sequence
 import torch
 
 
-def _host(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=torch.long)
+def _host(values: Sequence[float], device: torch.device,
+          dtype: torch.dtype = torch.long) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
     return host.pin_memory() if device.type == "cuda" and len(values) else host
 
 
-def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """``values`` as a long tensor on ``device``; on CUDA an asynchronous copy."""
-    host = _host(values, device)
+def to_device(values: Sequence[float], device: torch.device,
+              dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``values`` as a tensor on ``device`` (long unless ``dtype`` says otherwise); on CUDA an
+    asynchronous copy."""
+    host = _host(values, device, dtype)
     return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 

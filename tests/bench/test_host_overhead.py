@@ -36,3 +36,17 @@ def test_top_logprobs_makes_every_step_score_its_tokens() -> None:
         assert all((result.logprobs is not None) == scored for result in results)
         assert all(len(r.logprobs[0].top) == 2 for r in results if r.logprobs)
         setup.release()
+
+
+def test_penalties_give_every_request_its_penalties() -> None:
+    shape = {"layers": 1, "hidden": 32, "vocab": 300}
+    target = host_overhead.StaticRunner(host_overhead.tiny_qwen2(0, **shape), num_slots=2,
+                                        max_len=64)
+    draft = host_overhead.StaticRunner(host_overhead.tiny_qwen2(1, **shape), num_slots=2,
+                                       max_len=64)
+    for penalized in (False, True):
+        setup = host_overhead.Setup(target, draft, 2, 300, 1.0, None, penalized)
+        assert all((s.penalties is not None) == penalized for s in setup.states)
+        assert all(s.sampling.penalized == penalized for s in setup.states)
+        host_overhead.cases(setup)["spec g=4"]()
+        setup.release()
