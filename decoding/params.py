@@ -15,6 +15,8 @@ from decoding.errors import InvalidRequestError
 MAX_TEMPERATURE = 2.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_ADDITIVE_PENALTY = 2.0  # frequency and presence penalties, as OpenAI's API and vLLM bound them
+MAX_LOGIT_BIAS = 100.0  # each bias, as OpenAI's API bounds it (vLLM clamps to it)
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # a logit of a prompt or output token: > 0 divided, else times
     frequency_penalty: float = 0.0  # subtracted once per time a token is in the output
     presence_penalty: float = 0.0  # subtracted once from a token that is in the output
+    # (token id, bias) pairs added to those tokens' logits, before the penalties, as vLLM
+    # adds them; the ids are checked against the vocabulary when the request is prepared.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature):
@@ -59,6 +64,31 @@ class SamplingParams:
                     f"sampling.{name}",
                     f"must be in [-{MAX_ADDITIVE_PENALTY}, {MAX_ADDITIVE_PENALTY}], got {value}",
                 )
+        self._check_logit_bias()
+
+    def _check_logit_bias(self) -> None:
+        if isinstance(self.logit_bias, dict):  # {id: bias} from Python: kept as sorted pairs
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequestError(
+                "sampling.logit_bias",
+                f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(self.logit_bias)}",
+            )
+        ids: set[int] = set()
+        for token, bias in self.logit_bias:
+            field_name = f"sampling.logit_bias[{token}]"
+            if not isinstance(token, int) or token < 0:
+                raise InvalidRequestError("sampling.logit_bias",
+                                          f"token ids must be integers >= 0, got {token!r}")
+            if token in ids:
+                raise InvalidRequestError(field_name, "given more than once")
+            ids.add(token)
+            if not isinstance(bias, (int, float)) or math.isnan(bias) or not (
+                -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS
+            ):
+                raise InvalidRequestError(
+                    field_name, f"must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {bias}"
+                )
 
     @property
     def greedy(self) -> bool:
@@ -66,9 +96,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether any penalty changes the logits."""
+        """Whether any penalty or bias changes the logits."""
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
-                or self.presence_penalty != 0.0)
+                or self.presence_penalty != 0.0 or bool(self.logit_bias))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
-"""Penalties on tokens already in a sequence, applied to the logits before anything else.
+"""Penalties on tokens already in a sequence, and a request's own biases and bans, applied to
+the logits before anything else.
 
+- **logit bias** (OpenAI's API, vLLM): a request's own amount added to the logits of the
+  token ids it names;
 - **repetition** (Keskar et al. 2019, "CTRL", arXiv 1909.05858; Hugging Face's
   ``RepetitionPenaltyLogitsProcessor``, vLLM): the logit of a token that is in the prompt or
   the output is divided by the penalty where it is positive, else multiplied by it;
@@ -10,7 +13,7 @@
 Before ``min_new_tokens`` output tokens, a request's ending tokens (EOS, stop_token_ids) get
 no probability at all (their logits -inf).
 
-Repetition first, then the other two, then temperature, top-k and top-p
+The bias first, then repetition, then the other two, then temperature, top-k and top-p
 (:func:`decoding.sampling.processed_probs`), as vLLM orders them; greedy decoding takes the
 argmax of the penalized logits, as Hugging Face's ``generate`` does.
 
@@ -200,6 +203,13 @@ class _Chosen:
 
         def column(values: list[float]) -> torch.Tensor:
             return to_device(values, device, torch.float32)[:, None]
+
+        biased = [(r, token, bias) for r, p in enumerate(self.params)
+                  for token, bias in p.logit_bias if token < vocab]
+        if biased:
+            rows, ids, biases = zip(*biased, strict=True)
+            x.index_put_((to_device(rows, device), to_device(ids, device)),
+                         to_device(biases, device, torch.float32), accumulate=True)
 
         repetition = [p.repetition_penalty for p in self.params]
         if any(value != 1.0 for value in repetition):

@@ -48,6 +48,12 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
         )
     prompt_ids = _prompt_ids(request, tokenizer, limits)
 
+    for token, _ in request.sampling.logit_bias:
+        if token >= limits.vocab_size:
+            raise InvalidRequestError(
+                f"sampling.logit_bias[{token}]",
+                f"{token} is outside the vocabulary [0, {limits.vocab_size})",
+            )
     _check_stop(request.stop, limits, tokenizer)
     _check_stop_token_ids(request.stop_token_ids, limits)
     _check_logprobs(request)

@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=None, help="in (0, 10]")
     parser.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2]")
     parser.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2]")
+    parser.add_argument(
+        "--logit-bias", action="append", default=[], metavar="ID=BIAS",
+        help="add BIAS, in [-100, 100], to token ID's logit (repeatable)",
+    )
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument(
         "--stop-token-id", action="append", type=int, default=[], dest="stop_token_ids",
@@ -84,6 +88,13 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
                  "frequency_penalty", "presence_penalty"):
         if getattr(args, name) is not None:
             setattr(request.sampling, name, getattr(args, name))
+    for entry in args.logit_bias:
+        token, _, bias = entry.partition("=")
+        try:
+            request.sampling.logit_bias[int(token)] = float(bias)
+        except (ValueError, OverflowError):  # protobuf: ValueError for ids outside uint32
+            raise SystemExit(f"--logit-bias takes ID=BIAS with ID in [0, {2**32 - 1}], "
+                             f"got {entry!r}") from None
     if args.max_new_tokens is not None:
         request.max_new_tokens = args.max_new_tokens
     if args.min_new_tokens is not None:

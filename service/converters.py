@@ -76,6 +76,7 @@ def to_request(
             presence_penalty=(
                 sampling.presence_penalty if sampling.HasField("presence_penalty") else 0.0
             ),
+            logit_bias=tuple(sorted(sampling.logit_bias.items())),
         ),
         max_new_tokens=message.max_new_tokens if message.HasField("max_new_tokens") else None,
         stop=tuple(message.stop),

@@ -24,15 +24,21 @@ PENALTIES = {
     "repetition": SamplingParams(repetition_penalty=1.8),
     "frequency": SamplingParams(frequency_penalty=0.9),
     "presence": SamplingParams(presence_penalty=1.1),
-    "all": SamplingParams(repetition_penalty=1.3, frequency_penalty=0.6, presence_penalty=-0.4),
+    "bias": SamplingParams(logit_bias=((1, 0.7), (4, -1.5), (8, 2.5))),
+    "all": SamplingParams(repetition_penalty=1.3, frequency_penalty=0.6, presence_penalty=-0.4,
+                          logit_bias=((2, 0.4), (7, -0.9), (12, 1.5))),
 }
 
 
 def penalized_by_loop(
     logits: list[float], history: list[int], prompt_length: int, params: SamplingParams
 ) -> list[float]:
-    """One position's logits penalized token by token, as the three rules are written."""
+    """One position's logits penalized token by token, as the rules are written: the bias,
+    then repetition, frequency and presence."""
     out = list(logits)
+    for token, bias in params.logit_bias:
+        if token < len(out):
+            out[token] += bias
     output = Counter(history[prompt_length:])
     seen = set(history)
     for token in range(len(out)):
@@ -111,6 +117,11 @@ def test_rows_need_the_tokens_between_them() -> None:
         ({"repetition_penalty": None}, "sampling.repetition_penalty"),
         ({"frequency_penalty": "1"}, "sampling.frequency_penalty"),
         ({"presence_penalty": None}, "sampling.presence_penalty"),
+        ({"logit_bias": ((3, 100.5),)}, "sampling.logit_bias[3]"),
+        ({"logit_bias": ((3, float("nan")),)}, "sampling.logit_bias[3]"),
+        ({"logit_bias": ((3, 1.0), (3, 2.0))}, "sampling.logit_bias[3]"),
+        ({"logit_bias": ((-1, 1.0),)}, "sampling.logit_bias"),
+        ({"logit_bias": tuple((i, 1.0) for i in range(1025))}, "sampling.logit_bias"),
     ],
 )
 def test_invalid_penalties_name_the_field(kwargs: dict, field: str) -> None:
@@ -118,8 +129,11 @@ def test_invalid_penalties_name_the_field(kwargs: dict, field: str) -> None:
         SamplingParams(**kwargs)
     assert err.value.field == field
     for edge in ({"repetition_penalty": 10.0}, {"frequency_penalty": -2.0},
-                 {"presence_penalty": 2.0}):
+                 {"presence_penalty": 2.0}, {"logit_bias": ((0, -100.0), (9, 100.0))},
+                 {"logit_bias": tuple((i, 1.0) for i in range(1024))}):
         assert SamplingParams(**edge).penalized  # the bounds themselves are taken
+    # From Python, a dict as well: kept as sorted pairs.
+    assert SamplingParams(logit_bias={5: 1.0, 2: -3.0}).logit_bias == ((2, -3.0), (5, 1.0))
 
 
 @pytest.mark.parametrize("mode", ["plain", "plain_batch", "speculative", "speculative_batch"])
@@ -208,6 +222,29 @@ async def test_greedy_with_a_repetition_penalty_is_transformers_generate(
         )[0, len(PROMPT_IDS):].tolist()
     assert output == expected
     assert len(set(output)) > 6  # the penalty is felt: unpenalized, this model repeats
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+async def test_a_logit_bias_steers_greedy_output(request, fast_path: str) -> None:
+    """+100 on one token makes it every token; -100 on each of the target's own first two
+    tokens takes them out (greedy, γ = 3, the target's copy drafting: biased alike, it keeps
+    proposing what the target keeps)."""
+    pair = dataclasses.replace(request.getfixturevalue("same_pair"), eos_token_ids=())
+    engine = make_engine(pair, fast_path=fast_path, max_concurrent_requests=2)
+    plain = greedy_by_loop(pair, PROMPT_IDS, 10, SamplingParams())
+    steer = SamplingParams(logit_bias=((57, 100.0),))
+    avoid = SamplingParams(logit_bias=((plain[0], -100.0), (plain[1], -100.0)))
+    usage: list = []
+    try:
+        outputs = await asyncio.gather(*(
+            _generate(engine, PROMPT_IDS, 10, params, 3, f"r{k}", usage)
+            for k, params in enumerate((steer, avoid))))
+    finally:
+        engine.close()
+    assert outputs[0] == [57] * 10
+    assert outputs[1] == greedy_by_loop(pair, PROMPT_IDS, 10, avoid)
+    assert not {plain[0], plain[1]} & set(outputs[1])
+    assert all(u.accepted_draft_tokens == u.draft_tokens > 0 for u in usage)
 
 
 @pytest.mark.parametrize("pair_name", ["same_pair", "different_pair"])

@@ -89,3 +89,10 @@ def test_min_new_tokens_may_equal_max_new_tokens() -> None:
     prepare(req(prompt_token_ids=(1,) * 253, min_new_tokens=3), None, LIMITS)
     refused("min_new_tokens", prompt_token_ids=(1,) * 253, min_new_tokens=4)
     refused("min_new_tokens", min_new_tokens=-1)
+
+
+def test_logit_bias_ids_stay_inside_the_vocabulary() -> None:
+    from decoding.params import SamplingParams
+
+    prepare(req(sampling=SamplingParams(logit_bias=((399, 1.0),))), None, LIMITS)
+    refused("sampling.logit_bias[400]", sampling=SamplingParams(logit_bias=((400, 1.0),)))

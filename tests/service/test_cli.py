@@ -203,3 +203,14 @@ def test_models_fetch_fetches_the_default_models_serve_would_load(
         assert out.splitlines() == [f"{role}: /cache/{specs[role].name}" for role in fetched]
     else:
         assert out.startswith("nothing to fetch")
+
+
+def test_logit_bias_flags_become_the_map() -> None:
+    from service.client import build_request
+
+    request = build_request(client_args("--logit-bias", "7=-100", "--logit-bias", "12=2.5"))
+    assert dict(request.sampling.logit_bias) == {7: -100.0, 12: 2.5}
+    assert not build_request(client_args()).sampling.logit_bias
+    for bad in ("7", "x=1", "-1=2", "5000000000=1", "7=y"):
+        with pytest.raises(SystemExit, match="--logit-bias takes ID=BIAS"):
+            build_request(client_args(f"--logit-bias={bad}"))

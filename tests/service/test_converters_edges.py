@@ -71,3 +71,12 @@ def test_min_new_tokens_sent_reaches_the_engine() -> None:
     assert converters.to_request(pb.GenerateRequest(prompt="x", min_new_tokens=7), "r",
                                  None).min_new_tokens == 7
     assert converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).min_new_tokens == 0
+
+
+def test_logit_bias_sent_reaches_the_engine_as_sorted_pairs() -> None:
+    message = pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(
+        logit_bias={9: -2.5, 3: 0.25}))
+    assert converters.to_request(message, "r", None).sampling.logit_bias == (
+        (3, 0.25), (9, -2.5))
+    unset = converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).sampling
+    assert unset.logit_bias == ()

@@ -140,6 +140,10 @@ def requests(draw) -> tuple[bool, pb.GenerateRequest | pb.GenerateStreamRequest]
         value = draw(strategy)
         if value is not None:
             setattr(sampling, name, value)
+    sampling.logit_bias.update(draw(mostly(
+        st.dictionaries(st.integers(0, 319), st.floats(-100, 100, width=32), max_size=4),
+        st.dictionaries(UINT32, FLOAT32, max_size=4),
+    )))
     max_new = draw(mostly(maybe(st.integers(1, MAX_NEW_TOKENS_LIMIT)), UINT32))
     if max_new is not None:
         request.max_new_tokens = max_new

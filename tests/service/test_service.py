@@ -282,6 +282,12 @@ def _invalid_cases():
             "sampling.presence_penalty"),
         "max_new_tokens 0": (make(prompt="x", max_new_tokens=0), "max_new_tokens"),
         "max_new_tokens above limit": (make(prompt="x", max_new_tokens=101), "max_new_tokens"),
+        "logit_bias above 100": (
+            make(prompt="x", sampling=pb.SamplingParams(logit_bias={5: 100.5})),
+            "sampling.logit_bias[5]"),
+        "logit_bias id outside the vocabulary": (
+            make(prompt="x", sampling=pb.SamplingParams(logit_bias={5000: 1.0})),
+            "sampling.logit_bias[5000]"),
         "min_new_tokens above max_new_tokens": (
             make(prompt="x", max_new_tokens=5, min_new_tokens=6), "min_new_tokens"),
         "beyond the context window": (
