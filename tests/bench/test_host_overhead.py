@@ -24,12 +24,16 @@ def test_one_case_is_profiled(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 
-def test_top_logprobs_makes_every_step_score_its_tokens() -> None:
+def _runners() -> tuple[host_overhead.StaticRunner, host_overhead.StaticRunner]:
+    """A target and a draft runner of two slots on tiny models of a 300-token vocabulary."""
     shape = {"layers": 1, "hidden": 32, "vocab": 300}
-    target = host_overhead.StaticRunner(host_overhead.tiny_qwen2(0, **shape), num_slots=2,
-                                        max_len=64)
-    draft = host_overhead.StaticRunner(host_overhead.tiny_qwen2(1, **shape), num_slots=2,
-                                       max_len=64)
+    target, draft = (host_overhead.StaticRunner(host_overhead.tiny_qwen2(seed, **shape),
+                                                num_slots=2, max_len=64) for seed in (0, 1))
+    return target, draft
+
+
+def test_top_logprobs_makes_every_step_score_its_tokens() -> None:
+    target, draft = _runners()
     for top, scored in ((None, False), (2, True)):
         setup = host_overhead.Setup(target, draft, 2, 300, 0.0, top)
         results = host_overhead.cases(setup)["spec g=4"]()
@@ -39,11 +43,7 @@ def test_top_logprobs_makes_every_step_score_its_tokens() -> None:
 
 
 def test_penalties_give_every_request_its_penalties() -> None:
-    shape = {"layers": 1, "hidden": 32, "vocab": 300}
-    target = host_overhead.StaticRunner(host_overhead.tiny_qwen2(0, **shape), num_slots=2,
-                                        max_len=64)
-    draft = host_overhead.StaticRunner(host_overhead.tiny_qwen2(1, **shape), num_slots=2,
-                                       max_len=64)
+    target, draft = _runners()
     for penalized in (False, True):
         setup = host_overhead.Setup(target, draft, 2, 300, 1.0, None, penalized)
         assert all((s.penalties is not None) == penalized for s in setup.states)

@@ -149,15 +149,7 @@ def test_ending_tokens_are_banned_before_min_new_tokens(mode: str) -> None:
         state.draft.length += 1
         state.penalties = Penalties.of(state.sampling, len(PROMPT), banned=(0, 9),
                                        min_output=3)
-    runner = _TableRunner()
-    if mode == "plain":
-        results = [plain_steps(states[0], 4)]
-    elif mode == "plain_batch":
-        results = plain_steps_batch(states, 4, runner)  # type: ignore[arg-type]
-    elif mode == "speculative":
-        results = [speculative_step(states[0], 3)]
-    else:
-        results = speculative_step_batch(states, [3, 1], runner, runner)  # type: ignore[arg-type]
+    results = _step(mode, states, 4)
     assert results[0].emitted == [1, 1, 0, 0]
     for result in results:
         assert result.emitted == [1, 1, 0, 0][: len(result.emitted)]
@@ -347,6 +339,21 @@ def _state(generator: torch.Generator, target: torch.Tensor = TARGET_TABLE,
     )
 
 
+def _step(mode: str, states: list[SequenceState], tokens: int) -> list:
+    """One step that emits ``tokens`` tokens for the first state (where every draft token is
+    kept): plain steps or γ = tokens - 1, of the first state alone or of all of them batched
+    (the others at half that γ)."""
+    runner = _TableRunner()
+    if mode == "plain":
+        return [plain_steps(states[0], tokens)]
+    if mode == "plain_batch":
+        return plain_steps_batch(states, tokens, runner)  # type: ignore[arg-type]
+    if mode == "speculative":
+        return [speculative_step(states[0], tokens - 1)]
+    gammas = [tokens - 1] + [(tokens - 1) // 2] * (len(states) - 1)
+    return speculative_step_batch(states, gammas, runner, runner)  # type: ignore[arg-type]
+
+
 # The same logits at every position: greedy, a model that would say token 0 for ever.
 REPEATING = torch.tensor([[2.0, 1.7, 1.1, 0.6, 0.2]])
 FREQUENCY = SamplingParams(frequency_penalty=0.8)
@@ -364,15 +371,7 @@ def test_each_token_of_a_step_is_penalized_for_the_ones_before_it(mode: str) -> 
     states[1].tokens[:] = [0, 1]
     for state in states:
         state.top_logprobs = 1  # returned from the raw logits, not the penalized ones
-    runner = _TableRunner()
-    if mode == "plain":
-        results = [plain_steps(states[0], 5)]
-    elif mode == "plain_batch":
-        results = plain_steps_batch(states, 5, runner)  # type: ignore[arg-type]
-    elif mode == "speculative":
-        results = [speculative_step(states[0], 4)]
-    else:
-        results = speculative_step_batch(states, [4, 2], runner, runner)  # type: ignore[arg-type]
+    results = _step(mode, states, 5)
     expected = []
     for prompt, params in (([0, 3], FREQUENCY), ([0, 1], other)):
         tokens = list(prompt)
