@@ -15,7 +15,7 @@ from scipy.stats import chisquare
 from decoding.batched import plain_steps_batch, speculative_step_batch
 from decoding.errors import InvalidRequestError
 from decoding.params import GenerationRequest, SamplingParams, SpeculationParams
-from decoding.penalties import Penalties
+from decoding.penalties import PenalizedRows, Penalties, penalize
 from decoding.sampling import processed_probs, sample
 from decoding.speculative import SequenceState, plain_steps, speculative_step
 from tests.conftest import make_engine
@@ -69,6 +69,38 @@ def test_each_row_is_penalized_for_the_tokens_before_it(name: str, form: str) ->
         history = tokens + [t for t in drafted[: 2 + row] if t < vocab]
         expected = penalized_by_loop(logits[row].tolist(), history, 3, params)
         torch.testing.assert_close(out[row], torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_each_part_of_a_batch_gets_its_own_penalties() -> None:
+    """Several requests' rows in one ``penalize``, each with one kind of penalty (so that one
+    read from the first request's settings for all shows), a ban without penalties, drafted
+    tokens in each form, and a row of no request left as it was."""
+    vocab = 9
+    logits = torch.randn(11, vocab, generator=torch.Generator().manual_seed(2))
+    kinds = [PENALTIES["bias"], SamplingParams(presence_penalty=1.1),
+             SamplingParams(frequency_penalty=0.9), SamplingParams(repetition_penalty=1.8)]
+    tokens = [[3, 1, 3, 7, 2], [5, 5, 1, 1, 1], [0, 4, 4, 6, 0], [8, 2, 1, 1, 4]]
+    drafted: list = [[6], torch.tensor([1, 4]), [torch.tensor([0]), torch.tensor([6])], None]
+    spans = [(0, 2), (2, 5), (5, 7), (8, 9)]  # row 7 and 9-10 belong to no one
+    parts = [PenalizedRows(Penalties(params, 2), toks, given, *span)
+             for params, toks, given, span in zip(kinds, tokens, drafted, spans, strict=True)]
+    ban = Penalties(SamplingParams(), 2, banned=(3, 5), min_output=3)
+    parts.append(PenalizedRows(ban, [1, 2, 7], [0, 6], 9, 11))  # 1 output token, 2 drafted
+    out = penalize(logits, parts)
+    for params, toks, given, (start, stop) in zip(kinds, tokens, drafted, spans, strict=True):
+        history = [int(t) for t in (given if given is not None else [])]
+        for j in range(stop - start):
+            before = len(history) - (stop - start - 1) + j
+            expected = penalized_by_loop(logits[start + j].tolist(), toks + history[:before],
+                                         2, params)
+            torch.testing.assert_close(out[start + j], torch.tensor(expected), rtol=0,
+                                       atol=1e-6)
+    assert torch.equal(out[7], logits[7])
+    # 2 output tokens before row 9 (under min_output 3: banned), 3 before row 10 (free).
+    assert out[9, [3, 5]].tolist() == [float("-inf")] * 2
+    keep = [t for t in range(vocab) if t not in (3, 5)]
+    assert torch.equal(out[9, keep], logits[9, keep])
+    assert torch.equal(out[10], logits[10])
 
 
 def test_counts_follow_the_tokens_as_they_grow() -> None:
