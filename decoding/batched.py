@@ -112,7 +112,8 @@ def plain_steps_batch(
     chosen: list[torch.Tensor] = []
     wanting, top = _wanting_logprobs(states)
     scored: list[torch.Tensor] = []  # each step's logprob rows of the requests that want them
-    penalized = any(state.penalties is not None for state in states)
+    penalized = any(state.penalties is not None and state.penalties.needed(state.tokens)
+                    for state in states)
     for _ in range(steps):
         logits = target.forward_packed(sequences, pending, [1] * len(states), transient=True)
         # What the steps before chose, [B, steps taken]: the penalties' history.
@@ -362,7 +363,8 @@ def _scored(
     :func:`~decoding.penalties.penalize`, as a new float32 tensor; ``logits`` itself where no
     state has any."""
     parts = [PenalizedRows(state.penalties, state.tokens, drafted[k], *spans[k])
-             for k, state in enumerate(states) if state.penalties is not None]
+             for k, state in enumerate(states)
+             if state.penalties is not None and state.penalties.needed(state.tokens)]
     return penalize(logits, parts) if parts else logits
 
 

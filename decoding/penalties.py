@@ -67,6 +67,11 @@ class Penalties:
     min_output: int = 0
     _counts: dict[tuple[torch.device, int], _Counts] = field(default_factory=dict)
 
+    def needed(self, tokens: Sequence[int]) -> bool:
+        """Whether the logits after ``tokens`` (and any drafts) change: penalties, or a ban
+        that has not yet ended."""
+        return self.params.penalized or len(tokens) - self.prompt_length < self.min_output
+
     @classmethod
     def of(cls, params: SamplingParams, prompt_length: int, banned: Sequence[int] = (),
            min_output: int = 0) -> Penalties | None:
@@ -214,11 +219,15 @@ class _Chosen:
         repetition = [p.repetition_penalty for p in self.params]
         if any(value != 1.0 for value in repetition):
             penalty = column(repetition)
-            scaled = torch.where(x > 0, x / penalty, x * penalty)
+            # transformers divides by a Python number, which CUDA does as a product with its
+            # float32 reciprocal (and a CPU as a division): the same here, bit for bit.
+            divided = x * (1.0 / penalty) if device.type == "cuda" else x / penalty
+            scaled = torch.where(x > 0, divided, x * penalty)
             # A penalty near 0 sends positive logits past float32's range: inf, and softmax
             # then NaN. At the largest finite value they tie, as their limit does.
             largest = torch.finfo(torch.float32).max
-            x = torch.where(present | prompt, scaled.clamp(-largest, largest), x)
+            seen = (present | prompt) & (penalty != 1.0)  # not another row's
+            x = torch.where(seen, scaled.clamp(-largest, largest), x)
         frequency = [p.frequency_penalty for p in self.params]
         if any(frequency):
             x = x - column(frequency) * output

@@ -53,7 +53,7 @@ class SequenceState:
         """``logits`` [n, vocab] as this request chooses from them: penalized (see
         :meth:`decoding.penalties.Penalties.apply` for the rows and ``drafted``), else as
         they are."""
-        if self.penalties is None:
+        if self.penalties is None or not self.penalties.needed(self.tokens):
             return logits
         return self.penalties.apply(logits, self.tokens, drafted)
 

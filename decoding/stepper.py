@@ -530,8 +530,9 @@ class Stepper:
     def _emit(self, running: RunningRequest, result: StepResult, start_ns: int) -> None:
         """Hand the step's tokens to the caller, stopping at EOS (unless the request ignores
         it), a stop string, one of its stop_token_ids or the length, and record the step.
-        Before min_new_tokens no stop string counts (EOS and stop_token_ids cannot come: see
-        :class:`~decoding.penalties.Penalties`)."""
+        No stop string ends the output before the token after the first min_new_tokens, the
+        earliest token that EOS or a stop_token_id can be (they are banned before it: see
+        :class:`~decoding.penalties.Penalties`), as vLLM's min_tokens."""
         finish: FinishReason | None = None
         emitted: list[int] = []
         request = running.request
@@ -541,7 +542,7 @@ class Stepper:
             if token in self.eos_token_ids and not request.ignore_eos:
                 finish = FinishReason.EOS
             elif (running.detokenizer.add(token, stop=len(running.output)
-                                          >= request.min_new_tokens)
+                                          > request.min_new_tokens)
                   or token in request.stop_token_ids):
                 finish = FinishReason.STOP
             elif len(running.output) >= running.prepared.max_new_tokens:

@@ -74,7 +74,8 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
     max_new = request.max_new_tokens
     if max_new is None:
         max_new = min(limits.default_max_new_tokens, room)
-        _check_min_new_tokens(request.min_new_tokens, max_new, "the default max_new_tokens")
+        _check_min_new_tokens(request.min_new_tokens, max_new,
+                              "max_new_tokens unset: the default, or the room in the context")
         return PreparedRequest(prompt_ids, max_new)
     if not 1 <= max_new <= limits.max_new_tokens_limit:
         raise InvalidRequestError(

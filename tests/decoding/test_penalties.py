@@ -188,6 +188,33 @@ def test_ending_tokens_are_banned_before_min_new_tokens(mode: str) -> None:
         assert result.num_accepted == result.num_drafted
 
 
+def test_a_ban_that_has_ended_leaves_the_logits_alone() -> None:
+    """min_new_tokens 2 without penalties: needed for 0 and 1 output tokens, not after (every
+    forward would otherwise copy and gather the logits for nothing)."""
+    state = _state(torch.Generator(), REPEATING, REPEATING, SamplingParams())
+    state.penalties = Penalties.of(SamplingParams(), len(PROMPT), banned=(0,), min_output=2)
+    logits = REPEATING.clone()
+    assert state.scored(logits)[0, 0] == float("-inf")
+    state.tokens.append(1)
+    assert state.scored(logits)[0, 0] == float("-inf")
+    state.tokens.append(1)
+    assert state.scored(logits) is logits
+
+
+def test_rows_without_a_repetition_penalty_keep_their_infinities() -> None:
+    """A row's logits do not depend on its batch mates: the clamp that a repetition penalty
+    near 0 needs is for rows that have one."""
+    logits = torch.tensor([[float("-inf"), 1.0, 2.0, float("inf")],
+                           [float("-inf"), 1.0, 2.0, 0.5]])
+    tokens = [0, 3, 1]
+    parts = [PenalizedRows(Penalties(SamplingParams(frequency_penalty=0.5), 2), tokens, None,
+                           0, 1),
+             PenalizedRows(Penalties(SamplingParams(repetition_penalty=1.3), 2), tokens, None,
+                           1, 2)]
+    out = penalize(logits, parts)
+    assert out[0].tolist() == [float("-inf"), 0.5, 2.0, float("inf")]
+
+
 def test_no_ban_without_ending_tokens() -> None:
     assert Penalties.of(SamplingParams(), 3, banned=(), min_output=5) is None
     assert Penalties.of(SamplingParams(), 3, banned=(2,), min_output=0) is None
@@ -589,9 +616,10 @@ async def test_no_stop_string_ends_the_output_before_min_new_tokens(request) -> 
     assert len(out) >= 6 and out == ids[: len(out)]
 
 
-async def test_the_min_new_tokens_th_token_may_complete_a_stop_string(request) -> None:
-    """A stop string first completed by the k-th token: with min_new_tokens k the output
-    stops there, with k + 1 it does not (vLLM counts the token that completes it)."""
+async def test_the_token_after_min_new_tokens_may_complete_a_stop_string(request) -> None:
+    """A stop string first completed by the k-th token: with min_new_tokens k - 1 the output
+    stops there, with k it does not: the earliest end is the token after the first
+    min_new_tokens, as for EOS and stop_token_ids (and in vLLM's min_tokens)."""
     pair = dataclasses.replace(request.getfixturevalue("same_pair"), eos_token_ids=())
     engine = make_engine(pair)
 
@@ -605,8 +633,8 @@ async def test_the_min_new_tokens_th_token_may_complete_a_stop_string(request) -
         k, stop = next((k, decode(ids[k - 1 : k]).strip()) for k in range(3, 10)
                        if decode(ids[k - 1 : k]).strip()
                        and decode(ids[k - 1 : k]).strip() not in decode(ids[: k - 1]))
-        at_k = await run(stop=(stop,), min_new_tokens=k)
-        after_k = await run(stop=(stop,), min_new_tokens=k + 1)
+        at_k = await run(stop=(stop,), min_new_tokens=k - 1)
+        after_k = await run(stop=(stop,), min_new_tokens=k)
     finally:
         engine.close()
     assert [t for c in at_k for t in c.token_ids] == ids[:k]
