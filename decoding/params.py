@@ -137,8 +137,9 @@ class GenerationRequest:
     ignore_eos: bool = False  # go on past the model's EOS tokens (to max_new_tokens or a stop)
     logprobs: bool = False  # return the target's log-probability of every output token
     top_logprobs: int = 0  # and of this many most likely tokens at each position (needs logprobs)
-    # No EOS (unless ignored), none of stop_token_ids and no stop string before this many
-    # output tokens (vLLM's min_tokens, transformers' min_new_tokens).
+    # The output ends at the earliest at the token after this many: no EOS (unless ignored),
+    # none of stop_token_ids, no stop string before (vLLM's min_tokens, transformers'
+    # min_new_tokens).
     min_new_tokens: int = 0
 
 
