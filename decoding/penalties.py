@@ -140,13 +140,13 @@ def penalize(logits: torch.Tensor, parts: Sequence[PenalizedRows]) -> torch.Tens
     banned_ids: list[int] = []
     for part in parts:
         size = part.stop - part.start
-        extra = _on_device(part.drafted, device)
-        before = (0 if extra is None else len(extra)) - (size - 1)  # what every row follows
+        before = _count(part.drafted) - (size - 1)  # the drafted tokens every row follows
         if before < 0:
             raise ValueError(f"{size} rows need at least {size - 1} drafted tokens")
         penalties = part.penalties
-        if penalties.params.penalized:
-            chosen.add(part, penalties._synced(part.tokens, vocab, device), extra, before)
+        if penalties.params.penalized:  # a ban alone needs only how many were drafted
+            chosen.add(part, penalties._synced(part.tokens, vocab, device),
+                       _on_device(part.drafted, device), before)
         # Output tokens before row j: those of ``tokens``, then before + j drafted ones.
         done = len(part.tokens) - penalties.prompt_length + before
         ids = _known(penalties.banned, vocab)
@@ -240,6 +240,13 @@ class _Chosen:
 def _known(ids: Sequence[int], vocab: int) -> list[int]:
     """The ids a model of this vocabulary size has logits for."""
     return [i for i in ids if i < vocab]
+
+
+def _count(drafted: Drafted) -> int:
+    """How many tokens ``drafted`` holds (one per tensor where it is a list of them)."""
+    if drafted is None:
+        return 0
+    return drafted.numel() if isinstance(drafted, torch.Tensor) else len(drafted)
 
 
 def _on_device(drafted: Drafted, device: torch.device) -> torch.Tensor | None:
