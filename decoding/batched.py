@@ -373,16 +373,17 @@ def _processed(
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """:func:`processed_probs` of each sampled state's rows ``logits[start:stop]`` under its
     settings. Returns them end to end in state order, [Σ rows, vocab] float32, and each
-    state's own (a view; None for a greedy state). One call per distinct temperature, top-k
-    and top-p: the function works row by row, so each state's rows come out as they would
+    state's own (a view; None for a greedy state). One call per distinct temperature, top-k,
+    top-p and min-p: the function works row by row, so each state's rows come out as they would
     alone, up to the rounding of top-p's sums (a reduction kernel, on a GPU or several CPU
     threads, may add a row in another order when there are more rows, as the batched
     forward's own kernels already do to the logits)."""
     sampled = [k for k, state in enumerate(states) if not state.sampling.greedy]
-    groups: dict[tuple[float, int, float], list[int]] = {}
+    groups: dict[tuple[float, int, float, float], list[int]] = {}
     for k in sampled:
         params = states[k].sampling
-        groups.setdefault((params.temperature, params.top_k, params.top_p), []).append(k)
+        setting = (params.temperature, params.top_k, params.top_p, params.min_p)
+        groups.setdefault(setting, []).append(k)
     sizes = [spans[k][1] - spans[k][0] for k in sampled]
     if len(groups) == 1:
         packed = processed_probs(_rows(logits, [spans[k] for k in sampled]),

@@ -3,9 +3,10 @@
 
 Every emitted token has a row of target logits already: the verify forward (or the plain step)
 that chose it scored its position. So the log-probabilities cost a log-softmax over those rows
-and one read-back, never a forward. They are the target's raw distribution, before temperature,
-top-k and top-p (vLLM's default), and they do not depend on the draft: an emitted token's row
-is the target's own forward over the same prefix, whatever was proposed after it.
+and one read-back, never a forward. They are the target's raw distribution, before the
+penalties, temperature, top-k, top-p and min-p (vLLM's default), and they do not depend on
+the draft: an emitted token's row is the target's own forward over the same prefix, whatever
+was proposed after it.
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     top_k: int = 0  # 0 keeps the whole vocabulary
+    # Tokens less likely than min_p times the most likely one are dropped, after top-k and
+    # top-p (Hugging Face's order); 0 keeps them all.
+    min_p: float = 0.0
     seed: int | None = None  # None: the engine draws one, so the request is still self-contained
     # Penalties on tokens already in the sequence, applied to the logits before temperature
     # (greedy included), as vLLM and Hugging Face apply them (see decoding.penalties):
@@ -47,6 +50,10 @@ class SamplingParams:
             raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequestError("sampling.top_k", f"must be >= 0, got {self.top_k}")
+        if not isinstance(self.min_p, (int, float)) or math.isnan(self.min_p) or not (
+            0.0 <= self.min_p <= 1.0
+        ):
+            raise InvalidRequestError("sampling.min_p", f"must be in [0, 1], got {self.min_p}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidRequestError("sampling.seed", "must fit in an unsigned 64-bit integer")
         for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"):
@@ -168,8 +175,8 @@ class Usage:
 @dataclass(frozen=True)
 class TokenLogprob:
     """One output token's log-probability under the target model, from its raw logits (before
-    temperature, top-k and top-p), and the ``top`` most likely tokens at its position with
-    theirs, most likely first."""
+    the penalties, temperature, top-k, top-p and min-p), and the ``top`` most likely tokens
+    at its position with theirs, most likely first."""
 
     token_id: int
     logprob: float

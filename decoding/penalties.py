@@ -13,9 +13,9 @@ the logits before anything else.
 Before ``min_new_tokens`` output tokens, a request's ending tokens (EOS, stop_token_ids) get
 no probability at all (their logits -inf).
 
-The bias first, then repetition, then the other two, then temperature, top-k and top-p
-(:func:`decoding.sampling.processed_probs`), as vLLM orders them; greedy decoding takes the
-argmax of the penalized logits, as Hugging Face's ``generate`` does.
+The bias first, then repetition, then the other two, then temperature, top-k, top-p and
+min-p (:func:`decoding.sampling.processed_probs`), as vLLM orders the penalties; greedy
+decoding takes the argmax of the penalized logits, as Hugging Face's ``generate`` does.
 
 Speculative decoding stays exact: the target's logits at a verify position are penalized for
 the sequence *with the draft tokens before that position*, which is the sequence the target

@@ -2,9 +2,9 @@
 
 The rejection sampler follows Leviathan et al. 2023, "Fast Inference from Transformers via
 Speculative Decoding" (arXiv 2211.17192, Algorithm 1), and Chen et al. 2023, "Accelerating Large
-Language Model Decoding with Speculative Sampling" (arXiv 2302.01318). Temperature, top-k and
-top-p are applied to the draft's and the target's logits alike *before* the rule, so the output
-follows the target's processed distribution exactly.
+Language Model Decoding with Speculative Sampling" (arXiv 2302.01318). Temperature, top-k, top-p
+and min-p are applied to the draft's and the target's logits alike *before* the rule, so the
+output follows the target's processed distribution exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from decoding.transfer import to_device
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Turn logits [n, vocab] into probabilities [n, vocab] (float32) under ``params``.
 
-    Order as in Hugging Face's processors: temperature, then top-k, then top-p. With
+    Order as in Hugging Face's processors: temperature, then top-k, then top-p, then min-p
+    (vLLM applies min-p before top-k and top-p; that keeps a different set where top-p cuts
+    into the tail min-p would have dropped first). With
     temperature 0 the result is one-hot on the argmax, which makes greedy a special case of
     the rejection rule (used only by tests; the engine takes the cheaper greedy path).
     """
@@ -46,6 +48,12 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         # reaches top_p, and never an empty one.
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if params.min_p > 0.0:
+        # Relative to the most likely token, which is always kept (min_p <= 1); renormalising
+        # after top-k and top-p changes no ratio, so the threshold is theirs too.
+        drop = probs < params.min_p * probs.amax(-1, keepdim=True)
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=None, help="in [0, 1]")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=None, help="in (0, 10]")
     parser.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2]")
@@ -84,7 +85,7 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
         request.messages.add(role="user", content=args.prompt)
     else:
         request.prompt = args.prompt
-    for name in ("temperature", "top_p", "top_k", "seed", "repetition_penalty",
+    for name in ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
                  "frequency_penalty", "presence_penalty"):
         if getattr(args, name) is not None:
             setattr(request.sampling, name, getattr(args, name))

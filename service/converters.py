@@ -66,6 +66,7 @@ def to_request(
             temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,
             top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
             top_k=sampling.top_k if sampling.HasField("top_k") else 0,
+            min_p=sampling.min_p if sampling.HasField("min_p") else 0.0,
             seed=sampling.seed if sampling.HasField("seed") else None,
             repetition_penalty=(
                 sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0

@@ -1,5 +1,5 @@
 """A batch groups its sampled rows by their settings; rows that share a temperature (and a
-top-k, or a top-p) but differ in the other must still each get their own distribution. The
+top-k, or a top-p) but differ in another (min-p too) must still each get their own distribution. The
 batched step's SETTINGS (tests/decoding/test_batched.py) have no two rows like that."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ SETTINGS = [
     SamplingParams(temperature=1.0, top_k=5, top_p=0.5),
     SamplingParams(temperature=0.7, top_k=5),
     SamplingParams(temperature=0.7, top_k=20),  # top-k apart only
+    SamplingParams(temperature=0.7, top_k=20, min_p=0.5),  # min-p apart only
 ]
 
 
@@ -52,7 +53,7 @@ def _states(target: StaticRunner, draft: StaticRunner) -> list[SequenceState]:
     return states
 
 
-def test_a_batch_of_rows_differing_in_top_p_or_top_k_alone_is_each_row_alone() -> None:
+def test_a_batch_of_rows_differing_in_top_p_top_k_or_min_p_alone_is_each_row_alone() -> None:
     target_model, draft_model = qwen2(0), qwen2(1)
     size = len(SETTINGS)
     target = StaticRunner(target_model, num_slots=size, max_len=96)

@@ -182,6 +182,10 @@ def test_a_temperature_too_small_for_float32_samples_like_greedy(temperature: fl
         ({"top_p": 1.5}, "sampling.top_p"),
         ({"top_p": float("nan")}, "sampling.top_p"),
         ({"top_k": -1}, "sampling.top_k"),
+        ({"min_p": -0.1}, "sampling.min_p"),
+        ({"min_p": 1.5}, "sampling.min_p"),
+        ({"min_p": float("nan")}, "sampling.min_p"),
+        ({"min_p": "0.1"}, "sampling.min_p"),
     ],
 )
 def test_invalid_sampling_values_name_the_field(kwargs: dict, field: str) -> None:

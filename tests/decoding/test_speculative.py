@@ -108,16 +108,34 @@ def test_sampling_is_reproducible_per_seed(target) -> None:
     assert a != c
 
 
-def test_speculative_sampling_matches_the_targets_next_token_distribution(target) -> None:
-    """First emitted token over many seeds vs the target's own softmax (chi-square)."""
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0, top_k=8), SamplingParams(temperature=0.2, min_p=0.25)],
+    ids=["top_k", "min_p"],
+)
+def test_speculative_sampling_matches_the_targets_next_token_distribution(
+    target, params: SamplingParams
+) -> None:
+    """First emitted token over many seeds vs the target's own distribution under
+    transformers' warpers (chi-square)."""
     from scipy.stats import chisquare
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
 
     draft = tiny_model(4)
-    params = SamplingParams(temperature=1.0, top_k=8)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.min_p:
+        warpers.append(MinPLogitsWarper(params.min_p))
     with torch.inference_mode():
         logits = target(torch.tensor([PROMPT])).logits[0, -1:]
-    expected = torch.softmax(torch.where(logits >= torch.topk(logits, 8).values[..., -1:],
-                                         logits, torch.tensor(float("-inf"))), -1)[0]
+    expected = torch.softmax(warpers(torch.tensor([PROMPT]), logits), -1)[0]
+    assert 1 < int((expected > 0).sum()) < VOCAB  # the warper drops some tokens, not all
     counts = torch.zeros(VOCAB)
     target_runner, draft_runner = ModelRunner(target), ModelRunner(draft)
     prefix_t, prefix_d = target_runner.new_sequence(), draft_runner.new_sequence()
@@ -131,6 +149,6 @@ def test_speculative_sampling_matches_the_targets_next_token_distribution(target
         prefix_d.forward(PROMPT[:-1])
         counts[speculative_step(state, 2).emitted[0]] += 1
     support = expected > 0
-    assert counts[~support].sum() == 0  # top-k is never violated
+    assert counts[~support].sum() == 0  # no dropped token is ever sampled
     _, p_value = chisquare(counts[support].numpy(), (expected[support] * n).numpy())
     assert p_value > 0.01

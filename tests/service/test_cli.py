@@ -97,8 +97,10 @@ def test_generate_flags_become_request_fields() -> None:
 
     request = build_request(client_args("--temperature", "0.5", "--top-p", "0.25", "--top-k",
                                         "7", "--seed", "11", "--max-new-tokens", "9",
-                                        "--num-speculative-tokens", "0", "--chat"))
+                                        "--num-speculative-tokens", "0", "--chat",
+                                        "--min-p", "0.125"))
     assert request.sampling.HasField("top_p") and request.sampling.top_p == 0.25
+    assert request.sampling.HasField("min_p") and request.sampling.min_p == 0.125
     assert (request.sampling.temperature, request.sampling.top_k, request.sampling.seed) == (
         0.5, 7, 11)
     assert request.max_new_tokens == 9
@@ -109,6 +111,7 @@ def test_generate_flags_become_request_fields() -> None:
     assert [(m.role, m.content) for m in request.messages] == [("user", "hello")]
     plain = build_request(client_args())
     assert not plain.sampling.HasField("top_p")
+    assert not plain.sampling.HasField("min_p")
     assert not plain.speculation.HasField("num_speculative_tokens")
 
 

@@ -67,6 +67,12 @@ def test_each_penalty_sent_reaches_the_engine_and_unset_is_its_default() -> None
     assert not unset.penalized
 
 
+def test_min_p_sent_reaches_the_engine_and_unset_is_off() -> None:
+    message = pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(min_p=0.25))
+    assert converters.to_request(message, "r", None).sampling.min_p == 0.25
+    assert converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).sampling.min_p == 0
+
+
 def test_min_new_tokens_sent_reaches_the_engine() -> None:
     assert converters.to_request(pb.GenerateRequest(prompt="x", min_new_tokens=7), "r",
                                  None).min_new_tokens == 7

@@ -130,6 +130,7 @@ def requests(draw) -> tuple[bool, pb.GenerateRequest | pb.GenerateStreamRequest]
         "temperature": mostly(maybe(st.floats(0, 2, width=32)), FLOAT32),
         "top_p": mostly(maybe(st.floats(0, 1, exclude_min=True, width=32)), FLOAT32),
         "top_k": mostly(maybe(st.integers(0, 400)), INT32),
+        "min_p": mostly(maybe(st.floats(0, 1, width=32)), FLOAT32),
         "seed": maybe(st.integers(0, 2**64 - 1)),
         "repetition_penalty": mostly(maybe(st.floats(0, 10, exclude_min=True, width=32)),
                                      FLOAT32),

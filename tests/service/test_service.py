@@ -274,6 +274,10 @@ def _invalid_cases():
         "frequency_penalty above 2": (
             make(prompt="x", sampling=pb.SamplingParams(frequency_penalty=2.5)),
             "sampling.frequency_penalty"),
+        "min_p above 1": (
+            make(prompt="x", sampling=pb.SamplingParams(min_p=1.5)), "sampling.min_p"),
+        "min_p below 0": (
+            make(prompt="x", sampling=pb.SamplingParams(min_p=-0.1)), "sampling.min_p"),
         "presence_penalty below -2": (
             make(prompt="x", sampling=pb.SamplingParams(presence_penalty=-2.5)),
             "sampling.presence_penalty"),
