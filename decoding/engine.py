@@ -334,6 +334,12 @@ class Engine:
                     f"more that leaves no room to generate in the server's KV budget of "
                     f"{budget} positions",
                 )
+            if request.min_new_tokens > room:
+                raise InvalidRequestError(
+                    "min_new_tokens",
+                    f"must be at most {room}, what the server's KV budget of {budget} "
+                    f"positions leaves after the prompt and γ + 1, got {request.min_new_tokens}",
+                )
             prepared = dataclasses.replace(prepared, max_new_tokens=room)
             reservation = budget
         handle = RequestHandle(request.request_id, len(prepared.prompt_ids), self._wake)

@@ -1070,6 +1070,10 @@ async def test_a_default_max_new_tokens_is_what_the_kv_budget_leaves(same_pair, 
         with pytest.raises(InvalidRequestError, match=r"^max_new_tokens: "):
             await collect(engine, prompt_token_ids=PROMPT_IDS, speculation=speculation,
                           max_new_tokens=60 - len(PROMPT_IDS) - reserve + 1)
+        # min_new_tokens raises the default only as far as the budget leaves.
+        with pytest.raises(InvalidRequestError, match=r"^min_new_tokens: must be at most "):
+            await collect(engine, prompt_token_ids=PROMPT_IDS, speculation=speculation,
+                          min_new_tokens=60 - len(PROMPT_IDS) - reserve + 1)
         await wait_until_idle(engine)
         assert engine.stats().reserved_tokens == 0
     finally:

@@ -81,12 +81,16 @@ def test_empty_messages_is_refused_before_the_template() -> None:
 
 
 def test_min_new_tokens_may_equal_max_new_tokens() -> None:
-    """Given or the default (8 here; 3 where the prompt leaves room for 3 only)."""
+    """At most max_new_tokens given; unset, at most the server's limit (64 here) and the room
+    in the context (3 where the prompt leaves 3), and the default (8) rises to it."""
     prepare(req(max_new_tokens=20, min_new_tokens=20), None, LIMITS)
     refused("min_new_tokens", max_new_tokens=20, min_new_tokens=21)
-    prepare(req(min_new_tokens=8), None, LIMITS)
-    refused("min_new_tokens", min_new_tokens=9)
-    prepare(req(prompt_token_ids=(1,) * 253, min_new_tokens=3), None, LIMITS)
+    assert prepare(req(min_new_tokens=5), None, LIMITS).max_new_tokens == 8
+    assert prepare(req(min_new_tokens=9), None, LIMITS).max_new_tokens == 9
+    assert prepare(req(min_new_tokens=64), None, LIMITS).max_new_tokens == 64
+    refused("min_new_tokens", min_new_tokens=65)
+    assert prepare(req(prompt_token_ids=(1,) * 253, min_new_tokens=3), None,
+                   LIMITS).max_new_tokens == 3
     refused("min_new_tokens", prompt_token_ids=(1,) * 253, min_new_tokens=4)
     refused("min_new_tokens", min_new_tokens=-1)
 

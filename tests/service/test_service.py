@@ -294,6 +294,8 @@ def _invalid_cases():
             "sampling.logit_bias[5000]"),
         "min_new_tokens above max_new_tokens": (
             make(prompt="x", max_new_tokens=5, min_new_tokens=6), "min_new_tokens"),
+        "min_new_tokens above the limit, max_new_tokens unset": (
+            make(prompt="x", min_new_tokens=10**6), "min_new_tokens"),
         "beyond the context window": (
             make(prompt_token_ids=[1] * 100, max_new_tokens=50),
             "max_new_tokens"),
