@@ -350,6 +350,7 @@ class Engine:
             reservation=reservation,
             detokenizer=IncrementalDetokenizer(self.pair.tokenizer, request.stop),
             adaptive=self.stepper.adaptive_for(request),
+            prompt_logprobs=None if request.prompt_logprobs is None else [],
         )
         with self._cond:
             # Again, under the lock the worker's death and the drain's end take: either may

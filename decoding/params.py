@@ -144,6 +144,9 @@ class GenerationRequest:
     ignore_eos: bool = False  # go on past the model's EOS tokens (to max_new_tokens or a stop)
     logprobs: bool = False  # return the target's log-probability of every output token
     top_logprobs: int = 0  # and of this many most likely tokens at each position (needs logprobs)
+    # The target's log-probability of every prompt token after the first, with this many most
+    # likely tokens at each of their positions (vLLM's prompt_logprobs); None: none.
+    prompt_logprobs: int | None = None
     # The output ends at the earliest at the token after this many: no EOS (unless ignored),
     # none of stop_token_ids, no stop string before (vLLM's min_tokens, transformers'
     # min_new_tokens).
@@ -195,3 +198,5 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when requested
+    # One per prompt token after the first, on a request's first chunk only, when requested.
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None

@@ -201,6 +201,11 @@ def _check_logprobs(request: GenerationRequest) -> None:
         )
     if top and not request.logprobs:
         raise InvalidRequestError("top_logprobs", "needs logprobs to be true")
+    prompt_top = request.prompt_logprobs
+    if prompt_top is not None and not 0 <= prompt_top <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(
+            "prompt_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {prompt_top}"
+        )
 
 
 def _check_stop_token_ids(ids: tuple[int, ...], limits: Limits) -> None:

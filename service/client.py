@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="print each token's log-probability under the target, with its N most likely "
         "alternatives (0: none), to stderr",
     )
+    parser.add_argument(
+        "--prompt-logprobs", type=int, default=None, metavar="N",
+        help="print each prompt token's (after the first) log-probability under the target, "
+        "with its N most likely alternatives (0: none), to stderr",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     parser.add_argument("--token", default=None, help="bearer token, if the server wants one")
     parser.add_argument(
@@ -65,6 +70,7 @@ _FIELD_RANGES = {  # what each integer flag's proto field can hold; the server j
     "max_new_tokens": (0, 2**32 - 1), "min_new_tokens": (0, 2**32 - 1),
     "num_speculative_tokens": (0, 2**32 - 1),
     "seed": (0, 2**64 - 1), "top_k": (-(2**31), 2**31 - 1),
+    "prompt_logprobs": (0, 2**32 - 1),
 }
 
 
@@ -107,6 +113,8 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
             raise SystemExit("--logprobs must be at least 0")
         request.logprobs = True
         request.top_logprobs = args.logprobs
+    if args.prompt_logprobs is not None:
+        request.prompt_logprobs = args.prompt_logprobs
     return request
 
 
@@ -138,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         stub = pb_grpc.GenerationServiceStub(channel)
         try:
             logprobs: list[pb.TokenLogprob] = []
+            prompt_logprobs: list[pb.TokenLogprob] = []
             if args.stream:
                 usage, finish = pb.Usage(), 0
                 stream = stub.GenerateStream(request, timeout=args.timeout, metadata=metadata)
@@ -145,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
                     sys.stdout.write(message.text)
                     sys.stdout.flush()
                     logprobs.extend(message.logprobs)
+                    prompt_logprobs.extend(message.prompt_logprobs)
                     if message.HasField("usage"):
                         usage, finish = message.usage, message.finish_reason
                 sys.stdout.write("\n")
@@ -155,13 +165,15 @@ def run(args: argparse.Namespace) -> int:
                 print(response.text)
                 usage, finish = response.usage, response.finish_reason
                 logprobs.extend(response.logprobs)
+                prompt_logprobs.extend(response.prompt_logprobs)
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
-    for entry in logprobs:
-        top = " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in entry.top_logprobs)
-        print(f"[logprob token={entry.token_id} {entry.logprob:.4f}"
-              + (f" top {top}]" if top else "]"), file=sys.stderr)
+    for label, entries in (("prompt_logprob", prompt_logprobs), ("logprob", logprobs)):
+        for entry in entries:
+            top = " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in entry.top_logprobs)
+            print(f"[{label} token={entry.token_id} {entry.logprob:.4f}"
+                  + (f" top {top}]" if top else "]"), file=sys.stderr)
     print(
         f"[finish={FINISH_NAMES.get(finish, '?')} prompt_tokens={usage.prompt_tokens} "
         f"completion_tokens={usage.completion_tokens} draft_tokens={usage.draft_tokens} "

@@ -94,6 +94,9 @@ def to_request(
         min_new_tokens=message.min_new_tokens,
         logprobs=message.logprobs,
         top_logprobs=message.top_logprobs,
+        prompt_logprobs=(
+            message.prompt_logprobs if message.HasField("prompt_logprobs") else None
+        ),
     )
 
 
@@ -126,6 +129,7 @@ def to_stream_response(request_id: str, chunk: Chunk) -> pb.GenerateStreamRespon
     response = pb.GenerateStreamResponse(
         request_id=request_id, text=chunk.text, token_ids=chunk.token_ids,
         logprobs=to_logprobs(chunk.logprobs),
+        prompt_logprobs=to_logprobs(chunk.prompt_logprobs),
     )
     if chunk.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[chunk.finish_reason]
@@ -141,6 +145,7 @@ def to_response(request_id: str, chunks: list[Chunk]) -> pb.GenerateResponse:
         text="".join(c.text for c in chunks),
         token_ids=[t for c in chunks for t in c.token_ids],
         logprobs=[lp for c in chunks for lp in to_logprobs(c.logprobs)],
+        prompt_logprobs=[lp for c in chunks for lp in to_logprobs(c.prompt_logprobs)],
     )
     if last.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[last.finish_reason]

@@ -42,6 +42,13 @@ def test_stop_string_length_limit_is_inclusive() -> None:
     refused("stop[0]", stop=("x" * 11,))
 
 
+def test_prompt_logprobs_may_be_0_to_the_maximum() -> None:
+    prepare(req(prompt_logprobs=0), None, LIMITS)
+    prepare(req(prompt_logprobs=MAX_TOP_LOGPROBS), None, LIMITS)
+    refused("prompt_logprobs", prompt_logprobs=MAX_TOP_LOGPROBS + 1)
+    refused("prompt_logprobs", prompt_logprobs=-1)
+
+
 def test_negative_top_logprobs_is_refused() -> None:
     prepare(req(logprobs=True, top_logprobs=MAX_TOP_LOGPROBS), None, LIMITS)
     refused("top_logprobs", logprobs=True, top_logprobs=-1)

@@ -87,14 +87,17 @@ async def test_greedy_64_tokens_equal_the_targets_own(pair, engine, capsys) -> N
 
 async def test_fixed_gamma_and_speculation_off_agree(pair, engine) -> None:
     """The same tokens, and the same log-probabilities: the target's own (one cache-free HF
-    forward over the prompt and the output), at γ = 4 as with speculation off."""
+    forward over the prompt and the output), at γ = 4 as with speculation off; the prompt's
+    too (asked for at γ = 4)."""
     ids = tuple(chat_ids(pair))
     outputs, logprobs = [], []
     for gamma in (0, 4):
         handle = engine.submit(GenerationRequest(
             request_id=f"g{gamma}", prompt_token_ids=ids, max_new_tokens=24,
-            speculation=SpeculationParams(gamma), logprobs=True, top_logprobs=2))
+            speculation=SpeculationParams(gamma), logprobs=True, top_logprobs=2,
+            prompt_logprobs=2 if gamma else None))
         chunks = [c async for c in handle]
+        prompt_logprobs = chunks[0].prompt_logprobs or ()
         outputs.append([t for c in chunks for t in c.token_ids])
         logprobs.append([lp for c in chunks for lp in c.logprobs or ()])
     assert outputs[0] == outputs[1]
@@ -108,6 +111,14 @@ async def test_fixed_gamma_and_speculation_off_agree(pair, engine) -> None:
             torch.tensor([lp.logprob for lp in given]), expected, rtol=0, atol=2e-3
         )
         assert [[i for i, _ in lp.top] for lp in given] == reference.topk(2).indices.tolist()
+    prompt_reference = torch.log_softmax(logits, dim=-1)[: len(ids) - 1]
+    assert [lp.token_id for lp in prompt_logprobs] == list(ids[1:])
+    torch.testing.assert_close(
+        torch.tensor([lp.logprob for lp in prompt_logprobs]),
+        prompt_reference[torch.arange(len(ids) - 1), list(ids[1:])], rtol=0, atol=2e-3,
+    )
+    assert [[i for i, _ in lp.top] for lp in prompt_logprobs] == (
+        prompt_reference.topk(2).indices.tolist())
 
 
 async def test_greedy_with_a_repetition_penalty_is_transformers_generate(pair, engine) -> None:

@@ -32,24 +32,31 @@ async def test_generate_prints_the_text(served) -> None:
 
 
 async def test_generate_prints_logprobs(served) -> None:
+    """The output's and the prompt's, unary and streamed, as the server returns them."""
     request = pb.GenerateRequest(prompt="def add(a, b):", max_new_tokens=5, logprobs=True,
-                                 top_logprobs=1)
+                                 top_logprobs=1, prompt_logprobs=1)
     expected = await served.stub.Generate(request)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "generate", "def add(a, b):",
-        "--address", served.address, "--max-new-tokens", "5", "--logprobs", "1",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    lines = [line for line in err.decode().splitlines() if line.startswith("[logprob ")]
-    assert lines == [
-        f"[logprob token={e.token_id} {e.logprob:.4f} top "
-        f"{e.top_logprobs[0].token_id}:{e.top_logprobs[0].logprob:.4f}]"
-        for e in expected.logprobs
-    ]
-    assert len(lines) == len(expected.token_ids) > 0
+    assert len(expected.prompt_logprobs) == expected.usage.prompt_tokens - 1 > 0
+    for extra in ([], ["--stream"]):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.cli", "generate", "def add(a, b):",
+            "--address", served.address, "--max-new-tokens", "5", "--logprobs", "1",
+            "--prompt-logprobs", "1", *extra,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        for label, entries in (("prompt_logprob", expected.prompt_logprobs),
+                               ("logprob", expected.logprobs)):
+            lines = [line for line in err.decode().splitlines()
+                     if line.startswith(f"[{label} ")]
+            assert lines == [
+                f"[{label} token={e.token_id} {e.logprob:.4f} top "
+                f"{e.top_logprobs[0].token_id}:{e.top_logprobs[0].logprob:.4f}]"
+                for e in entries
+            ], (label, extra)
+    assert len(expected.logprobs) == len(expected.token_ids) > 0
 
 
 async def test_generate_reports_errors(served) -> None:

@@ -73,6 +73,13 @@ def test_min_p_sent_reaches_the_engine_and_unset_is_off() -> None:
     assert converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).sampling.min_p == 0
 
 
+def test_prompt_logprobs_sent_reach_the_engine_and_unset_asks_for_none() -> None:
+    for top in (0, 5):
+        message = pb.GenerateRequest(prompt="x", prompt_logprobs=top)
+        assert converters.to_request(message, "r", None).prompt_logprobs == top
+    assert converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).prompt_logprobs is None
+
+
 def test_min_new_tokens_sent_reaches_the_engine() -> None:
     assert converters.to_request(pb.GenerateRequest(prompt="x", min_new_tokens=7), "r",
                                  None).min_new_tokens == 7

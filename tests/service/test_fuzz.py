@@ -149,6 +149,9 @@ def requests(draw) -> tuple[bool, pb.GenerateRequest | pb.GenerateStreamRequest]
     if max_new is not None:
         request.max_new_tokens = max_new
     request.min_new_tokens = draw(mostly(st.integers(0, 4), UINT32))
+    prompt_logprobs = draw(mostly(maybe(st.integers(0, 20)), UINT32))
+    if prompt_logprobs is not None:
+        request.prompt_logprobs = prompt_logprobs
     request.stop.extend(draw(mostly(
         st.lists(st.text(min_size=1, max_size=12), max_size=3),
         st.lists(st.text(max_size=300), max_size=10),
@@ -163,8 +166,11 @@ def requests(draw) -> tuple[bool, pb.GenerateRequest | pb.GenerateStreamRequest]
     return stream, request
 
 
-def check_response(request, token_ids, finish_reason, usage, request_id: str) -> None:
+def check_response(request, token_ids, finish_reason, usage, request_id: str,
+                   prompt_logprobs) -> None:
     assert finish_reason in VALID_FINISH
+    wanted = request.HasField("prompt_logprobs")
+    assert len(prompt_logprobs) == (usage.prompt_tokens - 1 if wanted else 0)
     assert 1 <= len(token_ids) <= MAX_NEW_TOKENS_LIMIT
     if request.HasField("max_new_tokens"):
         assert len(token_ids) <= request.max_new_tokens
@@ -184,11 +190,12 @@ def test_arbitrary_requests_get_a_response_or_invalid_argument(server, case) -> 
             assert messages
             last = messages[-1]
             tokens = [t for m in messages for t in m.token_ids]
-            check_response(request, tokens, last.finish_reason, last.usage, last.request_id)
+            check_response(request, tokens, last.finish_reason, last.usage, last.request_id,
+                           [lp for m in messages for lp in m.prompt_logprobs])
         else:
             reply = server.stub.Generate(request, timeout=TIMEOUT)
             check_response(request, list(reply.token_ids), reply.finish_reason, reply.usage,
-                           reply.request_id)
+                           reply.request_id, reply.prompt_logprobs)
         event("OK")
     except grpc.RpcError as err:
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())

@@ -62,6 +62,26 @@ async def test_logprobs_come_with_their_tokens(served) -> None:
     assert not (await served.stub.Generate(greedy(n=4))).logprobs
 
 
+async def test_prompt_logprobs_come_first_and_once(served) -> None:
+    """One entry per prompt token after the first, unary and streamed alike, on the first
+    message only; none unless asked for."""
+    unary_request = greedy(n=8)
+    unary_request.prompt_logprobs = 1
+    unary = await served.stub.Generate(unary_request)
+    stream_request = greedy(n=8, cls=pb.GenerateStreamRequest)
+    stream_request.prompt_logprobs = 1
+    messages = [m async for m in served.stub.GenerateStream(stream_request)]
+    assert len(messages) > 1
+    assert list(messages[0].prompt_logprobs) == list(unary.prompt_logprobs)
+    assert not any(m.prompt_logprobs for m in messages[1:])
+    assert len(unary.prompt_logprobs) == unary.usage.prompt_tokens - 1 > 0
+    for entry in unary.prompt_logprobs:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 1
+        assert entry.top_logprobs[0].logprob >= entry.logprob
+    assert not unary.logprobs
+    assert not (await served.stub.Generate(greedy(n=4))).prompt_logprobs
+
+
 async def test_stop_token_ids_and_ignore_eos_travel(served) -> None:
     request = greedy(n=10)
     request.ignore_eos = True
@@ -309,6 +329,7 @@ def _invalid_cases():
         "too many top_logprobs": (make(prompt="x", logprobs=True, top_logprobs=21),
                                   "top_logprobs"),
         "top_logprobs without logprobs": (make(prompt="x", top_logprobs=3), "top_logprobs"),
+        "too many prompt_logprobs": (make(prompt="x", prompt_logprobs=21), "prompt_logprobs"),
         "stop token id outside the vocabulary": (make(prompt="x", stop_token_ids=[10**6]),
                                                  "stop_token_ids[0]"),
         "unknown chat role": (
