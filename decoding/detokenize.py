@@ -3,7 +3,7 @@
 Each step's tokens are turned into a text delta. Text is held back while it ends in an
 incomplete UTF-8 sequence (U+FFFD) or while its tail could still become a stop string, so
 the deltas of a stream concatenate to exactly the text a unary call returns, and nothing after
-a stop string ever reaches the caller.
+a stop string ever reaches the caller (nor, unless the request keeps it, the stop string).
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ class IncrementalDetokenizer:
     only when it does not end in an incomplete UTF-8 sequence; until then the window keeps its
     tokens."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: tuple[str, ...] = (), include_stop: bool = False
+    ) -> None:
         self._tokenizer = tokenizer
         self._stop = stop
+        self._include_stop = include_stop  # the text ends after the stop string, not before
         self._ids: list[int] = []
         self._prefix = 0  # the window starts here
         self._read = 0  # ids[:read] are final: their text is _final
@@ -46,7 +49,8 @@ class IncrementalDetokenizer:
         )
 
     def add(self, token_id: int, stop: bool = True) -> bool:
-        """Add one token; return True when it completes a stop string (text is cut before it).
+        """Add one token; return True when it completes a stop string (text is cut before it,
+        or after it with ``include_stop``).
         ``stop`` False: no stop string ends the text here (the request's min_new_tokens);
         a later token may still complete one that began here."""
         self._ids.append(token_id)
@@ -65,9 +69,11 @@ class IncrementalDetokenizer:
         # The earliest match of any stop wins, each searched in the uncut text: one listed
         # later may start before, and end after, the start of another's match.
         found = [text.find(s, max(0, seen - len(s) + 1)) for s in self._stop] if stop else []
-        matches = [at for at in found if at != -1]
+        matches = [(at, k) for k, at in enumerate(found) if at != -1]
         if matches:
-            text, self.stopped = text[: min(matches)], True
+            at, k = min(matches)  # the earliest; of those starting together, the first listed
+            end = at + len(self._stop[k]) if self._include_stop else at
+            text, self.stopped = text[:end], True
         self._text = text
         return self.stopped
 

@@ -348,7 +348,8 @@ class Engine:
             prepared=prepared,
             handle=handle,
             reservation=reservation,
-            detokenizer=IncrementalDetokenizer(self.pair.tokenizer, request.stop),
+            detokenizer=IncrementalDetokenizer(self.pair.tokenizer, request.stop,
+                                               request.include_stop_str_in_output),
             adaptive=self.stepper.adaptive_for(request),
             prompt_logprobs=None if request.prompt_logprobs is None else [],
         )

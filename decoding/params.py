@@ -151,6 +151,12 @@ class GenerationRequest:
     # none of stop_token_ids, no stop string before (vLLM's min_tokens, transformers'
     # min_new_tokens).
     min_new_tokens: int = 0
+    # The stop string that ended the output is kept at the end of its text (vLLM's
+    # include_stop_str_in_output); by default the text ends before it.
+    include_stop_str_in_output: bool = False
+    # Keep only the last this many prompt tokens (vLLM's truncate_prompt_tokens, TGI's
+    # truncate), after the chat template; None keeps them all.
+    truncate_prompt_tokens: int | None = None
 
 
 @dataclass

@@ -47,6 +47,15 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
             "input", f"exactly one of prompt, messages, prompt_token_ids must be set, got {given}"
         )
     prompt_ids = _prompt_ids(request, tokenizer, limits)
+    keep = request.truncate_prompt_tokens
+    if keep is not None:
+        if not 1 <= keep < limits.context_window:
+            raise InvalidRequestError(
+                "truncate_prompt_tokens",
+                f"must be in [1, {limits.context_window - 1}] (the context window less one "
+                f"token to generate), got {keep}",
+            )
+        prompt_ids = prompt_ids[-keep:]
 
     for token, _ in request.sampling.logit_bias:
         if token >= limits.vocab_size:

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="add BIAS, in [-100, 100], to token ID's logit (repeatable)",
     )
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--include-stop-str-in-output", action="store_true",
+                        help="keep the stop string that ended the output in its text")
+    parser.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="N",
+                        help="keep only the prompt's last N tokens")
     parser.add_argument(
         "--stop-token-id", action="append", type=int, default=[], dest="stop_token_ids",
         help="a token id that ends generation (repeatable)",
@@ -70,7 +74,7 @@ _FIELD_RANGES = {  # what each integer flag's proto field can hold; the server j
     "max_new_tokens": (0, 2**32 - 1), "min_new_tokens": (0, 2**32 - 1),
     "num_speculative_tokens": (0, 2**32 - 1),
     "seed": (0, 2**64 - 1), "top_k": (-(2**31), 2**31 - 1),
-    "prompt_logprobs": (0, 2**32 - 1),
+    "prompt_logprobs": (0, 2**32 - 1), "truncate_prompt_tokens": (0, 2**32 - 1),
 }
 
 
@@ -85,7 +89,8 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
             flag = "--" + name.replace("_", "-")
             raise SystemExit(f"{flag} must be in [{least}, {most}], got {value}")
     request = pb.GenerateStreamRequest(
-        stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos
+        stop=args.stop, stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos,
+        include_stop_str_in_output=args.include_stop_str_in_output,
     )
     if args.chat:
         request.messages.add(role="user", content=args.prompt)
@@ -115,6 +120,8 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
         request.top_logprobs = args.logprobs
     if args.prompt_logprobs is not None:
         request.prompt_logprobs = args.prompt_logprobs
+    if args.truncate_prompt_tokens is not None:
+        request.truncate_prompt_tokens = args.truncate_prompt_tokens
     return request
 
 

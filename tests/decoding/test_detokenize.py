@@ -18,8 +18,8 @@ def tokenizer():
 TEXT = "naïve café → 世界 🙂🚀 done"
 
 
-def stream(tokenizer, ids, stop=()):
-    detokenizer = IncrementalDetokenizer(tokenizer, stop)
+def stream(tokenizer, ids, stop=(), include_stop=False):
+    detokenizer = IncrementalDetokenizer(tokenizer, stop, include_stop)
     deltas = []
     for token in ids:
         stopped = detokenizer.add(token)
@@ -55,6 +55,26 @@ def test_stop_string_spanning_tokens_cuts_everything_after(tokenizer, stop) -> N
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
     deltas = stream(tokenizer, ids, stop=(stop,))
     assert "".join(deltas) == TEXT[: TEXT.find(stop)]
+
+
+@pytest.mark.parametrize("stop", ["世界", "é →", "e", "🚀 d", "done"])
+def test_a_kept_stop_string_ends_the_text_and_nothing_after_it_shows(tokenizer, stop) -> None:
+    ids = tokenizer.encode(TEXT + " and more", add_special_tokens=False)
+    deltas = stream(tokenizer, ids, stop=(stop,), include_stop=True)
+    assert "".join(deltas) == TEXT[: TEXT.find(stop) + len(stop)]
+
+
+@pytest.mark.parametrize(("stops", "kept"), [
+    (("va", "al"), "va"), (("al", "va"), "va"), (("alu", "v"), "v"), (("lue", "valu"), "valu"),
+    (("val", "valu"), "val"), (("valu", "val"), "valu"),
+])
+def test_a_kept_stop_string_is_the_earliest_and_of_those_the_first_listed(
+    tokenizer, stops, kept
+) -> None:
+    (token,) = tokenizer.encode("value", add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, stops, include_stop=True)
+    assert detokenizer.add(token)
+    assert detokenizer.delta(final=True) == kept
 
 
 def test_earliest_of_several_stop_strings_wins(tokenizer) -> None:

@@ -729,12 +729,14 @@ async def test_ignore_eos_goes_on_to_max_new_tokens(same_pair) -> None:
     assert stopping[-1].finish_reason == FinishReason.EOS
 
 
+@pytest.mark.parametrize("include", [False, True], ids=["cut", "kept"])
 @pytest.mark.parametrize(("gamma", "decode_steps"), [(5, 1), (0, 4)])
 async def test_stop_string_inside_an_accepted_run_cuts_the_text(
-    same_pair, gamma: int, decode_steps: int
+    same_pair, gamma: int, decode_steps: int, include: bool
 ) -> None:
     """Inside a step's accepted run, or inside a group of plain steps (the group's later
-    tokens dropped)."""
+    tokens dropped); the text ends before the stop string, or after it where the request
+    keeps it (include_stop_str_in_output)."""
     pair = dataclasses.replace(same_pair, eos_token_ids=())
     free_run = reference_greedy(pair, PROMPT_IDS, 40)
     text = pair.tokenizer.decode(free_run, skip_special_tokens=True)
@@ -743,11 +745,12 @@ async def test_stop_string_inside_an_accepted_run_cuts_the_text(
     engine = make_engine(pair, decode_steps=decode_steps)
     try:
         chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, max_new_tokens=40,
-                               stop=(stop,), speculation=SpeculationParams(gamma))
+                               stop=(stop,), speculation=SpeculationParams(gamma),
+                               include_stop_str_in_output=include)
     finally:
         engine.close()
     streamed = "".join(c.text for c in chunks)
-    assert streamed == text[: text.find(stop)]
+    assert streamed == text[: text.find(stop) + (len(stop) if include else 0)]
     assert chunks[-1].finish_reason == FinishReason.STOP
     # the token ids end with the token that completed the stop string
     emitted = ids_of(chunks)
@@ -1936,3 +1939,17 @@ def test_on_cuda_each_model_gets_its_graph_shapes(same_pair, monkeypatch) -> Non
     assert "graph_catch_up_widths" not in target
     assert target["graph_last_only_widths"] == draft["graph_last_only_widths"] == (
         GRAPH_LAST_ONLY_WIDTHS)
+
+
+async def test_a_truncated_prompt_generates_from_its_last_tokens(same_pair) -> None:
+    """truncate_prompt_tokens: the output is the target's own after the kept tokens, and the
+    usage counts those."""
+    pair = dataclasses.replace(same_pair, eos_token_ids=())
+    engine = make_engine(pair)
+    try:
+        chunks = await collect(engine, prompt_token_ids=(3, 4, 5, *PROMPT_IDS), max_new_tokens=8,
+                               truncate_prompt_tokens=len(PROMPT_IDS))
+    finally:
+        engine.close()
+    assert ids_of(chunks) == reference_greedy(pair, PROMPT_IDS, 8)
+    assert chunks[-1].usage.prompt_tokens == len(PROMPT_IDS)

@@ -42,6 +42,23 @@ def test_stop_string_length_limit_is_inclusive() -> None:
     refused("stop[0]", stop=("x" * 11,))
 
 
+def test_truncate_prompt_tokens_keeps_the_last_ones() -> None:
+    """In [1, context window - 1]; the prompt keeps its last that many tokens, and only the
+    kept ones count against the context window."""
+    ids = tuple(range(1, 301))  # longer than the context window (256)
+    assert prepare(req(prompt_token_ids=ids, truncate_prompt_tokens=5), None,
+                   LIMITS).prompt_ids == ids[-5:]
+    assert prepare(req(prompt_token_ids=ids, truncate_prompt_tokens=255), None,
+                   LIMITS).prompt_ids == ids[-255:]
+    assert prepare(req(prompt_token_ids=(7, 8), truncate_prompt_tokens=5), None,
+                   LIMITS).prompt_ids == (7, 8)
+    assert prepare(req(prompt_token_ids=(7, 8), truncate_prompt_tokens=1), None,
+                   LIMITS).prompt_ids == (8,)
+    refused("truncate_prompt_tokens", prompt_token_ids=ids, truncate_prompt_tokens=256)
+    refused("truncate_prompt_tokens", prompt_token_ids=ids, truncate_prompt_tokens=0)
+    refused("prompt_token_ids", prompt_token_ids=ids)
+
+
 def test_prompt_logprobs_may_be_0_to_the_maximum() -> None:
     prepare(req(prompt_logprobs=0), None, LIMITS)
     prepare(req(prompt_logprobs=MAX_TOP_LOGPROBS), None, LIMITS)

@@ -80,6 +80,18 @@ def test_prompt_logprobs_sent_reach_the_engine_and_unset_asks_for_none() -> None
     assert converters.to_request(pb.GenerateRequest(prompt="x"), "r", None).prompt_logprobs is None
 
 
+def test_stop_string_and_truncation_fields_reach_the_engine() -> None:
+    message = pb.GenerateRequest(prompt="x", include_stop_str_in_output=True,
+                                 truncate_prompt_tokens=9)
+    request = converters.to_request(message, "r", None)
+    assert (request.include_stop_str_in_output, request.truncate_prompt_tokens) == (True, 9)
+    unset = converters.to_request(pb.GenerateRequest(prompt="x"), "r", None)
+    assert (unset.include_stop_str_in_output, unset.truncate_prompt_tokens) == (False, None)
+    zero = converters.to_request(pb.GenerateRequest(prompt="x", truncate_prompt_tokens=0), "r",
+                                 None)
+    assert zero.truncate_prompt_tokens == 0  # set to 0 is sent as 0, and refused
+
+
 def test_min_new_tokens_sent_reaches_the_engine() -> None:
     assert converters.to_request(pb.GenerateRequest(prompt="x", min_new_tokens=7), "r",
                                  None).min_new_tokens == 7

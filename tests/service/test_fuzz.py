@@ -150,6 +150,10 @@ def requests(draw) -> tuple[bool, pb.GenerateRequest | pb.GenerateStreamRequest]
         request.max_new_tokens = max_new
     request.min_new_tokens = draw(mostly(st.integers(0, 4), UINT32))
     prompt_logprobs = draw(mostly(maybe(st.integers(0, 20)), UINT32))
+    request.include_stop_str_in_output = draw(st.booleans())
+    truncate = draw(mostly(maybe(st.integers(1, 40)), UINT32))
+    if truncate is not None:
+        request.truncate_prompt_tokens = truncate
     if prompt_logprobs is not None:
         request.prompt_logprobs = prompt_logprobs
     request.stop.extend(draw(mostly(

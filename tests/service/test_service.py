@@ -330,6 +330,8 @@ def _invalid_cases():
                                   "top_logprobs"),
         "top_logprobs without logprobs": (make(prompt="x", top_logprobs=3), "top_logprobs"),
         "too many prompt_logprobs": (make(prompt="x", prompt_logprobs=21), "prompt_logprobs"),
+        "truncate_prompt_tokens 0": (make(prompt="x", truncate_prompt_tokens=0),
+                                     "truncate_prompt_tokens"),
         "stop token id outside the vocabulary": (make(prompt="x", stop_token_ids=[10**6]),
                                                  "stop_token_ids[0]"),
         "unknown chat role": (
