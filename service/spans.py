@@ -45,6 +45,11 @@ def request_attributes(record: CallRecord, info: EngineInfo) -> dict[str, Any]:
             attributes["gen_ai.request.presence_penalty"] = request.sampling.presence_penalty
         if request.max_new_tokens is not None:
             attributes["gen_ai.request.max_tokens"] = request.max_new_tokens
+        seed = request.sampling.seed
+        if seed is not None and seed < 2**63:  # OTLP's integers are signed 64-bit; the seed
+            attributes["gen_ai.request.seed"] = seed  # is unsigned: one above is left out
+        if request.stop:
+            attributes["gen_ai.request.stop_sequences"] = list(request.stop)
     if record.finish_reason is not None:
         attributes["gen_ai.response.finish_reasons"] = [record.finish_reason.value]
     if record.handle is not None:

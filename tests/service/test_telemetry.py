@@ -102,7 +102,8 @@ async def test_span_tree_attributes_and_counters(request, pair_name) -> None:
     assert attrs["gen_ai.usage.output_tokens"] == 12
     assert attrs["gen_ai.request.max_tokens"] == 12
     assert attrs["gen_ai.request.temperature"] == 0.0
-    assert not {"gen_ai.request.frequency_penalty", "gen_ai.request.presence_penalty"} & set(attrs)
+    assert not {"gen_ai.request.frequency_penalty", "gen_ai.request.presence_penalty",
+                "gen_ai.request.seed", "gen_ai.request.stop_sequences"} & set(attrs)
     assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("length",)
     assert attrs["tandem.request_id"] == reply.request_id
     drafted = o.counter("tandem.spec_decode.num_draft_tokens")
@@ -133,6 +134,23 @@ async def test_penalties_sent_are_span_attributes(same_pair) -> None:
         assert attrs["gen_ai.request.frequency_penalty"] == 0.5
         assert attrs["gen_ai.request.presence_penalty"] == -0.25
         assert not [name for name in attrs if "repetition" in name]
+
+
+async def test_seed_and_stop_strings_sent_are_span_attributes(same_pair) -> None:
+    """Under the GenAI conventions' names, on the root span and the server's; a seed past
+    OTLP's signed 64-bit integers (the field is unsigned) is left out, as its export would
+    fail."""
+    for seed in (2**63 - 1, 2**63):
+        request = greedy()
+        request.sampling.seed = seed
+        request.stop.extend(["zz", "\n\n"])
+        async with Observed(same_pair) as o:
+            await o.served.stub.Generate(request)
+        (root,) = o.by_name("tandem.generate")
+        (server,) = o.by_name(SERVER_SPAN)
+        for attrs in (root.attributes, server.attributes):
+            assert attrs.get("gen_ai.request.seed") == (seed if seed < 2**63 else None)
+            assert tuple(attrs["gen_ai.request.stop_sequences"]) == ("zz", "\n\n")
 
 
 async def test_acceptance_by_position_is_per_drafted_position(same_pair) -> None:
