@@ -364,11 +364,23 @@ class Engine:
             if not self._waiting and self._fits_locked(running):
                 self._start_locked(running)
             elif len(self._waiting) < self.config.max_queue:
-                self._waiting.append(running)
+                self._enqueue_locked(running)
             else:
                 raise self._overloaded_locked()
             self._cond.notify()
         return handle
+
+    def _enqueue_locked(self, running: RunningRequest) -> None:
+        """Queue ``running`` after every waiter of its priority or a more urgent one (a lower
+        value), before the others; then start the head while it fits, which is ``running`` when
+        it went first and fits where the waiter it passed did not."""
+        priority = running.request.priority
+        place = len(self._waiting)
+        while place and self._waiting[place - 1].request.priority > priority:
+            place -= 1
+        self._waiting.insert(place, running)
+        if place == 0:
+            self._admit_locked()
 
     def _overloaded_locked(self) -> OverloadedError:
         return OverloadedError(

@@ -157,6 +157,9 @@ class GenerationRequest:
     # Keep only the last this many prompt tokens (vLLM's truncate_prompt_tokens, TGI's
     # truncate), after the chat template; None keeps them all.
     truncate_prompt_tokens: int | None = None
+    # Waiters start lowest value first, in arrival order within one value (vLLM's priority);
+    # a running request is never preempted for another.
+    priority: int = 0
 
 
 @dataclass

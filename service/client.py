@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the stop string that ended the output in its text")
     parser.add_argument("--truncate-prompt-tokens", type=int, default=None, metavar="N",
                         help="keep only the prompt's last N tokens")
+    parser.add_argument("--priority", type=int, default=None,
+                        help="place among waiting requests: lower starts first (default 0)")
     parser.add_argument(
         "--stop-token-id", action="append", type=int, default=[], dest="stop_token_ids",
         help="a token id that ends generation (repeatable)",
@@ -75,6 +77,7 @@ _FIELD_RANGES = {  # what each integer flag's proto field can hold; the server j
     "num_speculative_tokens": (0, 2**32 - 1),
     "seed": (0, 2**64 - 1), "top_k": (-(2**31), 2**31 - 1),
     "prompt_logprobs": (0, 2**32 - 1), "truncate_prompt_tokens": (0, 2**32 - 1),
+    "priority": (-(2**31), 2**31 - 1),
 }
 
 
@@ -122,6 +125,8 @@ def build_request(args: argparse.Namespace) -> pb.GenerateStreamRequest:
         request.prompt_logprobs = args.prompt_logprobs
     if args.truncate_prompt_tokens is not None:
         request.truncate_prompt_tokens = args.truncate_prompt_tokens
+    if args.priority is not None:
+        request.priority = args.priority
     return request
 
 

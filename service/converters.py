@@ -98,6 +98,7 @@ def to_request(
             message.prompt_logprobs if message.HasField("prompt_logprobs") else None
         ),
         include_stop_str_in_output=message.include_stop_str_in_output,
+        priority=message.priority,
         truncate_prompt_tokens=(
             message.truncate_prompt_tokens if message.HasField("truncate_prompt_tokens")
             else None

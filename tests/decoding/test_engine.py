@@ -905,6 +905,57 @@ async def test_a_cancelled_waiter_leaves_the_queue_at_once(same_pair, monkeypatc
         engine.close()
 
 
+async def test_waiters_start_by_priority_then_arrival(same_pair, monkeypatch) -> None:
+    """One slot, held; four waiters of priorities 3, 0, 3, -1 start lowest first, and in
+    arrival order within one priority."""
+    from tests.steps import before_steps
+
+    before_steps(monkeypatch, lambda states: time.sleep(0.01))
+    engine = make_engine(same_pair, max_concurrent_requests=1, max_queue=4)
+    try:
+        holder = engine.submit(GenerationRequest(request_id="h", prompt_token_ids=PROMPT_IDS,
+                                                 max_new_tokens=30))
+        waiters = {
+            name: engine.submit(GenerationRequest(request_id=name, prompt_token_ids=PROMPT_IDS,
+                                                  max_new_tokens=2, priority=priority))
+            for name, priority in (("a", 3), ("b", 0), ("c", 3), ("d", -1))
+        }
+        assert engine.stats().waiting == 4
+        await asyncio.gather(*(collect_handle(h) for h in (holder, *waiters.values())))
+        started = sorted(waiters, key=lambda name: waiters[name].timeline.admitted_ns)
+        assert started == ["d", "b", "a", "c"]
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
+async def test_an_urgent_waiter_starts_where_the_head_does_not_fit(
+    same_pair, monkeypatch
+) -> None:
+    """The head of the queue waits for KV budget; a more urgent request that fits goes
+    ahead of it and starts at once, where one of the same priority queues behind it."""
+    from tests.steps import before_steps
+
+    before_steps(monkeypatch, lambda states: time.sleep(0.01))  # the holder runs a while
+    engine = make_engine(same_pair, max_concurrent_requests=4, max_queue=4, kv_token_budget=64)
+    try:
+        def request(name: str, new: int, priority: int = 0) -> GenerationRequest:
+            return GenerationRequest(request_id=name, prompt_token_ids=PROMPT_IDS,
+                                     max_new_tokens=new, priority=priority,
+                                     speculation=SpeculationParams(2))
+        holder = engine.submit(request("h", 30))  # 7 + 30 + 3 = 40 of 64 positions
+        big = engine.submit(request("big", 30))  # 40 more: waits
+        same = engine.submit(request("same", 5))  # 15 would fit, but waits behind big
+        assert engine.stats().waiting == 2
+        urgent = engine.submit(request("urgent", 5, priority=-1))  # fits: starts now
+        assert engine.stats().waiting == 2
+        assert urgent.timeline.admitted_ns and not same.timeline.admitted_ns
+        await asyncio.gather(*(collect_handle(h) for h in (holder, big, same, urgent)))
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
 async def until(condition, timeout: float = 5.0) -> None:
     """Wait until ``condition()`` holds (polling the event loop), or fail."""
     deadline = time.monotonic() + timeout

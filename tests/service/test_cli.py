@@ -116,8 +116,9 @@ def test_generate_flags_become_request_fields() -> None:
     assert not request.include_stop_str_in_output
     assert not request.HasField("truncate_prompt_tokens")
     kept = build_request(client_args("--include-stop-str-in-output",
-                                     "--truncate-prompt-tokens", "6"))
+                                     "--truncate-prompt-tokens", "6", "--priority", "-3"))
     assert kept.include_stop_str_in_output and kept.truncate_prompt_tokens == 6
+    assert kept.priority == -3 and request.priority == 0
     assert request.speculation.HasField("num_speculative_tokens")
     assert request.speculation.num_speculative_tokens == 0
     assert [(m.role, m.content) for m in request.messages] == [("user", "hello")]

@@ -82,11 +82,13 @@ def test_prompt_logprobs_sent_reach_the_engine_and_unset_asks_for_none() -> None
 
 def test_stop_string_and_truncation_fields_reach_the_engine() -> None:
     message = pb.GenerateRequest(prompt="x", include_stop_str_in_output=True,
-                                 truncate_prompt_tokens=9)
+                                 truncate_prompt_tokens=9, priority=-4)
     request = converters.to_request(message, "r", None)
-    assert (request.include_stop_str_in_output, request.truncate_prompt_tokens) == (True, 9)
+    assert (request.include_stop_str_in_output, request.truncate_prompt_tokens,
+            request.priority) == (True, 9, -4)
     unset = converters.to_request(pb.GenerateRequest(prompt="x"), "r", None)
-    assert (unset.include_stop_str_in_output, unset.truncate_prompt_tokens) == (False, None)
+    assert (unset.include_stop_str_in_output, unset.truncate_prompt_tokens,
+            unset.priority) == (False, None, 0)
     zero = converters.to_request(pb.GenerateRequest(prompt="x", truncate_prompt_tokens=0), "r",
                                  None)
     assert zero.truncate_prompt_tokens == 0  # set to 0 is sent as 0, and refused

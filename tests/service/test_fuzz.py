@@ -151,6 +151,7 @@ def requests(draw) -> tuple[bool, pb.GenerateRequest | pb.GenerateStreamRequest]
     request.min_new_tokens = draw(mostly(st.integers(0, 4), UINT32))
     prompt_logprobs = draw(mostly(maybe(st.integers(0, 20)), UINT32))
     request.include_stop_str_in_output = draw(st.booleans())
+    request.priority = draw(mostly(st.integers(-2, 2), INT32))
     truncate = draw(mostly(maybe(st.integers(1, 40)), UINT32))
     if truncate is not None:
         request.truncate_prompt_tokens = truncate
