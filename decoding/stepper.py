@@ -252,14 +252,15 @@ class Stepper:
             begin, stop = self._next_chunk(running)
             if begin < stop:  # else a one-token prompt: the first step feeds it
                 rows.append((running, begin, stop))
+        # A request that wants its prompt's log-probabilities goes alone (its forwards return
+        # every position's logits); the others group as if it were not there.
+        scored = [row for row in rows if row[0].prompt_logprobs is not None]
+        rows = [row for row in rows if row[0].prompt_logprobs is None]
         rows.sort(key=lambda row: row[2] - row[1], reverse=True)
         room = min(getattr(self.target, "max_len", 0), getattr(self.draft, "max_len", 0))
-        forwards: list[list[tuple[RunningRequest, int, int]]] = []
+        forwards: list[list[tuple[RunningRequest, int, int]]] = [[row] for row in scored]
         for row in rows:
-            # A request that wants its prompt's log-probabilities goes alone (its forwards
-            # return every position's logits), and nothing joins it.
-            alone = row[0].prompt_logprobs is not None
-            if forwards and not alone and forwards[-1][0][0].prompt_logprobs is None:
+            if len(forwards) > len(scored):
                 last = forwards[-1]
                 width = last[0][2] - last[0][1]
                 real = sum(stop - begin for _, begin, stop in last) + row[2] - row[1]
@@ -297,7 +298,8 @@ class Stepper:
         chunks = [state.tokens[begin:stop]
                   for state, (_, begin, stop) in zip(states, rows, strict=True)]
         start = time.time_ns()
-        if rows[0][0].prompt_logprobs is not None:  # then it is alone (prefill_batch)
+        if rows[0][0].prompt_logprobs is not None:
+            assert len(rows) == 1  # such a request goes alone (prefill_batch)
             self._score_prompt(rows[0][0], rows[0][1], rows[0][2])
         else:
             self._feed(self.target, [state.target for state in states], chunks)

@@ -82,12 +82,14 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
         )
     max_new = request.max_new_tokens
     if max_new is None:
-        # The default, raised to min_new_tokens where that asks for more (vLLM's max_tokens
-        # unset is the whole room), up to the server's limit and the room in the context.
+        # The default counts from after min_new_tokens, up to the server's limit and the room
+        # in the context, so that the output may still end by itself after them (vLLM's
+        # max_tokens unset is the whole room).
         _check_min_new_tokens(request.min_new_tokens, min(limits.max_new_tokens_limit, room),
                               "max_new_tokens unset: the server's limit, or the room in the "
                               "context")
-        max_new = min(max(limits.default_max_new_tokens, request.min_new_tokens), room)
+        max_new = min(limits.default_max_new_tokens + request.min_new_tokens,
+                      limits.max_new_tokens_limit, room)
         return PreparedRequest(prompt_ids, max_new)
     if not 1 <= max_new <= limits.max_new_tokens_limit:
         raise InvalidRequestError(

@@ -334,11 +334,13 @@ TOGETHER_PROMPTS = [PROMPT_IDS[:3], PROMPT_IDS, tuple(range(40, 53)), tuple(rang
 
 
 async def _prefilled_together(pair, monkeypatch, fail: bool, prompts=TOGETHER_PROMPTS,
-                              chunk: int = 4) -> tuple[list[list[int]], list, list[str]]:
+                              chunk: int = 4, scored: frozenset[int] = frozenset()
+                              ) -> tuple[list[list[int]], list, list[str]]:
     """``prompts`` admitted at once to a batching engine (γ 2, so the draft sees the prompts
     too, prefill_chunk ``chunk``); their outputs, the rows of each batched prefill and the
     requests prefilled alone. With ``fail``, the first batched prefill's draft forward fails
-    after it and the target's ran."""
+    after it and the target's ran. The requests numbered in ``scored`` ask for their prompts'
+    log-probabilities."""
     engine = make_engine(pair, fast_path="on", prefill_chunk=chunk, max_concurrent_requests=4)
     stepper = engine.stepper
     real, real_alone = stepper._prefill_chunks, stepper.prefill
@@ -369,7 +371,8 @@ async def _prefilled_together(pair, monkeypatch, fail: bool, prompts=TOGETHER_PR
         with engine._cond:  # admitted together
             handles = [engine.submit(GenerationRequest(
                 request_id=f"r{i}", prompt_token_ids=prompt, max_new_tokens=12,
-                speculation=SpeculationParams(2))) for i, prompt in enumerate(prompts)]
+                speculation=SpeculationParams(2), prompt_logprobs=0 if i in scored else None))
+                for i, prompt in enumerate(prompts)]
         outputs = await asyncio.gather(*(collect_handle(h) for h in handles))
         await wait_until_idle(engine)
     finally:
@@ -391,6 +394,20 @@ async def test_prompts_arriving_together_are_prefilled_in_one_forward(
     assert rows[1] == [4, 4, 2] and rows[2] == [4, 4]  # 6 and 12 of the middle two cached
     assert all(len(r) >= 2 for r in rows)
     assert set(alone) == {"r3"}  # the longest, once the others are done
+    assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
+
+
+async def test_a_prompt_scored_for_its_logprobs_goes_alone_and_the_others_together(
+    different_pair, monkeypatch
+) -> None:
+    """r2 asks for its prompt's log-probabilities: its chunks go alone (every position's
+    logits), while r0, r1 and r3 share their forwards as if it were not there (it sorts
+    between them: it used to split them into two forwards)."""
+    pair = dataclasses.replace(different_pair, eos_token_ids=())
+    outputs, rows, alone = await _prefilled_together(pair, monkeypatch, fail=False,
+                                                     scored=frozenset({2}))
+    assert rows[0] == [4, 4, 2]  # r1, r3, r0
+    assert alone.count("r2") == 3  # 12 of its 13 tokens, 4 at a time
     assert outputs == [reference_greedy(pair, p, 12) for p in TOGETHER_PROMPTS]
 
 
@@ -1124,10 +1141,13 @@ async def test_a_default_max_new_tokens_is_what_the_kv_budget_leaves(same_pair, 
         with pytest.raises(InvalidRequestError, match=r"^max_new_tokens: "):
             await collect(engine, prompt_token_ids=PROMPT_IDS, speculation=speculation,
                           max_new_tokens=60 - len(PROMPT_IDS) - reserve + 1)
-        # min_new_tokens raises the default only as far as the budget leaves.
+        # min_new_tokens at most what the budget leaves: then the output is that long.
         with pytest.raises(InvalidRequestError, match=r"^min_new_tokens: must be at most "):
             await collect(engine, prompt_token_ids=PROMPT_IDS, speculation=speculation,
                           min_new_tokens=60 - len(PROMPT_IDS) - reserve + 1)
+        chunks = await collect(engine, prompt_token_ids=PROMPT_IDS, speculation=speculation,
+                               min_new_tokens=60 - len(PROMPT_IDS) - reserve)
+        assert len(ids_of(chunks)) == 60 - len(PROMPT_IDS) - reserve
         await wait_until_idle(engine)
         assert engine.stats().reserved_tokens == 0
     finally:

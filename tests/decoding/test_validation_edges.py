@@ -106,12 +106,17 @@ def test_empty_messages_is_refused_before_the_template() -> None:
 
 def test_min_new_tokens_may_equal_max_new_tokens() -> None:
     """At most max_new_tokens given; unset, at most the server's limit (64 here) and the room
-    in the context (3 where the prompt leaves 3), and the default (8) rises to it."""
+    in the context (3 where the prompt leaves 3), and the default (8) counts from after it,
+    up to those."""
     prepare(req(max_new_tokens=20, min_new_tokens=20), None, LIMITS)
     refused("min_new_tokens", max_new_tokens=20, min_new_tokens=21)
-    assert prepare(req(min_new_tokens=5), None, LIMITS).max_new_tokens == 8
-    assert prepare(req(min_new_tokens=9), None, LIMITS).max_new_tokens == 9
+    assert prepare(req(), None, LIMITS).max_new_tokens == 8
+    assert prepare(req(min_new_tokens=5), None, LIMITS).max_new_tokens == 13
+    assert prepare(req(min_new_tokens=9), None, LIMITS).max_new_tokens == 17
+    assert prepare(req(min_new_tokens=60), None, LIMITS).max_new_tokens == 64
     assert prepare(req(min_new_tokens=64), None, LIMITS).max_new_tokens == 64
+    assert prepare(req(prompt_token_ids=(1,) * 250, min_new_tokens=2), None,
+                   LIMITS).max_new_tokens == 6  # the room
     refused("min_new_tokens", min_new_tokens=65)
     assert prepare(req(prompt_token_ids=(1,) * 253, min_new_tokens=3), None,
                    LIMITS).max_new_tokens == 3

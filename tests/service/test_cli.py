@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 
+import grpc
 import pytest
 
 from service._proto.tandem.v1 import generation_pb2 as pb
@@ -57,6 +58,35 @@ async def test_generate_prints_logprobs(served) -> None:
                 for e in entries
             ], (label, extra)
     assert len(expected.logprobs) == len(expected.token_ids) > 0
+
+
+async def test_generate_reads_a_response_above_grpcs_default_4_mib() -> None:
+    """A long prompt's log-probabilities make a message larger than gRPC's default receive
+    limit: the client reads it (a server that sends 5 MiB of text stands in for it)."""
+    from service._proto.tandem.v1 import generation_pb2_grpc as pb_grpc
+
+    text = "x" * (5 * 1024 * 1024)
+
+    class Large(pb_grpc.GenerationServiceServicer):
+        async def Generate(self, request, context):
+            return pb.GenerateResponse(text=text, token_ids=[1])
+
+    server = grpc.aio.server()
+    pb_grpc.add_GenerationServiceServicer_to_server(Large(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.cli", "generate", "x",
+            "--address", f"127.0.0.1:{port}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        await server.stop(None)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().rstrip("\n") == text
 
 
 async def test_generate_reports_errors(served) -> None:
@@ -119,6 +149,9 @@ def test_generate_flags_become_request_fields() -> None:
                                      "--truncate-prompt-tokens", "6", "--priority", "-3"))
     assert kept.include_stop_str_in_output and kept.truncate_prompt_tokens == 6
     assert kept.priority == -3 and request.priority == 0
+    assert not request.HasField("prompt_logprobs")
+    scored = build_request(client_args("--prompt-logprobs", "0"))
+    assert scored.HasField("prompt_logprobs") and scored.prompt_logprobs == 0
     assert request.speculation.HasField("num_speculative_tokens")
     assert request.speculation.num_speculative_tokens == 0
     assert [(m.role, m.content) for m in request.messages] == [("user", "hello")]
@@ -148,6 +181,9 @@ def test_penalty_flags_become_request_fields() -> None:
     (["--seed", "-1"], "--seed must be in [0, 18446744073709551615], got -1"),
     (["--max-new-tokens", "5000000000"], "--max-new-tokens must be in [0, 4294967295]"),
     (["--top-k", "3000000000"], "--top-k must be in [-2147483648, 2147483647]"),
+    (["--prompt-logprobs", "-1"], "--prompt-logprobs must be in [0, 4294967295], got -1"),
+    (["--truncate-prompt-tokens", "-1"], "--truncate-prompt-tokens must be in [0, 4294967295]"),
+    (["--priority", "3000000000"], "--priority must be in [-2147483648, 2147483647]"),
 ])
 def test_generate_refuses_a_value_no_request_can_carry_by_its_flag(flags, message) -> None:
     """Protobuf raised ValueError for these and the user got a traceback; values a request
