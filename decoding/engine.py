@@ -274,10 +274,12 @@ class Engine:
             self._admit_locked()  # cancelled waiters out of the count
             # The calls being tokenized are on their way to the same places: a burst must not
             # all pass this check, each be tokenized, and then be refused. A free slot is a
-            # place only while nobody waits for it (a waiter held back by the KV budget, or a
-            # budget spent, keeps new calls out of the free slots).
+            # place only while nobody of the same priority or a more urgent one waits for it
+            # (a waiter held back by the KV budget, or a budget spent, keeps new calls out of
+            # the free slots).
             budget = self.config.kv_token_budget
-            free = 0 if self._waiting or (budget and self._reserved >= budget) else max(
+            free = 0 if not self._may_pass_locked(request) or (
+                budget and self._reserved >= budget) else max(
                 0, self.config.max_concurrent_requests - len(self._running)
             )
             if len(self._waiting) + self._preparing >= self.config.max_queue + free:
@@ -361,8 +363,8 @@ class Engine:
             if not self._admitting:
                 raise ShuttingDownError("the server is shutting down")
             self._admit_locked()  # earlier waiters first, and cancelled ones out of the count
-            if not self._waiting and self._fits_locked(running):
-                self._start_locked(running)
+            if self._may_pass_locked(request) and self._fits_locked(running):
+                self._start_locked(running)  # before the queue, which may be full
             elif len(self._waiting) < self.config.max_queue:
                 self._enqueue_locked(running)
             else:
@@ -370,17 +372,21 @@ class Engine:
             self._cond.notify()
         return handle
 
+    def _may_pass_locked(self, request: GenerationRequest) -> bool:
+        """Whether ``request`` may start before every waiter: none waits, or it is more
+        urgent (a lower priority value) than the head of the queue, as waiters start in order
+        of priority (a waiter the KV budget holds back is passed by a more urgent request
+        that fits)."""
+        return not self._waiting or request.priority < self._waiting[0].request.priority
+
     def _enqueue_locked(self, running: RunningRequest) -> None:
         """Queue ``running`` after every waiter of its priority or a more urgent one (a lower
-        value), before the others; then start the head while it fits, which is ``running`` when
-        it went first and fits where the waiter it passed did not."""
+        value), before the others."""
         priority = running.request.priority
         place = len(self._waiting)
         while place and self._waiting[place - 1].request.priority > priority:
             place -= 1
         self._waiting.insert(place, running)
-        if place == 0:
-            self._admit_locked()
 
     def _overloaded_locked(self) -> OverloadedError:
         return OverloadedError(

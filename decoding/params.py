@@ -161,6 +161,18 @@ class GenerationRequest:
     # a running request is never preempted for another.
     priority: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked here, not in decoding.validation: admission compares it with the waiters'
+        # before the request is prepared, and a value that does not compare broke that for
+        # every request after it.
+        priority = self.priority
+        if not isinstance(priority, int) or isinstance(priority, bool) or not (
+            -(2**31) <= priority < 2**31
+        ):
+            raise InvalidRequestError(
+                "priority", f"must be an integer in [{-(2**31)}, {2**31 - 1}], got {priority!r}"
+            )
+
 
 @dataclass
 class Usage:

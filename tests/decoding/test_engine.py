@@ -973,6 +973,40 @@ async def test_an_urgent_waiter_starts_where_the_head_does_not_fit(
         engine.close()
 
 
+@pytest.mark.parametrize("via", ["submit", "submit_async"])
+async def test_a_full_queue_refuses_no_urgent_request_that_starts_at_once(
+    same_pair, monkeypatch, via: str
+) -> None:
+    """The one queue place is taken by a waiter the KV budget holds back: a more urgent
+    request that fits starts without a place; one of the same priority is refused."""
+    from tests.steps import before_steps
+
+    before_steps(monkeypatch, lambda states: time.sleep(0.01))  # the holder runs a while
+    engine = make_engine(same_pair, max_concurrent_requests=4, max_queue=1, kv_token_budget=64)
+
+    def request(name: str, new: int, priority: int = 0) -> GenerationRequest:
+        return GenerationRequest(request_id=name, prompt_token_ids=PROMPT_IDS,
+                                 max_new_tokens=new, priority=priority,
+                                 speculation=SpeculationParams(2))
+
+    async def submit(request: GenerationRequest):
+        if via == "submit":
+            return engine.submit(request)
+        return await engine.submit_async(request)
+
+    try:
+        holder = await submit(request("h", 30))  # 40 of 64 positions
+        big = await submit(request("big", 30))  # waits: the queue is full
+        with pytest.raises(OverloadedError):
+            await submit(request("same", 5))
+        urgent = await submit(request("urgent", 5, priority=-1))
+        assert urgent.timeline.admitted_ns and engine.stats().waiting == 1
+        await asyncio.gather(*(collect_handle(h) for h in (holder, big, urgent)))
+        await wait_until_idle(engine)
+    finally:
+        engine.close()
+
+
 async def until(condition, timeout: float = 5.0) -> None:
     """Wait until ``condition()`` holds (polling the event loop), or fail."""
     deadline = time.monotonic() + timeout

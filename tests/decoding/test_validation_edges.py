@@ -59,6 +59,21 @@ def test_truncate_prompt_tokens_keeps_the_last_ones() -> None:
     refused("prompt_token_ids", prompt_token_ids=ids)
 
 
+@pytest.mark.parametrize("priority", [None, "1", True, 1.0, 2**31, -(2**31) - 1])
+def test_a_priority_that_is_no_int32_is_refused(priority) -> None:
+    """From Python any value can come (gRPC sends an int32): one that does not compare with
+    the queue's integers broke every later request's admission. Refused as the request is
+    made, before admission compares it."""
+    with pytest.raises(InvalidRequestError) as err:
+        req(priority=priority)
+    assert err.value.field == "priority"
+
+
+def test_priority_may_span_int32() -> None:
+    prepare(req(priority=-(2**31)), None, LIMITS)
+    prepare(req(priority=2**31 - 1), None, LIMITS)
+
+
 def test_prompt_logprobs_may_be_0_to_the_maximum() -> None:
     prepare(req(prompt_logprobs=0), None, LIMITS)
     prepare(req(prompt_logprobs=MAX_TOP_LOGPROBS), None, LIMITS)
