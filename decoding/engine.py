@@ -44,7 +44,7 @@ from decoding.params import GenerationRequest
 from decoding.runner import ModelRunner
 from decoding.speculative import Proposer, propose
 from decoding.stepper import RunningRequest, Stepper
-from decoding.validation import Limits, PreparedRequest, input_field, prepare
+from decoding.validation import Limits, PreparedRequest, input_field, prepare, prompt_ids_of
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,25 @@ class Engine:
             with self._cond:
                 self._preparing -= 1
                 self._cond.notify_all()
+
+    async def tokenize_async(self, request: GenerationRequest) -> tuple[int, ...]:
+        """The token ids ``request``'s input becomes, as :meth:`submit_async` would feed them
+        (chat template and truncation included), without generating: tokenized in a worker
+        thread, one of the :data:`TOKENIZING_THREADS`. Raises InvalidRequestError for its
+        input; needs no device, so it works while the worker is busy."""
+        skip = threading.Event()
+
+        def tokenize() -> tuple[int, ...]:
+            with self._tokenizing:
+                if skip.is_set():  # the caller is gone
+                    return ()
+                return prompt_ids_of(request, self.pair.tokenizer, self.limits)
+
+        try:
+            return await asyncio.to_thread(tokenize)
+        except asyncio.CancelledError:
+            skip.set()
+            raise
 
     def _prepare(self, request: GenerationRequest, skip: threading.Event) -> PreparedRequest | None:
         with self._tokenizing:

@@ -39,8 +39,10 @@ class PreparedRequest:
     max_new_tokens: int
 
 
-def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> PreparedRequest:
-    """Validate ``request`` and turn its input into token ids. Raises InvalidRequestError."""
+def prompt_ids_of(request: GenerationRequest, tokenizer: Any, limits: Limits) -> tuple[int, ...]:
+    """The token ids ``request``'s input becomes (its prompt encoded, its messages rendered
+    with the chat template and encoded, or its ids), truncated as it asks: what the models are
+    fed. Checks the input alone; raises InvalidRequestError."""
     given = _inputs_given(request)
     if len(given) != 1:
         raise InvalidRequestError(
@@ -56,6 +58,13 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
                 f"token to generate), got {keep}",
             )
         prompt_ids = prompt_ids[-keep:]
+    return prompt_ids
+
+
+def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> PreparedRequest:
+    """Validate ``request`` and turn its input into token ids. Raises InvalidRequestError."""
+    prompt_ids = prompt_ids_of(request, tokenizer, limits)
+    given = _inputs_given(request)
 
     for token, _ in request.sampling.logit_bias:
         if token >= limits.vocab_size:

@@ -106,6 +106,15 @@ def to_request(
     )
 
 
+def to_tokenize_request(message: pb.TokenizeRequest, request_id: str) -> GenerationRequest:
+    """The input of a Tokenize call as a request whose input the engine can tokenize."""
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=message.prompt if message.HasField("prompt") else None,
+        messages=tuple(ChatMessage(m.role, m.content) for m in message.messages) or None,
+    )
+
+
 def to_usage(usage: Usage) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=usage.prompt_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -118,6 +119,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             max_top_logprobs=MAX_TOP_LOGPROBS,
             max_stop_token_ids=MAX_STOP_TOKEN_IDS,
         )
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        request_id = uuid.uuid4().hex  # for the log line of an internal error, and the trailer
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        failed: grpc.Status | None = None
+        try:
+            ids = await self._engine.tokenize_async(
+                converters.to_tokenize_request(request, request_id))
+        except Exception as err:
+            failed = status_for(err, request_id)
+        if failed is not None:  # aborted outside the except block, as in _chunks
+            await context.abort(failed.code, failed.details, (
+                *failed.trailing_metadata, ("x-request-id", request_id)))
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids),
+                                   context_window=self._engine.info.context_window)
 
     async def _chunks(
         self,

@@ -133,6 +133,9 @@ async def test_token_from_file(same_pair, token_file, monkeypatch, caplog) -> No
         err = await unary_error(s.stub.GetModelInfo(pb.GetModelInfoRequest(),
                                                     timeout=CALL_TIMEOUT))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        err = await unary_error(s.stub.Tokenize(pb.TokenizeRequest(prompt="x"),
+                                                timeout=CALL_TIMEOUT))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
         # an unknown method does not reveal that it does not exist
         unknown = s.channel.unary_unary("/tandem.v1.GenerationService/Nope")
         err = await unary_error(unknown(b"", timeout=CALL_TIMEOUT))
@@ -146,6 +149,8 @@ async def test_token_from_file(same_pair, token_file, monkeypatch, caplog) -> No
         lower = (("authorization", f"bearer {TOKEN}"),)
         assert len((await s.stub.Generate(request(), metadata=lower)).token_ids) == 3
         assert counter.count == 3
+        tokenized = await s.stub.Tokenize(pb.TokenizeRequest(prompt="x"), metadata=bearer(TOKEN))
+        assert tokenized.count == len(tokenized.token_ids) > 0
     # the token never reaches the logs, nor does a wrong one
     assert TOKEN not in caplog.text and WRONG not in caplog.text
     assert "unauthenticated call refused" in caplog.text

@@ -62,6 +62,46 @@ async def test_logprobs_come_with_their_tokens(served) -> None:
     assert not (await served.stub.Generate(greedy(n=4))).logprobs
 
 
+async def test_tokenize_gives_the_ids_generate_feeds(served) -> None:
+    """A prompt and a chat: the ids the tokenizer (and its chat template) makes, as many as
+    Generate counts for the same input; the context window as GetModelInfo gives it."""
+    tokenizer = served.engine.pair.tokenizer
+    info = await served.stub.GetModelInfo(pb.GetModelInfoRequest())
+    text = "def add(a, b):\n    return a + b"
+    chat = [pb.ChatMessage(role="system", content="be brief"),
+            pb.ChatMessage(role="user", content=text)]
+    for message, expected in (
+        (pb.TokenizeRequest(prompt=text), tokenizer.encode(text)),
+        (pb.TokenizeRequest(messages=chat), tokenizer.encode(tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in chat],
+            add_generation_prompt=True, tokenize=False), add_special_tokens=False)),
+    ):
+        tokenized = await served.stub.Tokenize(message)
+        assert list(tokenized.token_ids) == expected
+        assert tokenized.count == len(expected)
+        assert tokenized.context_window == info.context_window
+        generate = pb.GenerateRequest(max_new_tokens=1)
+        generate.MergeFrom(pb.GenerateRequest.FromString(message.SerializeToString()))
+        reply = await served.stub.Generate(generate)
+        assert reply.usage.prompt_tokens == len(expected)
+
+
+@pytest.mark.parametrize(("message", "field"), [
+    (pb.TokenizeRequest(), "input"),
+    (pb.TokenizeRequest(prompt="x", messages=[pb.ChatMessage(role="user", content="y")]),
+     "input"),
+    (pb.TokenizeRequest(prompt=""), "prompt"),
+    (pb.TokenizeRequest(messages=[pb.ChatMessage(role="robot", content="y")]),
+     "messages[0].role"),
+])
+async def test_tokenize_refuses_bad_input_naming_the_field(served, message, field) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Tokenize(message)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"{field}: ")
+    assert dict(err.value.trailing_metadata())["x-request-id"]
+
+
 async def test_prompt_logprobs_come_first_and_once(served) -> None:
     """One entry per prompt token after the first, unary and streamed alike, on the first
     message only; none unless asked for."""
