@@ -1,4 +1,4 @@
-"""The ``tandem`` command: serve, generate, models fetch, bench."""
+"""The ``tandem`` command: serve, generate, tokenize, models fetch, bench."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     settings_module.add_arguments(serve_parser)
     generate = commands.add_parser("generate", help="send one request to a running server")
     client.add_arguments(generate)
+    tokenize = commands.add_parser("tokenize", help="print the token ids a prompt becomes")
+    client.add_tokenize_arguments(tokenize)
     models = commands.add_parser("models", help="manage model weights")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     fetch = models_commands.add_parser(
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "generate":
         return client.run(args)
+    if args.command == "tokenize":
+        return client.run_tokenize(args)
     if args.command == "models":
         return fetch_models(args)
     return 2

@@ -1,4 +1,5 @@
-"""``tandem generate``: a small client that streams tokens to the terminal."""
+"""``tandem generate``: a small client that streams tokens to the terminal; ``tandem
+tokenize``: the token ids a prompt becomes on the server."""
 
 from __future__ import annotations
 
@@ -60,6 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="print each prompt token's (after the first) log-probability under the target, "
         "with its N most likely alternatives (0: none), to stderr",
     )
+    add_connection_arguments(parser)
+
+
+def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt text (a user chat message with --chat)")
+    parser.add_argument("--address", default="127.0.0.1:50051", help="server host:port")
+    parser.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
+    add_connection_arguments(parser)
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     parser.add_argument("--token", default=None, help="bearer token, if the server wants one")
     parser.add_argument(
@@ -154,6 +166,26 @@ def channel_for(args: argparse.Namespace) -> grpc.Channel:
 
     credentials = grpc.ssl_channel_credentials(read(args.ca), read(args.key), read(args.cert))
     return grpc.secure_channel(args.address, credentials, options=CHANNEL_OPTIONS)
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    """Print the ids on one line and their count and the context window on stderr."""
+    request = pb.TokenizeRequest()
+    if args.chat:
+        request.messages.add(role="user", content=args.prompt)
+    else:
+        request.prompt = args.prompt
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    with channel_for(args) as channel:
+        try:
+            response = pb_grpc.GenerationServiceStub(channel).Tokenize(
+                request, timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    print(" ".join(str(token) for token in response.token_ids))
+    print(f"[count={response.count} context_window={response.context_window}]", file=sys.stderr)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

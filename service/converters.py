@@ -107,7 +107,14 @@ def to_request(
 
 
 def to_tokenize_request(message: pb.TokenizeRequest, request_id: str) -> GenerationRequest:
-    """The input of a Tokenize call as a request whose input the engine can tokenize."""
+    """The input of a Tokenize call as a request whose input the engine can tokenize. Raises
+    InvalidRequestError unless exactly one of its two inputs is set (the engine's own message
+    names a third, prompt_token_ids, that Tokenize does not have)."""
+    given = [name for name, present in (("prompt", message.HasField("prompt")),
+                                        ("messages", bool(message.messages))) if present]
+    if len(given) != 1:
+        raise InvalidRequestError(
+            "input", f"exactly one of prompt, messages must be set, got {given}")
     return GenerationRequest(
         request_id=request_id,
         prompt=message.prompt if message.HasField("prompt") else None,

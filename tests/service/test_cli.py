@@ -89,6 +89,26 @@ async def test_generate_reads_a_response_above_grpcs_default_4_mib() -> None:
     assert out.decode().rstrip("\n") == text
 
 
+@pytest.mark.parametrize("chat", [False, True])
+async def test_tokenize_prints_the_ids_and_their_count(served, chat: bool) -> None:
+    message = pb.TokenizeRequest()
+    if chat:
+        message.messages.add(role="user", content="def add(a, b):")
+    else:
+        message.prompt = "def add(a, b):"
+    expected = await served.stub.Tokenize(message)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "tokenize", "def add(a, b):",
+        "--address", served.address, *(["--chat"] if chat else []),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().split() == [str(t) for t in expected.token_ids]
+    assert f"[count={expected.count} context_window={expected.context_window}]" in err.decode()
+
+
 async def test_generate_reports_errors(served) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.cli", "generate", "x", "--address", served.address,

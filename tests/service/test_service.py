@@ -99,6 +99,7 @@ async def test_tokenize_refuses_bad_input_naming_the_field(served, message, fiel
         await served.stub.Tokenize(message)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{field}: ")
+    assert "prompt_token_ids" not in err.value.details()  # a field Tokenize does not have
     assert dict(err.value.trailing_metadata())["x-request-id"]
 
 
