@@ -269,6 +269,23 @@ class Engine:
         waits for its turn is not tokenized at all, and a full queue refuses a call before
         its prompt is tokenized. A call that was accepted before a drain began is admitted
         during the drain (``stats().preparing`` counts it until then)."""
+        self._start_preparing(request)
+        skip = threading.Event()
+        try:
+            prepared = await asyncio.to_thread(self._prepare, request, skip)
+            assert prepared is not None  # None only once skip is set, after a cancellation
+            return self._admit(request, prepared)
+        except asyncio.CancelledError:
+            skip.set()
+            raise
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+
+    def _start_preparing(self, request: GenerationRequest) -> None:
+        """Count a call that is about to be tokenized in ``stats().preparing``, or refuse it
+        (ShuttingDownError, EngineFailedError, OverloadedError) before it is tokenized."""
         self._check_accepting()
         with self._cond:
             self._admit_locked()  # cancelled waiters out of the count
@@ -285,24 +302,15 @@ class Engine:
             if len(self._waiting) + self._preparing >= self.config.max_queue + free:
                 raise self._overloaded_locked()
             self._preparing += 1
-        skip = threading.Event()
-        try:
-            prepared = await asyncio.to_thread(self._prepare, request, skip)
-            assert prepared is not None  # None only once skip is set, after a cancellation
-            return self._admit(request, prepared)
-        except asyncio.CancelledError:
-            skip.set()
-            raise
-        finally:
-            with self._cond:
-                self._preparing -= 1
-                self._cond.notify_all()
 
     async def tokenize_async(self, request: GenerationRequest) -> tuple[int, ...]:
         """The token ids ``request``'s input becomes, as :meth:`submit_async` would feed them
-        (chat template and truncation included), without generating: tokenized in a worker
-        thread, one of the :data:`TOKENIZING_THREADS`. Raises InvalidRequestError for its
-        input; needs no device, so it works while the worker is busy."""
+        (chat template and truncation included, no limit on the length), without generating:
+        tokenized in a worker thread, one of the :data:`TOKENIZING_THREADS`. Raises
+        InvalidRequestError for its input. It shares those threads with the calls that
+        generate, so it is refused and counted as one of them is before it is tokenized
+        (OverloadedError with the queue full, ShuttingDownError once a drain began)."""
+        self._start_preparing(request)
         skip = threading.Event()
 
         def tokenize() -> tuple[int, ...]:
@@ -316,6 +324,10 @@ class Engine:
         except asyncio.CancelledError:
             skip.set()
             raise
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
 
     def _prepare(self, request: GenerationRequest, skip: threading.Event) -> PreparedRequest | None:
         with self._tokenizing:

@@ -1007,6 +1007,47 @@ async def test_a_full_queue_refuses_no_urgent_request_that_starts_at_once(
         engine.close()
 
 
+async def test_tokenize_counts_and_is_refused_as_a_call_that_generates(
+    same_pair, monkeypatch
+) -> None:
+    """Tokenize shares the tokenizing threads: with the slot taken and the queue full it is
+    refused before it is tokenized, and once a drain began it is refused too. Otherwise it
+    gives the prompt's ids, whatever the context window (128 here), counted in
+    ``stats().preparing`` while it is tokenized."""
+    from tests.steps import before_steps
+
+    before_steps(monkeypatch, lambda states: time.sleep(0.01))
+    engine = make_engine(same_pair, max_concurrent_requests=1, max_queue=1)
+    try:
+        long = GenerationRequest(request_id="t", prompt_token_ids=tuple(range(5, 305)))
+        assert await engine.tokenize_async(long) == tuple(range(5, 305))
+        request = GenerationRequest(request_id="q", prompt_token_ids=PROMPT_IDS,
+                                    max_new_tokens=100)
+        running, waiting = engine.submit(request), engine.submit(request)
+        with pytest.raises(OverloadedError):
+            await engine.tokenize_async(long)
+        for handle in (running, waiting):
+            await handle.aclose()
+        await wait_until_idle(engine)
+        import decoding.engine as engine_module
+
+        seen = []
+        real = engine_module.prompt_ids_of
+
+        def counted(*args):
+            seen.append(engine.stats().preparing)
+            return real(*args)
+
+        monkeypatch.setattr(engine_module, "prompt_ids_of", counted)
+        await engine.tokenize_async(long)
+        assert seen == [1] and engine.stats().preparing == 0
+        engine.stop_accepting()
+        with pytest.raises(ShuttingDownError):
+            await engine.tokenize_async(long)
+    finally:
+        engine.close()
+
+
 async def until(condition, timeout: float = 5.0) -> None:
     """Wait until ``condition()`` holds (polling the event loop), or fail."""
     deadline = time.monotonic() + timeout

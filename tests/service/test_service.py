@@ -76,7 +76,9 @@ async def test_tokenize_gives_the_ids_generate_feeds(served) -> None:
             [{"role": m.role, "content": m.content} for m in chat],
             add_generation_prompt=True, tokenize=False), add_special_tokens=False)),
     ):
-        tokenized = await served.stub.Tokenize(message)
+        call = served.stub.Tokenize(message)
+        tokenized = await call
+        assert dict(await call.trailing_metadata())["x-request-id"]
         assert list(tokenized.token_ids) == expected
         assert tokenized.count == len(expected)
         assert tokenized.context_window == info.context_window
