@@ -22,11 +22,11 @@ from decoding.transfer import to_device
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Turn logits [n, vocab] into probabilities [n, vocab] (float32) under ``params``.
 
-    Order as in Hugging Face's processors: temperature, then top-k, then top-p, then min-p
-    (vLLM applies min-p before top-k and top-p; that keeps a different set where top-p cuts
-    into the tail min-p would have dropped first). With
-    temperature 0 the result is one-hot on the argmax, which makes greedy a special case of
-    the rejection rule (used only by tests; the engine takes the cheaper greedy path).
+    Order as in Hugging Face's processors: temperature, then top-k, then top-p, then min-p.
+    (vLLM applies min-p before top-k and top-p, by reading its sampler: top-p then measures
+    the mass of what min-p kept, renormalised, so the two orders may keep different sets.)
+    With temperature 0 the result is one-hot on the argmax, which makes greedy a special case
+    of the rejection rule (used only by tests; the engine takes the cheaper greedy path).
     """
     logits = logits.float()
     if params.greedy:
