@@ -1048,6 +1048,40 @@ async def test_tokenize_counts_and_is_refused_as_a_call_that_generates(
         engine.close()
 
 
+async def test_a_tokenize_call_cancelled_while_it_waits_for_a_thread_is_not_tokenized(
+    same_pair, monkeypatch
+) -> None:
+    """Both tokenizing threads busy for 0.5 s: a third call cancelled while it waits for one
+    is never tokenized, and is no longer counted."""
+    import decoding.engine as engine_module
+
+    real, tokenized = engine_module.prompt_ids_of, []
+
+    def slow(request, *args):
+        time.sleep(0.5)
+        tokenized.append(request.request_id)
+        return real(request, *args)
+
+    monkeypatch.setattr(engine_module, "prompt_ids_of", slow)
+    engine = make_engine(same_pair)
+    try:
+        def call(name: str):
+            return asyncio.create_task(engine.tokenize_async(
+                GenerationRequest(request_id=name, prompt_token_ids=PROMPT_IDS)))
+
+        busy = [call(f"busy{i}") for i in range(engine_module.TOKENIZING_THREADS)]
+        await asyncio.sleep(0.1)
+        waiting = call("cancelled")
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        assert await asyncio.gather(*busy) == [PROMPT_IDS] * len(busy)
+        await asyncio.sleep(0.7)  # time for the cancelled call's thread to get its turn
+        assert sorted(tokenized) == [f"busy{i}" for i in range(len(busy))]
+        assert waiting.cancelled() and engine.stats().preparing == 0
+    finally:
+        engine.close()
+
+
 async def until(condition, timeout: float = 5.0) -> None:
     """Wait until ``condition()`` holds (polling the event loop), or fail."""
     deadline = time.monotonic() + timeout
