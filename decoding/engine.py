@@ -18,10 +18,10 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from decoding.adaptive import (
     AcceptanceEstimate,
@@ -47,6 +47,8 @@ from decoding.stepper import RunningRequest, Stepper
 from decoding.validation import Limits, PreparedRequest, input_field, prepare, prompt_ids_of
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 TOKENIZING_THREADS = 2
 """Prompts :meth:`Engine.submit_async` tokenizes at once. A fast tokenizer releases the GIL, so
@@ -269,23 +271,17 @@ class Engine:
         waits for its turn is not tokenized at all, and a full queue refuses a call before
         its prompt is tokenized. A call that was accepted before a drain began is admitted
         during the drain (``stats().preparing`` counts it until then)."""
-        self._start_preparing(request)
-        skip = threading.Event()
-        try:
-            prepared = await asyncio.to_thread(self._prepare, request, skip)
-            assert prepared is not None  # None only once skip is set, after a cancellation
+        with self._preparing_call(request):
+            prepared = await self._in_tokenizing_thread(
+                lambda: prepare(request, self.pair.tokenizer, self.limits))
+            assert prepared is not None  # None only after a cancellation, which raised
             return self._admit(request, prepared)
-        except asyncio.CancelledError:
-            skip.set()
-            raise
-        finally:
-            with self._cond:
-                self._preparing -= 1
-                self._cond.notify_all()
 
-    def _start_preparing(self, request: GenerationRequest) -> None:
-        """Count a call that is about to be tokenized in ``stats().preparing``, or refuse it
-        (ShuttingDownError, EngineFailedError, OverloadedError) before it is tokenized."""
+    @contextlib.contextmanager
+    def _preparing_call(self, request: GenerationRequest) -> Iterator[None]:
+        """Count a call that is about to be tokenized in ``stats().preparing`` while the block
+        runs, or refuse it (ShuttingDownError, EngineFailedError, OverloadedError) before it
+        is tokenized."""
         self._check_accepting()
         with self._cond:
             self._admit_locked()  # cancelled waiters out of the count
@@ -302,6 +298,27 @@ class Engine:
             if len(self._waiting) + self._preparing >= self.config.max_queue + free:
                 raise self._overloaded_locked()
             self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+
+    async def _in_tokenizing_thread(self, work: Callable[[], _T]) -> _T | None:
+        """``work()`` in a worker thread once one of the :data:`TOKENIZING_THREADS` is free;
+        never run (None) for a caller cancelled while it waited for one."""
+        skip = threading.Event()
+
+        def run() -> _T | None:
+            with self._tokenizing:
+                return None if skip.is_set() else work()
+
+        try:
+            return await asyncio.to_thread(run)
+        except asyncio.CancelledError:
+            skip.set()
+            raise
 
     async def tokenize_async(self, request: GenerationRequest) -> tuple[int, ...]:
         """The token ids ``request``'s input becomes, as :meth:`submit_async` would feed them
@@ -310,30 +327,11 @@ class Engine:
         InvalidRequestError for its input. It shares those threads with the calls that
         generate, so it is refused and counted as one of them is before it is tokenized
         (OverloadedError with the queue full, ShuttingDownError once a drain began)."""
-        self._start_preparing(request)
-        skip = threading.Event()
-
-        def tokenize() -> tuple[int, ...]:
-            with self._tokenizing:
-                if skip.is_set():  # the caller is gone
-                    return ()
-                return prompt_ids_of(request, self.pair.tokenizer, self.limits)
-
-        try:
-            return await asyncio.to_thread(tokenize)
-        except asyncio.CancelledError:
-            skip.set()
-            raise
-        finally:
-            with self._cond:
-                self._preparing -= 1
-                self._cond.notify_all()
-
-    def _prepare(self, request: GenerationRequest, skip: threading.Event) -> PreparedRequest | None:
-        with self._tokenizing:
-            if skip.is_set():  # the caller is gone
-                return None
-            return prepare(request, self.pair.tokenizer, self.limits)
+        with self._preparing_call(request):
+            ids = await self._in_tokenizing_thread(
+                lambda: prompt_ids_of(request, self.pair.tokenizer, self.limits))
+        assert ids is not None  # None only after a cancellation, which raised
+        return ids
 
     def _check_accepting(self) -> None:
         if self.failed is not None:

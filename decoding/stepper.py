@@ -258,9 +258,9 @@ class Stepper:
         rows = [row for row in rows if row[0].prompt_logprobs is None]
         rows.sort(key=lambda row: row[2] - row[1], reverse=True)
         room = min(getattr(self.target, "max_len", 0), getattr(self.draft, "max_len", 0))
-        forwards: list[list[tuple[RunningRequest, int, int]]] = [[row] for row in scored]
+        forwards: list[list[tuple[RunningRequest, int, int]]] = []
         for row in rows:
-            if len(forwards) > len(scored):
+            if forwards:
                 last = forwards[-1]
                 width = last[0][2] - last[0][1]
                 real = sum(stop - begin for _, begin, stop in last) + row[2] - row[1]
@@ -270,7 +270,7 @@ class Stepper:
                     last.append(row)
                     continue
             forwards.append([row])
-        for together in forwards:
+        for together in [[row] for row in scored] + forwards:
             if len(together) == 1:
                 self.guarded(together[0][0], self.prefill)
                 continue

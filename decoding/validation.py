@@ -64,7 +64,6 @@ def prompt_ids_of(request: GenerationRequest, tokenizer: Any, limits: Limits) ->
 def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> PreparedRequest:
     """Validate ``request`` and turn its input into token ids. Raises InvalidRequestError."""
     prompt_ids = prompt_ids_of(request, tokenizer, limits)
-    given = _inputs_given(request)
 
     for token, _ in request.sampling.logit_bias:
         if token >= limits.vocab_size:
@@ -85,7 +84,7 @@ def prepare(request: GenerationRequest, tokenizer: Any, limits: Limits) -> Prepa
     room = limits.context_window - len(prompt_ids)
     if room < 1:
         raise InvalidRequestError(
-            given[0],
+            input_field(request),
             f"prompt has {len(prompt_ids)} tokens; the context window is "
             f"{limits.context_window}, leaving no room to generate",
         )
